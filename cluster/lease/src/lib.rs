@@ -1,0 +1,1 @@
+//! Disk-fencing leases (being built).

@@ -1,0 +1,1 @@
+//! Monitor scheduler (being built).
