@@ -244,6 +244,9 @@ pub fn build_probe(spec: &ProbeSpec) -> Result<Box<dyn Probe>, SpecError> {
         why: format!("{e}; expected a URL such as tcp://HOST:PORT, `exec` or ocf:PROVIDER:AGENT"),
     })?;
     let ctx = SpecContext::new(spec, Some(url));
+    // Checked for every scheme, also those that never log in, so an inline
+    // password is refused before anything could echo the URL.
+    ctx.password()?;
     let scheme = ctx.url().scheme().to_ascii_lowercase();
     let (kind, probe): (&'static str, Box<dyn Probe>) = match scheme.as_str() {
         "postgresql" | "postgres" => ("postgresql", crate::postgres::build(&ctx)?),

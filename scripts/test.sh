@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs Tandem's whole test suite on a Debian 12 machine, as root:
+# installs the Debian packages the tests need (real PostgreSQL, nginx,
+# OpenSMTPD, dovecot, vsftpd, monitoring-plugins, resource-agents), then
+# checks formatting and lints and runs every test. The tests start their own
+# servers on loopback; nothing system-wide is started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install the Rust toolchain (rustup, Rust >= 1.85) first" >&2
+  exit 1
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "run as root: the tests start servers as their own users and manage network namespaces" >&2
+  exit 1
+fi
+
+echo "== installing Debian packages"
+bash .ci/install-deps
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace --locked --no-fail-fast
