@@ -486,6 +486,12 @@ pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
     let host = ctx.host()?;
     let port = ctx.port_or(DEFAULT_PORT);
     let url = ctx.url();
+    if host.bytes().any(|c| b"()=".contains(&c)) {
+        return Err(SpecError::Target {
+            target: url.to_string(),
+            why: "the host name contains ( ) or =, which would break the connect descriptor".into(),
+        });
+    }
     let path = url.path().trim_start_matches('/');
     let service = if path.is_empty() {
         None
@@ -523,9 +529,6 @@ pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
             cid_value(&local_user_name()),
         ),
     };
-    if host.bytes().any(|c| b"()=".contains(&c)) {
-        return Err(SpecError::Target { target: url.to_string(), why: "host name contains ( ) or =".into() });
-    }
     Ok(Box::new(OracleProbe { host, port, service, max_resends, connect_data }))
 }
 
@@ -761,6 +764,7 @@ mod tests {
 
     #[test]
     fn long_connect_data_goes_to_a_data_packet() {
+        assert_eq!(encode_connect(&[b'x'; 230]).unwrap().len(), 1, "230 bytes still fit inline");
         let data = vec![b'x'; 231];
         let ps = encode_connect(&data).unwrap();
         assert_eq!(ps.len(), 2);

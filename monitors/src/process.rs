@@ -16,6 +16,8 @@
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::spec::{SpecContext, SpecError};
 use crate::{CheckFuture, Deadline, FailureClass, PerfDatum, Probe, ProbeFailure, ProbeSuccess};
@@ -166,26 +168,30 @@ pub enum ProcessTarget {
 #[derive(Debug, Clone)]
 pub struct ProcessProbe {
     target: ProcessTarget,
+    /// Set while a check's blocking reads run. A pid file on a hung file
+    /// system blocks its reader thread for good; later checks then fail at
+    /// once instead of stranding one more thread each.
+    busy: Arc<AtomicBool>,
 }
 
 impl ProcessProbe {
     /// A probe for `target`.
     pub fn new(target: ProcessTarget) -> Self {
-        Self { target }
+        Self { target, busy: Arc::new(AtomicBool::new(false)) }
     }
 }
 
-fn check_comm(key: &str, value: &str) -> Result<(), SpecError> {
-    let why = if value.is_empty() {
-        "a command name must not be empty"
+/// Why `value` can never be a kernel command name, if it cannot.
+fn comm_problem(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        Some("a command name must not be empty")
     } else if value.len() > COMM_MAX {
-        "the kernel keeps only the first 15 bytes of a command name (see /proc/PID/comm); give those"
+        Some("the kernel keeps only the first 15 bytes of a command name (see /proc/PID/comm); give those")
     } else if value.contains('/') {
-        "a command name has no '/'; give the executable's file name, e.g. postgres"
+        Some("a command name has no '/'; give the executable's file name, e.g. postgres")
     } else {
-        return Ok(());
-    };
-    Err(SpecError::BadOption { key: key.into(), value: value.into(), why: why.into() })
+        None
+    }
 }
 
 /// Builds a [`ProcessProbe`] from a spec.
@@ -205,14 +211,16 @@ pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
                 return Err(SpecError::Target { target: url.to_string(), why: format!("no pid file path; {usage}") });
             }
             let name = ctx.opt("name");
-            if let Some(n) = &name {
-                check_comm("name", n)?;
+            if let Some((n, why)) = name.as_deref().and_then(|n| Some((n, comm_problem(n)?))) {
+                return Err(SpecError::BadOption { key: "name".into(), value: n.into(), why: why.into() });
             }
             ProcessTarget::PidFile { path: PathBuf::from(path), name }
         }
         "name" => {
             let name = path.trim_start_matches('/').to_string();
-            check_comm("process name in the URL", &name)?;
+            if let Some(why) = comm_problem(&name) {
+                return Err(SpecError::Target { target: url.to_string(), why: format!("{why}; {usage}") });
+            }
             let min = ctx.opt_parse::<u32>("min")?.unwrap_or(1);
             let max = ctx.opt_parse::<u32>("max")?;
             if let Some(m) = max
@@ -230,7 +238,7 @@ pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
             return Err(SpecError::Target { target: url.to_string(), why: format!("unknown host {other:?}; {usage}") });
         }
     };
-    Ok(Box::new(ProcessProbe { target }))
+    Ok(Box::new(ProcessProbe::new(target)))
 }
 
 fn pid_file_failure(e: PidFileError) -> ProbeFailure {
@@ -334,11 +342,22 @@ impl Probe for ProcessProbe {
     fn check<'a>(&'a self, deadline: Deadline) -> CheckFuture<'a> {
         Box::pin(async move {
             let target = self.target.clone();
+            if self.busy.swap(true, Ordering::AcqRel) {
+                return Err(ProbeFailure::critical(
+                    FailureClass::Timeout,
+                    format!("the previous check of {} is still blocked reading (hung file system?)", self.target()),
+                ));
+            }
+            let busy = Arc::clone(&self.busy);
             // /proc reads do not block for long, but a pid file on a hung
             // NFS mount can: keep them off the runtime and under the deadline.
-            let job = tokio::task::spawn_blocking(move || match &target {
-                ProcessTarget::PidFile { path, name } => check_pid_file(path, name.as_deref()),
-                ProcessTarget::Name { name, min, max } => check_name(name, *min, *max),
+            let job = tokio::task::spawn_blocking(move || {
+                let outcome = match &target {
+                    ProcessTarget::PidFile { path, name } => check_pid_file(path, name.as_deref()),
+                    ProcessTarget::Name { name, min, max } => check_name(name, *min, *max),
+                };
+                busy.store(false, Ordering::Release);
+                outcome
             });
             match deadline.run("reading the pid file and /proc", job).await? {
                 Ok(outcome) => outcome,

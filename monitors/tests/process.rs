@@ -209,3 +209,41 @@ fn bad_specs_are_rejected_with_reasons() {
     let p = build_probe(&spec("process://name/my%20daemon", &[])).unwrap();
     assert_eq!(p.target(), "process://name/my daemon");
 }
+
+#[tokio::test]
+async fn hung_pid_file_read_times_out_and_does_not_pile_up_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("hung.pid");
+    // Opening a FIFO with no writer blocks, like a pid file on a hung NFS mount.
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let p = build_probe(&spec(&pid_url(&fifo), &[])).unwrap();
+    let limits = RunLimits { timeout: Duration::from_millis(300), warning: None };
+
+    let start = Instant::now();
+    let r = run_probe(p.as_ref(), limits).await;
+    assert_class(&r, Status::Critical, Some(FailureClass::Timeout));
+    assert!(start.elapsed() < Duration::from_millis(1300), "{:?}", start.elapsed());
+
+    // The first reader is still stuck: the next check fails at once.
+    let start = Instant::now();
+    let r = run_probe(p.as_ref(), limits).await;
+    assert_class(&r, Status::Critical, Some(FailureClass::Timeout));
+    assert!(r.reason.contains("still blocked"), "{}", r.reason);
+    assert!(start.elapsed() < Duration::from_millis(250), "{:?}", start.elapsed());
+
+    // Unblock the stuck reader, then put a real pid file in place.
+    let child = spawn_sleep(&sleep_bin());
+    std::fs::write(&fifo, format!("{}\n", child.pid())).unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    std::fs::write(&fifo, format!("{}\n", child.pid())).unwrap();
+    let start = Instant::now();
+    loop {
+        let r = run_probe(p.as_ref(), limits).await;
+        if r.reason.contains("still blocked") && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        assert_class(&r, Status::Ok, None);
+        break;
+    }
+}
