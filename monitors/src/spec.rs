@@ -275,7 +275,8 @@ pub fn redact_url(url: &Url) -> String {
     u.to_string()
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (URL user names, process names); malformed escapes stay as written.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
