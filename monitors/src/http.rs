@@ -1,5 +1,8 @@
 //! HTTP/HTTPS probe: `http://HOST[:PORT]/PATH` or `https://…`.
 //!
+//! A user in the URL (`http://USER@HOST/…`) turns on HTTP basic
+//! authentication with the password from the spec's password source.
+//!
 //! Options: `method` (GET), `expect` (status set, default `200-399`),
 //! `body_regex`, `follow_redirects` (false), `header` (`Name: value`, several
 //! separated by newlines), `max_body` (bytes read at most, default 1 MiB),
@@ -19,7 +22,7 @@ use reqwest::{Client, Method, Url};
 
 use crate::spec::{SpecContext, SpecError};
 use crate::tls::TlsOptions;
-use crate::{CheckFuture, Deadline, FailureClass, Probe, ProbeFailure, ProbeSuccess};
+use crate::{CheckFuture, Deadline, FailureClass, Probe, ProbeFailure, ProbeSuccess, Secret};
 
 /// Default cap on the body bytes read per check.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -77,6 +80,8 @@ pub struct HttpProbe {
     expect: StatusSet,
     body_regex: Option<Regex>,
     max_body: usize,
+    /// HTTP basic authentication: user and password.
+    auth: Option<(String, Option<Secret>)>,
     client: Client,
 }
 
@@ -87,9 +92,22 @@ fn bad(key: &str, value: &str, why: impl Into<String>) -> SpecError {
 /// Builds an [`HttpProbe`] from a spec.
 pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
     ctx.host()?;
-    // Credentials belong in a password source, not the URL.
-    ctx.password()?;
-    let url = ctx.url().clone();
+    // Credentials: the user from the URL, the password only from the
+    // spec's password source (ctx.password() refuses one inline in the URL).
+    let password = ctx.password()?;
+    let auth = match (ctx.user(), password) {
+        (Some(user), password) => Some((user, password)),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(SpecError::Missing(format!(
+                "{}: a password source is set but the URL names no user (http://USER@HOST/…)",
+                ctx.url()
+            )));
+        }
+    };
+    let mut url = ctx.url().clone();
+    // The user travels in the Authorization header, not the request URL.
+    let _ = url.set_username("");
     let method = match ctx.opt("method") {
         None => Method::GET,
         Some(m) => {
@@ -135,12 +153,15 @@ pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
         .user_agent(concat!("tandem-monitor/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| SpecError::Missing(format!("cannot build the HTTP client: {e}")))?;
-    Ok(Box::new(HttpProbe { url, method, expect, body_regex, max_body, client }))
+    Ok(Box::new(HttpProbe { url, method, expect, body_regex, max_body, auth, client }))
 }
 
 impl HttpProbe {
     async fn run(&self, deadline: Deadline) -> Result<ProbeSuccess, ProbeFailure> {
-        let req = self.client.request(self.method.clone(), self.url.clone());
+        let mut req = self.client.request(self.method.clone(), self.url.clone());
+        if let Some((user, password)) = &self.auth {
+            req = req.basic_auth(user, password.as_ref().map(Secret::expose));
+        }
         let mut resp = deadline
             .run("waiting for the response headers", req.send())
             .await?
@@ -248,9 +269,10 @@ impl Probe for HttpProbe {
     }
 
     fn target(&self) -> String {
-        let mut u = self.url.clone();
-        let _ = u.set_password(None);
-        format!("{} {}", self.method, u)
+        match &self.auth {
+            Some((user, _)) => format!("{} {} (as {user})", self.method, self.url),
+            None => format!("{} {}", self.method, self.url),
+        }
     }
 
     fn check<'a>(&'a self, deadline: Deadline) -> CheckFuture<'a> {

@@ -15,8 +15,11 @@
 
 use std::error::Error as _;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
@@ -170,6 +173,49 @@ fn quote_table(table: &str) -> Result<String, SpecError> {
     Ok(out.join("."))
 }
 
+/// Most bytes one check may read from the server. A probe exchanges a few
+/// KiB; a hostile peer announcing a 2 GiB message would otherwise make the
+/// driver buffer whatever it streams until the deadline.
+pub const MAX_READ_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A stream that fails reads once the peer has sent more than its budget.
+#[derive(Debug)]
+struct Capped<S> {
+    inner: S,
+    left: u64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > self.left {
+            self.left = 0;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the server sent more than {MAX_READ_BYTES} bytes in one check"),
+            )));
+        }
+        self.left -= n;
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Aborts the connection task when the check ends, however it ends (also
 /// when the scheduler drops the check future at its backstop timeout).
 struct ConnTask(JoinHandle<()>);
@@ -197,7 +243,8 @@ impl PostgresProbe {
     /// Connects (TCP with classified failures, then TLS and login) and
     /// spawns the connection task.
     async fn connect(&self, deadline: Deadline) -> Result<(Client, ConnTask), ProbeFailure> {
-        let stream = crate::tcp::connect(&self.host, self.port, deadline).await?;
+        let tcp = crate::tcp::connect(&self.host, self.port, deadline).await?;
+        let stream = Capped { inner: tcp, left: MAX_READ_BYTES };
         let config = self.config();
         let stage = "logging in";
         let (client, task) = match &self.tls {
@@ -208,14 +255,12 @@ impl PostgresProbe {
             }
             Tls::Rustls(cfg, _, name) => {
                 let mut make = MakeRustlsConnect::new((**cfg).clone());
-                let tls =
-                    <MakeRustlsConnect as MakeTlsConnect<tokio::net::TcpStream>>::make_tls_connect(&mut make, name)
-                        .map_err(|e| {
-                            ProbeFailure::critical(
-                                FailureClass::Config,
-                                format!("invalid TLS server name {name:?}: {e}"),
-                            )
-                        })?;
+                let tls = <MakeRustlsConnect as MakeTlsConnect<Capped<tokio::net::TcpStream>>>::make_tls_connect(
+                    &mut make, name,
+                )
+                .map_err(|e| {
+                    ProbeFailure::critical(FailureClass::Config, format!("invalid TLS server name {name:?}: {e}"))
+                })?;
                 let (client, conn) =
                     deadline.run(stage, config.connect_raw(stream, tls)).await?.map_err(|e| classify(&e, stage))?;
                 (client, ConnTask(tokio::spawn(async move { drop(conn.await) })))

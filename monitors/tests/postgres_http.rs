@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tandem_monitors::{FailureClass, ProbeResult, ProbeSpec, RunLimits, SecretSource, Status, build_probe, run_probe};
-use tandem_testkit::nginx::{Nginx, OK_BODY};
+use tandem_testkit::nginx::{BASIC_USER, Nginx, OK_BODY};
 use tandem_testkit::postgres::{DATABASE, PgServer, USER};
 use tandem_testkit::{free_port, require_program};
 
@@ -425,6 +425,36 @@ fn check_http(port: u16, path: &str, extra: &[&str]) -> (Status, String) {
     nagios("check_http", &args)
 }
 
+/// Tandem's own verdict for each differential case: None = OK, else the
+/// failure class (always CRITICAL).
+fn tandem_expected(name: &str) -> Option<FailureClass> {
+    use FailureClass::*;
+    match name {
+        "pg: healthy" | "pg: healthy, write level" | "pg: read-only server, connect" | "pg: hot standby, connect" => {
+            None
+        }
+        "pg: wrong password" => Some(Authentication),
+        "pg: unknown database" => Some(UnexpectedAnswer),
+        "pg: write level on a read-only server" | "pg: ddl level on a hot standby" => Some(ReadOnly),
+        "pg: silent peer" | "http: silent peer" => Some(Timeout),
+        "pg: garbage peer" | "http: garbage peer" => Some(Protocol),
+        "pg: stopped" | "http: stopped" | "https: stopped" => Some(Refused),
+        "http: 200"
+        | "http: body regex matches"
+        | "http: 301 not followed"
+        | "http: 301 followed"
+        | "http: https with ca_file"
+        | "http: https insecure" => None,
+        "http: 500"
+        | "http: 404"
+        | "http: body regex does not match"
+        | "http: 301 with expect=200"
+        | "http: body_regex beyond max_body" => Some(UnexpectedAnswer),
+        "http: https without ca_file" => Some(Tls),
+        other => panic!("differential case {other:?} has no expected Tandem verdict"),
+    }
+}
+
 fn judge(cases: &[Case]) {
     let mut report = String::new();
     let mut wrong = Vec::new();
@@ -442,6 +472,11 @@ fn judge(cases: &[Case]) {
             Some(_) => t != n,
             None => t == n,
         };
+        let expected = tandem_expected(c.name);
+        let expected_status = if expected.is_some() { Status::Critical } else { Status::Ok };
+        if (c.tandem.status, c.tandem.class) != (expected_status, expected) {
+            wrong.push(format!("{}: tandem {:?}, expected {expected_status} {expected:?}", c.name, c.tandem));
+        }
         if !ok {
             wrong.push(format!("{}: tandem {:?} / nagios {:?} {}", c.name, c.tandem, c.nagios_status, c.nagios_output));
         }
@@ -578,4 +613,61 @@ async fn differential_http_vs_check_http() {
     case!("http: stopped", spec(url(hp, "/ok"), &[]), check_http(hp, "/ok", &[]));
     case!("https: stopped", spec(surl(sp, "/ok"), &[("ca_file", &ca)]), check_http(sp, "/ok", &["-S"]));
     judge(&cases);
+}
+
+#[tokio::test]
+async fn http_basic_auth_uses_the_password_source_only() {
+    let ngx = Nginx::start();
+    let url = format!("http://{BASIC_USER}@127.0.0.1:{}/private", ngx.http_port());
+    let good = write_password(ngx.dir(), "pw", ngx.basic_password());
+    let bad = write_password(ngx.dir(), "bad", "not-the-password");
+    let with = |pw: &Path| {
+        let mut s = http_spec(&url, &[("body_regex", "private ok")]);
+        s.password = Some(SecretSource::File(pw.to_path_buf()));
+        s
+    };
+    let r = run(&with(&good)).await;
+    assert_ok(&r, "body matches");
+    let probe = build_probe(&with(&bad)).unwrap();
+    let r = run_probe(probe.as_ref(), limits(10.0)).await;
+    assert_fail(&r, FailureClass::UnexpectedAnswer, "401");
+    let shown = format!("{r:?} {probe:?} {}", probe.target());
+    assert!(!shown.contains("not-the-password") && !shown.contains(ngx.basic_password()), "{shown}");
+    // No credentials at all.
+    let r = run(&http_spec(&ngx.http_url("/private"), &[])).await;
+    assert_fail(&r, FailureClass::UnexpectedAnswer, "401");
+    // A password inline in the URL is refused at build time, without echoing it.
+    let e = build_probe(&http_spec(&format!("http://u:inline-secret@127.0.0.1:{}/", ngx.http_port()), &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("inline-secret"), "{e}");
+}
+
+/// A peer that answers the startup message with a header announcing a
+/// 2 GiB message and then streams zeros as fast as it can.
+fn flood_peer() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"R\x7f\xff\xff\xf0");
+                let zeros = vec![0u8; 64 * 1024];
+                while s.write_all(&zeros).is_ok() {}
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn postgres_flooding_peer_is_cut_off_early() {
+    let port = flood_peer();
+    let start = Instant::now();
+    let r = run(&pg_spec(port, None, &[])).await;
+    assert_fail(&r, FailureClass::Protocol, "more than");
+    // Cut off by the read budget, not by the 10 s deadline.
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
 }

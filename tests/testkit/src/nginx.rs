@@ -8,6 +8,7 @@
 //! | `/missing`  | 404                                  |
 //! | `/redirect` | 301 to `/ok`                         |
 //! | `/big`      | 200, about 3 MiB of `x` then [`OK_BODY`] |
+//! | `/private`  | basic auth ([`BASIC_USER`], [`Nginx::basic_password`]), then 200 `private ok` |
 
 use std::fs;
 use std::path::Path;
@@ -16,6 +17,9 @@ use std::time::Duration;
 
 use crate::certs::{TestPki, make_pki};
 use crate::{ChildGuard, free_port, require_program, wait_for_port};
+
+/// The user `/private` accepts.
+pub const BASIC_USER: &str = "tandem";
 
 /// The body of `/ok`.
 pub const OK_BODY: &str = "tandem-ok: all systems nominal\n";
@@ -27,6 +31,7 @@ pub struct Nginx {
     http_port: u16,
     https_port: u16,
     pki: TestPki,
+    basic_password: String,
     dir: tempfile::TempDir,
 }
 
@@ -43,8 +48,11 @@ impl Nginx {
         let mut big = "x".repeat(3 * 1024 * 1024);
         big.push_str(OK_BODY);
         fs::write(d.join("html/big.txt"), big).expect("write big.txt");
+        fs::write(d.join("html/private.txt"), "private ok\n").expect("write private.txt");
+        let basic_password = format!("pw-{:016x}", crate::postgres::random_u64());
+        fs::write(d.join("htpasswd"), format!("{BASIC_USER}:{{PLAIN}}{basic_password}\n")).expect("write htpasswd");
         // nginx workers drop to nobody; they must be able to read the docroot.
-        for p in [d, &d.join("html"), &d.join("html/big.txt")] {
+        for p in [d, &d.join("html"), &d.join("html/big.txt"), &d.join("html/private.txt"), &d.join("htpasswd")] {
             use std::os::unix::fs::PermissionsExt;
             let mode = if p.is_dir() { 0o755 } else { 0o644 };
             fs::set_permissions(p, fs::Permissions::from_mode(mode)).expect("chmod");
@@ -75,6 +83,11 @@ http {{
         location = /missing {{ return 404; }}
         location = /redirect {{ return 301 /ok; }}
         location = /big {{ try_files /big.txt =404; }}
+        location = /private {{
+            auth_basic "tandem";
+            auth_basic_user_file {d}/htpasswd;
+            try_files /private.txt =404;
+        }}
     }}
 }}
 "#,
@@ -100,7 +113,7 @@ http {{
         let log = d.join("error.log");
         wait_for_port(http_port, Duration::from_secs(20), "nginx (http)", Some(&log));
         wait_for_port(https_port, Duration::from_secs(20), "nginx (https)", Some(&log));
-        Self { child: Some(child), http_port, https_port, pki, dir }
+        Self { child: Some(child), http_port, https_port, pki, basic_password, dir }
     }
 
     /// Port of the plain HTTP listener.
@@ -121,6 +134,11 @@ http {{
     /// `https://127.0.0.1:PORT{path}`.
     pub fn https_url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.https_port)
+    }
+
+    /// The password `/private` accepts for [`BASIC_USER`].
+    pub fn basic_password(&self) -> &str {
+        &self.basic_password
     }
 
     /// The PKI whose server certificate nginx presents.

@@ -266,7 +266,8 @@ fn append(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("append config");
 }
 
-fn random_u64() -> u64 {
+/// A fresh random value (std's per-instance SipHash keys), for passwords.
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
