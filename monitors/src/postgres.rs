@@ -331,12 +331,22 @@ impl PostgresProbe {
 
     async fn write(&self, client: &Client, deadline: Deadline) -> Result<(), ProbeFailure> {
         let t = &self.table_sql;
-        let stage = format!("creating {t}");
-        let create = format!(
-            "CREATE TABLE IF NOT EXISTS {t} (id integer PRIMARY KEY, value text NOT NULL, \
-             updated_at timestamptz NOT NULL DEFAULT now())"
-        );
-        deadline.run(&stage, client.batch_execute(&create)).await?.map_err(|e| classify(&e, &stage))?;
+        // Look before creating: CREATE TABLE IF NOT EXISTS needs the CREATE
+        // privilege on the schema even when the table exists, and a monitor
+        // role often only has rights on a table prepared for it.
+        let stage = format!("looking up {t}");
+        let exists = deadline
+            .run(&stage, client.query_one("SELECT to_regclass($1) IS NOT NULL", &[t]))
+            .await?
+            .map_err(|e| classify(&e, &stage))?;
+        if !exists.try_get::<_, bool>(0).unwrap_or(false) {
+            let stage = format!("creating {t}");
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS {t} (id integer PRIMARY KEY, value text NOT NULL, \
+                 updated_at timestamptz NOT NULL DEFAULT now())"
+            );
+            deadline.run(&stage, client.batch_execute(&create)).await?.map_err(|e| classify(&e, &stage))?;
+        }
         let value = format!("{:032x}", rand::random::<u128>());
         let stage = format!("updating {t}");
         let upsert = format!(

@@ -671,3 +671,27 @@ async fn postgres_flooding_peer_is_cut_off_early() {
     // Cut off by the read budget, not by the 10 s deadline.
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
 }
+
+#[tokio::test]
+async fn postgres_write_level_works_for_a_role_without_create_rights() {
+    let pg = PgServer::start();
+    psql(
+        &pg,
+        "CREATE ROLE monitor LOGIN PASSWORD 'monitor-pw'; \
+         CREATE TABLE tandem_monitor (id integer PRIMARY KEY, value text NOT NULL, \
+                                      updated_at timestamptz NOT NULL DEFAULT now()); \
+         GRANT SELECT, INSERT, UPDATE ON tandem_monitor TO monitor; \
+         REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+    );
+    let pw = write_password(pg.dir(), "monitor-pw", "monitor-pw");
+    let spec = |level: &str| {
+        let mut s = pg_spec(pg.port(), Some(&pw), &[("level", level)]);
+        s.target = format!("postgresql://monitor@127.0.0.1:{}/{DATABASE}", pg.port());
+        s
+    };
+    assert_ok(&run(&spec("write")).await, "read back ok");
+    assert_ok(&run(&spec("write")).await, "read back ok");
+    // The ddl level needs CREATE on the schema; the server's refusal is an
+    // unexpected answer, with its SQLSTATE (42501 insufficient_privilege).
+    assert_fail(&run(&spec("ddl")).await, FailureClass::UnexpectedAnswer, "42501");
+}
