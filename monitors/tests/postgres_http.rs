@@ -133,6 +133,15 @@ async fn postgres_healthy_at_every_level_and_over_tls() {
 
     let r = run(&pg_spec(pg.port(), Some(&pw), &[("sslmode", "verify-full"), ("ca_file", &ca)])).await;
     assert_ok(&r, "TLS (certificate verified)");
+    eprintln!("verify-full: {}", r.reason);
+    // The certificate is for localhost/127.0.0.1, not for another name.
+    let r = run(&pg_spec(
+        pg.port(),
+        Some(&pw),
+        &[("sslmode", "verify-full"), ("ca_file", &ca), ("tls_server_name", "db.example.org")],
+    ))
+    .await;
+    assert_fail(&r, FailureClass::Tls, "TLS");
     let r = run(&pg_spec(pg.port(), Some(&pw), &[("sslmode", "require"), ("level", "write")])).await;
     assert_ok(&r, "TLS (certificate not verified)");
     // verify-full against the public web PKI roots: the test CA is unknown.
