@@ -11,6 +11,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub mod certs;
+pub mod nginx;
+pub mod postgres;
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
