@@ -351,7 +351,19 @@ pub async fn run_command(spec: &CommandSpec) -> Result<RunOutput, RunError> {
     if let Some(d) = &spec.cwd {
         cmd.current_dir(d);
     }
-    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+    // ETXTBSY: the program was just written and another thread's fork still
+    // holds it open for writing for a moment (config management, tests).
+    let mut tries = 0;
+    let spawned = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other,
+        }
+    };
+    let mut child = spawned.map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => RunError::NotFound { program: program.clone() },
         io::ErrorKind::PermissionDenied => RunError::PermissionDenied { program: program.clone() },
         _ => RunError::Spawn { program: program.clone(), source: e },
