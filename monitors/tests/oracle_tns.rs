@@ -283,6 +283,17 @@ async fn peer(script: Vec<Step>) -> (u16, tokio::task::JoinHandle<Transcript>) {
     (port, h)
 }
 
+/// Surfaces a panic of the peer (a failed check of what the probe sent);
+/// a peer still sleeping in a `Silence` step passed its checks and is
+/// stopped.
+async fn finish(h: tokio::task::JoinHandle<Transcript>) {
+    if h.is_finished() {
+        h.await.expect("the peer's checks of the CONNECT failed");
+    } else {
+        h.abort();
+    }
+}
+
 fn spec(target: String, opts: &[(&str, &str)]) -> ProbeSpec {
     ProbeSpec {
         target,
@@ -462,9 +473,14 @@ async fn refuse_without_err_code_is_a_protocol_failure() {
 async fn expect_protocol(reply: Vec<u8>, close: bool) -> ProbeResult {
     let mut script = vec![Step::ExpectConnect, Step::Send(reply)];
     script.push(if close { Step::Close } else { Step::Silence(Duration::from_secs(10)) });
-    let (port, _h) = peer(script).await;
+    let (port, h) = peer(script).await;
     let start = Instant::now();
     let r = probe(format!("oracle://127.0.0.1:{port}/ORCLPDB1"), 3000).await;
+    if close {
+        h.await.expect("peer");
+    } else {
+        finish(h).await;
+    }
     assert_class(&r, Status::Critical, Some(FailureClass::Protocol));
     assert!(start.elapsed() < Duration::from_secs(3), "decided without waiting for the deadline");
     r
@@ -527,17 +543,19 @@ async fn random_bytes_are_protocol_failures() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n = rng.random_range(1..200);
         let bytes: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-        let (port, _h) = peer(vec![Step::ExpectConnect, Step::Send(bytes), Step::Close]).await;
+        let (port, h) = peer(vec![Step::ExpectConnect, Step::Send(bytes), Step::Close]).await;
         let r = probe(format!("oracle://127.0.0.1:{port}/ORCLPDB1"), 3000).await;
         assert_class(&r, Status::Critical, Some(FailureClass::Protocol));
+        h.await.expect("peer");
     }
 }
 
 #[tokio::test]
 async fn silent_listener_times_out_within_deadline() {
-    let (port, _h) = peer(vec![Step::ExpectConnect, Step::Silence(Duration::from_secs(30))]).await;
+    let (port, h) = peer(vec![Step::ExpectConnect, Step::Silence(Duration::from_secs(30))]).await;
     let start = Instant::now();
     let r = probe(format!("oracle://127.0.0.1:{port}/ORCLPDB1"), 500).await;
+    finish(h).await;
     assert_class(&r, Status::Critical, Some(FailureClass::Timeout));
     assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
     assert!(r.reason.contains("CONNECT"), "{}", r.reason);
