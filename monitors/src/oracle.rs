@@ -486,6 +486,12 @@ pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
     let host = ctx.host()?;
     let port = ctx.port_or(DEFAULT_PORT);
     let url = ctx.url();
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(SpecError::Target {
+            target: crate::spec::redact_url(url),
+            why: "the Oracle probe only talks to the listener and never logs in; remove the user from the URL".into(),
+        });
+    }
     if host.bytes().any(|c| b"()=".contains(&c)) {
         return Err(SpecError::Target {
             target: url.to_string(),

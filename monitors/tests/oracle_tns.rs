@@ -581,10 +581,13 @@ fn bad_specs_are_rejected_with_reasons() {
         ("oracle://db/a/b", "not an Oracle service name"),
         ("oracle://db/ORCL?x=1", "query"),
         ("oracle:///ORCL", "no host"),
+        ("oracle://scott@db/ORCL", "never logs in"),
     ] {
         let e = build_probe(&spec(target.into(), &[])).unwrap_err().to_string();
         assert!(e.contains(words), "{target}: {e}");
     }
+    let e = build_probe(&spec("oracle://scott:tiger@db/ORCL".into(), &[])).unwrap_err().to_string();
+    assert!(!e.contains("tiger"), "{e}");
     let e = build_probe(&spec("oracle://db/ORCL".into(), &[("bogus", "1")])).unwrap_err().to_string();
     assert!(e.contains("bogus") && e.contains("max_resends"), "{e}");
     let p = build_probe(&spec("oracle://db".into(), &[])).unwrap();
