@@ -303,7 +303,11 @@ fn spec(target: String, opts: &[(&str, &str)]) -> ProbeSpec {
 }
 
 async fn probe(target: String, timeout_ms: u64) -> ProbeResult {
-    let p = build_probe(&spec(target, &[])).expect("spec builds");
+    probe_with(target, &[], timeout_ms).await
+}
+
+async fn probe_with(target: String, opts: &[(&str, &str)], timeout_ms: u64) -> ProbeResult {
+    let p = build_probe(&spec(target, opts)).expect("spec builds");
     run_probe(p.as_ref(), RunLimits { timeout: Duration::from_millis(timeout_ms), warning: None }).await
 }
 
@@ -434,6 +438,22 @@ async fn refuse_12514_is_service_not_registered() {
     let r = probe(format!("oracle://127.0.0.1:{port}/NOSUCH"), 3000).await;
     assert_class(&r, Status::Critical, Some(FailureClass::UnexpectedAnswer));
     assert!(r.reason.contains("service NOSUCH not registered") && r.reason.contains("12514"), "{}", r.reason);
+    h.await.unwrap();
+}
+
+#[tokio::test]
+async fn sid_form_sends_sid_and_reports_12505_as_not_registered() {
+    let (port, h) = peer(vec![Step::ExpectConnect, Step::Send(refuse_with(12505)), Step::Close]).await;
+    let r = probe_with(format!("oracle://127.0.0.1:{port}/ORCL"), &[("sid", "true")], 3000).await;
+    assert_class(&r, Status::Critical, Some(FailureClass::UnexpectedAnswer));
+    assert!(r.reason.contains("SID ORCL not registered") && r.reason.contains("12505"), "{}", r.reason);
+    let t = h.await.unwrap();
+    assert!(t.connects[0].connect_data.starts_with("(DESCRIPTION=(CONNECT_DATA=(SID=ORCL)(CID="));
+
+    let (port, h) = peer(vec![Step::ExpectConnect, Step::Send(golden_accept()), Step::Close]).await;
+    let r = probe_with(format!("oracle://127.0.0.1:{port}/ORCL"), &[("sid", "true")], 3000).await;
+    assert_class(&r, Status::Ok, None);
+    assert!(r.reason.contains("SID ORCL registered"), "{}", r.reason);
     h.await.unwrap();
 }
 
@@ -590,6 +610,8 @@ fn bad_specs_are_rejected_with_reasons() {
     assert!(!e.contains("tiger"), "{e}");
     let e = build_probe(&spec("oracle://db/ORCL".into(), &[("bogus", "1")])).unwrap_err().to_string();
     assert!(e.contains("bogus") && e.contains("max_resends"), "{e}");
+    let e = build_probe(&spec("oracle://db".into(), &[("sid", "true")])).unwrap_err().to_string();
+    assert!(e.contains("SID in the URL path"), "{e}");
     let p = build_probe(&spec("oracle://db".into(), &[])).unwrap();
     assert_eq!(p.target(), "oracle://db:1521");
 }
