@@ -75,6 +75,8 @@ pub const DEFAULT_MAX_RESENDS: u32 = 3;
 pub const PING_CONNECT_DATA: &str = "(CONNECT_DATA=(COMMAND=ping))";
 /// ORA-12514: the listener does not know the requested service.
 pub const ERR_UNKNOWN_SERVICE: u32 = 12514;
+/// ORA-12505: the listener does not know the requested SID.
+pub const ERR_UNKNOWN_SID: u32 = 12505;
 
 /// TNS packet types (Wireshark `TNS_TYPE_*`, python-oracledb `TNS_PACKET_TYPE_*`).
 pub mod packet_type {
@@ -443,6 +445,8 @@ pub struct OracleProbe {
     host: String,
     port: u16,
     service: Option<String>,
+    /// The path names an instance SID rather than a service name.
+    sid: bool,
     max_resends: u32,
     connect_data: String,
 }
@@ -480,12 +484,19 @@ fn local_user_name() -> String {
         .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid().as_raw()))
 }
 
-/// Builds an [`OracleProbe`] from a spec. Option: `max_resends` (how many
-/// RESEND answers are honoured, default 3).
+/// Builds an [`OracleProbe`] from a spec. Options: `max_resends` (how many
+/// RESEND answers are honoured, default 3) and `sid` (the path is an
+/// instance SID, sent as `(SID=…)`, not a service name).
 pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
     let host = ctx.host()?;
     let port = ctx.port_or(DEFAULT_PORT);
     let url = ctx.url();
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(SpecError::Target {
+            target: crate::spec::redact_url(url),
+            why: "the Oracle probe only talks to the listener and never logs in; remove the user from the URL".into(),
+        });
+    }
     if host.bytes().any(|c| b"()=".contains(&c)) {
         return Err(SpecError::Target {
             target: url.to_string(),
@@ -520,16 +531,25 @@ pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
             why: "expected 0..=20".into(),
         });
     }
+    let sid = ctx.opt_bool("sid", false)?;
+    if sid && service.is_none() {
+        return Err(SpecError::BadOption {
+            key: "sid".into(),
+            value: "true".into(),
+            why: "give the SID in the URL path: oracle://HOST[:PORT]/SID".into(),
+        });
+    }
+    let key = if sid { "SID" } else { "SERVICE_NAME" };
     let connect_data = match &service {
         None => PING_CONNECT_DATA.to_string(),
         Some(svc) => format!(
-            "(DESCRIPTION=(CONNECT_DATA=(SERVICE_NAME={svc})(CID=(PROGRAM=tandem)(HOST={})(USER={})))\
+            "(DESCRIPTION=(CONNECT_DATA=({key}={svc})(CID=(PROGRAM=tandem)(HOST={})(USER={})))\
              (ADDRESS=(PROTOCOL=TCP)(HOST={host})(PORT={port})))",
             cid_value(&local_host_name()),
             cid_value(&local_user_name()),
         ),
     };
-    Ok(Box::new(OracleProbe { host, port, service, max_resends, connect_data }))
+    Ok(Box::new(OracleProbe { host, port, service, sid, max_resends, connect_data }))
 }
 
 fn protocol(e: TnsError) -> ProbeFailure {
@@ -593,11 +613,18 @@ async fn send_all<W: AsyncWrite + Unpin>(
 }
 
 impl OracleProbe {
+    /// "service X" or "SID X", for messages.
+    fn subject(&self, name: &str) -> String {
+        format!("{} {name}", if self.sid { "SID" } else { "service" })
+    }
+
     fn refused(&self, code: u32) -> ProbeFailure {
         let meaning = error_meaning(code).unwrap_or("unknown listener error");
         let msg = match (&self.service, code) {
-            (Some(svc), ERR_UNKNOWN_SERVICE) => format!("service {svc} not registered (ORA-{code}: {meaning})"),
-            (Some(svc), _) => format!("listener refused service {svc}: ORA-{code}: {meaning}"),
+            (Some(svc), ERR_UNKNOWN_SERVICE | ERR_UNKNOWN_SID) => {
+                format!("{} not registered (ORA-{code}: {meaning})", self.subject(svc))
+            }
+            (Some(svc), _) => format!("listener refused {}: ORA-{code}: {meaning}", self.subject(svc)),
             (None, _) => format!("listener answered the ping with ORA-{code}: {meaning}"),
         };
         ProbeFailure::critical(FailureClass::UnexpectedAnswer, msg)
@@ -655,7 +682,10 @@ impl OracleProbe {
                     let _ = s.shutdown().await;
                 };
                 let _ = tokio::time::timeout(deadline.remaining().min(Duration::from_millis(500)), close).await;
-                Ok(ProbeSuccess::new(format!("service {svc} registered (ACCEPT, TNS protocol version {version})")))
+                Ok(ProbeSuccess::new(format!(
+                    "{} registered (ACCEPT, TNS protocol version {version})",
+                    self.subject(svc)
+                )))
             }
             (Some(svc), Reply::Redirect { len, data }) => {
                 let text = match data {
@@ -690,12 +720,16 @@ impl OracleProbe {
                 // Redirect data is "ADDRESS\0CONNECT_DATA" (python-oracledb
                 // _connect_phase_one); report only the address.
                 let address = text.split('\0').next().unwrap_or_default();
-                Ok(ProbeSuccess::new(format!("service {svc} registered (listener redirects to {})", excerpt(address))))
+                Ok(ProbeSuccess::new(format!(
+                    "{} registered (listener redirects to {})",
+                    self.subject(svc),
+                    excerpt(address)
+                )))
             }
             (Some(svc), Reply::Refuse { data, .. }) => match refuse_error_code(&data) {
                 Some(Ok(0)) => Err(ProbeFailure::critical(
                     FailureClass::UnexpectedAnswer,
-                    format!("listener refused service {svc} without an error code (ERR=0)"),
+                    format!("listener refused {} without an error code (ERR=0)", self.subject(svc)),
                 )),
                 Some(Ok(code)) => Err(self.refused(code)),
                 Some(Err(raw)) => Err(ProbeFailure::critical(
@@ -738,6 +772,7 @@ impl Probe for OracleProbe {
 
     fn target(&self) -> String {
         match &self.service {
+            Some(s) if self.sid => format!("oracle://{}:{}/{s} (SID)", self.host, self.port),
             Some(s) => format!("oracle://{}:{}/{s}", self.host, self.port),
             None => format!("oracle://{}:{}", self.host, self.port),
         }

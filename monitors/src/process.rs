@@ -198,6 +198,12 @@ fn comm_problem(value: &str) -> Option<&'static str> {
 pub fn build(ctx: &SpecContext<'_>) -> Result<Box<dyn Probe>, SpecError> {
     let url = ctx.url();
     let usage = "use process:///ABSOLUTE/PATH/TO/PIDFILE or process://name/COMMAND_NAME";
+    if !url.username().is_empty() || url.password().is_some() || url.port().is_some() {
+        return Err(SpecError::Target {
+            target: crate::spec::redact_url(url),
+            why: format!("no user, password or port; {usage}"),
+        });
+    }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(SpecError::Target {
             target: url.to_string(),

@@ -283,6 +283,17 @@ async fn peer(script: Vec<Step>) -> (u16, tokio::task::JoinHandle<Transcript>) {
     (port, h)
 }
 
+/// Surfaces a panic of the peer (a failed check of what the probe sent);
+/// a peer still sleeping in a `Silence` step passed its checks and is
+/// stopped.
+async fn finish(h: tokio::task::JoinHandle<Transcript>) {
+    if h.is_finished() {
+        h.await.expect("the peer's checks of the CONNECT failed");
+    } else {
+        h.abort();
+    }
+}
+
 fn spec(target: String, opts: &[(&str, &str)]) -> ProbeSpec {
     ProbeSpec {
         target,
@@ -292,7 +303,11 @@ fn spec(target: String, opts: &[(&str, &str)]) -> ProbeSpec {
 }
 
 async fn probe(target: String, timeout_ms: u64) -> ProbeResult {
-    let p = build_probe(&spec(target, &[])).expect("spec builds");
+    probe_with(target, &[], timeout_ms).await
+}
+
+async fn probe_with(target: String, opts: &[(&str, &str)], timeout_ms: u64) -> ProbeResult {
+    let p = build_probe(&spec(target, opts)).expect("spec builds");
     run_probe(p.as_ref(), RunLimits { timeout: Duration::from_millis(timeout_ms), warning: None }).await
 }
 
@@ -427,6 +442,22 @@ async fn refuse_12514_is_service_not_registered() {
 }
 
 #[tokio::test]
+async fn sid_form_sends_sid_and_reports_12505_as_not_registered() {
+    let (port, h) = peer(vec![Step::ExpectConnect, Step::Send(refuse_with(12505)), Step::Close]).await;
+    let r = probe_with(format!("oracle://127.0.0.1:{port}/ORCL"), &[("sid", "true")], 3000).await;
+    assert_class(&r, Status::Critical, Some(FailureClass::UnexpectedAnswer));
+    assert!(r.reason.contains("SID ORCL not registered") && r.reason.contains("12505"), "{}", r.reason);
+    let t = h.await.unwrap();
+    assert!(t.connects[0].connect_data.starts_with("(DESCRIPTION=(CONNECT_DATA=(SID=ORCL)(CID="));
+
+    let (port, h) = peer(vec![Step::ExpectConnect, Step::Send(golden_accept()), Step::Close]).await;
+    let r = probe_with(format!("oracle://127.0.0.1:{port}/ORCL"), &[("sid", "true")], 3000).await;
+    assert_class(&r, Status::Ok, None);
+    assert!(r.reason.contains("SID ORCL registered"), "{}", r.reason);
+    h.await.unwrap();
+}
+
+#[tokio::test]
 async fn other_refuse_codes_name_code_and_meaning() {
     for (code, words) in [
         (12505, "SID"),
@@ -462,9 +493,14 @@ async fn refuse_without_err_code_is_a_protocol_failure() {
 async fn expect_protocol(reply: Vec<u8>, close: bool) -> ProbeResult {
     let mut script = vec![Step::ExpectConnect, Step::Send(reply)];
     script.push(if close { Step::Close } else { Step::Silence(Duration::from_secs(10)) });
-    let (port, _h) = peer(script).await;
+    let (port, h) = peer(script).await;
     let start = Instant::now();
     let r = probe(format!("oracle://127.0.0.1:{port}/ORCLPDB1"), 3000).await;
+    if close {
+        h.await.expect("peer");
+    } else {
+        finish(h).await;
+    }
     assert_class(&r, Status::Critical, Some(FailureClass::Protocol));
     assert!(start.elapsed() < Duration::from_secs(3), "decided without waiting for the deadline");
     r
@@ -527,17 +563,19 @@ async fn random_bytes_are_protocol_failures() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n = rng.random_range(1..200);
         let bytes: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-        let (port, _h) = peer(vec![Step::ExpectConnect, Step::Send(bytes), Step::Close]).await;
+        let (port, h) = peer(vec![Step::ExpectConnect, Step::Send(bytes), Step::Close]).await;
         let r = probe(format!("oracle://127.0.0.1:{port}/ORCLPDB1"), 3000).await;
         assert_class(&r, Status::Critical, Some(FailureClass::Protocol));
+        h.await.expect("peer");
     }
 }
 
 #[tokio::test]
 async fn silent_listener_times_out_within_deadline() {
-    let (port, _h) = peer(vec![Step::ExpectConnect, Step::Silence(Duration::from_secs(30))]).await;
+    let (port, h) = peer(vec![Step::ExpectConnect, Step::Silence(Duration::from_secs(30))]).await;
     let start = Instant::now();
     let r = probe(format!("oracle://127.0.0.1:{port}/ORCLPDB1"), 500).await;
+    finish(h).await;
     assert_class(&r, Status::Critical, Some(FailureClass::Timeout));
     assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
     assert!(r.reason.contains("CONNECT"), "{}", r.reason);
@@ -563,12 +601,17 @@ fn bad_specs_are_rejected_with_reasons() {
         ("oracle://db/a/b", "not an Oracle service name"),
         ("oracle://db/ORCL?x=1", "query"),
         ("oracle:///ORCL", "no host"),
+        ("oracle://scott@db/ORCL", "never logs in"),
     ] {
         let e = build_probe(&spec(target.into(), &[])).unwrap_err().to_string();
         assert!(e.contains(words), "{target}: {e}");
     }
+    let e = build_probe(&spec("oracle://scott:tiger@db/ORCL".into(), &[])).unwrap_err().to_string();
+    assert!(!e.contains("tiger"), "{e}");
     let e = build_probe(&spec("oracle://db/ORCL".into(), &[("bogus", "1")])).unwrap_err().to_string();
     assert!(e.contains("bogus") && e.contains("max_resends"), "{e}");
+    let e = build_probe(&spec("oracle://db".into(), &[("sid", "true")])).unwrap_err().to_string();
+    assert!(e.contains("SID in the URL path"), "{e}");
     let p = build_probe(&spec("oracle://db".into(), &[])).unwrap();
     assert_eq!(p.target(), "oracle://db:1521");
 }
