@@ -198,13 +198,13 @@ impl HttpProbe {
         if let Some(re) = &self.body_regex {
             if !re.is_match(&body) {
                 let scope = if truncated {
-                    format!("the first {} bytes of the body", self.max_body)
+                    format!("the first {} bytes of the body do not match", self.max_body)
                 } else {
-                    "the body".into()
+                    "the body does not match".to_string()
                 };
                 return Err(ProbeFailure::critical(
                     FailureClass::UnexpectedAnswer,
-                    format!("HTTP {status}: {scope} does not match /{}/", re.as_str()),
+                    format!("HTTP {status}: {scope} /{}/", re.as_str()),
                 ));
             }
             what.push_str(&format!(", body matches /{}/", re.as_str()));

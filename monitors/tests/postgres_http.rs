@@ -471,11 +471,13 @@ fn judge(cases: &[Case]) {
         let (t, n) = (c.tandem.status == Status::Ok, c.nagios_status == Status::Ok);
         let deliberate = DELIBERATE_DIFFERENCES.iter().find(|(name, _)| *name == c.name);
         report.push_str(&format!(
-            "{:<45} tandem={:<8} nagios={:<8} {}\n",
+            "{:<40} tandem={:<8} nagios={:<8} {}\n    tandem: {}\n    nagios: {}\n",
             c.name,
             c.tandem.status.as_str(),
             c.nagios_status.as_str(),
-            if deliberate.is_some() { "(deliberate difference)" } else { "" }
+            if deliberate.is_some() { "(deliberate difference)" } else { "" },
+            c.tandem.reason,
+            c.nagios_output.lines().next().unwrap_or(""),
         ));
         let ok = match deliberate {
             Some(_) => t != n,

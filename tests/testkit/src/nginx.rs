@@ -11,9 +11,10 @@
 //! | `/private`  | basic auth ([`BASIC_USER`], [`Nginx::basic_password`]), then 200 `private ok` |
 
 use std::fs;
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::certs::{TestPki, make_pki};
 use crate::{ChildGuard, free_port, require_program, wait_for_port};
@@ -57,7 +58,8 @@ impl Nginx {
             let mode = if p.is_dir() { 0o755 } else { 0o644 };
             fs::set_permissions(p, fs::Permissions::from_mode(mode)).expect("chmod");
         }
-        let (http_port, https_port) = (free_port(), free_port());
+        let http_port = free_port();
+        let https_port = std::iter::repeat_with(free_port).find(|&p| p != http_port).expect("a second free port");
         let conf = format!(
             r#"worker_processes 1;
 error_log {d}/error.log info;
@@ -151,10 +153,20 @@ http {{
         self.dir.path()
     }
 
-    /// Stops nginx now; its ports then refuse connections.
+    /// Stops nginx now and waits (up to 10 s) until both ports refuse
+    /// connections: killed workers may hold the listening sockets a moment
+    /// longer than the reaped master.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill();
+        }
+        let start = Instant::now();
+        for port in [self.http_port, self.https_port] {
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                assert!(start.elapsed() < Duration::from_secs(10), "nginx still accepts on {port} after SIGKILL");
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
