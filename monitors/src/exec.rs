@@ -411,17 +411,24 @@ pub async fn run_command(spec: &CommandSpec) -> Result<RunOutput, RunError> {
             // The program exited (or was killed) but left members behind.
             terminate_group(pgid, spec.kill_grace).await;
         }
+        // The leader is reaped and, with Kill, the group is empty; with Keep,
+        // what is left is the started service, which a cancelled drain below
+        // must not kill.
+        guard.armed = false;
         if !read_done {
             let drain = match spec.leftovers {
-                // All members are dead: the pipes are at EOF, or will be at once.
-                Leftovers::Kill => Duration::from_secs(1),
+                // Every member is dead, so the pipes are at EOF unless a process
+                // that left the group (setsid) holds them: do not wait for it
+                // past the timeout.
+                Leftovers::Kill => {
+                    deadline.saturating_duration_since(Instant::now()).clamp(DRAIN_AFTER_EXIT, Duration::from_secs(1))
+                }
                 Leftovers::Keep => DRAIN_AFTER_EXIT,
             };
             let _ = tokio::time::timeout(drain, &mut reading).await;
         }
         (status, timed_out)
     };
-    guard.armed = false;
     Ok(RunOutput {
         termination: status.into(),
         stdout: out.data,

@@ -502,3 +502,44 @@ proptest! {
         prop_assert_eq!((d.warn, d.crit, d.min, d.max), (warn, crit, min, max));
     }
 }
+
+#[tokio::test]
+async fn a_process_that_left_the_group_cannot_hold_the_run_open() {
+    // A daemon that setsid()s away keeps our stdout pipe open; the runner
+    // must still return once the program exits, not when the daemon does.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let s = script(
+        dir.path(),
+        "escape.sh",
+        &format!("#!/bin/sh\nsetsid sleep 30 &\necho $! > {d}/escaped\necho out\nexit 0\n"),
+    );
+    let start = Instant::now();
+    let out = run_command(&CommandSpec::new(&s).timeout(Duration::from_secs(5))).await.unwrap();
+    let took = start.elapsed();
+    let escaped = read_pid(&dir.path().join("escaped"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(out.termination, Termination::Exited(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+#[test]
+fn exec_spec_errors_are_reported() {
+    let spec = |args: &[&str], opts: &[(&str, &str)]| ProbeSpec {
+        target: "exec".into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        options: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let e = build_probe(&spec(&[], &[])).unwrap_err().to_string();
+    assert!(e.contains("no program"), "{e}");
+    let e = build_probe(&spec(&["check_dummy", "0"], &[("colour", "red")])).unwrap_err().to_string();
+    assert!(e.contains("colour") && e.contains("kill_grace"), "{e}");
+    let e = build_probe(&spec(&["check_dummy", "0"], &[("kill_grace", "soon")])).unwrap_err().to_string();
+    assert!(e.contains("kill_grace"), "{e}");
+    let e = build_probe(&spec(&["check_dummy", "0"], &[("env.", "x")])).unwrap_err().to_string();
+    assert!(e.contains("env."), "{e}");
+    let p = build_probe(&spec(&["check_dummy", "0", "a b"], &[("cwd", "/")])).unwrap();
+    assert_eq!((p.kind(), p.target()), ("exec", "check_dummy 0 a b".to_string()));
+}
