@@ -1,6 +1,6 @@
 //! FTP probe (`ftp://[user@]host[:21]`): the 220 greeting (multi-line
 //! and `120 ready in n minutes` handled), an optional USER/PASS login
-//! (`anonymous` logs in anonymously), NOOP and QUIT, all under the deadline.
+//! (`anonymous` logs in anonymously), NOOP when logged in, and QUIT, all under the deadline.
 
 use crate::line::LineConn;
 use crate::smtp::{Reply, ReplyStyle, password_for, read_reply, say_goodbye};
@@ -96,14 +96,15 @@ impl FtpProbe {
                 }
                 _ => return Err(login_failure(user, &r)),
             }
-        }
-        let r = self.command(conn, "NOOP", "NOOP", deadline).await?;
-        if !r.is_positive() {
-            return Err(unexpected("NOOP refused", &r));
+            // NOOP only once logged in: before, servers answer 530 (vsftpd).
+            let r = self.command(conn, "NOOP", "NOOP", deadline).await?;
+            if !r.is_positive() {
+                return Err(unexpected("NOOP refused", &r));
+            }
         }
         say_goodbye(conn, "QUIT", deadline).await;
-        let login = self.user.as_ref().map(|u| format!(", login as {u}")).unwrap_or_default();
-        Ok(ProbeSuccess::new(format!("FTP {}{login}, NOOP ok", greeting.summary())))
+        let login = self.user.as_ref().map(|u| format!(", login as {u}, NOOP")).unwrap_or_default();
+        Ok(ProbeSuccess::new(format!("FTP {}{login} ok", greeting.summary())))
     }
 }
 
