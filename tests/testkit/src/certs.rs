@@ -18,27 +18,6 @@ pub struct TestPki {
 
 /// Creates a CA and a server certificate in `dir`.
 pub fn make_pki(dir: &Path) -> TestPki {
-    make_pki_with_key(dir, KeyPair::generate().expect("server key"))
-}
-
-/// Like [`make_pki`], but the server key is RSA-2048 (made with the
-/// `openssl` program, since ring cannot generate RSA keys), for servers
-/// that cannot use ECDSA keys (OpenSMTPD 6.8's privilege-separated key
-/// handling signs with RSA only).
-pub fn make_pki_rsa(dir: &Path) -> TestPki {
-    let key_file = dir.join("server-rsa.key");
-    crate::run_ok(
-        "openssl genpkey",
-        std::process::Command::new(crate::require_program("openssl", "openssl", &[]))
-            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
-            .arg(&key_file),
-    );
-    let pem = std::fs::read_to_string(&key_file).expect("read RSA key");
-    let _ = std::fs::remove_file(&key_file);
-    make_pki_with_key(dir, KeyPair::from_pem(&pem).expect("parse RSA key"))
-}
-
-fn make_pki_with_key(dir: &Path, key: KeyPair) -> TestPki {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.distinguished_name.push(DnType::CommonName, "Tandem test CA");
@@ -47,6 +26,7 @@ fn make_pki_with_key(dir: &Path, key: KeyPair) -> TestPki {
     let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
     let issuer = Issuer::new(ca_params, ca_key);
 
+    let key = KeyPair::generate().expect("server key");
     let mut params =
         CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("server params");
     params.distinguished_name.push(DnType::CommonName, "localhost");
