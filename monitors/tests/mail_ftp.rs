@@ -252,6 +252,36 @@ async fn ftp_against_vsftpd() {
     expect(&spec(plain, &[], None), Status::Critical, Some(FailureClass::Refused), &stopped).await;
 }
 
+// ---------------------------------------------------------------- configuration
+
+#[test]
+fn configuration_errors_name_the_problem() {
+    let err = |target: &str, opts: &[(&str, &str)], pw: Option<&str>| {
+        build_probe(&spec(target.to_string(), opts, pw)).map(|_| ()).unwrap_err().to_string()
+    };
+    let e = err("smtps://h", &[("starttls", "true")], None);
+    assert!(e.contains("starttls") && e.contains("implicit TLS"), "{e}");
+    let e = err("imap://bob@h", &[], None);
+    assert!(e.contains("bob") && e.contains("password"), "{e}");
+    let e = err("smtp://h", &[("ehlo", "two words")], None);
+    assert!(e.contains("ehlo"), "{e}");
+    let e = err("pop3://h", &[("expect", "x")], None);
+    assert!(e.contains("expect") && e.contains("starttls"), "{e}");
+    let e = err("ftp://bob@h", &[], Some("pw\rQUIT"));
+    assert!(e.contains("control characters") && !e.contains("QUIT"), "{e}");
+    let e = err("ftp://bob:inline@h", &[], None);
+    assert!(!e.contains("inline"), "{e}");
+    // Default ports and anonymous FTP need no password.
+    for (target, port) in [("smtp://h", 25), ("smtps://h", 465), ("imap://h", 143), ("imaps://h", 993)] {
+        let p = build_probe(&spec(target.into(), &[], None)).unwrap();
+        assert!(p.target().ends_with(&format!(":{port}")), "{}", p.target());
+    }
+    for (target, port) in [("pop3://h", 110), ("pop3s://h", 995), ("ftp://anonymous@h", 21)] {
+        let p = build_probe(&spec(target.into(), &[], None)).unwrap();
+        assert!(p.target().ends_with(&format!(":{port}")), "{}", p.target());
+    }
+}
+
 // ---------------------------------------------------------------- hostile peers
 
 /// Targets of every probe at `port`.
@@ -280,7 +310,7 @@ async fn hostile_greetings_are_critical_with_server_text() {
         ("smtp", vec!["554 go away"], "554 go away"),
         ("smtp", vec!["421-busy", "421 try later"], "421 busy"),
         ("imap", vec!["* BYE shutting down"], "shutting down"),
-        ("pop3", vec!["-ERR no"], "no"),
+        ("pop3", vec!["-ERR no"], "-ERR no"),
         ("ftp", vec!["421 busy"], "421 busy"),
         ("ftp", vec!["530-Not", " allowed here", "530 from your network"], "530 Not"),
     ];
