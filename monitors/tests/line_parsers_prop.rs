@@ -146,14 +146,14 @@ fn random_stream() -> impl Strategy<Value = Vec<u8>> {
 
 proptest! {
     // Each case starts a server and runs four probes; keep the count modest.
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
     #[test]
     fn probes_classify_random_streams_within_the_deadline(data in random_stream(), close in any::<bool>()) {
         let behaviour = if close { Behaviour::SendThenClose(data) } else { Behaviour::SendThenSilent(data) };
         let srv = HostileServer::start(behaviour);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let timeout = Duration::from_millis(700);
+        let timeout = Duration::from_millis(500);
         for scheme in ["smtp", "imap", "pop3", "ftp"] {
             // With a user, so each probe goes as far into the dialogue as the peer lets it.
             let s = ProbeSpec {
