@@ -25,7 +25,7 @@ fn line() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     #[test]
     fn reply_line_parser_never_panics_and_is_consistent(l in line()) {
@@ -38,7 +38,7 @@ proptest! {
     }
 
     #[test]
-    fn reply_parser_never_panics_and_bounds_lines(lines in prop::collection::vec(line(), 0..200), ftp in any::<bool>()) {
+    fn reply_parser_never_panics_and_bounds_lines(lines in prop::collection::vec(line(), 0..40), ftp in any::<bool>()) {
         let style = if ftp { ReplyStyle::Ftp } else { ReplyStyle::Smtp };
         let mut p = ReplyParser::new(style);
         let mut pending = 0usize;
@@ -53,6 +53,24 @@ proptest! {
                 Err(_) => { p = ReplyParser::new(style); pending = 0; }
             }
             prop_assert!(pending <= MAX_REPLY_LINES);
+        }
+    }
+
+    #[test]
+    fn long_continuations_hit_the_line_bound(n in 100usize..160, tail in prop::collection::vec(line(), 0..5)) {
+        let mut p = ReplyParser::new(ReplyStyle::Smtp);
+        let mut outcome = Ok(None);
+        for l in std::iter::repeat_n("250-x".to_string(), n).chain(tail) {
+            outcome = p.push(&l);
+            if !matches!(outcome, Ok(None)) {
+                break;
+            }
+        }
+        match outcome {
+            Ok(Some(r)) => prop_assert!(r.lines.len() <= MAX_REPLY_LINES),
+            Ok(None) => prop_assert!(n <= MAX_REPLY_LINES),
+            Err(smtp::ReplyError::TooManyLines(_)) => prop_assert!(n > MAX_REPLY_LINES),
+            Err(_) => {}
         }
     }
 
