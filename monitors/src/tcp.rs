@@ -36,7 +36,9 @@ pub async fn connect(host: &str, port: u16, deadline: Deadline) -> Result<TcpStr
 
 fn connect_failure(e: io::Error, addr: SocketAddr) -> ProbeFailure {
     match e.kind() {
-        io::ErrorKind::ConnectionRefused => {
+        // A reset during the handshake is a refusal too (a listener that is
+        // being torn down, or a firewall answering with RST).
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
             ProbeFailure::critical(FailureClass::Refused, format!("connection refused by {addr}"))
         }
         io::ErrorKind::TimedOut => {

@@ -11,8 +11,12 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub mod certs;
+pub mod dovecot;
+pub mod hostile;
 pub mod nginx;
 pub mod postgres;
+pub mod smtpd;
+pub mod vsftpd;
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
