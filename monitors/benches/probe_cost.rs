@@ -83,7 +83,11 @@ fn main() {
     }
     let quick = args.iter().any(|a| a == "--quick")
         || std::env::var("TANDEM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    let plan = Plan::new(quick);
+    let mut plan = Plan::new(quick);
+    // For profiling: TANDEM_BENCH_N overrides the probes per round.
+    if let Some(n) = std::env::var("TANDEM_BENCH_N").ok().and_then(|v| v.parse().ok()) {
+        plan.n = n;
+    }
     let machine_before = machine();
     let load_before = loadavg();
 
@@ -174,7 +178,8 @@ fn main() {
 
     let text = render(&plan, &rows, sched.as_ref(), &machine_before, &load_before, &load_after);
     println!("{text}");
-    if plan.quick || only.is_some() {
+    let experiment = ["TANDEM_BENCH_N", "TANDEM_BENCH_WORKERS"].iter().any(|v| std::env::var_os(v).is_some());
+    if plan.quick || only.is_some() || experiment {
         eprintln!("quick or partial run: BENCHMARKS.md left unchanged");
     } else {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
@@ -397,8 +402,13 @@ fn scheduler_child(args: &[String]) {
     let warmup = Duration::from_millis(get("warmup_ms"));
     let window = Duration::from_millis(get("window_ms"));
 
-    // tokio's default: one worker per core.
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // tokio's default: one worker per core; TANDEM_BENCH_WORKERS overrides
+    // it for experiments.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("TANDEM_BENCH_WORKERS").ok().and_then(|v| v.parse().ok()) {
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build().expect("tokio runtime");
     let worker_threads = rt.metrics().num_workers();
     let cfg = SchedulerConfig::default();
     let max_concurrent = cfg.max_concurrent;
