@@ -628,7 +628,7 @@ fn write_section(path: &Path, table: &str) {
     let block = format!("{BEGIN}\n{table}{END}");
     let new = match (old.find(BEGIN), old.find(END)) {
         (Some(b), Some(e)) if b < e => format!("{}{block}{}", &old[..b], &old[e + END.len()..]),
-        _ => format!("{}\n## Monitors\n\n{block}\n", old.trim_end()),
+        _ => format!("{}\n\n## Monitors\n\n{block}\n", old.trim_end()),
     };
     std::fs::write(path, new).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
