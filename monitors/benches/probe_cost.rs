@@ -11,6 +11,10 @@
 //! into BENCHMARKS.md between the `probe_cost` markers of `## Monitors`.
 //! `-- --quick` (or `TANDEM_BENCH_QUICK=1`) runs a few probes only, prints
 //! the table and leaves BENCHMARKS.md alone: a smoke test, not a figure.
+//! For profiling, `TANDEM_BENCH_ONLY` (part of a check's name, or
+//! `scheduler`), `TANDEM_BENCH_N` (probes per round) and
+//! `TANDEM_BENCH_WORKERS` (tokio workers of part 2) narrow or vary a run;
+//! such runs leave BENCHMARKS.md alone too.
 //!
 //! Part 2 runs in a child process (this binary re-executed with the
 //! `scheduler` argument) so that part 1's allocations and the fixtures'
