@@ -358,6 +358,82 @@ async fn garbage_after_a_good_greeting() {
     }
 }
 
+/// Canned dialogues: a peer that sends all its answers at once; the probe
+/// reads them in order, which exercises paths the real servers do not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canned_dialogues() {
+    let cases: Vec<(&str, Vec<&str>, Status, Option<FailureClass>)> = vec![
+        // AUTH LOGIN when PLAIN is not offered, success and failure.
+        (
+            "smtp://u@",
+            vec![
+                "220 x",
+                "250-x",
+                "250 AUTH LOGIN",
+                "334 VXNlcm5hbWU6",
+                "334 UGFzc3dvcmQ6",
+                "235 ok",
+                "250 ok",
+                "221 bye",
+            ],
+            Status::Ok,
+            None,
+        ),
+        (
+            "smtp://u@",
+            vec!["220 x", "250-x", "250 AUTH LOGIN", "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "535 5.7.8 no"],
+            Status::Critical,
+            Some(FailureClass::Authentication),
+        ),
+        // Only mechanisms the probe does not speak.
+        (
+            "smtp://u@",
+            vec!["220 x", "250-x", "250 AUTH CRAM-MD5"],
+            Status::Critical,
+            Some(FailureClass::UnexpectedAnswer),
+        ),
+        // EHLO refused.
+        ("smtp://", vec!["220 x", "502 no EHLO"], Status::Critical, Some(FailureClass::UnexpectedAnswer)),
+        // POP3 without CAPA support.
+        ("pop3://u@", vec!["+OK hi", "-ERR what", "+OK", "+OK in", "+OK", "+OK bye"], Status::Ok, None),
+        (
+            "pop3://u@",
+            vec!["+OK hi", "-ERR what", "-ERR no such user"],
+            Status::Critical,
+            Some(FailureClass::Authentication),
+        ),
+        // IMAP: PREAUTH skips LOGIN; untagged noise and a literal are skipped.
+        (
+            "imap://u@",
+            vec!["* PREAUTH hi", "* CAPABILITY IMAP4rev1", "tnd1 OK", "* 1 FETCH (BODY {5}", "tnd9 )", "tnd2 OK"],
+            Status::Ok,
+            None,
+        ),
+        (
+            "imap://u@",
+            vec!["* OK hi", "* CAPABILITY IMAP4rev1 LOGINDISABLED", "tnd1 OK"],
+            Status::Critical,
+            Some(FailureClass::UnexpectedAnswer),
+        ),
+        (
+            "imap://u@",
+            vec!["* OK hi", "tnd1 OK", "tnd2 BAD syntax"],
+            Status::Critical,
+            Some(FailureClass::UnexpectedAnswer),
+        ),
+        // FTP: 120 then 220; an account requirement.
+        ("ftp://", vec!["120 in 1 minute", "220 now"], Status::Ok, None),
+        ("ftp://u@", vec!["220 x", "331 pass", "332 account"], Status::Critical, Some(FailureClass::UnexpectedAnswer)),
+        ("ftp://u@", vec!["220 x", "230 welcome", "200 ok"], Status::Ok, None),
+    ];
+    for (prefix, lines, status, class) in cases {
+        let srv = HostileServer::start(Behaviour::greeting(&lines));
+        let r = run(&spec(format!("{prefix}127.0.0.1:{}", srv.port()), &[], Some(WRONG_PASSWORD))).await;
+        assert_eq!((r.status, r.class), (status, class), "{prefix} {lines:?}: {r:?}");
+        assert_no_secret(&r, WRONG_PASSWORD);
+    }
+}
+
 // ---------------------------------------------------------------- differential
 
 fn plugin(name: &str) -> PathBuf {
