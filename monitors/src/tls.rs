@@ -2,7 +2,7 @@
 //! an optional CA file, or verification explicitly skipped.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -47,15 +47,25 @@ impl TlsOptions {
         let config = if self.insecure {
             builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
         } else {
-            let mut roots = RootCertStore::empty();
-            match &self.ca_file {
-                Some(path) => load_ca(path, &mut roots)?,
-                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            }
+            let roots = match &self.ca_file {
+                Some(path) => {
+                    let mut roots = RootCertStore::empty();
+                    load_ca(path, &mut roots)?;
+                    Arc::new(roots)
+                }
+                None => public_roots(),
+            };
             builder.with_root_certificates(roots).with_no_client_auth()
         };
         Ok(Arc::new(config))
     }
+}
+
+/// The public (webpki) roots, built once and shared: a copy per probe
+/// costs about 10 KiB, which adds up with a thousand monitors.
+fn public_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS.get_or_init(|| Arc::new(RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })).clone()
 }
 
 fn load_ca(path: &Path, roots: &mut RootCertStore) -> Result<(), SpecError> {
