@@ -123,12 +123,8 @@ impl Engine {
         if !model.nodes.contains(&me) {
             return Err(ModelError::NodeNotInCluster(me));
         }
-        let peers = model
-            .nodes
-            .iter()
-            .filter(|n| **n != me)
-            .map(|n| (*n, Peer { up: true, ..Peer::default() }))
-            .collect();
+        let peers =
+            model.nodes.iter().filter(|n| **n != me).map(|n| (*n, Peer { up: true, ..Peer::default() })).collect();
         let mut probes_pending = 0;
         let groups = model
             .groups
@@ -150,12 +146,7 @@ impl Engine {
                     to_restart: BTreeSet::new(),
                     restarts: VecDeque::new(),
                     running_since: None,
-                    intent: Intent {
-                        desired: initial.desired,
-                        preferred: None,
-                        desired_seq: 0,
-                        reset_seq: 0,
-                    },
+                    intent: Intent { desired: initial.desired, preferred: None, desired_seq: 0, reset_seq: 0 },
                     held_note: initial,
                     observed_holder: None,
                     observed_note: None,
@@ -433,7 +424,11 @@ impl Engine {
                     rt.adopting = false;
                     for (i, r) in g.resources.iter().enumerate() {
                         if rt.res[i] == ResourceState::Started {
-                            self.out.push(Command::AdoptResource { group: g.id.clone(), resource: r.id.clone(), token });
+                            self.out.push(Command::AdoptResource {
+                                group: g.id.clone(),
+                                resource: r.id.clone(),
+                                token,
+                            });
                         }
                     }
                 }
@@ -480,7 +475,8 @@ impl Engine {
         let limit_enforced = true;
         let note = &mut rt.held_note;
         if note.failovers >= g.recovery.max_failovers && limit_enforced {
-            self.out.push(Command::Notify(Notice::FailoverLimitReached { group: g.id.clone(), failovers: note.failovers }));
+            self.out
+                .push(Command::Notify(Notice::FailoverLimitReached { group: g.id.clone(), failovers: note.failovers }));
             match g.recovery.final_action {
                 FinalAction::StopEverywhere => {
                     note.desired = Desired::Stopped(StopCause::FailoverLimit);
@@ -660,6 +656,11 @@ impl Engine {
         let require_fencing = self.model.groups[gi].placement.require_fencing;
         let stagger = self.model.timing.takeover_stagger_ms;
         let holder = self.groups[gi].observed_holder;
+        if self.groups[gi].res.iter().any(|s| *s != ResourceState::Stopped) {
+            // Leftovers of a lost or refused lease are still stopping: a new token must not
+            // cover resources started under an old one.
+            return;
+        }
         if holder == Some(me) {
             // Our own lease from before a restart: take it back, then keep or release it.
             if now >= self.groups[gi].next_attempt_at {
@@ -745,7 +746,11 @@ impl Engine {
         if let Some(i) = victim {
             rt.res[i] = ResourceState::Stopping;
             rt.running_since = None;
-            self.out.push(Command::StopResource { group: g.id.clone(), resource: g.resources[i].id.clone(), force: !held });
+            self.out.push(Command::StopResource {
+                group: g.id.clone(),
+                resource: g.resources[i].id.clone(),
+                force: !held,
+            });
             return;
         }
         rt.to_restart.clear();
@@ -766,28 +771,26 @@ impl Engine {
                     rt.handoff_backoff_until = now + g.recovery.failover_window_ms;
                 }
             }
-            Goal::Run => {
-                match rt.res.iter().position(|s| *s == ResourceState::Stopped) {
-                    Some(i) => {
-                        let deps_up = g.resources[i].depends_on.iter().all(|d| {
-                            g.resources.iter().position(|r| &r.id == d).is_some_and(|k| rt.res[k] == ResourceState::Started)
+            Goal::Run => match rt.res.iter().position(|s| *s == ResourceState::Stopped) {
+                Some(i) => {
+                    let deps_up = g.resources[i].depends_on.iter().all(|d| {
+                        g.resources.iter().position(|r| &r.id == d).is_some_and(|k| rt.res[k] == ResourceState::Started)
+                    });
+                    if deps_up {
+                        rt.res[i] = ResourceState::Starting;
+                        self.out.push(Command::StartResource {
+                            group: g.id.clone(),
+                            resource: g.resources[i].id.clone(),
+                            token,
                         });
-                        if deps_up {
-                            rt.res[i] = ResourceState::Starting;
-                            self.out.push(Command::StartResource {
-                                group: g.id.clone(),
-                                resource: g.resources[i].id.clone(),
-                                token,
-                            });
-                        }
-                    }
-                    None => {
-                        if rt.res.iter().all(|s| *s == ResourceState::Started) {
-                            rt.running_since.get_or_insert(now);
-                        }
                     }
                 }
-            }
+                None => {
+                    if rt.res.iter().all(|s| *s == ResourceState::Started) {
+                        rt.running_since.get_or_insert(now);
+                    }
+                }
+            },
             Goal::Hold => {}
         }
     }

@@ -229,7 +229,9 @@ pub enum ModelError {
     #[error("group `{0}` has no eligible nodes; list at least one node in its placement policy")]
     NoEligibleNodes(GroupId),
     /// An eligible node is not a cluster node.
-    #[error("group `{group}`: eligible node {node} is not a cluster node; add it to the cluster or remove it from the group")]
+    #[error(
+        "group `{group}`: eligible node {node} is not a cluster node; add it to the cluster or remove it from the group"
+    )]
     UnknownEligibleNode {
         /// The group.
         group: GroupId,
@@ -332,9 +334,10 @@ impl FailoverGroup {
         let mut out = BTreeSet::new();
         // Dependencies always come earlier, so one forward pass finds the transitive closure.
         for (j, r) in self.resources.iter().enumerate().skip(i + 1) {
-            let depends = r.depends_on.iter().any(|d| {
-                self.resources.iter().position(|x| &x.id == d).is_some_and(|k| k == i || out.contains(&k))
-            });
+            let depends = r
+                .depends_on
+                .iter()
+                .any(|d| self.resources.iter().position(|x| &x.id == d).is_some_and(|k| k == i || out.contains(&k)));
             if depends {
                 out.insert(j);
             }

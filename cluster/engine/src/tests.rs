@@ -16,7 +16,11 @@ fn r(s: &str) -> ResourceId {
 pub(crate) fn db_group(eligible: &[u32]) -> FailoverGroup {
     FailoverGroup {
         id: g("db"),
-        resources: vec![ResourceSpec::new("disk"), ResourceSpec::new("ip"), ResourceSpec::depending_on("app", &["disk"])],
+        resources: vec![
+            ResourceSpec::new("disk"),
+            ResourceSpec::new("ip"),
+            ResourceSpec::depending_on("app", &["disk"]),
+        ],
         placement: PlacementPolicy {
             eligible: eligible.iter().map(|i| n(*i)).collect(),
             failback: Failback::Manual,
@@ -141,7 +145,10 @@ fn startup_probes_everything_and_waits_for_all_answers() {
     assert_eq!(e.handle(5_000, Event::Tick), vec![]);
     assert_eq!(e.status().groups[0].not_running, Some(NotRunningReason::Probing));
     assert_eq!(e.handle(5_000, Event::ProbeResult { group: g("db"), resource: r("ip"), running: false }), vec![]);
-    assert_eq!(e.handle(5_000, Event::ProbeResult { group: g("db"), resource: r("app"), running: false }), vec![acquire()]);
+    assert_eq!(
+        e.handle(5_000, Event::ProbeResult { group: g("db"), resource: r("app"), running: false }),
+        vec![acquire()]
+    );
 }
 
 #[test]
@@ -276,10 +283,7 @@ fn failover_limit_stops_the_group_everywhere_until_reset() {
     let cmds = a.at(1_500, failed("app"));
     assert_eq!(
         cmds,
-        vec![
-            Command::Notify(Notice::FailoverLimitReached { group: g("db"), failovers: 1 }),
-            stop("app", false)
-        ]
+        vec![Command::Notify(Notice::FailoverLimitReached { group: g("db"), failovers: 1 }), stop("app", false)]
     );
     a.ev(stopped("app"));
     a.ev(stopped("ip"));
@@ -424,7 +428,10 @@ fn operator_move_hands_off_to_the_target_which_goes_first() {
     assert_eq!(cmds, vec![]);
     c.at(50, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
     assert_eq!(c.ev(mv), vec![]);
-    assert_eq!(c.at(90, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) }), vec![acquire()]);
+    assert_eq!(
+        c.at(90, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) }),
+        vec![acquire()]
+    );
 }
 
 #[test]
@@ -460,7 +467,9 @@ fn auto_failback_returns_the_group_to_the_preferred_node_manual_does_not() {
             b.ev(stopped("app"));
             b.ev(stopped("ip"));
             let cmds = b.ev(stopped("disk"));
-            assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Handoff { to }, .. }] if *to == n(1)));
+            assert!(
+                matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Handoff { to }, .. }] if *to == n(1))
+            );
         } else {
             assert_eq!(cmds, vec![]);
             assert_eq!(b.group().state, GroupState::Started);
@@ -493,9 +502,13 @@ fn suspended_monitoring_ignores_failures() {
 fn bad_operator_commands_are_rejected_with_a_reason() {
     let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
     let cmds = a.ev(op(1, OperatorCommand::StopGroup(g("nope"))));
-    assert!(matches!(&cmds[..], [Command::Notify(Notice::OperatorRejected { seq: 1, reason })] if reason.contains("nope")));
+    assert!(
+        matches!(&cmds[..], [Command::Notify(Notice::OperatorRejected { seq: 1, reason })] if reason.contains("nope"))
+    );
     let cmds = a.ev(op(2, OperatorCommand::MoveGroup { group: g("db"), to: n(3) }));
-    assert!(matches!(&cmds[..], [Command::Notify(Notice::OperatorRejected { seq: 2, reason })] if reason.contains("not eligible")));
+    assert!(
+        matches!(&cmds[..], [Command::Notify(Notice::OperatorRejected { seq: 2, reason })] if reason.contains("not eligible"))
+    );
 }
 
 #[test]
