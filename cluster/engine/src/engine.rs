@@ -423,12 +423,17 @@ impl Engine {
                 if rt.adopting {
                     rt.adopting = false;
                     for (i, r) in g.resources.iter().enumerate() {
-                        if rt.res[i] == ResourceState::Started {
+                        if matches!(rt.res[i], ResourceState::Started | ResourceState::Failed) {
                             self.out.push(Command::AdoptResource {
                                 group: g.id.clone(),
                                 resource: r.id.clone(),
                                 token,
                             });
+                        }
+                        if rt.res[i] == ResourceState::Failed {
+                            // Failed while we waited for the lease: restart it and what needs it.
+                            rt.to_restart.insert(i);
+                            rt.to_restart.extend(g.dependents_of(i));
                         }
                     }
                 }

@@ -146,6 +146,8 @@ pub(crate) struct SimStats {
     pub(crate) self_fences: u64,
     pub(crate) lease_lost: u64,
     pub(crate) crashes: u64,
+    pub(crate) agent_restarts: u64,
+    pub(crate) adoptions: u64,
 }
 
 fn sim_model(rng: &mut Rng) -> ClusterModel {
@@ -442,6 +444,7 @@ impl Sim {
                     let (gi, ri) = self.index(group, resource);
                     if self.nodes[ni].running[gi][ri].is_some() {
                         self.nodes[ni].running[gi][ri] = Some(*token);
+                        self.stats.adoptions += 1;
                     }
                     continue;
                 }
@@ -566,6 +569,27 @@ impl Sim {
         self.log(format!("{id} down ({why})"));
         let back = self.rng.range(1_000, 8_000);
         self.schedule(back, Action::Reboot(ni));
+    }
+
+    /// The agent process dies and comes back at once; resources and leases survive it, the
+    /// answers to whatever was in flight are lost. The new engine must probe and adopt.
+    fn restart_agent(&mut self, ni: usize) {
+        let n = self.nodes.len();
+        let mut engine = Engine::new(self.nodes[ni].id, self.model.clone()).expect("sim model is valid");
+        if let Some(rule) = self.opts.broken {
+            engine.break_rule(rule);
+        }
+        self.stats.agent_restarts += 1;
+        let node = &mut self.nodes[ni];
+        node.inc += 1;
+        node.reported_up = vec![true; n];
+        node.reported_quorum = true;
+        node.peer_dead_reported = vec![false; n];
+        let cmds = engine.startup(self.now);
+        node.engine = Some(engine);
+        let id = node.id;
+        self.log(format!("{id} agent restarts"));
+        self.run_commands(ni, cmds);
     }
 
     fn reboot(&mut self, ni: usize) {
@@ -730,7 +754,12 @@ impl Sim {
                     self.crash(ni, "crash");
                 }
             }
-            8..=15 => {
+            8..=10 => {
+                if self.nodes[ni].life == Life::Up {
+                    self.restart_agent(ni);
+                }
+            }
+            11..=15 => {
                 if self.nodes[ni].life == Life::Up {
                     self.nodes[ni].life = Life::Paused;
                     self.nodes[ni].renew_stopped_at.get_or_insert(self.now);
@@ -896,6 +925,8 @@ fn simulation_holds_invariants_over_many_seeds() {
                 total.self_fences += s.self_fences;
                 total.lease_lost += s.lease_lost;
                 total.crashes += s.crashes;
+                total.agent_restarts += s.agent_restarts;
+                total.adoptions += s.adoptions;
             }
             Err(e) => panic!("simulation failed for seed {seed} (rerun: TANDEM_SIM_SEED={seed}):\n{e}"),
         }
@@ -904,7 +935,7 @@ fn simulation_holds_invariants_over_many_seeds() {
     // The faults must actually exercise the paths the invariants are about.
     if seeds().len() >= 100 {
         assert!(total.failovers > 0 && total.takeovers > 0 && total.fences > 0 && total.lease_lost > 0, "{total:?}");
-        assert!(total.self_fences > 0 && total.crashes > 0, "{total:?}");
+        assert!(total.self_fences > 0 && total.crashes > 0 && total.adoptions > 0, "{total:?}");
     }
 }
 
