@@ -334,7 +334,8 @@ impl Engine {
                 }
                 let retry = self.model.timing.acquire_retry_ms;
                 let rt = &mut self.groups[gi];
-                if rt.lease != Lease::NotHeld {
+                // While acquiring there is nothing to lose yet: the pending answer decides.
+                if matches!(rt.lease, Lease::Held(_)) {
                     rt.lease = Lease::NotHeld;
                     rt.goal = Goal::Run;
                     rt.adopting = false;
@@ -438,7 +439,16 @@ impl Engine {
                     }
                 }
             }
-            Lease::Held(t) if token > t => rt.lease = Lease::Held(token),
+            Lease::Held(t) if token > t => {
+                // A newer grant of the same lease (the runtime re-acquired it): whatever runs
+                // must carry the new token.
+                rt.lease = Lease::Held(token);
+                for (i, r) in g.resources.iter().enumerate() {
+                    if !matches!(rt.res[i], ResourceState::Stopped | ResourceState::Unknown) {
+                        self.out.push(Command::AdoptResource { group: g.id.clone(), resource: r.id.clone(), token });
+                    }
+                }
+            }
             Lease::Held(_) => {}
             Lease::NotHeld => {
                 // A grant nobody waits for (a late answer after LeaseLost, a duplicate):

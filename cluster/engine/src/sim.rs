@@ -481,7 +481,7 @@ impl Sim {
             Command::StartResource { group, resource, .. } => {
                 let (gi, ri) = self.index(&group, &resource);
                 let fail = if self.opts.flappy { 10 } else { 3 };
-                if self.rng.chance(fail) {
+                if self.faults_on && self.rng.chance(fail) {
                     self.nodes[ni].running[gi][ri] = None;
                     self.feed(ni, Event::ResourceStartFailed { group, resource });
                 } else {
