@@ -74,6 +74,9 @@ struct GroupRuntime {
     next_attempt_at: u64,
     handoff_backoff_until: u64,
     monitoring_suspended: bool,
+    /// This engine asked for the lease at least once: an observation naming this node as
+    /// holder is then a stale read of our own past holding, not a previous incarnation's.
+    asked_before: bool,
 }
 
 /// The failover engine of one node: feed it events with [`Engine::handle`], execute the
@@ -154,6 +157,7 @@ impl Engine {
                     next_attempt_at: 0,
                     handoff_backoff_until: 0,
                     monitoring_suspended: false,
+                    asked_before: false,
                 }
             })
             .collect();
@@ -403,6 +407,7 @@ impl Engine {
         for (g, rt) in self.model.groups.iter().zip(self.groups.iter_mut()) {
             if rt.eligible_here && rt.res.contains(&ResourceState::Started) && rt.lease == Lease::NotHeld {
                 rt.adopting = true;
+                rt.asked_before = true;
                 rt.lease = Lease::Acquiring;
                 self.out.push(Command::AcquireLease { group: g.id.clone() });
             }
@@ -676,7 +681,7 @@ impl Engine {
             // cover resources started under an old one.
             return;
         }
-        if holder == Some(me) {
+        if holder == Some(me) && !self.groups[gi].asked_before {
             // Our own lease from before a restart: take it back, then keep or release it.
             if now >= self.groups[gi].next_attempt_at {
                 self.request_lease(gi);
@@ -694,6 +699,7 @@ impl Engine {
         };
         let free = match holder {
             None => true,
+            Some(h) if h == me => true,
             Some(h) => {
                 let p = self.peers.get(&h).copied().unwrap_or_default();
                 if p.up {
@@ -727,6 +733,7 @@ impl Engine {
     fn request_lease(&mut self, gi: usize) {
         let rt = &mut self.groups[gi];
         rt.lease = Lease::Acquiring;
+        rt.asked_before = true;
         self.out.push(Command::AcquireLease { group: self.model.groups[gi].id.clone() });
         #[cfg(test)]
         if self.broken == Some(BrokenRule::StartBeforeLease) {

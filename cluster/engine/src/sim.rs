@@ -22,6 +22,8 @@ const DETECT: u64 = 1_500;
 const HEARTBEAT: u64 = 200;
 const FAULT_PHASE: u64 = 45_000;
 const QUIET_PHASE: u64 = 45_000;
+/// After the faults stop, every group must have stopped changing hands this long before the end.
+const STAYS_PUT: u64 = 15_000;
 
 /// splitmix64: small, fast, and the same on every machine.
 #[derive(Debug)]
@@ -110,6 +112,7 @@ struct GroupWatch {
     reset_in_flight: u32,
     all_running_since: Option<(usize, u64)>,
     max_seen: u32,
+    last_holder_change: u64,
 }
 
 /// Knobs of one simulation run.
@@ -340,7 +343,9 @@ impl Sim {
                             holder: l.holder.map(|h| self.nodes[h.0].id),
                             note: l.note.clone(),
                         };
-                        self.feed(ni, event);
+                        // Reads arrive late: the engine must cope with stale views.
+                        let d = self.rng.range(0, 400);
+                        self.deliver(ni, d, event);
                     }
                 }
                 self.schedule(600, Action::LeasePoll);
@@ -515,6 +520,7 @@ impl Sim {
                     lease.next_token += 1;
                     lease.holder = Some((ni, self.nodes[ni].epoch, token));
                     lease.dead_after = None;
+                    self.watch[gi].last_holder_change = self.now;
                     let note = lease.note.clone();
                     self.feed(ni, Event::LeaseAcquired { group, token, note });
                 } else {
@@ -527,6 +533,7 @@ impl Sim {
                 let lease = &mut self.leases[gi];
                 if self.nodes[ni].storage_ok && lease.holder.is_some_and(|h| h.0 == ni && h.2 == token) {
                     lease.holder = None;
+                    self.watch[gi].last_holder_change = self.now;
                     lease.dead_after = None;
                     lease.note = Some(note);
                     if reason == ReleaseReason::Failover {
@@ -873,9 +880,18 @@ impl Sim {
         Ok(())
     }
 
-    /// Once faults stop, every group runs somewhere, exactly once.
+    /// Once faults stop, every group runs somewhere, exactly once, and stays put.
     fn check_placement(&self) -> Result<(), String> {
         for (gi, g) in self.model.groups.iter().enumerate() {
+            let settled = FAULT_PHASE + QUIET_PHASE - STAYS_PUT;
+            if self.watch[gi].last_holder_change > settled {
+                return Err(format!(
+                    "group {} still changed hands at t={}ms, {}ms after the faults stopped (ping-pong?)",
+                    g.id,
+                    self.watch[gi].last_holder_change,
+                    self.watch[gi].last_holder_change - FAULT_PHASE
+                ));
+            }
             let full: Vec<NodeId> = self
                 .nodes
                 .iter()

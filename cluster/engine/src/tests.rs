@@ -527,3 +527,79 @@ fn older_operator_commands_lose_to_newer_ones() {
     assert_eq!(a.ev(op(4, OperatorCommand::StopGroup(g("db")))), vec![]);
     assert_eq!(a.group().state, GroupState::Started);
 }
+
+#[test]
+fn a_failure_while_adopting_restarts_the_resource_under_the_new_lease() {
+    let mut e = Engine::new(n(1), model(db_group(&[1, 2]))).unwrap();
+    e.startup(0);
+    for res in ["disk", "ip", "app"] {
+        e.handle(0, Event::ProbeResult { group: g("db"), resource: r(res), running: true });
+    }
+    assert_eq!(e.handle(1, failed("disk")), vec![]);
+    assert_eq!(
+        e.handle(2, acquired(4, None)),
+        vec![
+            Command::AdoptResource { group: g("db"), resource: r("disk"), token: LeaseToken(4) },
+            Command::AdoptResource { group: g("db"), resource: r("ip"), token: LeaseToken(4) },
+            Command::AdoptResource { group: g("db"), resource: r("app"), token: LeaseToken(4) },
+            stop("app", false),
+        ]
+    );
+    assert_eq!(e.handle(3, stopped("app")), vec![stop("disk", false)]);
+    assert_eq!(e.handle(4, stopped("disk")), vec![start("db", "disk", 4)]);
+}
+
+#[test]
+fn lease_lost_while_acquiring_waits_for_the_pending_answer() {
+    let (mut a, cmds) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(cmds, vec![acquire()]);
+    // A LeaseLost about an earlier holding must not trigger a second request.
+    assert_eq!(a.at(100, Event::LeaseLost { group: g("db") }), vec![]);
+    assert_eq!(a.at(5_000, Event::Tick), vec![]);
+    a.run_db(2);
+}
+
+#[test]
+fn a_newer_grant_of_a_held_lease_re_stamps_what_runs() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(a.ev(acquired(2, None)), vec![start("db", "disk", 2)]);
+    a.ev(started("disk"));
+    let cmds = a.ev(acquired(3, None));
+    assert_eq!(
+        cmds,
+        vec![
+            Command::AdoptResource { group: g("db"), resource: r("disk"), token: LeaseToken(3) },
+            Command::AdoptResource { group: g("db"), resource: r("ip"), token: LeaseToken(3) },
+        ]
+    );
+    assert_eq!(a.ev(started("ip")), vec![start("db", "app", 3)]);
+}
+
+#[test]
+fn a_stale_read_of_our_own_past_lease_is_not_a_reclaim() {
+    let mut grp = db_group(&[3, 1]);
+    grp.placement.failback = Failback::Auto;
+    let (mut a, _) = Node::booted(1, model(grp));
+    a.at(10, Event::NodeLost(n(3)));
+    a.at(1_000, Event::Tick);
+    a.run_db(5);
+    assert_eq!(a.at(2_000, Event::NodeJoined(n(3))), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Handoff { .. }, .. }]));
+    // A lease read taken before the release arrives late and names us: node 3 goes first.
+    assert_eq!(a.at(2_100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None }), vec![]);
+    assert_eq!(a.at(4_099, Event::Tick), vec![]);
+    // Node 3 never took it: one stagger (2 s) after we saw it free we take it back, and keep it.
+    assert_eq!(a.at(4_100, Event::Tick), vec![acquire()]);
+    a.run_db(6);
+    assert_eq!(a.at(10_000, Event::Tick), vec![]);
+}
+
+#[test]
+fn a_restarted_agent_reclaims_the_lease_its_previous_incarnation_held() {
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    // The lease names this node, but this engine never asked for it.
+    assert_eq!(b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(2)), note: None }), vec![acquire()]);
+}
