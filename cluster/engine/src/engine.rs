@@ -634,7 +634,7 @@ impl Engine {
         if matches!(rt.goal, Goal::Run | Goal::Hold) && !quorum {
             rt.goal = Goal::Release(ReleaseReason::QuorumLost);
         }
-        if rt.goal != Goal::Run {
+        if !matches!(rt.goal, Goal::Run | Goal::Hold) {
             return;
         }
         match note.desired {
@@ -652,13 +652,14 @@ impl Engine {
             && best != me
             && now >= rt.handoff_backoff_until
             && (note.preferred == Some(best)
-                || (g.placement.failback == Failback::Auto && !note.failed_on.contains(&best)))
+                || (rt.goal == Goal::Run && g.placement.failback == Failback::Auto && !note.failed_on.contains(&best)))
         {
             rt.goal = Goal::Release(ReleaseReason::Handoff { to: best });
             return;
         }
         // A stable run clears the failover history (the failover window).
-        if rt.running_since.is_some_and(|t| now.saturating_sub(t) >= g.recovery.failover_window_ms)
+        if rt.goal == Goal::Run
+            && rt.running_since.is_some_and(|t| now.saturating_sub(t) >= g.recovery.failover_window_ms)
             && (rt.held_note.failovers > 0 || !rt.held_note.failed_on.is_empty())
         {
             rt.held_note.failovers = 0;

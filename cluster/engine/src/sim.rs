@@ -20,6 +20,9 @@ const SELF_FENCE_BUDGET: u64 = 2_000;
 const DETECT: u64 = 1_500;
 /// The period of engine ticks, membership and lease checks.
 const HEARTBEAT: u64 = 200;
+/// Steps kept for a failure report (`TANDEM_SIM_TRACE` raises it when rerunning one seed).
+static TRACE_LEN: std::sync::LazyLock<usize> =
+    std::sync::LazyLock::new(|| std::env::var("TANDEM_SIM_TRACE").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
 const FAULT_PHASE: u64 = 45_000;
 const QUIET_PHASE: u64 = 45_000;
 /// After the faults stop, every group must have stopped changing hands this long before the end.
@@ -110,7 +113,8 @@ enum Action {
 struct GroupWatch {
     failovers_since_stable: u32,
     reset_in_flight: u32,
-    all_running_since: Option<(usize, u64)>,
+    /// Per node: since when every resource of the group has run there without a break.
+    all_running_since: Vec<Option<u64>>,
     max_seen: u32,
     last_holder_change: u64,
 }
@@ -133,6 +137,9 @@ struct Sim {
     leases: Vec<AuthorityLease>,
     watch: Vec<GroupWatch>,
     op_seq: u64,
+    /// Every operator command so far: a (re)starting engine gets them replayed, as a
+    /// runtime does from the API's durable operator state.
+    op_log: Vec<(u64, OperatorCommand)>,
     faults_on: bool,
     opts: SimOptions,
     trace: Vec<String>,
@@ -242,6 +249,7 @@ impl Sim {
             leases,
             watch,
             op_seq: 0,
+            op_log: Vec::new(),
             faults_on: true,
             opts,
             trace: Vec::new(),
@@ -264,7 +272,7 @@ impl Sim {
     }
 
     fn log(&mut self, s: String) {
-        if self.trace.len() >= 60 {
+        if self.trace.len() >= *TRACE_LEN {
             self.trace.remove(0);
         }
         self.trace.push(format!("{:>6} {s}", self.now));
@@ -344,11 +352,13 @@ impl Sim {
                             note: l.note.clone(),
                         };
                         // Reads arrive late: the engine must cope with stale views.
-                        let d = self.rng.range(0, 400);
+                        let d = self.rng.range(0, 300);
                         self.deliver(ni, d, event);
                     }
                 }
-                self.schedule(600, Action::LeasePoll);
+                // Read every 500 ms, delivered within 300 ms: the 1 s takeover stagger is
+                // longer than the worst observation latency, as docs/engine.md requires.
+                self.schedule(500, Action::LeasePoll);
             }
             Action::Fault => {
                 if self.faults_on {
@@ -597,6 +607,13 @@ impl Sim {
         let id = node.id;
         self.log(format!("{id} agent restarts"));
         self.run_commands(ni, cmds);
+        self.replay_operator_log(ni);
+    }
+
+    fn replay_operator_log(&mut self, ni: usize) {
+        for (seq, command) in self.op_log.clone() {
+            self.deliver(ni, 0, Event::Operator { seq, command });
+        }
     }
 
     fn reboot(&mut self, ni: usize) {
@@ -621,6 +638,7 @@ impl Sim {
         let id = node.id;
         self.log(format!("{id} boots"));
         self.run_commands(ni, cmds);
+        self.replay_operator_log(ni);
     }
 
     fn resume(&mut self, ni: usize) {
@@ -731,6 +749,7 @@ impl Sim {
     fn operator_at(&mut self, command: OperatorCommand, base_delay: u64) -> u64 {
         self.op_seq += 1;
         let seq = self.op_seq;
+        self.op_log.push((seq, command.clone()));
         let mut max_delay = base_delay;
         for ni in 0..self.nodes.len() {
             if self.nodes[ni].life == Life::Down {
@@ -858,16 +877,19 @@ impl Sim {
                 return Err(format!("group {} active on {active:?} at once", self.model.groups[gi].id));
             }
             // Stability: all resources running on one node for the failover window.
-            let full = self.nodes.iter().position(|n| n.running[gi].iter().all(|r| r.is_some()));
+            let window = self.model.groups[gi].recovery.failover_window_ms;
+            let now = self.now;
             let w = &mut self.watch[gi];
-            match (full, w.all_running_since) {
-                (Some(ni), Some((nj, since))) if ni == nj => {
-                    if self.now - since >= self.model.groups[gi].recovery.failover_window_ms {
+            w.all_running_since.resize(self.nodes.len(), None);
+            for (ni, node) in self.nodes.iter().enumerate() {
+                if node.running[gi].iter().all(|r| r.is_some()) {
+                    let since = *w.all_running_since[ni].get_or_insert(now);
+                    if now - since >= window {
                         w.failovers_since_stable = 0;
                     }
+                } else {
+                    w.all_running_since[ni] = None;
                 }
-                (Some(ni), _) => w.all_running_since = Some((ni, self.now)),
-                (None, _) => w.all_running_since = None,
             }
             let limit = self.model.groups[gi].recovery.max_failovers;
             if w.failovers_since_stable > limit {

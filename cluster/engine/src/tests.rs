@@ -603,3 +603,25 @@ fn a_restarted_agent_reclaims_the_lease_its_previous_incarnation_held() {
     // The lease names this node, but this engine never asked for it.
     assert_eq!(b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(2)), note: None }), vec![acquire()]);
 }
+
+#[test]
+fn a_group_left_failed_can_still_be_stopped_or_moved_by_an_operator() {
+    let mut grp = db_group(&[1, 2]);
+    grp.recovery.final_action = FinalAction::DoNothing;
+    grp.recovery.max_restarts = 0;
+    grp.recovery.max_failovers = 0;
+    let (mut a, _) = Node::booted(1, model(grp.clone()));
+    a.run_db(7);
+    a.at(1_000, failed("ip"));
+    assert_eq!(a.group().state, GroupState::Failed);
+    assert_eq!(a.ev(op(1, OperatorCommand::StopGroup(g("db")))), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Stopped, .. }]), "{cmds:?}");
+
+    let (mut a, _) = Node::booted(1, model(grp));
+    a.run_db(7);
+    a.at(1_000, failed("ip"));
+    assert_eq!(a.ev(op(1, OperatorCommand::MoveGroup { group: g("db"), to: n(2) })), vec![stop("app", false)]);
+}
