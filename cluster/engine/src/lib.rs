@@ -11,6 +11,8 @@
 //! engine was granted (`LeaseAcquired`), the lease is released only once every resource is
 //! stopped, and a lost lease stops the group at once. See `docs/engine.md`.
 
+#![warn(missing_docs)]
+
 mod command;
 mod engine;
 mod event;
