@@ -625,3 +625,59 @@ fn a_group_left_failed_can_still_be_stopped_or_moved_by_an_operator() {
     a.at(1_000, failed("ip"));
     assert_eq!(a.ev(op(1, OperatorCommand::MoveGroup { group: g("db"), to: n(2) })), vec![stop("app", false)]);
 }
+
+#[test]
+fn a_stop_racing_a_start_lets_the_start_finish_then_stops_in_reverse() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(a.ev(acquired(2, None)), vec![start("db", "disk", 2)]);
+    a.ev(started("disk"));
+    assert_eq!(a.ev(op(1, OperatorCommand::StopGroup(g("db")))), vec![]);
+    assert_eq!(a.group().state, GroupState::Stopping);
+    assert_eq!(a.ev(started("ip")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(stopped("ip")), vec![stop("disk", false)]);
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Stopped, .. }]), "{cmds:?}");
+}
+
+#[test]
+fn a_grant_arriving_without_quorum_is_released_untouched() {
+    let (mut a, cmds) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(cmds, vec![acquire()]);
+    assert_eq!(a.ev(Event::QuorumLost), vec![]);
+    let cmds = a.ev(acquired(2, None));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::QuorumLost, .. }]), "{cmds:?}");
+}
+
+#[test]
+fn a_stable_run_clears_the_failover_history() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    let note = LeaseNote { failovers: 1, failed_on: vec![n(2)], ..LeaseNote::initial(&db_group(&[1, 2])) };
+    a.ev(acquired(9, Some(note)));
+    a.ev(started("disk"));
+    a.ev(started("ip"));
+    a.ev(started("app"));
+    assert_eq!(a.group().failovers, 1);
+    // The failover window is 60 s: one tick past it resets the count.
+    a.at(59_999, Event::Tick);
+    assert_eq!(a.group().failovers, 1);
+    a.at(60_000, Event::Tick);
+    assert_eq!((a.group().failovers, a.group().failed_on.len()), (0, 0));
+    // So the next exhausted restart fails over instead of taking the final action.
+    a.at(61_000, failed("ip"));
+    a.ev(stopped("ip"));
+    a.ev(started("ip"));
+    assert_eq!(a.at(62_000, failed("ip")), vec![stop("app", false)]);
+}
+
+#[test]
+fn status_says_where_a_group_runs_and_why_it_waits() {
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    let st = b.group();
+    assert_eq!((st.state, st.location, st.not_running), (GroupState::Started, Some(n(1)), None));
+    // Lost holder, no fencing required: the lease layer has not let go yet.
+    b.at(200, Event::NodeLost(n(1)));
+    b.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) });
+    let st = b.group();
+    assert_eq!((st.state, st.not_running), (GroupState::Blocked, Some(NotRunningReason::WaitingForLease(n(1)))));
+}
