@@ -176,8 +176,23 @@ fn sim_model(rng: &mut Rng) -> ClusterModel {
         require_fencing,
     };
     let flip = |rng: &mut Rng| rng.chance(50);
+    // One run in three has five nodes, with random eligible lists (2 to 4 nodes, random order).
+    let five = rng.chance(33);
+    let size = if five { 5 } else { 3 };
+    let eligible = |fixed: &[u32], rng: &mut Rng| -> Vec<u32> {
+        if !five {
+            return fixed.to_vec();
+        }
+        let mut all: Vec<u32> = (1..=size).collect();
+        for i in (1..all.len()).rev() {
+            all.swap(i, rng.below(i + 1));
+        }
+        all.truncate(rng.range(2, 4) as usize);
+        all
+    };
+    let (db, web, vm) = (eligible(&[1, 2], rng), eligible(&[2, 3, 1], rng), eligible(&[3, 1, 2], rng));
     ClusterModel {
-        nodes: vec![NodeId(1), NodeId(2), NodeId(3)],
+        nodes: (1..=size).map(NodeId).collect(),
         groups: vec![
             FailoverGroup {
                 id: "db".into(),
@@ -186,19 +201,19 @@ fn sim_model(rng: &mut Rng) -> ClusterModel {
                     ResourceSpec::new("ip"),
                     ResourceSpec::depending_on("app", &["disk"]),
                 ],
-                placement: placement(&[1, 2], Failback::Auto, flip(rng)),
+                placement: placement(&db, Failback::Auto, flip(rng)),
                 recovery: recovery(2, FinalAction::StopEverywhere),
             },
             FailoverGroup {
                 id: "web".into(),
                 resources: vec![ResourceSpec::new("vip"), ResourceSpec::depending_on("nginx", &["vip"])],
-                placement: placement(&[2, 3, 1], Failback::Manual, flip(rng)),
+                placement: placement(&web, Failback::Manual, flip(rng)),
                 recovery: recovery(2, FinalAction::DoNothing),
             },
             FailoverGroup {
                 id: "vm".into(),
                 resources: vec![ResourceSpec::new("vm")],
-                placement: placement(&[3, 1, 2], if flip(rng) { Failback::Auto } else { Failback::Manual }, flip(rng)),
+                placement: placement(&vm, if flip(rng) { Failback::Auto } else { Failback::Manual }, flip(rng)),
                 recovery: recovery(1, FinalAction::StopEverywhere),
             },
         ],
@@ -823,7 +838,7 @@ impl Sim {
             _ => {
                 let gi = self.rng.below(self.model.groups.len());
                 let g = self.model.groups[gi].id.clone();
-                let to = NodeId(1 + self.rng.range(0, 2) as u32);
+                let to = NodeId(1 + self.rng.below(self.nodes.len()) as u32);
                 let command = match self.rng.range(0, 9) {
                     0 | 1 => OperatorCommand::StopGroup(g),
                     2..=4 => OperatorCommand::StartGroup(g),
