@@ -104,7 +104,7 @@ impl LeaseBook {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_events_never_panic_nor_start_without_the_lease(
@@ -284,4 +284,35 @@ impl FaithfulRuntime {
             _ => return None,
         })
     }
+}
+
+/// The checkers above can fail: each rejects the command sequence it exists to catch.
+#[test]
+fn the_property_checkers_reject_what_they_guard_against() {
+    let start = |token| Command::StartResource { group: "db".into(), resource: "app".into(), token: LeaseToken(token) };
+    let mut book = LeaseBook::default();
+    assert!(book.check(&start(1)).is_err(), "a start without any grant must be rejected");
+    book.saw(&Event::LeaseAcquired { group: "db".into(), token: LeaseToken(1), note: None });
+    assert!(book.check(&start(1)).is_ok());
+    book.saw(&Event::LeaseLost { group: "db".into() });
+    assert!(book.check(&start(1)).is_err(), "a start after LeaseLost must be rejected");
+
+    let mut rt = FaithfulRuntime::new(two_group_model());
+    rt.held.insert("db".into(), LeaseToken(1));
+    // app needs disk, which does not run.
+    assert!(rt.accept(vec![start(1)]).is_err());
+    let mut rt = FaithfulRuntime::new(two_group_model());
+    rt.held.insert("db".into(), LeaseToken(1));
+    rt.running.insert(("db".into(), 0));
+    rt.running.insert(("db".into(), 2));
+    // disk stops while app, which needs it, runs.
+    let stop_disk = Command::StopResource { group: "db".into(), resource: "disk".into(), force: false };
+    assert!(rt.accept(vec![stop_disk]).is_err());
+    let release = Command::ReleaseLease {
+        group: "db".into(),
+        token: LeaseToken(1),
+        note: LeaseNote::initial(&db_group(&[1])),
+        reason: ReleaseReason::Stopped,
+    };
+    assert!(rt.accept(vec![release]).is_err(), "a release while resources run must be rejected");
 }
