@@ -1,0 +1,120 @@
+//! Everything the engine asks the runtime to do.
+
+use crate::model::{GroupId, NodeId, ResourceId};
+use crate::note::{LeaseNote, LeaseToken};
+
+/// An output of the engine. The runtime executes commands in the order given (commands of
+/// different groups are independent) and reports each result back as an [`crate::Event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Find out whether the resource already runs on this node; answer with `ProbeResult`.
+    /// Emitted only by `Engine::startup`.
+    ProbeResource {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+    },
+    /// Start the resource, stamped with the group's fencing token; answer with
+    /// `ResourceStarted` or `ResourceStartFailed`. Only emitted while this node holds the
+    /// group's lease with that token, and only once every dependency runs.
+    StartResource {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+        /// The lease token to stamp it with.
+        token: LeaseToken,
+    },
+    /// A resource found running at startup now belongs to the lease acquired with `token`:
+    /// re-stamp it. No answer expected.
+    AdoptResource {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+        /// The new lease token.
+        token: LeaseToken,
+    },
+    /// Stop the resource; answer with `ResourceStopped` or `ResourceStopFailed`. Resources
+    /// stop in reverse start order, dependents first.
+    StopResource {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+        /// Stop without grace (kill the process group at once): the lease is gone or was
+        /// never ours, so another node may start the group any moment.
+        force: bool,
+    },
+    /// Ask the lease layer for the group's lease; answer with `LeaseAcquired` or
+    /// `LeaseAcquireFailed`.
+    AcquireLease {
+        /// The group.
+        group: GroupId,
+    },
+    /// Release the group's lease, writing `note` into it. Emitted only once every resource
+    /// of the group is stopped here. No answer expected.
+    ReleaseLease {
+        /// The group.
+        group: GroupId,
+        /// The token being released.
+        token: LeaseToken,
+        /// The group's cluster-wide state for the next holder.
+        note: LeaseNote,
+        /// Why the group leaves this node.
+        reason: ReleaseReason,
+    },
+    /// Fence the node from outside (power it off, kill its VM); answer with `FenceConfirmed`.
+    RequestFence {
+        /// The node to fence.
+        node: NodeId,
+    },
+    /// A stop failed `max_stop_attempts` times: kill everything on this node (reboot)
+    /// rather than risk the group running twice. The engine ignores every later event.
+    SelfFence {
+        /// The group whose stop failed.
+        group: GroupId,
+        /// The resource that would not stop.
+        resource: ResourceId,
+    },
+    /// Something an operator should hear about. No answer expected.
+    Notify(Notice),
+}
+
+/// Why a group's lease is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The group should not run (operator stop, not auto-started).
+    Stopped,
+    /// Local restarts were exhausted: the next eligible node should take it.
+    Failover,
+    /// Failback or operator move: `to` should take it.
+    Handoff {
+        /// The node that should take the group.
+        to: NodeId,
+    },
+    /// This node lost quorum.
+    QuorumLost,
+    /// The failover limit was reached and the final action stops the group everywhere.
+    FailoverLimit,
+}
+
+/// Operator-visible notices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The group reached its failover limit; the final action was taken.
+    FailoverLimitReached {
+        /// The group.
+        group: GroupId,
+        /// Its failover count.
+        failovers: u32,
+    },
+    /// An operator command could not be applied.
+    OperatorRejected {
+        /// The command's sequence number.
+        seq: u64,
+        /// What was wrong and what to do.
+        reason: String,
+    },
+}

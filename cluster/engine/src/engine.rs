@@ -1,0 +1,923 @@
+//! The engine: one instance per node, deciding for that node only.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::command::{Command, Notice, ReleaseReason};
+use crate::event::{Event, OperatorCommand};
+use crate::model::{ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
+use crate::note::{Desired, LeaseNote, LeaseToken, StopCause};
+use crate::status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus};
+
+/// A rule the simulation can break on purpose, to show that its checker catches it.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BrokenRule {
+    /// Start resources as soon as the lease is requested, before it is granted.
+    StartBeforeLease,
+    /// Keep running after `LeaseLost`.
+    IgnoreLeaseLost,
+    /// Never take the final action: fail over forever.
+    NoFailoverLimit,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Peer {
+    up: bool,
+    fence_confirmed: bool,
+    fence_requested: bool,
+    lease_dead: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    NotHeld,
+    Acquiring,
+    Held(LeaseToken),
+}
+
+/// What the holder does with a group it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    Run,
+    /// Stop every resource, then release the lease.
+    Release(ReleaseReason),
+    /// Final action `DoNothing`: keep the lease, leave resources as they are.
+    Hold,
+}
+
+/// Operator intent as this node received it; merged into the lease note by sequence number.
+#[derive(Debug, Clone, Copy)]
+struct Intent {
+    desired: Desired,
+    preferred: Option<NodeId>,
+    desired_seq: u64,
+    reset_seq: u64,
+}
+
+#[derive(Debug)]
+struct GroupRuntime {
+    eligible_here: bool,
+    res: Vec<ResourceState>,
+    stop_attempts: Vec<u32>,
+    lease: Lease,
+    goal: Goal,
+    /// Resources found running by the probe wait for the lease answer before anything else.
+    adopting: bool,
+    to_restart: BTreeSet<usize>,
+    restarts: VecDeque<u64>,
+    running_since: Option<u64>,
+    held_note: LeaseNote,
+    observed_holder: Option<NodeId>,
+    observed_note: Option<LeaseNote>,
+    intent: Intent,
+    free_since: Option<u64>,
+    next_attempt_at: u64,
+    handoff_backoff_until: u64,
+    monitoring_suspended: bool,
+    /// This engine asked for the lease at least once: an observation naming this node as
+    /// holder is then a stale read of our own past holding, not a previous incarnation's.
+    asked_before: bool,
+}
+
+/// The failover engine of one node: feed it events with [`Engine::handle`], execute the
+/// commands it returns, feed the results back. It never does I/O, reads no clock and draws
+/// no random numbers: the same events at the same `now` give the same commands.
+#[derive(Debug)]
+pub struct Engine {
+    me: NodeId,
+    model: ClusterModel,
+    index: BTreeMap<GroupId, usize>,
+    peers: BTreeMap<NodeId, Peer>,
+    quorum: bool,
+    self_fenced: bool,
+    started_up: bool,
+    probes_pending: usize,
+    groups: Vec<GroupRuntime>,
+    now: u64,
+    out: Vec<Command>,
+    #[cfg(test)]
+    broken: Option<BrokenRule>,
+}
+
+fn merge(note: &LeaseNote, intent: &Intent) -> LeaseNote {
+    let mut n = note.clone();
+    if intent.desired_seq > n.desired_seq {
+        n.desired = intent.desired;
+        n.preferred = intent.preferred;
+        n.desired_seq = intent.desired_seq;
+    }
+    if intent.reset_seq > n.reset_seq {
+        n.reset_seq = intent.reset_seq;
+        n.failovers = 0;
+        n.failed_on.clear();
+        if n.desired == Desired::Stopped(StopCause::FailoverLimit) {
+            n.desired = Desired::Started;
+        }
+    }
+    n
+}
+
+impl Engine {
+    /// An engine for node `me`. Every other node of the model is assumed up until membership
+    /// says otherwise: the runtime must report `NodeLost` for nodes it does not hear from
+    /// within its startup timeout.
+    pub fn new(me: NodeId, model: ClusterModel) -> Result<Self, ModelError> {
+        model.validate()?;
+        if !model.nodes.contains(&me) {
+            return Err(ModelError::NodeNotInCluster(me));
+        }
+        let peers =
+            model.nodes.iter().filter(|n| **n != me).map(|n| (*n, Peer { up: true, ..Peer::default() })).collect();
+        let mut probes_pending = 0;
+        let groups = model
+            .groups
+            .iter()
+            .map(|g| {
+                let eligible_here = g.placement.eligible.contains(&me);
+                let n = g.resources.len();
+                if eligible_here {
+                    probes_pending += n;
+                }
+                let initial = LeaseNote::initial(g);
+                GroupRuntime {
+                    eligible_here,
+                    res: vec![if eligible_here { ResourceState::Unknown } else { ResourceState::Stopped }; n],
+                    stop_attempts: vec![0; n],
+                    lease: Lease::NotHeld,
+                    goal: Goal::Run,
+                    adopting: false,
+                    to_restart: BTreeSet::new(),
+                    restarts: VecDeque::new(),
+                    running_since: None,
+                    intent: Intent { desired: initial.desired, preferred: None, desired_seq: 0, reset_seq: 0 },
+                    held_note: initial,
+                    observed_holder: None,
+                    observed_note: None,
+                    free_since: None,
+                    next_attempt_at: 0,
+                    handoff_backoff_until: 0,
+                    monitoring_suspended: false,
+                    asked_before: false,
+                }
+            })
+            .collect();
+        let index = model.groups.iter().enumerate().map(|(i, g)| (g.id.clone(), i)).collect();
+        Ok(Engine {
+            me,
+            model,
+            index,
+            peers,
+            quorum: true,
+            self_fenced: false,
+            started_up: false,
+            probes_pending,
+            groups,
+            now: 0,
+            out: Vec::new(),
+            #[cfg(test)]
+            broken: None,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn break_rule(&mut self, rule: BrokenRule) {
+        self.broken = Some(rule);
+    }
+
+    #[cfg(test)]
+    fn is_broken(&self, rule: BrokenRule) -> bool {
+        self.broken == Some(rule)
+    }
+
+    /// The node this engine decides for.
+    pub fn node(&self) -> NodeId {
+        self.me
+    }
+
+    /// The model the engine runs.
+    pub fn model(&self) -> &ClusterModel {
+        &self.model
+    }
+
+    /// Starts the engine: emits `ProbeResource` for every resource of every group this node
+    /// is eligible for. Nothing is started or acquired before every probe has answered.
+    /// Call once, before feeding events.
+    pub fn startup(&mut self, now: u64) -> Vec<Command> {
+        self.now = self.now.max(now);
+        if !self.started_up {
+            self.started_up = true;
+            for (g, rt) in self.model.groups.iter().zip(&self.groups) {
+                if rt.eligible_here {
+                    for r in &g.resources {
+                        self.out.push(Command::ProbeResource { group: g.id.clone(), resource: r.id.clone() });
+                    }
+                }
+            }
+            self.evaluate_all();
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// Feeds one event observed at `now` (the runtime's monotonic clock in milliseconds; a
+    /// value lower than an earlier one is treated as the earlier one) and returns what to do.
+    pub fn handle(&mut self, now: u64, event: Event) -> Vec<Command> {
+        self.now = self.now.max(now);
+        if self.self_fenced {
+            return Vec::new();
+        }
+        self.apply(event);
+        if self.started_up && !self.self_fenced {
+            self.evaluate_all();
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn probing(&self) -> bool {
+        !self.started_up || self.probes_pending > 0
+    }
+
+    fn locate(&self, group: &GroupId, resource: Option<&crate::model::ResourceId>) -> Option<(usize, usize)> {
+        let gi = *self.index.get(group)?;
+        match resource {
+            None => Some((gi, 0)),
+            Some(r) => {
+                let ri = self.model.groups[gi].resources.iter().position(|x| &x.id == r)?;
+                self.groups[gi].eligible_here.then_some((gi, ri))
+            }
+        }
+    }
+
+    fn apply(&mut self, event: Event) {
+        match event {
+            Event::ProbeResult { group, resource, running } => {
+                let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
+                let rt = &mut self.groups[gi];
+                if rt.res[ri] != ResourceState::Unknown {
+                    return;
+                }
+                rt.res[ri] = if running { ResourceState::Started } else { ResourceState::Stopped };
+                self.probes_pending -= 1;
+                if self.probes_pending == 0 {
+                    self.adopt_running_resources();
+                }
+            }
+            Event::ResourceStarted { group, resource } => {
+                let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
+                let rt = &mut self.groups[gi];
+                if rt.res[ri] == ResourceState::Starting {
+                    rt.res[ri] = ResourceState::Started;
+                }
+            }
+            Event::ResourceStartFailed { group, resource } => {
+                let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
+                if self.groups[gi].res[ri] == ResourceState::Starting {
+                    self.groups[gi].res[ri] = ResourceState::Failed;
+                    self.on_resource_failure(gi, ri);
+                }
+            }
+            Event::ResourceStopped { group, resource } => {
+                let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
+                let rt = &mut self.groups[gi];
+                if rt.res[ri] == ResourceState::Stopping {
+                    rt.res[ri] = ResourceState::Stopped;
+                    rt.stop_attempts[ri] = 0;
+                }
+            }
+            Event::ResourceStopFailed { group, resource } => {
+                let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
+                if self.groups[gi].res[ri] != ResourceState::Stopping {
+                    return;
+                }
+                self.groups[gi].stop_attempts[ri] += 1;
+                let g = &self.model.groups[gi];
+                if self.groups[gi].stop_attempts[ri] >= g.recovery.max_stop_attempts {
+                    // Better to kill the whole node than to let the next holder start the
+                    // group while this copy may still run.
+                    self.self_fenced = true;
+                    self.out.push(Command::SelfFence { group: g.id.clone(), resource: g.resources[ri].id.clone() });
+                } else {
+                    let force = !matches!(self.groups[gi].lease, Lease::Held(_));
+                    self.out.push(Command::StopResource {
+                        group: g.id.clone(),
+                        resource: g.resources[ri].id.clone(),
+                        force,
+                    });
+                }
+            }
+            Event::MonitorFailed { group, resource } => {
+                let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
+                let rt = &mut self.groups[gi];
+                if rt.res[ri] == ResourceState::Started && !rt.monitoring_suspended {
+                    rt.res[ri] = ResourceState::Failed;
+                    self.on_resource_failure(gi, ri);
+                }
+            }
+            Event::LeaseAcquired { group, token, note } => {
+                let Some((gi, _)) = self.locate(&group, None) else { return };
+                self.on_lease_acquired(gi, token, note);
+            }
+            Event::LeaseAcquireFailed { group, holder } => {
+                let Some((gi, _)) = self.locate(&group, None) else { return };
+                let retry = self.model.timing.acquire_retry_ms;
+                let me = self.me;
+                let rt = &mut self.groups[gi];
+                if rt.lease == Lease::Acquiring {
+                    rt.lease = Lease::NotHeld;
+                    // Resources adopted from the probe now belong to someone else's lease:
+                    // `reconcile` force-stops them.
+                    rt.adopting = false;
+                    rt.observed_holder = holder.filter(|h| *h != me);
+                    rt.next_attempt_at = self.now + retry;
+                }
+            }
+            Event::LeaseLost { group } => {
+                let Some((gi, _)) = self.locate(&group, None) else { return };
+                #[cfg(test)]
+                if self.is_broken(BrokenRule::IgnoreLeaseLost) {
+                    return;
+                }
+                let retry = self.model.timing.acquire_retry_ms;
+                let rt = &mut self.groups[gi];
+                // While acquiring there is nothing to lose yet: the pending answer decides.
+                if matches!(rt.lease, Lease::Held(_)) {
+                    rt.lease = Lease::NotHeld;
+                    rt.goal = Goal::Run;
+                    rt.adopting = false;
+                    rt.to_restart.clear();
+                    rt.running_since = None;
+                    rt.observed_holder = None;
+                    rt.observed_note = Some(rt.held_note.clone());
+                    rt.next_attempt_at = self.now + retry;
+                }
+            }
+            Event::LeaseObserved { group, holder, note } => {
+                let Some((gi, _)) = self.locate(&group, None) else { return };
+                if let Some(h) = holder
+                    && let Some(p) = self.peers.get_mut(&h)
+                {
+                    // A node seen holding a lease has a live lease layer again.
+                    p.lease_dead = false;
+                }
+                let rt = &mut self.groups[gi];
+                if rt.lease == Lease::NotHeld {
+                    rt.observed_holder = holder;
+                    if note.is_some() {
+                        rt.observed_note = note;
+                    }
+                }
+            }
+            Event::NodeJoined(n) => {
+                if let Some(p) = self.peers.get_mut(&n) {
+                    *p = Peer { up: true, ..Peer::default() };
+                }
+            }
+            Event::NodeLost(n) => {
+                if let Some(p) = self.peers.get_mut(&n) {
+                    *p = Peer { up: false, ..Peer::default() };
+                }
+            }
+            Event::PeerFenced(n) => {
+                if let Some(p) = self.peers.get_mut(&n) {
+                    p.lease_dead = true;
+                    let now = self.now;
+                    for rt in &mut self.groups {
+                        if rt.observed_holder == Some(n) {
+                            rt.next_attempt_at = now;
+                        }
+                    }
+                }
+            }
+            Event::FenceConfirmed(n) => {
+                if let Some(p) = self.peers.get_mut(&n) {
+                    p.fence_confirmed = true;
+                    p.fence_requested = false;
+                }
+            }
+            Event::QuorumLost => self.quorum = false,
+            Event::QuorumRegained => self.quorum = true,
+            Event::Operator { seq, command } => self.apply_operator(seq, command),
+            Event::Tick => {}
+        }
+    }
+
+    /// Decision (documented in docs/engine.md): resources found running are adopted if this
+    /// node can get the lease (nobody else holds it, so nobody else runs them); otherwise
+    /// they are force-stopped. Adopting avoids bouncing applications on an agent restart.
+    fn adopt_running_resources(&mut self) {
+        for (g, rt) in self.model.groups.iter().zip(self.groups.iter_mut()) {
+            if rt.eligible_here && rt.res.contains(&ResourceState::Started) && rt.lease == Lease::NotHeld {
+                rt.adopting = true;
+                rt.asked_before = true;
+                rt.lease = Lease::Acquiring;
+                self.out.push(Command::AcquireLease { group: g.id.clone() });
+            }
+        }
+    }
+
+    fn on_lease_acquired(&mut self, gi: usize, token: LeaseToken, note: Option<LeaseNote>) {
+        let g = &self.model.groups[gi];
+        let rt = &mut self.groups[gi];
+        match rt.lease {
+            Lease::Acquiring => {
+                rt.lease = Lease::Held(token);
+                rt.held_note = merge(&note.unwrap_or_else(|| LeaseNote::initial(g)), &rt.intent);
+                rt.observed_holder = Some(self.me);
+                rt.goal = Goal::Run;
+                rt.to_restart.clear();
+                rt.restarts.clear();
+                rt.running_since = None;
+                if rt.adopting {
+                    rt.adopting = false;
+                    for (i, r) in g.resources.iter().enumerate() {
+                        if matches!(rt.res[i], ResourceState::Started | ResourceState::Failed) {
+                            self.out.push(Command::AdoptResource {
+                                group: g.id.clone(),
+                                resource: r.id.clone(),
+                                token,
+                            });
+                        }
+                        if rt.res[i] == ResourceState::Failed {
+                            // Failed while we waited for the lease: restart it and what needs it.
+                            rt.to_restart.insert(i);
+                            rt.to_restart.extend(g.dependents_of(i));
+                        }
+                    }
+                }
+            }
+            Lease::Held(t) if token > t => {
+                // A newer grant of the same lease (the runtime re-acquired it): whatever runs
+                // must carry the new token.
+                rt.lease = Lease::Held(token);
+                for (i, r) in g.resources.iter().enumerate() {
+                    if !matches!(rt.res[i], ResourceState::Stopped | ResourceState::Unknown) {
+                        self.out.push(Command::AdoptResource { group: g.id.clone(), resource: r.id.clone(), token });
+                    }
+                }
+            }
+            Lease::Held(_) => {}
+            Lease::NotHeld => {
+                // A grant nobody waits for (a late answer after LeaseLost, a duplicate):
+                // give it back untouched.
+                let n = merge(&note.unwrap_or_else(|| LeaseNote::initial(g)), &rt.intent);
+                self.out.push(Command::ReleaseLease {
+                    group: g.id.clone(),
+                    token,
+                    note: n,
+                    reason: ReleaseReason::Stopped,
+                });
+            }
+        }
+    }
+
+    fn on_resource_failure(&mut self, gi: usize, ri: usize) {
+        let now = self.now;
+        let me = self.me;
+        let g = &self.model.groups[gi];
+        let rt = &mut self.groups[gi];
+        rt.running_since = None;
+        if !matches!(rt.lease, Lease::Held(_)) || rt.goal != Goal::Run {
+            // Already leaving or not ours: the stop path cleans it up.
+            return;
+        }
+        let window_start = now.saturating_sub(g.recovery.restart_window_ms);
+        while rt.restarts.front().is_some_and(|t| *t < window_start) {
+            rt.restarts.pop_front();
+        }
+        if (rt.restarts.len() as u64) < u64::from(g.recovery.max_restarts) {
+            rt.restarts.push_back(now);
+            rt.to_restart.insert(ri);
+            rt.to_restart.extend(g.dependents_of(ri));
+            return;
+        }
+        #[cfg(test)]
+        let limit_enforced = self.broken != Some(BrokenRule::NoFailoverLimit);
+        #[cfg(not(test))]
+        let limit_enforced = true;
+        let note = &mut rt.held_note;
+        if note.failovers >= g.recovery.max_failovers && limit_enforced {
+            self.out
+                .push(Command::Notify(Notice::FailoverLimitReached { group: g.id.clone(), failovers: note.failovers }));
+            match g.recovery.final_action {
+                FinalAction::StopEverywhere => {
+                    note.desired = Desired::Stopped(StopCause::FailoverLimit);
+                    rt.goal = Goal::Release(ReleaseReason::FailoverLimit);
+                }
+                FinalAction::DoNothing => rt.goal = Goal::Hold,
+            }
+        } else {
+            note.failovers = note.failovers.saturating_add(1);
+            note.mark_failed_on(me);
+            if note.preferred == Some(me) {
+                note.preferred = None;
+            }
+            rt.goal = Goal::Release(ReleaseReason::Failover);
+        }
+    }
+
+    fn apply_operator(&mut self, seq: u64, command: OperatorCommand) {
+        let Some(&gi) = self.index.get(command.group()) else {
+            self.out.push(Command::Notify(Notice::OperatorRejected {
+                seq,
+                reason: format!("unknown group `{}`; check the group name against the cluster status", command.group()),
+            }));
+            return;
+        };
+        let g = &self.model.groups[gi];
+        let rt = &mut self.groups[gi];
+        let set_desired = |rt: &mut GroupRuntime, desired: Desired, preferred: Option<NodeId>| {
+            if seq > rt.intent.desired_seq {
+                rt.intent.desired = desired;
+                rt.intent.preferred = preferred;
+                rt.intent.desired_seq = seq;
+                rt.handoff_backoff_until = 0;
+            }
+        };
+        match command {
+            OperatorCommand::StartGroup(_) => set_desired(rt, Desired::Started, None),
+            OperatorCommand::StopGroup(_) => set_desired(rt, Desired::Stopped(StopCause::Operator), None),
+            OperatorCommand::MoveGroup { to, .. } => {
+                if !g.placement.eligible.contains(&to) {
+                    self.out.push(Command::Notify(Notice::OperatorRejected {
+                        seq,
+                        reason: format!(
+                            "cannot move group `{}` to {to}: it is not eligible; eligible nodes: {:?}",
+                            g.id, g.placement.eligible
+                        ),
+                    }));
+                    return;
+                }
+                set_desired(rt, Desired::Started, Some(to));
+            }
+            OperatorCommand::ResetCounters(_) => {
+                if seq > rt.intent.reset_seq {
+                    rt.intent.reset_seq = seq;
+                }
+                rt.restarts.clear();
+                if rt.goal == Goal::Hold {
+                    rt.goal = Goal::Run;
+                    for i in 0..rt.res.len() {
+                        if rt.res[i] == ResourceState::Failed {
+                            rt.to_restart.insert(i);
+                            rt.to_restart.extend(g.dependents_of(i));
+                        }
+                    }
+                }
+            }
+            OperatorCommand::SuspendMonitoring(_) => rt.monitoring_suspended = true,
+            OperatorCommand::ResumeMonitoring(_) => rt.monitoring_suspended = false,
+        }
+        if matches!(rt.lease, Lease::Held(_)) {
+            rt.held_note = merge(&rt.held_note, &rt.intent);
+        }
+    }
+
+    /// The note this node acts on for group `gi`.
+    fn effective_note(&self, gi: usize) -> LeaseNote {
+        let rt = &self.groups[gi];
+        match rt.lease {
+            Lease::Held(_) => rt.held_note.clone(),
+            _ => {
+                let base = rt.observed_note.clone().unwrap_or_else(|| LeaseNote::initial(&self.model.groups[gi]));
+                merge(&base, &rt.intent)
+            }
+        }
+    }
+
+    fn node_healthy(&self, n: NodeId) -> bool {
+        if n == self.me {
+            self.quorum && !self.self_fenced && !self.probing()
+        } else {
+            self.peers.get(&n).is_some_and(|p| p.up && !p.lease_dead)
+        }
+    }
+
+    /// Healthy eligible nodes in placement order: the operator's move target first, nodes
+    /// that failed the group last, policy order otherwise (unique, so no further ties).
+    fn candidates(&self, gi: usize, note: &LeaseNote) -> Vec<NodeId> {
+        let mut c: Vec<(bool, bool, usize, NodeId)> = self.model.groups[gi]
+            .placement
+            .eligible
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| self.node_healthy(**n))
+            .map(|(i, n)| (note.preferred != Some(*n), note.failed_on.contains(n), i, *n))
+            .collect();
+        c.sort();
+        c.into_iter().map(|(_, _, _, n)| n).collect()
+    }
+
+    fn evaluate_all(&mut self) {
+        if self.probing() {
+            return;
+        }
+        for gi in 0..self.groups.len() {
+            if !self.groups[gi].eligible_here {
+                continue;
+            }
+            match self.groups[gi].lease {
+                Lease::Held(_) => self.evaluate_held(gi),
+                Lease::NotHeld => self.consider_acquire(gi),
+                Lease::Acquiring => {}
+            }
+            self.reconcile(gi);
+        }
+    }
+
+    fn evaluate_held(&mut self, gi: usize) {
+        let now = self.now;
+        let g = &self.model.groups[gi];
+        let note = self.groups[gi].held_note.clone();
+        let best = self.candidates(gi, &note).first().copied();
+        let quorum = self.quorum;
+        let me = self.me;
+        let rt = &mut self.groups[gi];
+        if matches!(rt.goal, Goal::Run | Goal::Hold) && !quorum {
+            rt.goal = Goal::Release(ReleaseReason::QuorumLost);
+        }
+        if !matches!(rt.goal, Goal::Run | Goal::Hold) {
+            return;
+        }
+        match note.desired {
+            Desired::Stopped(StopCause::FailoverLimit) => {
+                rt.goal = Goal::Release(ReleaseReason::FailoverLimit);
+                return;
+            }
+            Desired::Stopped(_) => {
+                rt.goal = Goal::Release(ReleaseReason::Stopped);
+                return;
+            }
+            Desired::Started => {}
+        }
+        if let Some(best) = best
+            && best != me
+            && now >= rt.handoff_backoff_until
+            && (note.preferred == Some(best)
+                || (rt.goal == Goal::Run && g.placement.failback == Failback::Auto && !note.failed_on.contains(&best)))
+        {
+            rt.goal = Goal::Release(ReleaseReason::Handoff { to: best });
+            return;
+        }
+        // A stable run clears the failover history (the failover window).
+        if rt.goal == Goal::Run
+            && rt.running_since.is_some_and(|t| now.saturating_sub(t) >= g.recovery.failover_window_ms)
+            && (rt.held_note.failovers > 0 || !rt.held_note.failed_on.is_empty())
+        {
+            rt.held_note.failovers = 0;
+            rt.held_note.failed_on.clear();
+        }
+    }
+
+    fn consider_acquire(&mut self, gi: usize) {
+        if !self.quorum || self.self_fenced {
+            return;
+        }
+        let now = self.now;
+        let me = self.me;
+        let note = self.effective_note(gi);
+        let require_fencing = self.model.groups[gi].placement.require_fencing;
+        let stagger = self.model.timing.takeover_stagger_ms;
+        let holder = self.groups[gi].observed_holder;
+        if self.groups[gi].res.iter().any(|s| *s != ResourceState::Stopped) {
+            // Leftovers of a lost or refused lease are still stopping: a new token must not
+            // cover resources started under an old one.
+            return;
+        }
+        if holder == Some(me) && !self.groups[gi].asked_before {
+            // Our own lease from before a restart: take it back, then keep or release it.
+            if now >= self.groups[gi].next_attempt_at {
+                self.request_lease(gi);
+            }
+            return;
+        }
+        if note.desired != Desired::Started {
+            self.groups[gi].free_since = None;
+            return;
+        }
+        let candidates = self.candidates(gi, &note);
+        let Some(rank) = candidates.iter().position(|n| *n == me) else {
+            self.groups[gi].free_since = None;
+            return;
+        };
+        let free = match holder {
+            None => true,
+            Some(h) if h == me => true,
+            Some(h) => {
+                let p = self.peers.get(&h).copied().unwrap_or_default();
+                if p.up {
+                    // A reachable holder whose lease died stopped the group itself.
+                    p.lease_dead
+                } else if require_fencing {
+                    if !p.fence_confirmed && !p.fence_requested {
+                        if let Some(peer) = self.peers.get_mut(&h) {
+                            peer.fence_requested = true;
+                        }
+                        self.out.push(Command::RequestFence { node: h });
+                    }
+                    p.fence_confirmed
+                } else {
+                    // The lease layer refuses until the lost holder's lease is dead.
+                    true
+                }
+            }
+        };
+        let rt = &mut self.groups[gi];
+        if !free {
+            rt.free_since = None;
+            return;
+        }
+        let since = *rt.free_since.get_or_insert(now);
+        if now >= since + stagger * rank as u64 && now >= rt.next_attempt_at {
+            self.request_lease(gi);
+        }
+    }
+
+    fn request_lease(&mut self, gi: usize) {
+        let rt = &mut self.groups[gi];
+        rt.lease = Lease::Acquiring;
+        rt.asked_before = true;
+        self.out.push(Command::AcquireLease { group: self.model.groups[gi].id.clone() });
+        #[cfg(test)]
+        if self.broken == Some(BrokenRule::StartBeforeLease) {
+            let note = self.effective_note(gi);
+            let rt = &mut self.groups[gi];
+            rt.lease = Lease::Held(LeaseToken(0));
+            rt.goal = Goal::Run;
+            rt.held_note = note;
+        }
+    }
+
+    /// Moves the group's resources one step towards what the lease and goal call for.
+    /// One resource operation at a time per group, so order is easy to prove.
+    fn reconcile(&mut self, gi: usize) {
+        let now = self.now;
+        let retry = self.model.timing.acquire_retry_ms;
+        let g = &self.model.groups[gi];
+        let rt = &mut self.groups[gi];
+        if rt.adopting || rt.res.iter().any(|s| matches!(s, ResourceState::Starting | ResourceState::Stopping)) {
+            return;
+        }
+        let active = |s: &ResourceState| matches!(s, ResourceState::Started | ResourceState::Failed);
+        let held = matches!(rt.lease, Lease::Held(_));
+        let stop_all = !held || matches!(rt.goal, Goal::Release(_));
+        let victim = if stop_all {
+            (0..rt.res.len()).rev().find(|i| active(&rt.res[*i]))
+        } else if rt.goal == Goal::Hold {
+            None
+        } else {
+            rt.to_restart.iter().rev().copied().find(|i| active(&rt.res[*i]))
+        };
+        if let Some(i) = victim {
+            rt.res[i] = ResourceState::Stopping;
+            rt.running_since = None;
+            self.out.push(Command::StopResource {
+                group: g.id.clone(),
+                resource: g.resources[i].id.clone(),
+                force: !held,
+            });
+            return;
+        }
+        rt.to_restart.clear();
+        let Lease::Held(token) = rt.lease else { return };
+        match rt.goal {
+            Goal::Release(reason) => {
+                self.out.push(Command::ReleaseLease { group: g.id.clone(), token, note: rt.held_note.clone(), reason });
+                rt.lease = Lease::NotHeld;
+                rt.goal = Goal::Run;
+                rt.observed_holder = None;
+                rt.observed_note = Some(rt.held_note.clone());
+                rt.free_since = None;
+                rt.restarts.clear();
+                rt.next_attempt_at = now + retry;
+                if matches!(reason, ReleaseReason::Handoff { .. }) {
+                    // If the target never takes it, we take it back and do not hand it off
+                    // again before a failover window passed: no handoff ping-pong.
+                    rt.handoff_backoff_until = now + g.recovery.failover_window_ms;
+                }
+            }
+            Goal::Run => match rt.res.iter().position(|s| *s == ResourceState::Stopped) {
+                Some(i) => {
+                    let deps_up = g.resources[i].depends_on.iter().all(|d| {
+                        g.resources.iter().position(|r| &r.id == d).is_some_and(|k| rt.res[k] == ResourceState::Started)
+                    });
+                    if deps_up {
+                        rt.res[i] = ResourceState::Starting;
+                        self.out.push(Command::StartResource {
+                            group: g.id.clone(),
+                            resource: g.resources[i].id.clone(),
+                            token,
+                        });
+                    }
+                }
+                None => {
+                    if rt.res.iter().all(|s| *s == ResourceState::Started) {
+                        rt.running_since.get_or_insert(now);
+                    }
+                }
+            },
+            Goal::Hold => {}
+        }
+    }
+
+    /// What this node knows of every group, and why groups that should run do not.
+    pub fn status(&self) -> ClusterStatus {
+        let groups = self
+            .model
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| {
+                let rt = &self.groups[gi];
+                let note = self.effective_note(gi);
+                let any_active = rt.res.iter().any(|s| !matches!(s, ResourceState::Stopped | ResourceState::Unknown));
+                let all_started = rt.res.iter().all(|s| *s == ResourceState::Started);
+                let (state, location) = match rt.lease {
+                    Lease::Held(_) => {
+                        let s = match rt.goal {
+                            Goal::Release(_) => GroupState::Stopping,
+                            Goal::Hold => GroupState::Failed,
+                            Goal::Run if all_started => GroupState::Started,
+                            Goal::Run => GroupState::Starting,
+                        };
+                        (s, Some(self.me))
+                    }
+                    Lease::Acquiring => (GroupState::Starting, Some(self.me)),
+                    Lease::NotHeld if any_active => (GroupState::Stopping, Some(self.me)),
+                    Lease::NotHeld => match rt.observed_holder {
+                        Some(h) if self.peers.get(&h).is_some_and(|p| p.up) => (GroupState::Started, Some(h)),
+                        _ => match note.desired {
+                            Desired::Stopped(StopCause::FailoverLimit) => (GroupState::Failed, None),
+                            Desired::Stopped(_) => (GroupState::Stopped, None),
+                            Desired::Started => (GroupState::Blocked, rt.observed_holder),
+                        },
+                    },
+                };
+                let not_running = match state {
+                    GroupState::Started | GroupState::Starting => None,
+                    _ => Some(self.not_running_reason(gi, &note)),
+                };
+                let window_start = self.now.saturating_sub(g.recovery.restart_window_ms);
+                GroupStatus {
+                    id: g.id.clone(),
+                    state,
+                    location,
+                    restarts: rt.restarts.iter().filter(|t| **t >= window_start).count() as u32,
+                    failovers: note.failovers,
+                    failed_on: note.failed_on.clone(),
+                    monitoring_suspended: rt.monitoring_suspended,
+                    resources: g
+                        .resources
+                        .iter()
+                        .zip(&rt.res)
+                        .map(|(r, s)| ResourceStatus { id: r.id.clone(), state: *s })
+                        .collect(),
+                    not_running,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node: self.me,
+            quorum: self.quorum,
+            probing: self.probing(),
+            self_fenced: self.self_fenced,
+            groups,
+        }
+    }
+
+    fn not_running_reason(&self, gi: usize, note: &LeaseNote) -> NotRunningReason {
+        let rt = &self.groups[gi];
+        if self.self_fenced {
+            return NotRunningReason::SelfFenced;
+        }
+        match note.desired {
+            Desired::Stopped(StopCause::Operator) => return NotRunningReason::OperatorStopped,
+            Desired::Stopped(StopCause::NotAutoStarted) => return NotRunningReason::NotAutoStarted,
+            Desired::Stopped(StopCause::FailoverLimit) => return NotRunningReason::FailoverLimitReached,
+            Desired::Started => {}
+        }
+        if rt.goal == Goal::Hold {
+            return NotRunningReason::FailoverLimitReached;
+        }
+        if self.probing() {
+            return NotRunningReason::Probing;
+        }
+        if !self.quorum {
+            return NotRunningReason::NoQuorum;
+        }
+        if let Some(h) = rt.observed_holder
+            && h != self.me
+        {
+            let p = self.peers.get(&h).copied().unwrap_or_default();
+            if !p.up && self.model.groups[gi].placement.require_fencing && !p.fence_confirmed {
+                return NotRunningReason::WaitingForFence(h);
+            }
+            if !p.lease_dead {
+                return NotRunningReason::WaitingForLease(h);
+            }
+        }
+        if self.candidates(gi, note).is_empty() {
+            NotRunningReason::NoEligibleNode
+        } else {
+            NotRunningReason::TakeoverPending
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Everything the runtime tells the engine.
+
+use crate::model::{GroupId, NodeId, ResourceId};
+use crate::note::{LeaseNote, LeaseToken};
+
+/// An input to [`crate::Engine::handle`]. Events the engine cannot use (unknown group,
+/// a result nobody asked for, a duplicate) are ignored: they never panic and never cause a
+/// resource to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Answer to `ProbeResource`: whether the resource was found running on this node.
+    /// Valid once per resource after `Engine::startup`.
+    ProbeResult {
+        /// The group.
+        group: GroupId,
+        /// The probed resource.
+        resource: ResourceId,
+        /// Whether it runs here now.
+        running: bool,
+    },
+    /// Answer to `StartResource`: the resource runs.
+    ResourceStarted {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+    },
+    /// Answer to `StartResource`: the start failed (counts as a resource failure).
+    ResourceStartFailed {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+    },
+    /// Answer to `StopResource`: the resource is stopped.
+    ResourceStopped {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+    },
+    /// Answer to `StopResource`: the stop failed; the engine retries, then self-fences.
+    ResourceStopFailed {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+    },
+    /// A monitor confirmed a failure of a started resource (the scheduler already retried).
+    /// Ignored for resources that are not started here and while monitoring is suspended.
+    MonitorFailed {
+        /// The group.
+        group: GroupId,
+        /// The failed resource.
+        resource: ResourceId,
+    },
+    /// Answer to `AcquireLease`: this node now holds the group's lease.
+    LeaseAcquired {
+        /// The group.
+        group: GroupId,
+        /// The new fencing token.
+        token: LeaseToken,
+        /// The note found in the lease (`None` if never written).
+        note: Option<LeaseNote>,
+    },
+    /// Answer to `AcquireLease`: refused, because another node holds it.
+    LeaseAcquireFailed {
+        /// The group.
+        group: GroupId,
+        /// The holder, if the lease layer knows it.
+        holder: Option<NodeId>,
+    },
+    /// The lease layer could not renew this node's lease for the group (or found it taken):
+    /// other nodes may take the group over soon. Valid at any time; the engine stops the
+    /// group at once, forcefully.
+    LeaseLost {
+        /// The group.
+        group: GroupId,
+    },
+    /// The lease layer's periodic read of a group's lease.
+    LeaseObserved {
+        /// The group.
+        group: GroupId,
+        /// The current holder (`None`: free).
+        holder: Option<NodeId>,
+        /// The note in the lease (`None` if never written).
+        note: Option<LeaseNote>,
+    },
+    /// Membership: the node is reachable again (or for the first time).
+    NodeJoined(NodeId),
+    /// Membership: the node stopped answering on every link.
+    NodeLost(NodeId),
+    /// The lease layer found the node's host lease dead (it stopped renewing). Triggers an
+    /// immediate takeover attempt; not enough for groups that require outside fencing.
+    PeerFenced(NodeId),
+    /// Answer to `RequestFence`: the node was fenced from outside (powered off, killed).
+    FenceConfirmed(NodeId),
+    /// Membership: this node's partition lost quorum. Every local group stops.
+    QuorumLost,
+    /// Membership: this node's partition has quorum again.
+    QuorumRegained,
+    /// An operator command. The runtime delivers each one to every engine of the cluster,
+    /// with a cluster-wide increasing `seq` (the later command wins).
+    Operator {
+        /// Cluster-wide operator sequence number.
+        seq: u64,
+        /// The command.
+        command: OperatorCommand,
+    },
+    /// Time passed; the engine re-evaluates its timers (takeover stagger, retries, windows).
+    /// The runtime sends one every few hundred milliseconds.
+    Tick,
+}
+
+/// What an operator can ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorCommand {
+    /// Run the group on its best node (clears a move pin).
+    StartGroup(GroupId),
+    /// Stop the group everywhere.
+    StopGroup(GroupId),
+    /// Run the group on `to` (an eligible node); pins it there until it fails or is moved.
+    MoveGroup {
+        /// The group.
+        group: GroupId,
+        /// The target node.
+        to: NodeId,
+    },
+    /// Clear restart and failover counters and failure marks; releases a final action.
+    ResetCounters(GroupId),
+    /// Ignore monitor failures of the group on this node.
+    SuspendMonitoring(GroupId),
+    /// Act on monitor failures again.
+    ResumeMonitoring(GroupId),
+}
+
+impl OperatorCommand {
+    /// The group the command is about.
+    pub fn group(&self) -> &GroupId {
+        match self {
+            OperatorCommand::StartGroup(g)
+            | OperatorCommand::StopGroup(g)
+            | OperatorCommand::ResetCounters(g)
+            | OperatorCommand::SuspendMonitoring(g)
+            | OperatorCommand::ResumeMonitoring(g) => g,
+            OperatorCommand::MoveGroup { group, .. } => group,
+        }
+    }
+}

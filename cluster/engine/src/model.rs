@@ -1,0 +1,347 @@
+//! The declarative cluster model the engine works from: nodes, failover groups, their
+//! resources, and the placement and recovery policies of each group.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// A cluster node (a guest for the guest cluster, a hypervisor for the host cluster).
+///
+/// Ties between nodes are broken by this id, so it must be stable across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u32);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node-{}", self.0)
+    }
+}
+
+/// The name of a failover group, unique in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub String);
+
+impl From<&str> for GroupId {
+    fn from(s: &str) -> Self {
+        GroupId(s.to_owned())
+    }
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The name of a resource, unique within its failover group.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResourceId(pub String);
+
+impl From<&str> for ResourceId {
+    fn from(s: &str) -> Self {
+        ResourceId(s.to_owned())
+    }
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One resource of a group (a disk, an IP address, an application, a VM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceSpec {
+    /// The resource's name within its group.
+    pub id: ResourceId,
+    /// Resources of the same group that must run before this one starts and keep running
+    /// while it runs. They must come earlier in the group's resource list.
+    pub depends_on: Vec<ResourceId>,
+}
+
+impl ResourceSpec {
+    /// A resource with no dependencies.
+    pub fn new(id: &str) -> Self {
+        ResourceSpec { id: id.into(), depends_on: Vec::new() }
+    }
+
+    /// A resource that depends on the listed resources of its group.
+    pub fn depending_on(id: &str, deps: &[&str]) -> Self {
+        ResourceSpec { id: id.into(), depends_on: deps.iter().map(|d| ResourceId::from(*d)).collect() }
+    }
+}
+
+/// Whether a group moves back to a more preferred node when that node becomes available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failback {
+    /// The holder hands the group over to the most preferred healthy node as soon as it sees it.
+    Auto,
+    /// The group stays where it runs until it fails or an operator moves it.
+    Manual,
+}
+
+/// Where a group may run and when it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementPolicy {
+    /// The nodes the group may run on, most preferred first.
+    pub eligible: Vec<NodeId>,
+    /// What happens when a more preferred node comes back.
+    pub failback: Failback,
+    /// Whether the group starts when the cluster starts (before any operator command).
+    pub start_on_cluster_start: bool,
+    /// Whether taking the group over from a lost node needs outside fencing
+    /// (`RequestFence` then `FenceConfirmed`) before the lease is requested. Use it where
+    /// the lost node may not be able to self-fence (no watchdog).
+    pub require_fencing: bool,
+}
+
+/// What to do once a group has failed over `max_failovers` times without a stable run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalAction {
+    /// Stop the group and keep it stopped on every node until an operator resets or starts it.
+    StopEverywhere,
+    /// Leave the group as it is where it is (failed resources stay failed, the lease is kept)
+    /// and stop recovering it until an operator resets it.
+    DoNothing,
+}
+
+/// How failures of a group's resources are recovered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryPolicy {
+    /// Local restarts allowed within `restart_window_ms` before the group fails over.
+    pub max_restarts: u32,
+    /// The sliding window over which local restarts are counted.
+    pub restart_window_ms: u64,
+    /// Failovers allowed before the final action. The count resets once the group has run
+    /// with every resource started for `failover_window_ms` on one node.
+    pub max_failovers: u32,
+    /// How long a group must run undisturbed for its failover count to reset.
+    pub failover_window_ms: u64,
+    /// What happens when the failover count is exhausted.
+    pub final_action: FinalAction,
+    /// Stop attempts for one resource before the node self-fences.
+    pub max_stop_attempts: u32,
+}
+
+impl Default for RecoveryPolicy {
+    fn default() -> Self {
+        RecoveryPolicy {
+            max_restarts: 3,
+            restart_window_ms: 600_000,
+            max_failovers: 3,
+            failover_window_ms: 3_600_000,
+            final_action: FinalAction::StopEverywhere,
+            max_stop_attempts: 3,
+        }
+    }
+}
+
+/// A set of resources that runs together on one node at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverGroup {
+    /// The group's name.
+    pub id: GroupId,
+    /// The resources in start order; they stop in the reverse order.
+    pub resources: Vec<ResourceSpec>,
+    /// Where the group may run.
+    pub placement: PlacementPolicy,
+    /// How failures are recovered.
+    pub recovery: RecoveryPolicy,
+}
+
+/// Cluster-wide timing knobs of the engine, in milliseconds of the runtime's monotonic clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timing {
+    /// How long the candidate at rank `r` waits after seeing a lease free before asking for
+    /// it: `r * takeover_stagger_ms`, so the most preferred healthy node asks first.
+    pub takeover_stagger_ms: u64,
+    /// How long to wait after a refused lease request before asking again.
+    pub acquire_retry_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { takeover_stagger_ms: 2_000, acquire_retry_ms: 1_000 }
+    }
+}
+
+/// The whole cluster as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterModel {
+    /// Every node of the cluster.
+    pub nodes: Vec<NodeId>,
+    /// Every failover group.
+    pub groups: Vec<FailoverGroup>,
+    /// Timing knobs.
+    pub timing: Timing,
+}
+
+/// Why a cluster model was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// The node list is empty.
+    #[error("the cluster model lists no nodes; add at least one node")]
+    NoNodes,
+    /// A node id appears twice.
+    #[error("{0} is listed twice in the cluster's nodes; node ids must be unique")]
+    DuplicateNode(NodeId),
+    /// The engine was created for a node that is not in the model.
+    #[error("{0} is not one of the cluster's nodes; add it to the cluster or start the engine with a listed node id")]
+    NodeNotInCluster(NodeId),
+    /// A group id appears twice.
+    #[error("group `{0}` is defined twice; group ids must be unique")]
+    DuplicateGroup(GroupId),
+    /// A group has no resources.
+    #[error("group `{0}` has no resources; add at least one resource")]
+    EmptyGroup(GroupId),
+    /// A resource id appears twice in one group.
+    #[error("group `{group}`: resource `{resource}` is defined twice; resource ids must be unique within a group")]
+    DuplicateResource {
+        /// The group.
+        group: GroupId,
+        /// The repeated resource.
+        resource: ResourceId,
+    },
+    /// A dependency names something that is not a resource of the group.
+    #[error(
+        "group `{group}`: resource `{resource}` depends on `{dependency}`, which is not a resource of this group; fix the name or add the resource"
+    )]
+    UnknownDependency {
+        /// The group.
+        group: GroupId,
+        /// The dependent resource.
+        resource: ResourceId,
+        /// The missing dependency.
+        dependency: ResourceId,
+    },
+    /// A dependency comes at or after its dependent in the start order.
+    #[error(
+        "group `{group}`: resource `{resource}` depends on `{dependency}`, which does not come before it in the start order; list dependencies before the resources that need them"
+    )]
+    DependencyOrder {
+        /// The group.
+        group: GroupId,
+        /// The dependent resource.
+        resource: ResourceId,
+        /// The misplaced dependency.
+        dependency: ResourceId,
+    },
+    /// A group may run nowhere.
+    #[error("group `{0}` has no eligible nodes; list at least one node in its placement policy")]
+    NoEligibleNodes(GroupId),
+    /// An eligible node is not a cluster node.
+    #[error(
+        "group `{group}`: eligible node {node} is not a cluster node; add it to the cluster or remove it from the group"
+    )]
+    UnknownEligibleNode {
+        /// The group.
+        group: GroupId,
+        /// The unknown node.
+        node: NodeId,
+    },
+    /// An eligible node appears twice.
+    #[error("group `{group}`: eligible node {node} is listed twice; list each node once, in order of preference")]
+    DuplicateEligibleNode {
+        /// The group.
+        group: GroupId,
+        /// The repeated node.
+        node: NodeId,
+    },
+    /// Self-fencing without a single stop attempt would fence on every stop.
+    #[error("group `{0}`: recovery.max_stop_attempts is 0; allow at least one stop attempt before self-fencing")]
+    NoStopAttempts(GroupId),
+    /// A counting window is empty.
+    #[error("group `{group}`: recovery.{field} is 0 ms; a counting window must be positive")]
+    ZeroWindow {
+        /// The group.
+        group: GroupId,
+        /// The field.
+        field: &'static str,
+    },
+}
+
+impl ClusterModel {
+    /// Checks the model; the engine only runs validated models.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.nodes.is_empty() {
+            return Err(ModelError::NoNodes);
+        }
+        let mut nodes = BTreeSet::new();
+        for n in &self.nodes {
+            if !nodes.insert(*n) {
+                return Err(ModelError::DuplicateNode(*n));
+            }
+        }
+        let mut groups = BTreeSet::new();
+        for g in &self.groups {
+            if !groups.insert(&g.id) {
+                return Err(ModelError::DuplicateGroup(g.id.clone()));
+            }
+            if g.resources.is_empty() {
+                return Err(ModelError::EmptyGroup(g.id.clone()));
+            }
+            let all: BTreeSet<&ResourceId> = g.resources.iter().map(|r| &r.id).collect();
+            let mut seen = BTreeSet::new();
+            for r in &g.resources {
+                for d in &r.depends_on {
+                    if !all.contains(d) {
+                        return Err(ModelError::UnknownDependency {
+                            group: g.id.clone(),
+                            resource: r.id.clone(),
+                            dependency: d.clone(),
+                        });
+                    }
+                    if !seen.contains(d) {
+                        return Err(ModelError::DependencyOrder {
+                            group: g.id.clone(),
+                            resource: r.id.clone(),
+                            dependency: d.clone(),
+                        });
+                    }
+                }
+                if !seen.insert(&r.id) {
+                    return Err(ModelError::DuplicateResource { group: g.id.clone(), resource: r.id.clone() });
+                }
+            }
+            if g.placement.eligible.is_empty() {
+                return Err(ModelError::NoEligibleNodes(g.id.clone()));
+            }
+            let mut eligible = BTreeSet::new();
+            for n in &g.placement.eligible {
+                if !nodes.contains(n) {
+                    return Err(ModelError::UnknownEligibleNode { group: g.id.clone(), node: *n });
+                }
+                if !eligible.insert(*n) {
+                    return Err(ModelError::DuplicateEligibleNode { group: g.id.clone(), node: *n });
+                }
+            }
+            if g.recovery.max_stop_attempts == 0 {
+                return Err(ModelError::NoStopAttempts(g.id.clone()));
+            }
+            if g.recovery.restart_window_ms == 0 {
+                return Err(ModelError::ZeroWindow { group: g.id.clone(), field: "restart_window_ms" });
+            }
+            if g.recovery.failover_window_ms == 0 {
+                return Err(ModelError::ZeroWindow { group: g.id.clone(), field: "failover_window_ms" });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FailoverGroup {
+    /// Indices of the resources that depend on resource `i`, directly or not (excluding `i`).
+    pub(crate) fn dependents_of(&self, i: usize) -> BTreeSet<usize> {
+        let mut out = BTreeSet::new();
+        // Dependencies always come earlier, so one forward pass finds the transitive closure.
+        for (j, r) in self.resources.iter().enumerate().skip(i + 1) {
+            let depends = r
+                .depends_on
+                .iter()
+                .any(|d| self.resources.iter().position(|x| &x.id == d).is_some_and(|k| k == i || out.contains(&k)));
+            if depends {
+                out.insert(j);
+            }
+        }
+        out
+    }
+}

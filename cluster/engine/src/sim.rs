@@ -1,0 +1,1007 @@
+//! Deterministic multi-node simulation: N engines, a simulated lease authority, a runtime
+//! that executes commands with delays, and faults (crashes, pauses, storage loss,
+//! partitions, monitor failures, operator commands racing them). Every run is a function
+//! of its seed; a failure prints the seed and the last steps.
+//!
+//! Run one seed: `TANDEM_SIM_SEED=1234 cargo test -p tandem-engine sim::`.
+//! Change the number of seeds: `TANDEM_SIM_SEEDS=20000`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::engine::BrokenRule;
+use crate::*;
+
+/// A lease's holder stops renewing; after this long others may take it.
+const LEASE_TTL: u64 = 8_000;
+/// The lease layer tells the engine `LeaseLost` this long before others may take the lease.
+const SELF_FENCE_BUDGET: u64 = 2_000;
+/// Membership declares a silent node lost after this long.
+const DETECT: u64 = 1_500;
+/// The period of engine ticks, membership and lease checks.
+const HEARTBEAT: u64 = 200;
+/// Steps kept for a failure report (`TANDEM_SIM_TRACE` raises it when rerunning one seed).
+static TRACE_LEN: std::sync::LazyLock<usize> =
+    std::sync::LazyLock::new(|| std::env::var("TANDEM_SIM_TRACE").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
+const FAULT_PHASE: u64 = 45_000;
+const QUIET_PHASE: u64 = 45_000;
+/// After the faults stop, every group must have stopped changing hands this long before the end.
+const STAYS_PUT: u64 = 15_000;
+
+/// splitmix64: small, fast, and the same on every machine.
+#[derive(Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Up,
+    Paused,
+    Down,
+}
+
+#[derive(Debug)]
+struct SimNode {
+    id: NodeId,
+    life: Life,
+    /// Bumped on every crash: results of an older incarnation are dropped.
+    inc: u64,
+    /// Bumped when the node comes back from a crash or fence: its old leases are dead.
+    epoch: u64,
+    engine: Option<Engine>,
+    partition: u32,
+    storage_ok: bool,
+    /// When the node stopped renewing its leases (`None`: renewing).
+    renew_stopped_at: Option<u64>,
+    /// Whether `LeaseLost` was delivered for the current renewal gap.
+    lapse_reported: bool,
+    /// Truth: per group, per resource, the token a running resource was started with.
+    running: Vec<Vec<Option<LeaseToken>>>,
+    resumed_at: Option<u64>,
+    reported_up: Vec<bool>,
+    truth_since: Vec<(bool, u64)>,
+    reported_quorum: bool,
+    peer_dead_reported: Vec<bool>,
+    deferred: Vec<Action>,
+}
+
+#[derive(Debug, Clone)]
+struct AuthorityLease {
+    holder: Option<(usize, u64, LeaseToken)>,
+    /// Once set, the holder's lease is dead from this time on whatever happens next.
+    dead_after: Option<u64>,
+    note: Option<LeaseNote>,
+    next_token: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Deliver { node: usize, inc: u64, event: Event },
+    Complete { node: usize, inc: u64, cmd: Command },
+    Heartbeat,
+    LeasePoll,
+    Fault,
+    Reboot(usize),
+    Resume(usize),
+    StorageBack(usize),
+    Heal(usize),
+    ResetWindowEnd(usize),
+    QuietStart,
+    Resend(Vec<(u64, OperatorCommand)>),
+}
+
+/// Per-group counters the checker keeps on its own, from what it sees happen.
+#[derive(Debug, Default, Clone)]
+struct GroupWatch {
+    failovers_since_stable: u32,
+    reset_in_flight: u32,
+    /// Per node: since when every resource of the group has run there without a break.
+    all_running_since: Vec<Option<u64>>,
+    max_seen: u32,
+    last_holder_change: u64,
+}
+
+/// Knobs of one simulation run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SimOptions {
+    pub(crate) broken: Option<BrokenRule>,
+    /// Make resources fail constantly (to drive failover limits).
+    pub(crate) flappy: bool,
+}
+
+struct Sim {
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), Action>,
+    model: ClusterModel,
+    nodes: Vec<SimNode>,
+    leases: Vec<AuthorityLease>,
+    watch: Vec<GroupWatch>,
+    op_seq: u64,
+    /// Every operator command so far: a (re)starting engine gets them replayed, as a
+    /// runtime does from the API's durable operator state.
+    op_log: Vec<(u64, OperatorCommand)>,
+    faults_on: bool,
+    opts: SimOptions,
+    trace: Vec<String>,
+    stats: SimStats,
+}
+
+/// What a run did, to show the simulation is not vacuous.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct SimStats {
+    pub(crate) starts: u64,
+    pub(crate) failovers: u64,
+    pub(crate) takeovers: u64,
+    pub(crate) fences: u64,
+    pub(crate) self_fences: u64,
+    pub(crate) lease_lost: u64,
+    pub(crate) crashes: u64,
+    pub(crate) agent_restarts: u64,
+    pub(crate) adoptions: u64,
+}
+
+fn sim_model(rng: &mut Rng) -> ClusterModel {
+    let recovery = |max_failovers, final_action| RecoveryPolicy {
+        max_restarts: 1,
+        restart_window_ms: 10_000,
+        max_failovers,
+        failover_window_ms: 15_000,
+        final_action,
+        max_stop_attempts: 3,
+    };
+    let placement = |eligible: &[u32], failback, require_fencing| PlacementPolicy {
+        eligible: eligible.iter().map(|i| NodeId(*i)).collect(),
+        failback,
+        start_on_cluster_start: true,
+        require_fencing,
+    };
+    let flip = |rng: &mut Rng| rng.chance(50);
+    // One run in three has five nodes, with random eligible lists (2 to 4 nodes, random order).
+    let five = rng.chance(33);
+    let size = if five { 5 } else { 3 };
+    let eligible = |fixed: &[u32], rng: &mut Rng| -> Vec<u32> {
+        if !five {
+            return fixed.to_vec();
+        }
+        let mut all: Vec<u32> = (1..=size).collect();
+        for i in (1..all.len()).rev() {
+            all.swap(i, rng.below(i + 1));
+        }
+        all.truncate(rng.range(2, 4) as usize);
+        all
+    };
+    let (db, web, vm) = (eligible(&[1, 2], rng), eligible(&[2, 3, 1], rng), eligible(&[3, 1, 2], rng));
+    ClusterModel {
+        nodes: (1..=size).map(NodeId).collect(),
+        groups: vec![
+            FailoverGroup {
+                id: "db".into(),
+                resources: vec![
+                    ResourceSpec::new("disk"),
+                    ResourceSpec::new("ip"),
+                    ResourceSpec::depending_on("app", &["disk"]),
+                ],
+                placement: placement(&db, Failback::Auto, flip(rng)),
+                recovery: recovery(2, FinalAction::StopEverywhere),
+            },
+            FailoverGroup {
+                id: "web".into(),
+                resources: vec![ResourceSpec::new("vip"), ResourceSpec::depending_on("nginx", &["vip"])],
+                placement: placement(&web, Failback::Manual, flip(rng)),
+                recovery: recovery(2, FinalAction::DoNothing),
+            },
+            FailoverGroup {
+                id: "vm".into(),
+                resources: vec![ResourceSpec::new("vm")],
+                placement: placement(&vm, if flip(rng) { Failback::Auto } else { Failback::Manual }, flip(rng)),
+                recovery: recovery(1, FinalAction::StopEverywhere),
+            },
+        ],
+        timing: Timing { takeover_stagger_ms: 1_000, acquire_retry_ms: 500 },
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, opts: SimOptions) -> Self {
+        let mut rng = Rng(seed);
+        let model = sim_model(&mut rng);
+        let n = model.nodes.len();
+        let nodes = model
+            .nodes
+            .iter()
+            .map(|id| SimNode {
+                id: *id,
+                life: Life::Down,
+                inc: 0,
+                epoch: 0,
+                engine: None,
+                partition: 0,
+                storage_ok: true,
+                renew_stopped_at: None,
+                lapse_reported: false,
+                running: model.groups.iter().map(|g| vec![None; g.resources.len()]).collect(),
+                resumed_at: None,
+                reported_up: vec![true; n],
+                truth_since: vec![(true, 0); n],
+                reported_quorum: true,
+                peer_dead_reported: vec![false; n],
+                deferred: Vec::new(),
+            })
+            .collect();
+        let leases = model
+            .groups
+            .iter()
+            .map(|_| AuthorityLease { holder: None, dead_after: None, note: None, next_token: 1 })
+            .collect();
+        let watch = vec![GroupWatch::default(); model.groups.len()];
+        let mut sim = Sim {
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            model,
+            nodes,
+            leases,
+            watch,
+            op_seq: 0,
+            op_log: Vec::new(),
+            faults_on: true,
+            opts,
+            trace: Vec::new(),
+            stats: SimStats::default(),
+        };
+        for i in 0..n {
+            let at = sim.rng.range(0, 300);
+            sim.schedule(at, Action::Reboot(i));
+        }
+        sim.schedule(HEARTBEAT, Action::Heartbeat);
+        sim.schedule(600, Action::LeasePoll);
+        sim.schedule(2_000, Action::Fault);
+        sim.schedule(FAULT_PHASE, Action::QuietStart);
+        sim
+    }
+
+    fn schedule(&mut self, delay: u64, action: Action) {
+        self.seq += 1;
+        self.queue.insert((self.now + delay, self.seq), action);
+    }
+
+    fn log(&mut self, s: String) {
+        if self.trace.len() >= *TRACE_LEN {
+            self.trace.remove(0);
+        }
+        self.trace.push(format!("{:>6} {s}", self.now));
+    }
+
+    fn run(mut self) -> Result<SimStats, String> {
+        let end = FAULT_PHASE + QUIET_PHASE;
+        while let Some(((t, _), action)) = self.queue.pop_first() {
+            if t > end {
+                break;
+            }
+            self.now = t;
+            self.step(action);
+            self.check().map_err(|e| self.report(&e))?;
+        }
+        self.now = end;
+        self.check_placement().map_err(|e| self.report(&e))?;
+        Ok(self.stats)
+    }
+
+    fn report(&self, e: &str) -> String {
+        let mut s = format!("violation at t={}ms: {e}\nlast steps:\n", self.now);
+        for l in &self.trace {
+            let _ = writeln!(s, "  {l}");
+        }
+        s
+    }
+
+    fn lease_alive(&self, l: &AuthorityLease) -> bool {
+        let Some((ni, epoch, _)) = l.holder else { return false };
+        let node = &self.nodes[ni];
+        if node.epoch != epoch || l.dead_after.is_some_and(|t| self.now >= t) {
+            return false;
+        }
+        match node.renew_stopped_at {
+            None => true,
+            Some(t) => self.now < t + LEASE_TTL,
+        }
+    }
+
+    fn step(&mut self, action: Action) {
+        match action {
+            Action::Deliver { node, inc, event } => {
+                if self.nodes[node].inc != inc {
+                    return;
+                }
+                if self.nodes[node].life == Life::Paused {
+                    self.nodes[node].deferred.push(Action::Deliver { node, inc, event });
+                    return;
+                }
+                self.feed(node, event);
+            }
+            Action::Complete { node, inc, cmd } => {
+                if self.nodes[node].inc != inc {
+                    return;
+                }
+                if self.nodes[node].life == Life::Paused {
+                    self.nodes[node].deferred.push(Action::Complete { node, inc, cmd });
+                    return;
+                }
+                self.complete(node, cmd);
+            }
+            Action::Heartbeat => {
+                self.heartbeat();
+                self.schedule(HEARTBEAT, Action::Heartbeat);
+            }
+            Action::LeasePoll => {
+                for ni in 0..self.nodes.len() {
+                    if self.nodes[ni].life != Life::Up || !self.nodes[ni].storage_ok {
+                        continue;
+                    }
+                    for gi in 0..self.leases.len() {
+                        let l = &self.leases[gi];
+                        let event = Event::LeaseObserved {
+                            group: self.model.groups[gi].id.clone(),
+                            holder: l.holder.map(|h| self.nodes[h.0].id),
+                            note: l.note.clone(),
+                        };
+                        // Reads arrive late: the engine must cope with stale views.
+                        let d = self.rng.range(0, 300);
+                        self.deliver(ni, d, event);
+                    }
+                }
+                // Read every 500 ms, delivered within 300 ms: the 1 s takeover stagger is
+                // longer than the worst observation latency, as docs/engine.md requires.
+                self.schedule(500, Action::LeasePoll);
+            }
+            Action::Fault => {
+                if self.faults_on {
+                    self.inject_fault();
+                    let next = self.rng.range(300, 2_500);
+                    self.schedule(next, Action::Fault);
+                }
+            }
+            Action::Reboot(ni) => self.reboot(ni),
+            Action::Resume(ni) => self.resume(ni),
+            Action::StorageBack(ni) => {
+                let node = &mut self.nodes[ni];
+                node.storage_ok = true;
+                if node.life == Life::Up {
+                    self.renewal_back(ni);
+                }
+                self.log(format!("{} storage back", self.nodes[ni].id));
+            }
+            Action::Heal(ni) => {
+                self.nodes[ni].partition = 0;
+                self.log(format!("{} partition healed", self.nodes[ni].id));
+            }
+            Action::ResetWindowEnd(gi) => self.watch[gi].reset_in_flight -= 1,
+            Action::QuietStart => {
+                self.faults_on = false;
+                for ni in 0..self.nodes.len() {
+                    self.nodes[ni].partition = 0;
+                    if !self.nodes[ni].storage_ok {
+                        self.schedule(0, Action::StorageBack(ni));
+                    }
+                    if self.nodes[ni].life == Life::Paused {
+                        self.schedule(0, Action::Resume(ni));
+                    }
+                }
+                self.log("quiet phase: faults stop".into());
+                // An operator clears what faults left behind, as a real one would; the
+                // commands are re-sent (same sequence numbers) to nodes that were down.
+                let groups: Vec<GroupId> = self.model.groups.iter().map(|g| g.id.clone()).collect();
+                let mut ops = Vec::new();
+                for g in groups {
+                    for command in [
+                        OperatorCommand::ResetCounters(g.clone()),
+                        OperatorCommand::StartGroup(g.clone()),
+                        OperatorCommand::ResumeMonitoring(g),
+                    ] {
+                        let seq = self.operator_at(command.clone(), 1_000);
+                        ops.push((seq, command));
+                    }
+                }
+                self.schedule(5_000, Action::Resend(ops));
+            }
+            Action::Resend(ops) => {
+                for ni in 0..self.nodes.len() {
+                    for (seq, command) in &ops {
+                        self.deliver(ni, 0, Event::Operator { seq: *seq, command: command.clone() });
+                    }
+                }
+                if self.now + 5_000 < FAULT_PHASE + QUIET_PHASE - 20_000 {
+                    self.schedule(5_000, Action::Resend(ops));
+                }
+            }
+        }
+    }
+
+    fn feed(&mut self, ni: usize, event: Event) {
+        if self.nodes[ni].life != Life::Up {
+            return;
+        }
+        let now = self.now;
+        if self.nodes[ni].engine.is_none() {
+            return;
+        }
+        if !matches!(event, Event::Tick | Event::LeaseObserved { .. }) {
+            let id = self.nodes[ni].id;
+            self.log(format!("{id} <- {event:?}"));
+        }
+        let Some(engine) = self.nodes[ni].engine.as_mut() else { return };
+        let cmds = engine.handle(now, event);
+        self.run_commands(ni, cmds);
+    }
+
+    fn run_commands(&mut self, ni: usize, cmds: Vec<Command>) {
+        let inc = self.nodes[ni].inc;
+        for cmd in cmds {
+            let id = self.nodes[ni].id;
+            self.log(format!("{id} -> {cmd:?}"));
+            let delay = match &cmd {
+                Command::StartResource { group, resource, token } => {
+                    let (gi, ri) = self.index(group, resource);
+                    self.nodes[ni].running[gi][ri] = Some(*token);
+                    self.stats.starts += 1;
+                    self.rng.range(10, 300)
+                }
+                Command::StopResource { force: true, .. } => self.rng.range(5, 60),
+                Command::StopResource { .. } => self.rng.range(10, 300),
+                Command::ProbeResource { .. } => self.rng.range(5, 50),
+                Command::AdoptResource { group, resource, token } => {
+                    let (gi, ri) = self.index(group, resource);
+                    if self.nodes[ni].running[gi][ri].is_some() {
+                        self.nodes[ni].running[gi][ri] = Some(*token);
+                        self.stats.adoptions += 1;
+                    }
+                    continue;
+                }
+                Command::AcquireLease { .. } | Command::ReleaseLease { .. } => self.rng.range(10, 200),
+                Command::RequestFence { .. } => self.rng.range(100, 1_000),
+                Command::SelfFence { .. } => {
+                    self.stats.self_fences += 1;
+                    self.crash(ni, "self-fence");
+                    return;
+                }
+                Command::Notify(_) => continue,
+            };
+            self.schedule(delay, Action::Complete { node: ni, inc, cmd });
+        }
+    }
+
+    fn index(&self, group: &GroupId, resource: &ResourceId) -> (usize, usize) {
+        let gi = self.model.groups.iter().position(|g| &g.id == group).expect("engine named an unknown group");
+        let ri = self.model.groups[gi].resources.iter().position(|r| &r.id == resource).expect("unknown resource");
+        (gi, ri)
+    }
+
+    fn group_index(&self, group: &GroupId) -> usize {
+        self.model.groups.iter().position(|g| &g.id == group).expect("engine named an unknown group")
+    }
+
+    fn deliver(&mut self, ni: usize, delay: u64, event: Event) {
+        let inc = self.nodes[ni].inc;
+        self.schedule(delay, Action::Deliver { node: ni, inc, event });
+    }
+
+    fn complete(&mut self, ni: usize, cmd: Command) {
+        match cmd {
+            Command::StartResource { group, resource, .. } => {
+                let (gi, ri) = self.index(&group, &resource);
+                let fail = if self.opts.flappy { 10 } else { 3 };
+                if self.faults_on && self.rng.chance(fail) {
+                    self.nodes[ni].running[gi][ri] = None;
+                    self.feed(ni, Event::ResourceStartFailed { group, resource });
+                } else {
+                    self.feed(ni, Event::ResourceStarted { group, resource });
+                }
+            }
+            Command::StopResource { group, resource, .. } => {
+                let (gi, ri) = self.index(&group, &resource);
+                if self.faults_on && self.rng.chance(10) {
+                    self.feed(ni, Event::ResourceStopFailed { group, resource });
+                } else {
+                    self.nodes[ni].running[gi][ri] = None;
+                    self.feed(ni, Event::ResourceStopped { group, resource });
+                }
+            }
+            Command::ProbeResource { group, resource } => {
+                let (gi, ri) = self.index(&group, &resource);
+                let running = self.nodes[ni].running[gi][ri].is_some();
+                self.feed(ni, Event::ProbeResult { group, resource, running });
+            }
+            Command::AcquireLease { group } => {
+                let gi = self.group_index(&group);
+                let l = self.leases[gi].clone();
+                let free = l.holder.is_none() || l.holder.is_some_and(|h| h.0 == ni) || !self.lease_alive(&l);
+                if self.nodes[ni].storage_ok && free {
+                    let token = LeaseToken(l.next_token);
+                    if l.holder.is_some_and(|h| h.0 != ni) {
+                        self.stats.takeovers += 1;
+                    }
+                    let lease = &mut self.leases[gi];
+                    lease.next_token += 1;
+                    lease.holder = Some((ni, self.nodes[ni].epoch, token));
+                    lease.dead_after = None;
+                    self.watch[gi].last_holder_change = self.now;
+                    let note = lease.note.clone();
+                    self.feed(ni, Event::LeaseAcquired { group, token, note });
+                } else {
+                    let holder = l.holder.map(|h| self.nodes[h.0].id);
+                    self.feed(ni, Event::LeaseAcquireFailed { group, holder });
+                }
+            }
+            Command::ReleaseLease { group, token, note, reason } => {
+                let gi = self.group_index(&group);
+                let lease = &mut self.leases[gi];
+                if self.nodes[ni].storage_ok && lease.holder.is_some_and(|h| h.0 == ni && h.2 == token) {
+                    lease.holder = None;
+                    self.watch[gi].last_holder_change = self.now;
+                    lease.dead_after = None;
+                    lease.note = Some(note);
+                    if reason == ReleaseReason::Failover {
+                        self.stats.failovers += 1;
+                        let w = &mut self.watch[gi];
+                        if w.reset_in_flight == 0 {
+                            w.failovers_since_stable += 1;
+                            w.max_seen = w.max_seen.max(w.failovers_since_stable);
+                        }
+                    }
+                }
+            }
+            Command::RequestFence { node } => {
+                let Some(target) = self.nodes.iter().position(|n| n.id == node) else { return };
+                self.stats.fences += 1;
+                if self.nodes[target].life != Life::Down {
+                    self.crash(target, "fenced");
+                }
+                // Powered off: whatever lease it held is dead now.
+                self.nodes[target].epoch += 1;
+                self.feed(ni, Event::FenceConfirmed(node));
+            }
+            _ => {}
+        }
+    }
+
+    fn crash(&mut self, ni: usize, why: &str) {
+        self.stats.crashes += 1;
+        let now = self.now;
+        let node = &mut self.nodes[ni];
+        node.life = Life::Down;
+        node.inc += 1;
+        node.engine = None;
+        node.deferred.clear();
+        node.renew_stopped_at.get_or_insert(now);
+        for g in &mut node.running {
+            g.iter_mut().for_each(|r| *r = None);
+        }
+        let id = node.id;
+        self.log(format!("{id} down ({why})"));
+        let back = self.rng.range(1_000, 8_000);
+        self.schedule(back, Action::Reboot(ni));
+    }
+
+    /// The agent process dies and comes back at once; resources and leases survive it, the
+    /// answers to whatever was in flight are lost. The new engine must probe and adopt.
+    fn restart_agent(&mut self, ni: usize) {
+        let n = self.nodes.len();
+        let mut engine = Engine::new(self.nodes[ni].id, self.model.clone()).expect("sim model is valid");
+        if let Some(rule) = self.opts.broken {
+            engine.break_rule(rule);
+        }
+        self.stats.agent_restarts += 1;
+        let node = &mut self.nodes[ni];
+        node.inc += 1;
+        node.reported_up = vec![true; n];
+        node.reported_quorum = true;
+        node.peer_dead_reported = vec![false; n];
+        let cmds = engine.startup(self.now);
+        node.engine = Some(engine);
+        let id = node.id;
+        self.log(format!("{id} agent restarts"));
+        self.run_commands(ni, cmds);
+        self.replay_operator_log(ni);
+    }
+
+    fn replay_operator_log(&mut self, ni: usize) {
+        for (seq, command) in self.op_log.clone() {
+            self.deliver(ni, 0, Event::Operator { seq, command });
+        }
+    }
+
+    fn reboot(&mut self, ni: usize) {
+        if self.nodes[ni].life != Life::Down {
+            return;
+        }
+        let n = self.nodes.len();
+        let mut engine = Engine::new(self.nodes[ni].id, self.model.clone()).expect("sim model is valid");
+        if let Some(rule) = self.opts.broken {
+            engine.break_rule(rule);
+        }
+        let node = &mut self.nodes[ni];
+        node.life = Life::Up;
+        node.epoch += 1;
+        node.renew_stopped_at = if node.storage_ok { None } else { Some(self.now) };
+        node.lapse_reported = false;
+        node.reported_up = vec![true; n];
+        node.reported_quorum = true;
+        node.peer_dead_reported = vec![false; n];
+        let cmds = engine.startup(self.now);
+        node.engine = Some(engine);
+        let id = node.id;
+        self.log(format!("{id} boots"));
+        self.run_commands(ni, cmds);
+        self.replay_operator_log(ni);
+    }
+
+    fn resume(&mut self, ni: usize) {
+        if self.nodes[ni].life != Life::Paused {
+            return;
+        }
+        self.nodes[ni].life = Life::Up;
+        self.nodes[ni].resumed_at = Some(self.now);
+        let id = self.nodes[ni].id;
+        self.log(format!("{id} resumes"));
+        if self.nodes[ni].storage_ok {
+            self.renewal_back(ni);
+        }
+        // What was in flight during the pause lands now, after any LeaseLost.
+        let deferred = std::mem::take(&mut self.nodes[ni].deferred);
+        for a in deferred {
+            self.schedule(0, a);
+        }
+    }
+
+    /// The node renews again. If the gap was long enough for the lease layer to give the
+    /// leases up, the engine hears `LeaseLost` first.
+    fn renewal_back(&mut self, ni: usize) {
+        let Some(stopped) = self.nodes[ni].renew_stopped_at else { return };
+        if self.now >= stopped + LEASE_TTL - SELF_FENCE_BUDGET {
+            self.report_lapse(ni, stopped);
+        }
+        self.nodes[ni].renew_stopped_at = None;
+        self.nodes[ni].lapse_reported = false;
+    }
+
+    fn report_lapse(&mut self, ni: usize, stopped: u64) {
+        if self.nodes[ni].lapse_reported {
+            return;
+        }
+        self.nodes[ni].lapse_reported = true;
+        for gi in 0..self.leases.len() {
+            if self.leases[gi].holder.is_some_and(|h| h.0 == ni) {
+                self.leases[gi].dead_after.get_or_insert(stopped + LEASE_TTL);
+            }
+            let group = self.model.groups[gi].id.clone();
+            self.stats.lease_lost += 1;
+            self.feed(ni, Event::LeaseLost { group });
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        let n = self.nodes.len();
+        for ni in 0..n {
+            // The lease layer of a running node without storage gives up in time.
+            if self.nodes[ni].life == Life::Up
+                && let Some(stopped) = self.nodes[ni].renew_stopped_at
+                && self.now >= stopped + LEASE_TTL - SELF_FENCE_BUDGET
+            {
+                self.report_lapse(ni, stopped);
+            }
+        }
+        for ni in 0..n {
+            if self.nodes[ni].life != Life::Up {
+                continue;
+            }
+            self.feed(ni, Event::Tick);
+            // Membership.
+            let mut up_count = 1;
+            for pj in 0..n {
+                if pj == ni {
+                    continue;
+                }
+                let reach = self.nodes[pj].life == Life::Up && self.nodes[pj].partition == self.nodes[ni].partition;
+                let (prev, since) = self.nodes[ni].truth_since[pj];
+                if prev != reach {
+                    self.nodes[ni].truth_since[pj] = (reach, self.now);
+                }
+                let (truth, since) = if prev != reach { (reach, self.now) } else { (prev, since) };
+                let reported = self.nodes[ni].reported_up[pj];
+                if truth != reported && (self.now - since >= DETECT || truth) {
+                    self.nodes[ni].reported_up[pj] = truth;
+                    let id = self.nodes[pj].id;
+                    self.feed(ni, if truth { Event::NodeJoined(id) } else { Event::NodeLost(id) });
+                }
+                if self.nodes[ni].reported_up[pj] {
+                    up_count += 1;
+                }
+                // The lease layer sees a peer's host lease dead.
+                let peer_dead = match self.nodes[pj].renew_stopped_at {
+                    Some(t) => self.now >= t + LEASE_TTL,
+                    None => false,
+                };
+                if peer_dead && !self.nodes[ni].peer_dead_reported[pj] && self.nodes[ni].storage_ok {
+                    self.nodes[ni].peer_dead_reported[pj] = true;
+                    let id = self.nodes[pj].id;
+                    self.feed(ni, Event::PeerFenced(id));
+                } else if !peer_dead {
+                    self.nodes[ni].peer_dead_reported[pj] = false;
+                }
+            }
+            if self.nodes[ni].life != Life::Up {
+                continue;
+            }
+            let quorum = up_count * 2 > n;
+            if quorum != self.nodes[ni].reported_quorum {
+                self.nodes[ni].reported_quorum = quorum;
+                self.feed(ni, if quorum { Event::QuorumRegained } else { Event::QuorumLost });
+            }
+        }
+    }
+
+    fn operator_at(&mut self, command: OperatorCommand, base_delay: u64) -> u64 {
+        self.op_seq += 1;
+        let seq = self.op_seq;
+        self.op_log.push((seq, command.clone()));
+        let mut max_delay = base_delay;
+        for ni in 0..self.nodes.len() {
+            if self.nodes[ni].life == Life::Down {
+                continue;
+            }
+            let d = base_delay + self.rng.range(0, 500);
+            max_delay = max_delay.max(d);
+            self.deliver(ni, d, Event::Operator { seq, command: command.clone() });
+        }
+        if let OperatorCommand::ResetCounters(g) = &command {
+            let gi = self.group_index(g);
+            // Until every engine has the reset, failovers may be counted by either side.
+            self.watch[gi].failovers_since_stable = 0;
+            self.watch[gi].reset_in_flight += 1;
+            // A paused node applies it late: keep the window open generously.
+            self.schedule(max_delay + 20_000, Action::ResetWindowEnd(gi));
+        }
+        seq
+    }
+
+    fn inject_fault(&mut self) {
+        let ni = self.rng.below(self.nodes.len());
+        let id = self.nodes[ni].id;
+        let roll = self.rng.range(0, 99);
+        match roll {
+            0..=7 => {
+                if self.nodes[ni].life == Life::Up {
+                    self.crash(ni, "crash");
+                }
+            }
+            8..=10 => {
+                if self.nodes[ni].life == Life::Up {
+                    self.restart_agent(ni);
+                }
+            }
+            11..=15 => {
+                if self.nodes[ni].life == Life::Up {
+                    self.nodes[ni].life = Life::Paused;
+                    self.nodes[ni].renew_stopped_at.get_or_insert(self.now);
+                    let d = self.rng.range(500, 14_000);
+                    self.log(format!("{id} paused for {d}ms"));
+                    self.schedule(d, Action::Resume(ni));
+                }
+            }
+            16..=22 => {
+                if self.nodes[ni].storage_ok && self.nodes[ni].life != Life::Down {
+                    self.nodes[ni].storage_ok = false;
+                    self.nodes[ni].renew_stopped_at.get_or_insert(self.now);
+                    let d = self.rng.range(1_000, 14_000);
+                    self.log(format!("{id} loses storage for {d}ms"));
+                    self.schedule(d, Action::StorageBack(ni));
+                }
+            }
+            23..=30 => {
+                let d = self.rng.range(1_000, 10_000);
+                self.nodes[ni].partition = 1 + self.rng.range(0, 1) as u32;
+                self.log(format!("{id} partitioned for {d}ms"));
+                self.schedule(d, Action::Heal(ni));
+            }
+            31..=70 => {
+                // A monitor confirms a failure of something running.
+                let gi = self.rng.below(self.model.groups.len());
+                let ri = self.rng.below(self.model.groups[gi].resources.len());
+                if self.nodes[ni].running[gi][ri].is_some() {
+                    let group = self.model.groups[gi].id.clone();
+                    let resource = self.model.groups[gi].resources[ri].id.clone();
+                    let d = self.rng.range(0, 100);
+                    self.deliver(ni, d, Event::MonitorFailed { group, resource });
+                }
+            }
+            _ => {
+                let gi = self.rng.below(self.model.groups.len());
+                let g = self.model.groups[gi].id.clone();
+                let to = NodeId(1 + self.rng.below(self.nodes.len()) as u32);
+                let command = match self.rng.range(0, 9) {
+                    0 | 1 => OperatorCommand::StopGroup(g),
+                    2..=4 => OperatorCommand::StartGroup(g),
+                    5 | 6 => OperatorCommand::MoveGroup { group: g, to },
+                    7 => OperatorCommand::ResetCounters(g),
+                    8 => OperatorCommand::SuspendMonitoring(g),
+                    _ => OperatorCommand::ResumeMonitoring(g),
+                };
+                self.log(format!("operator {command:?}"));
+                self.operator_at(command, 0);
+            }
+        }
+        if self.opts.flappy {
+            // Keep failing whatever runs, to exercise restart and failover limits.
+            for ni in 0..self.nodes.len() {
+                for gi in 0..self.model.groups.len() {
+                    if let Some(ri) = self.nodes[ni].running[gi].iter().position(|r| r.is_some()) {
+                        let group = self.model.groups[gi].id.clone();
+                        let resource = self.model.groups[gi].resources[ri].id.clone();
+                        self.deliver(ni, 50, Event::MonitorFailed { group, resource });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Safety and ping-pong invariants, checked after every step.
+    fn check(&mut self) -> Result<(), String> {
+        for gi in 0..self.model.groups.len() {
+            let current = self.leases[gi].holder.map(|h| (h.0, h.2));
+            let mut active = Vec::new();
+            for (ni, node) in self.nodes.iter().enumerate() {
+                let tokens: Vec<LeaseToken> = node.running[gi].iter().flatten().copied().collect();
+                if tokens.is_empty() || node.life != Life::Up {
+                    continue;
+                }
+                // A node that resumed from a pause past its lease runs under a stale token
+                // (storage refuses it) until it has stopped: allowed for the self-fence budget.
+                let in_grace = node.resumed_at.is_some_and(|t| self.now <= t + SELF_FENCE_BUDGET);
+                let current_here = tokens.iter().all(|t| current == Some((ni, *t)));
+                if current_here {
+                    active.push(node.id);
+                } else if !in_grace {
+                    return Err(format!(
+                        "group {} runs on {} under token(s) {tokens:?} but the lease is {current:?}",
+                        self.model.groups[gi].id, node.id
+                    ));
+                }
+            }
+            if active.len() > 1 {
+                return Err(format!("group {} active on {active:?} at once", self.model.groups[gi].id));
+            }
+            // Stability: all resources running on one node for the failover window.
+            let window = self.model.groups[gi].recovery.failover_window_ms;
+            let now = self.now;
+            let w = &mut self.watch[gi];
+            w.all_running_since.resize(self.nodes.len(), None);
+            for (ni, node) in self.nodes.iter().enumerate() {
+                if node.running[gi].iter().all(|r| r.is_some()) {
+                    let since = *w.all_running_since[ni].get_or_insert(now);
+                    if now - since >= window {
+                        w.failovers_since_stable = 0;
+                    }
+                } else {
+                    w.all_running_since[ni] = None;
+                }
+            }
+            let limit = self.model.groups[gi].recovery.max_failovers;
+            if w.failovers_since_stable > limit {
+                return Err(format!(
+                    "group {} failed over {} times without a stable run; its limit is {limit}",
+                    self.model.groups[gi].id, w.failovers_since_stable
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Once faults stop, every group runs somewhere, exactly once, and stays put.
+    fn check_placement(&self) -> Result<(), String> {
+        for (gi, g) in self.model.groups.iter().enumerate() {
+            let settled = FAULT_PHASE + QUIET_PHASE - STAYS_PUT;
+            if self.watch[gi].last_holder_change > settled {
+                return Err(format!(
+                    "group {} still changed hands at t={}ms, {}ms after the faults stopped (ping-pong?)",
+                    g.id,
+                    self.watch[gi].last_holder_change,
+                    self.watch[gi].last_holder_change - FAULT_PHASE
+                ));
+            }
+            let full: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| n.life == Life::Up && n.running[gi].iter().all(|r| r.is_some()))
+                .map(|n| n.id)
+                .collect();
+            if full.len() != 1 {
+                let status: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.engine.as_ref())
+                    .map(|e| format!("{:?}", e.status().groups[gi]))
+                    .collect();
+                return Err(format!(
+                    "group {} should run on exactly one node after the faults stopped, runs fully on {full:?}; engines say: {status:#?}",
+                    g.id
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    if let Ok(s) = std::env::var("TANDEM_SIM_SEED") {
+        return vec![s.parse().expect("TANDEM_SIM_SEED must be a number")];
+    }
+    let count = std::env::var("TANDEM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000);
+    (0..count).collect()
+}
+
+pub(crate) fn run_seed(seed: u64, opts: SimOptions) -> Result<SimStats, String> {
+    Sim::new(seed, opts).run()
+}
+
+#[test]
+fn simulation_holds_invariants_over_many_seeds() {
+    let mut total = SimStats::default();
+    for seed in seeds() {
+        let opts = SimOptions { broken: None, flappy: seed % 4 == 0 };
+        match run_seed(seed, opts) {
+            Ok(s) => {
+                total.starts += s.starts;
+                total.failovers += s.failovers;
+                total.takeovers += s.takeovers;
+                total.fences += s.fences;
+                total.self_fences += s.self_fences;
+                total.lease_lost += s.lease_lost;
+                total.crashes += s.crashes;
+                total.agent_restarts += s.agent_restarts;
+                total.adoptions += s.adoptions;
+            }
+            Err(e) => panic!("simulation failed for seed {seed} (rerun: TANDEM_SIM_SEED={seed}):\n{e}"),
+        }
+    }
+    eprintln!("simulation totals: {total:?}");
+    // The faults must actually exercise the paths the invariants are about.
+    if seeds().len() >= 100 {
+        assert!(total.failovers > 0 && total.takeovers > 0 && total.fences > 0 && total.lease_lost > 0, "{total:?}");
+        assert!(total.self_fences > 0 && total.crashes > 0 && total.adoptions > 0, "{total:?}");
+    }
+}
+
+/// The checker can fail: each deliberately broken rule is caught on some seed.
+#[test]
+fn simulation_catches_deliberately_broken_rules() {
+    for (rule, flappy) in [
+        (BrokenRule::StartBeforeLease, false),
+        (BrokenRule::IgnoreLeaseLost, false),
+        (BrokenRule::NoFailoverLimit, true),
+    ] {
+        let caught = (0..300).find_map(|seed| run_seed(seed, SimOptions { broken: Some(rule), flappy }).err());
+        let Some(report) = caught else { panic!("breaking {rule:?} went unnoticed over 300 seeds") };
+        eprintln!("{rule:?} caught: {}", report.lines().next().unwrap_or_default());
+    }
+}

@@ -1,0 +1,109 @@
+//! What `Engine::status` reports.
+
+use crate::model::{GroupId, NodeId, ResourceId};
+
+/// The engine's view of the cluster from its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The node this engine decides for.
+    pub node: NodeId,
+    /// Whether this node's partition has quorum.
+    pub quorum: bool,
+    /// Whether the startup probe is still running.
+    pub probing: bool,
+    /// Whether this node self-fenced.
+    pub self_fenced: bool,
+    /// Every group, in model order.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One group as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The group.
+    pub id: GroupId,
+    /// Its state.
+    pub state: GroupState,
+    /// Where it runs (or is being started/stopped), if anywhere known.
+    pub location: Option<NodeId>,
+    /// Local restarts within the current restart window (on this node).
+    pub restarts: u32,
+    /// Failovers since the last stable run.
+    pub failovers: u32,
+    /// Nodes that gave the group up because of failures.
+    pub failed_on: Vec<NodeId>,
+    /// Whether monitor failures are ignored on this node.
+    pub monitoring_suspended: bool,
+    /// The group's resources on this node.
+    pub resources: Vec<ResourceStatus>,
+    /// Why the group does not run, when it does not.
+    pub not_running: Option<NotRunningReason>,
+}
+
+/// A group's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    /// Runs nowhere.
+    Stopped,
+    /// Being started here (lease requested or resources starting/restarting).
+    Starting,
+    /// Runs (here or on `location`).
+    Started,
+    /// Being stopped here.
+    Stopping,
+    /// Failed and left as is (final action `DoNothing`), or stopped by the final action.
+    Failed,
+    /// Should run but cannot for now (see `not_running`).
+    Blocked,
+}
+
+/// A resource's state on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceStatus {
+    /// The resource.
+    pub id: ResourceId,
+    /// Its state.
+    pub state: ResourceState,
+}
+
+/// A resource's state on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceState {
+    /// Not probed yet.
+    Unknown,
+    /// Not running.
+    Stopped,
+    /// Start in flight.
+    Starting,
+    /// Running.
+    Started,
+    /// Stop in flight.
+    Stopping,
+    /// Failed (start failure or confirmed monitor failure); will be stopped or left as is.
+    Failed,
+}
+
+/// Why a group is not running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotRunningReason {
+    /// An operator stopped it.
+    OperatorStopped,
+    /// Its policy does not start it on cluster start; an operator must start it.
+    NotAutoStarted,
+    /// It failed over too often; an operator must reset its counters.
+    FailoverLimitReached,
+    /// This node is still probing its resources.
+    Probing,
+    /// This node has no quorum.
+    NoQuorum,
+    /// This node self-fenced.
+    SelfFenced,
+    /// Its last holder is lost and must be fenced from outside first.
+    WaitingForFence(NodeId),
+    /// Its lease is still held by a lost node whose lease has not expired.
+    WaitingForLease(NodeId),
+    /// No eligible node is healthy.
+    NoEligibleNode,
+    /// A healthy eligible node should take it shortly.
+    TakeoverPending,
+}

@@ -1,0 +1,683 @@
+//! Unit tests: one rule each, checked by comparing the emitted commands.
+
+use crate::*;
+
+pub(crate) fn n(i: u32) -> NodeId {
+    NodeId(i)
+}
+fn g(s: &str) -> GroupId {
+    s.into()
+}
+fn r(s: &str) -> ResourceId {
+    s.into()
+}
+
+/// Three resources: `disk`, `ip`, and `app` which needs `disk`.
+pub(crate) fn db_group(eligible: &[u32]) -> FailoverGroup {
+    FailoverGroup {
+        id: g("db"),
+        resources: vec![
+            ResourceSpec::new("disk"),
+            ResourceSpec::new("ip"),
+            ResourceSpec::depending_on("app", &["disk"]),
+        ],
+        placement: PlacementPolicy {
+            eligible: eligible.iter().map(|i| n(*i)).collect(),
+            failback: Failback::Manual,
+            start_on_cluster_start: true,
+            require_fencing: false,
+        },
+        recovery: RecoveryPolicy {
+            max_restarts: 1,
+            restart_window_ms: 10_000,
+            max_failovers: 1,
+            failover_window_ms: 60_000,
+            final_action: FinalAction::StopEverywhere,
+            max_stop_attempts: 2,
+        },
+    }
+}
+
+fn model(group: FailoverGroup) -> ClusterModel {
+    ClusterModel { nodes: vec![n(1), n(2), n(3)], groups: vec![group], timing: Timing::default() }
+}
+
+fn start(group: &str, res: &str, t: u64) -> Command {
+    Command::StartResource { group: g(group), resource: r(res), token: LeaseToken(t) }
+}
+fn stop(res: &str, force: bool) -> Command {
+    Command::StopResource { group: g("db"), resource: r(res), force }
+}
+fn started(res: &str) -> Event {
+    Event::ResourceStarted { group: g("db"), resource: r(res) }
+}
+fn stopped(res: &str) -> Event {
+    Event::ResourceStopped { group: g("db"), resource: r(res) }
+}
+fn acquire() -> Command {
+    Command::AcquireLease { group: g("db") }
+}
+fn acquired(t: u64, note: Option<LeaseNote>) -> Event {
+    Event::LeaseAcquired { group: g("db"), token: LeaseToken(t), note }
+}
+fn failed(res: &str) -> Event {
+    Event::MonitorFailed { group: g("db"), resource: r(res) }
+}
+fn op(seq: u64, command: OperatorCommand) -> Event {
+    Event::Operator { seq, command }
+}
+
+struct Node {
+    e: Engine,
+    now: u64,
+}
+
+impl Node {
+    /// Starts an engine and answers every probe with "not running"; returns the commands
+    /// emitted after the last probe answer.
+    fn booted(me: u32, model: ClusterModel) -> (Node, Vec<Command>) {
+        let mut e = Engine::new(n(me), model).unwrap();
+        let probes = e.startup(0);
+        let mut last = Vec::new();
+        for c in probes {
+            let Command::ProbeResource { group, resource } = c else { panic!("startup emitted {c:?}") };
+            last = e.handle(0, Event::ProbeResult { group, resource, running: false });
+        }
+        (Node { e, now: 0 }, last)
+    }
+
+    fn ev(&mut self, event: Event) -> Vec<Command> {
+        self.e.handle(self.now, event)
+    }
+
+    fn at(&mut self, now: u64, event: Event) -> Vec<Command> {
+        self.now = now;
+        self.ev(event)
+    }
+
+    /// Brings group db to Started under token `t`.
+    fn run_db(&mut self, t: u64) {
+        assert_eq!(self.ev(acquired(t, None)), vec![start("db", "disk", t)]);
+        assert_eq!(self.ev(started("disk")), vec![start("db", "ip", t)]);
+        assert_eq!(self.ev(started("ip")), vec![start("db", "app", t)]);
+        assert_eq!(self.ev(started("app")), vec![]);
+        assert_eq!(self.e.status().groups[0].state, GroupState::Started);
+    }
+
+    fn group(&self) -> GroupStatus {
+        self.e.status().groups[0].clone()
+    }
+}
+
+#[test]
+fn validation_names_the_problem() {
+    let mut m = model(db_group(&[1, 2]));
+    m.groups[0].resources.swap(0, 2);
+    assert_eq!(
+        m.validate(),
+        Err(ModelError::DependencyOrder { group: g("db"), resource: r("app"), dependency: r("disk") })
+    );
+    let mut m = model(db_group(&[1, 9]));
+    assert_eq!(m.validate(), Err(ModelError::UnknownEligibleNode { group: g("db"), node: n(9) }));
+    m.groups[0].placement.eligible = vec![n(1)];
+    m.groups[0].resources[2].depends_on = vec![r("nope")];
+    assert!(matches!(m.validate(), Err(ModelError::UnknownDependency { .. })));
+    let err = Engine::new(n(7), model(db_group(&[1]))).unwrap_err();
+    assert_eq!(err, ModelError::NodeNotInCluster(n(7)));
+    assert!(err.to_string().contains("node-7"));
+    let mut m = model(db_group(&[1]));
+    m.groups[0].recovery.max_stop_attempts = 0;
+    assert_eq!(m.validate(), Err(ModelError::NoStopAttempts(g("db"))));
+}
+
+#[test]
+fn startup_probes_everything_and_waits_for_all_answers() {
+    let mut e = Engine::new(n(1), model(db_group(&[1, 2]))).unwrap();
+    let probes = e.startup(0);
+    assert_eq!(
+        probes,
+        ["disk", "ip", "app"]
+            .iter()
+            .map(|x| Command::ProbeResource { group: g("db"), resource: r(x) })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(e.handle(0, Event::ProbeResult { group: g("db"), resource: r("disk"), running: false }), vec![]);
+    assert_eq!(e.handle(5_000, Event::Tick), vec![]);
+    assert_eq!(e.status().groups[0].not_running, Some(NotRunningReason::Probing));
+    assert_eq!(e.handle(5_000, Event::ProbeResult { group: g("db"), resource: r("ip"), running: false }), vec![]);
+    assert_eq!(
+        e.handle(5_000, Event::ProbeResult { group: g("db"), resource: r("app"), running: false }),
+        vec![acquire()]
+    );
+}
+
+#[test]
+fn a_node_not_eligible_probes_and_does_nothing() {
+    let mut e = Engine::new(n(3), model(db_group(&[1, 2]))).unwrap();
+    assert_eq!(e.startup(0), vec![]);
+    assert_eq!(e.handle(100_000, Event::NodeLost(n(1))), vec![]);
+    assert_eq!(e.handle(200_000, Event::NodeLost(n(2))), vec![]);
+}
+
+#[test]
+fn resources_start_in_order_under_the_lease_token_only() {
+    let (mut a, cmds) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(cmds, vec![acquire()]);
+    // Nothing starts while the lease is pending, whatever else happens.
+    assert_eq!(a.at(10_000, Event::Tick), vec![]);
+    a.run_db(7);
+}
+
+#[test]
+fn operator_stop_stops_in_reverse_order_then_releases() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(a.ev(op(1, OperatorCommand::StopGroup(g("db")))), vec![stop("app", false)]);
+    assert_eq!(a.ev(stopped("app")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(stopped("ip")), vec![stop("disk", false)]);
+    let cmds = a.ev(stopped("disk"));
+    let [Command::ReleaseLease { token, note, reason, .. }] = cmds.as_slice() else { panic!("{cmds:?}") };
+    assert_eq!((*token, *reason), (LeaseToken(7), ReleaseReason::Stopped));
+    assert_eq!((note.desired, note.desired_seq), (Desired::Stopped(StopCause::Operator), 1));
+    assert_eq!(a.group().not_running, Some(NotRunningReason::OperatorStopped));
+    // Stays stopped; an operator start brings it back.
+    assert_eq!(a.at(100_000, Event::Tick), vec![]);
+    assert_eq!(a.ev(op(2, OperatorCommand::StartGroup(g("db")))), vec![acquire()]);
+}
+
+#[test]
+fn lease_lost_force_stops_at_once_without_release() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(a.ev(Event::LeaseLost { group: g("db") }), vec![stop("app", true)]);
+    assert_eq!(a.ev(stopped("app")), vec![stop("ip", true)]);
+    assert_eq!(a.ev(stopped("ip")), vec![stop("disk", true)]);
+    assert_eq!(a.ev(stopped("disk")), vec![]);
+}
+
+#[test]
+fn lease_lost_while_starting_stops_the_resource_once_its_start_returns() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(a.ev(acquired(3, None)), vec![start("db", "disk", 3)]);
+    assert_eq!(a.ev(Event::LeaseLost { group: g("db") }), vec![]);
+    assert_eq!(a.ev(started("disk")), vec![stop("disk", true)]);
+}
+
+#[test]
+fn confirmed_failure_restarts_the_resource_and_its_dependents_only() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    // disk fails: app depends on it, ip does not.
+    assert_eq!(a.at(1_000, failed("disk")), vec![stop("app", false)]);
+    assert_eq!(a.ev(stopped("app")), vec![stop("disk", false)]);
+    assert_eq!(a.ev(stopped("disk")), vec![start("db", "disk", 7)]);
+    assert_eq!(a.ev(started("disk")), vec![start("db", "app", 7)]);
+    assert_eq!(a.ev(started("app")), vec![]);
+    assert_eq!(a.group().restarts, 1);
+    assert_eq!(a.group().resources[1].state, ResourceState::Started);
+}
+
+#[test]
+fn exhausted_restarts_fail_over_and_mark_the_node() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(a.at(1_000, failed("ip")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(stopped("ip")), vec![start("db", "ip", 7)]);
+    assert_eq!(a.ev(started("ip")), vec![]);
+    // Second failure inside the restart window: fail over.
+    assert_eq!(a.at(2_000, failed("ip")), vec![stop("app", false)]);
+    assert_eq!(a.ev(stopped("app")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(stopped("ip")), vec![stop("disk", false)]);
+    let cmds = a.ev(stopped("disk"));
+    let [Command::ReleaseLease { reason: ReleaseReason::Failover, note, .. }] = cmds.as_slice() else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!((note.failovers, note.failed_on.clone()), (1, vec![n(1)]));
+    // Node 2 is now preferred; node 1 only tries after node 2's turn.
+    assert_eq!(a.at(2_500, Event::Tick), vec![]);
+    assert_eq!(a.group().failovers, 1);
+}
+
+#[test]
+fn restarts_outside_the_window_do_not_accumulate() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(a.at(1_000, failed("ip")), vec![stop("ip", false)]);
+    a.ev(stopped("ip"));
+    a.ev(started("ip"));
+    // 20 s later the first restart left the 10 s window: restart again, no failover.
+    assert_eq!(a.at(21_000, failed("ip")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(stopped("ip")), vec![start("db", "ip", 7)]);
+}
+
+#[test]
+fn the_next_node_takes_a_failed_over_group_at_rank_zero() {
+    let (mut b, cmds) = Node::booted(2, model(db_group(&[1, 2])));
+    assert_eq!(cmds, vec![]);
+    let note = LeaseNote { failovers: 1, failed_on: vec![n(1)], ..LeaseNote::initial(&db_group(&[1, 2])) };
+    assert_eq!(b.at(100, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note) }), vec![acquire()]);
+}
+
+#[test]
+fn stagger_lets_the_preferred_node_go_first() {
+    let (mut b, cmds) = Node::booted(2, model(db_group(&[1, 2])));
+    assert_eq!(cmds, vec![]);
+    assert_eq!(b.at(1_999, Event::Tick), vec![]);
+    assert_eq!(b.at(2_000, Event::Tick), vec![acquire()]);
+    assert_eq!(b.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) }), vec![]);
+    assert_eq!(b.at(60_000, Event::Tick), vec![]);
+    assert_eq!(b.group().location, Some(n(1)));
+}
+
+#[test]
+fn failover_limit_stops_the_group_everywhere_until_reset() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    let note = LeaseNote { failovers: 1, failed_on: vec![n(2)], ..LeaseNote::initial(&db_group(&[1, 2])) };
+    assert_eq!(a.ev(acquired(9, Some(note))), vec![start("db", "disk", 9)]);
+    a.ev(started("disk"));
+    a.ev(started("ip"));
+    a.ev(started("app"));
+    a.at(1_000, failed("app"));
+    a.ev(stopped("app"));
+    a.ev(started("app"));
+    let cmds = a.at(1_500, failed("app"));
+    assert_eq!(
+        cmds,
+        vec![Command::Notify(Notice::FailoverLimitReached { group: g("db"), failovers: 1 }), stop("app", false)]
+    );
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    let [Command::ReleaseLease { reason: ReleaseReason::FailoverLimit, note, .. }] = cmds.as_slice() else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!(note.desired, Desired::Stopped(StopCause::FailoverLimit));
+    let st = a.group();
+    assert_eq!((st.state, st.not_running), (GroupState::Failed, Some(NotRunningReason::FailoverLimitReached)));
+    assert_eq!(a.at(500_000, Event::Tick), vec![]);
+    // The operator reset clears counters and releases the final action.
+    assert_eq!(a.ev(op(4, OperatorCommand::ResetCounters(g("db")))), vec![acquire()]);
+    assert_eq!((a.group().failovers, a.group().failed_on.len()), (0, 0));
+}
+
+#[test]
+fn failover_limit_with_do_nothing_keeps_the_group_where_it_is() {
+    let mut grp = db_group(&[1, 2]);
+    grp.recovery.final_action = FinalAction::DoNothing;
+    grp.recovery.max_restarts = 0;
+    grp.recovery.max_failovers = 0;
+    let (mut a, _) = Node::booted(1, model(grp));
+    a.run_db(7);
+    assert_eq!(
+        a.at(1_000, failed("ip")),
+        vec![Command::Notify(Notice::FailoverLimitReached { group: g("db"), failovers: 0 })]
+    );
+    assert_eq!(a.at(2_000, failed("app")), vec![]);
+    assert_eq!(a.group().state, GroupState::Failed);
+    // Reset: both failed resources restart in place, in reverse then forward order.
+    assert_eq!(a.ev(op(1, OperatorCommand::ResetCounters(g("db")))), vec![stop("app", false)]);
+    assert_eq!(a.ev(stopped("app")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(stopped("ip")), vec![start("db", "ip", 7)]);
+    assert_eq!(a.ev(started("ip")), vec![start("db", "app", 7)]);
+}
+
+#[test]
+fn stop_failures_are_retried_then_the_node_self_fences() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    a.ev(op(1, OperatorCommand::StopGroup(g("db"))));
+    let fail = Event::ResourceStopFailed { group: g("db"), resource: r("app") };
+    assert_eq!(a.ev(fail.clone()), vec![stop("app", false)]);
+    assert_eq!(a.ev(fail), vec![Command::SelfFence { group: g("db"), resource: r("app") }]);
+    // Everything after a self-fence is ignored: no release, no start.
+    assert_eq!(a.ev(stopped("app")), vec![]);
+    assert_eq!(a.ev(op(2, OperatorCommand::StartGroup(g("db")))), vec![]);
+    assert!(a.e.status().self_fenced);
+    assert_eq!(a.group().not_running, Some(NotRunningReason::SelfFenced));
+}
+
+#[test]
+fn takeover_from_a_lost_node_waits_for_outside_fencing_when_required() {
+    let mut grp = db_group(&[1, 2]);
+    grp.placement.require_fencing = true;
+    let (mut b, _) = Node::booted(2, model(grp));
+    b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    assert_eq!(b.group().location, Some(n(1)));
+    assert_eq!(b.at(200, Event::NodeLost(n(1))), vec![Command::RequestFence { node: n(1) }]);
+    assert_eq!(b.group().not_running, Some(NotRunningReason::WaitingForFence(n(1))));
+    // The lease layer saying the lease is dead is not enough, and no repeated requests.
+    assert_eq!(b.at(300, Event::PeerFenced(n(1))), vec![]);
+    assert_eq!(b.at(60_000, Event::Tick), vec![]);
+    assert_eq!(b.at(60_100, Event::FenceConfirmed(n(1))), vec![acquire()]);
+}
+
+#[test]
+fn takeover_without_fencing_lets_the_lease_layer_decide() {
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    assert_eq!(b.at(200, Event::NodeLost(n(1))), vec![acquire()]);
+    assert_eq!(b.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) }), vec![]);
+    assert_eq!(b.at(700, Event::Tick), vec![]);
+    assert_eq!(b.at(1_200, Event::Tick), vec![acquire()]);
+    assert_eq!(b.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) }), vec![]);
+    // The lease layer reports the holder's lease dead: retry at once.
+    assert_eq!(b.at(1_300, Event::PeerFenced(n(1))), vec![acquire()]);
+    b.run_db(2);
+}
+
+#[test]
+fn quorum_loss_stops_and_releases_and_blocks_acquisition() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(a.ev(Event::QuorumLost), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::QuorumLost, .. }]), "{cmds:?}");
+    assert_eq!(a.at(100_000, Event::Tick), vec![]);
+    assert_eq!(a.group().not_running, Some(NotRunningReason::NoQuorum));
+    assert_eq!(a.at(100_001, Event::QuorumRegained), vec![acquire()]);
+}
+
+#[test]
+fn resources_found_running_are_adopted_under_a_new_lease() {
+    let mut e = Engine::new(n(1), model(db_group(&[1, 2]))).unwrap();
+    e.startup(0);
+    e.handle(0, Event::ProbeResult { group: g("db"), resource: r("disk"), running: true });
+    e.handle(0, Event::ProbeResult { group: g("db"), resource: r("ip"), running: false });
+    let cmds = e.handle(0, Event::ProbeResult { group: g("db"), resource: r("app"), running: true });
+    assert_eq!(cmds, vec![acquire()]);
+    assert_eq!(
+        e.handle(1, acquired(4, None)),
+        vec![
+            Command::AdoptResource { group: g("db"), resource: r("disk"), token: LeaseToken(4) },
+            Command::AdoptResource { group: g("db"), resource: r("app"), token: LeaseToken(4) },
+            start("db", "ip", 4),
+        ]
+    );
+}
+
+#[test]
+fn resources_found_running_under_someone_elses_lease_are_killed() {
+    let mut e = Engine::new(n(2), model(db_group(&[1, 2]))).unwrap();
+    e.startup(0);
+    e.handle(0, Event::ProbeResult { group: g("db"), resource: r("disk"), running: true });
+    e.handle(0, Event::ProbeResult { group: g("db"), resource: r("ip"), running: true });
+    e.handle(0, Event::ProbeResult { group: g("db"), resource: r("app"), running: false });
+    let cmds = e.handle(1, Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) });
+    assert_eq!(cmds, vec![stop("ip", true)]);
+    assert_eq!(e.handle(2, stopped("ip")), vec![stop("disk", true)]);
+    assert_eq!(e.handle(3, stopped("disk")), vec![]);
+}
+
+#[test]
+fn operator_move_hands_off_to_the_target_which_goes_first() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2, 3])));
+    a.run_db(7);
+    let mv = op(5, OperatorCommand::MoveGroup { group: g("db"), to: n(3) });
+    assert_eq!(a.ev(mv.clone()), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    let [Command::ReleaseLease { reason: ReleaseReason::Handoff { to }, note, .. }] = cmds.as_slice() else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!((*to, note.preferred), (n(3), Some(n(3))));
+    // Node 3 received the same command; once it sees the lease free it asks at once.
+    let (mut c, cmds) = Node::booted(3, model(db_group(&[1, 2, 3])));
+    assert_eq!(cmds, vec![]);
+    c.at(50, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    assert_eq!(c.ev(mv), vec![]);
+    assert_eq!(
+        c.at(90, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) }),
+        vec![acquire()]
+    );
+}
+
+#[test]
+fn a_move_racing_a_failover_redirects_it() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2, 3])));
+    a.run_db(7);
+    a.at(1_000, failed("ip"));
+    a.ev(stopped("ip"));
+    a.ev(started("ip"));
+    assert_eq!(a.at(1_500, failed("ip")), vec![stop("app", false)]);
+    // The move arrives while the failover is stopping the group.
+    assert_eq!(a.ev(op(3, OperatorCommand::MoveGroup { group: g("db"), to: n(3) })), vec![]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    let [Command::ReleaseLease { reason: ReleaseReason::Failover, note, .. }] = cmds.as_slice() else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!((note.preferred, note.failovers, note.desired_seq), (Some(n(3)), 1, 3));
+}
+
+#[test]
+fn auto_failback_returns_the_group_to_the_preferred_node_manual_does_not() {
+    for (failback, expect_handoff) in [(Failback::Auto, true), (Failback::Manual, false)] {
+        let mut grp = db_group(&[1, 2]);
+        grp.placement.failback = failback;
+        let (mut b, _) = Node::booted(2, model(grp));
+        b.at(10, Event::NodeLost(n(1)));
+        b.run_db(3);
+        let cmds = b.at(5_000, Event::NodeJoined(n(1)));
+        if expect_handoff {
+            assert_eq!(cmds, vec![stop("app", false)]);
+            b.ev(stopped("app"));
+            b.ev(stopped("ip"));
+            let cmds = b.ev(stopped("disk"));
+            assert!(
+                matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Handoff { to }, .. }] if *to == n(1))
+            );
+        } else {
+            assert_eq!(cmds, vec![]);
+            assert_eq!(b.group().state, GroupState::Started);
+        }
+    }
+}
+
+#[test]
+fn not_auto_started_groups_wait_for_an_operator() {
+    let mut grp = db_group(&[1, 2]);
+    grp.placement.start_on_cluster_start = false;
+    let (mut a, cmds) = Node::booted(1, model(grp));
+    assert_eq!(cmds, vec![]);
+    assert_eq!(a.group().not_running, Some(NotRunningReason::NotAutoStarted));
+    assert_eq!(a.ev(op(1, OperatorCommand::StartGroup(g("db")))), vec![acquire()]);
+}
+
+#[test]
+fn suspended_monitoring_ignores_failures() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    a.ev(op(1, OperatorCommand::SuspendMonitoring(g("db"))));
+    assert_eq!(a.ev(failed("disk")), vec![]);
+    assert!(a.group().monitoring_suspended);
+    a.ev(op(2, OperatorCommand::ResumeMonitoring(g("db"))));
+    assert_eq!(a.ev(failed("disk")), vec![stop("app", false)]);
+}
+
+#[test]
+fn bad_operator_commands_are_rejected_with_a_reason() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    let cmds = a.ev(op(1, OperatorCommand::StopGroup(g("nope"))));
+    assert!(
+        matches!(&cmds[..], [Command::Notify(Notice::OperatorRejected { seq: 1, reason })] if reason.contains("nope"))
+    );
+    let cmds = a.ev(op(2, OperatorCommand::MoveGroup { group: g("db"), to: n(3) }));
+    assert!(
+        matches!(&cmds[..], [Command::Notify(Notice::OperatorRejected { seq: 2, reason })] if reason.contains("not eligible"))
+    );
+}
+
+#[test]
+fn an_unexpected_grant_is_given_back() {
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    let cmds = b.ev(acquired(11, None));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { token: LeaseToken(11), .. }]), "{cmds:?}");
+}
+
+#[test]
+fn older_operator_commands_lose_to_newer_ones() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(a.ev(op(5, OperatorCommand::StartGroup(g("db")))), vec![]);
+    // A stop with an older sequence number arrives late: ignored.
+    assert_eq!(a.ev(op(4, OperatorCommand::StopGroup(g("db")))), vec![]);
+    assert_eq!(a.group().state, GroupState::Started);
+}
+
+#[test]
+fn a_failure_while_adopting_restarts_the_resource_under_the_new_lease() {
+    let mut e = Engine::new(n(1), model(db_group(&[1, 2]))).unwrap();
+    e.startup(0);
+    for res in ["disk", "ip", "app"] {
+        e.handle(0, Event::ProbeResult { group: g("db"), resource: r(res), running: true });
+    }
+    assert_eq!(e.handle(1, failed("disk")), vec![]);
+    assert_eq!(
+        e.handle(2, acquired(4, None)),
+        vec![
+            Command::AdoptResource { group: g("db"), resource: r("disk"), token: LeaseToken(4) },
+            Command::AdoptResource { group: g("db"), resource: r("ip"), token: LeaseToken(4) },
+            Command::AdoptResource { group: g("db"), resource: r("app"), token: LeaseToken(4) },
+            stop("app", false),
+        ]
+    );
+    assert_eq!(e.handle(3, stopped("app")), vec![stop("disk", false)]);
+    assert_eq!(e.handle(4, stopped("disk")), vec![start("db", "disk", 4)]);
+}
+
+#[test]
+fn lease_lost_while_acquiring_waits_for_the_pending_answer() {
+    let (mut a, cmds) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(cmds, vec![acquire()]);
+    // A LeaseLost about an earlier holding must not trigger a second request.
+    assert_eq!(a.at(100, Event::LeaseLost { group: g("db") }), vec![]);
+    assert_eq!(a.at(5_000, Event::Tick), vec![]);
+    a.run_db(2);
+}
+
+#[test]
+fn a_newer_grant_of_a_held_lease_re_stamps_what_runs() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(a.ev(acquired(2, None)), vec![start("db", "disk", 2)]);
+    a.ev(started("disk"));
+    let cmds = a.ev(acquired(3, None));
+    assert_eq!(
+        cmds,
+        vec![
+            Command::AdoptResource { group: g("db"), resource: r("disk"), token: LeaseToken(3) },
+            Command::AdoptResource { group: g("db"), resource: r("ip"), token: LeaseToken(3) },
+        ]
+    );
+    assert_eq!(a.ev(started("ip")), vec![start("db", "app", 3)]);
+}
+
+#[test]
+fn a_stale_read_of_our_own_past_lease_is_not_a_reclaim() {
+    let mut grp = db_group(&[3, 1]);
+    grp.placement.failback = Failback::Auto;
+    let (mut a, _) = Node::booted(1, model(grp));
+    a.at(10, Event::NodeLost(n(3)));
+    a.at(1_000, Event::Tick);
+    a.run_db(5);
+    assert_eq!(a.at(2_000, Event::NodeJoined(n(3))), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Handoff { .. }, .. }]));
+    // A lease read taken before the release arrives late and names us: node 3 goes first.
+    assert_eq!(a.at(2_100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None }), vec![]);
+    assert_eq!(a.at(4_099, Event::Tick), vec![]);
+    // Node 3 never took it: one stagger (2 s) after we saw it free we take it back, and keep it.
+    assert_eq!(a.at(4_100, Event::Tick), vec![acquire()]);
+    a.run_db(6);
+    assert_eq!(a.at(10_000, Event::Tick), vec![]);
+}
+
+#[test]
+fn a_restarted_agent_reclaims_the_lease_its_previous_incarnation_held() {
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    // The lease names this node, but this engine never asked for it.
+    assert_eq!(b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(2)), note: None }), vec![acquire()]);
+}
+
+#[test]
+fn a_group_left_failed_can_still_be_stopped_or_moved_by_an_operator() {
+    let mut grp = db_group(&[1, 2]);
+    grp.recovery.final_action = FinalAction::DoNothing;
+    grp.recovery.max_restarts = 0;
+    grp.recovery.max_failovers = 0;
+    let (mut a, _) = Node::booted(1, model(grp.clone()));
+    a.run_db(7);
+    a.at(1_000, failed("ip"));
+    assert_eq!(a.group().state, GroupState::Failed);
+    assert_eq!(a.ev(op(1, OperatorCommand::StopGroup(g("db")))), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Stopped, .. }]), "{cmds:?}");
+
+    let (mut a, _) = Node::booted(1, model(grp));
+    a.run_db(7);
+    a.at(1_000, failed("ip"));
+    assert_eq!(a.ev(op(1, OperatorCommand::MoveGroup { group: g("db"), to: n(2) })), vec![stop("app", false)]);
+}
+
+#[test]
+fn a_stop_racing_a_start_lets_the_start_finish_then_stops_in_reverse() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(a.ev(acquired(2, None)), vec![start("db", "disk", 2)]);
+    a.ev(started("disk"));
+    assert_eq!(a.ev(op(1, OperatorCommand::StopGroup(g("db")))), vec![]);
+    assert_eq!(a.group().state, GroupState::Stopping);
+    assert_eq!(a.ev(started("ip")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(stopped("ip")), vec![stop("disk", false)]);
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Stopped, .. }]), "{cmds:?}");
+}
+
+#[test]
+fn a_grant_arriving_without_quorum_is_released_untouched() {
+    let (mut a, cmds) = Node::booted(1, model(db_group(&[1, 2])));
+    assert_eq!(cmds, vec![acquire()]);
+    assert_eq!(a.ev(Event::QuorumLost), vec![]);
+    let cmds = a.ev(acquired(2, None));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::QuorumLost, .. }]), "{cmds:?}");
+}
+
+#[test]
+fn a_stable_run_clears_the_failover_history() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    let note = LeaseNote { failovers: 1, failed_on: vec![n(2)], ..LeaseNote::initial(&db_group(&[1, 2])) };
+    a.ev(acquired(9, Some(note)));
+    a.ev(started("disk"));
+    a.ev(started("ip"));
+    a.ev(started("app"));
+    assert_eq!(a.group().failovers, 1);
+    // The failover window is 60 s: one tick past it resets the count.
+    a.at(59_999, Event::Tick);
+    assert_eq!(a.group().failovers, 1);
+    a.at(60_000, Event::Tick);
+    assert_eq!((a.group().failovers, a.group().failed_on.len()), (0, 0));
+    // So the next exhausted restart fails over instead of taking the final action.
+    a.at(61_000, failed("ip"));
+    a.ev(stopped("ip"));
+    a.ev(started("ip"));
+    assert_eq!(a.at(62_000, failed("ip")), vec![stop("app", false)]);
+}
+
+#[test]
+fn status_says_where_a_group_runs_and_why_it_waits() {
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    let st = b.group();
+    assert_eq!((st.state, st.location, st.not_running), (GroupState::Started, Some(n(1)), None));
+    // Lost holder, no fencing required: the lease layer has not let go yet.
+    b.at(200, Event::NodeLost(n(1)));
+    b.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) });
+    let st = b.group();
+    assert_eq!((st.state, st.not_running), (GroupState::Blocked, Some(NotRunningReason::WaitingForLease(n(1)))));
+}
