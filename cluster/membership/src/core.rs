@@ -536,7 +536,7 @@ impl Membership {
 
         // 2. Isolation: no peer up and no ping target reachable.
         let any_peer_up = self.peers.values().any(|p| p.links.iter().any(|l| l.status == LinkStatus::Up));
-        let any_target = self.ping.iter().any(|r| *r == Some(true));
+        let any_target = self.ping.contains(&Some(true));
         let isolated = grace_over && !self.ping.is_empty() && !any_peer_up && !any_target;
         if isolated != self.isolated {
             self.isolated = isolated;

@@ -11,6 +11,10 @@
 //! docs/membership.md describes the model, the timing and the quorum rules.
 
 pub mod core;
+#[cfg(feature = "runtime")]
+pub mod runtime;
+#[cfg(feature = "runtime")]
+pub mod wire;
 
 pub use crate::core::{
     ConfigError, CoreCounters, DiskStatus, Input, LinkStatus, Membership, MembershipConfig, MembershipEvent,
