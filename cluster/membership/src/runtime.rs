@@ -257,7 +257,21 @@ impl MembershipHandle {
         }
     }
 
-    /// Stops everything: peers will see this node go silent on every link.
+    /// Stops everything and waits until every socket is closed, so the
+    /// addresses can be bound again (an agent restart).
+    pub async fn stop(mut self) {
+        let tasks: Vec<_> = self.links.iter_mut().filter_map(Option::take).chain(self.others.drain(..)).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            // Aborted tasks end with a cancellation error; that is the point.
+            let _ = t.await;
+        }
+    }
+
+    /// Stops everything without waiting: peers will see this node go silent
+    /// on every link; the sockets close as soon as the tasks notice.
     pub fn shutdown(&mut self) {
         for link in 0..self.links.len() {
             self.close_link(link);
