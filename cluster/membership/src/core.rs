@@ -414,6 +414,14 @@ impl Membership {
             .collect()
     }
 
+    /// Whether the disk tie-break decides quorum right now: a lease disk is
+    /// configured, this node is not isolated and exactly half of the votes are
+    /// reachable. The agent should contend for the tie-break lease only then
+    /// (and release it when this turns false without quorum, or when isolated).
+    pub fn tie_break_relevant(&self) -> bool {
+        self.config.lease_disk && !self.isolated && self.reachable_votes() * 2 == self.total_votes
+    }
+
     /// The votes of this node plus those of the peers that are up.
     pub fn reachable_votes(&self) -> u64 {
         u64::from(self.own_votes)

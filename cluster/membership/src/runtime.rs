@@ -133,6 +133,9 @@ pub struct Snapshot {
     pub quorum: bool,
     /// Whether this node considers itself isolated.
     pub isolated: bool,
+    /// Whether the disk tie-break decides quorum now (see
+    /// [`Membership::tie_break_relevant`]).
+    pub tie_break_relevant: bool,
     /// Heartbeats the core refused (replays, unknown senders).
     pub core: CoreCounters,
 }
@@ -409,6 +412,7 @@ async fn core_task(
                 peers: core.peers(),
                 quorum: core.has_quorum(),
                 isolated: core.is_isolated(),
+                tie_break_relevant: core.tie_break_relevant(),
                 core: core.counters(),
             };
             let changed = *v != next;

@@ -247,6 +247,7 @@ fn two_node_tie_break_decides_and_can_be_lost() {
     let ev = s.run(500, 2000, &[], &[]);
     assert!(ev.contains(&E::QuorumLost), "{ev:?}");
     assert!(ev.contains(&E::NodePartitioned { node: NodeId(2) }));
+    assert!(s.m.tie_break_relevant());
     let ev = s.m.handle(2000, Input::TieBreak { won: true });
     assert_eq!(ev, vec![E::QuorumRegained]);
     let ev = s.m.handle(2100, Input::TieBreak { won: false });
@@ -254,6 +255,7 @@ fn two_node_tie_break_decides_and_can_be_lost() {
     // With the peer back, the tie-break no longer matters.
     let ev = s.hb(2200, 2, 0);
     assert!(ev.contains(&E::QuorumRegained), "{ev:?}");
+    assert!(!s.m.tie_break_relevant());
 }
 
 #[test]
