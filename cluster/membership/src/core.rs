@@ -97,6 +97,16 @@ pub enum ConfigError {
         /// The configured interval.
         interval_ms: u64,
     },
+    /// The link timeout is not shorter than the lease host-dead time.
+    #[error(
+        "membership: link_timeout_ms ({timeout_ms}) must be shorter than the lease host-dead time ({host_dead_ms} ms); lower the link timeout or raise the lease timeouts"
+    )]
+    TimeoutNotBelowLease {
+        /// The configured link timeout.
+        timeout_ms: u64,
+        /// The lease layer's host-dead time.
+        host_dead_ms: u64,
+    },
 }
 
 impl MembershipConfig {
@@ -138,6 +148,17 @@ impl MembershipConfig {
                 timeout_ms: self.link_timeout_ms,
                 interval_ms: self.heartbeat_interval_ms,
             });
+        }
+        Ok(())
+    }
+
+    /// Checks the link timeout against the lease layer's host-dead time:
+    /// the network must detect a silent node (and the minority lose quorum)
+    /// before the disk may declare it dead, or detection gains nothing and a
+    /// takeover could start before the other side noticed the partition.
+    pub fn validate_against_lease(&self, host_dead_ms: u64) -> Result<(), ConfigError> {
+        if self.link_timeout_ms >= host_dead_ms {
+            return Err(ConfigError::TimeoutNotBelowLease { timeout_ms: self.link_timeout_ms, host_dead_ms });
         }
         Ok(())
     }

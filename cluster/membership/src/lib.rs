@@ -10,6 +10,8 @@
 //!
 //! docs/membership.md describes the model, the timing and the quorum rules.
 
+#![warn(missing_docs)]
+
 pub mod core;
 #[cfg(feature = "runtime")]
 pub mod runtime;

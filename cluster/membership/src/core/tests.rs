@@ -83,6 +83,10 @@ fn config_validation_names_the_problem() {
     assert!(matches!(c.validate(), Err(ConfigError::DuplicateAddress(_))));
     assert_eq!(config(1, &[0, 0], 1, false, 0).validate(), Err(ConfigError::NoVotes));
     assert_eq!(config(1, &[1], 0, false, 0).validate(), Err(ConfigError::NoLinks));
+    let c = config(1, &[1, 1], 2, true, 0);
+    assert_eq!(c.validate_against_lease(TIMEOUT + 1), Ok(()));
+    let e = c.validate_against_lease(TIMEOUT).unwrap_err();
+    assert!(e.to_string().contains("shorter than the lease host-dead time (1000 ms)"), "{e}");
 }
 
 #[test]
