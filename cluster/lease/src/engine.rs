@@ -224,6 +224,8 @@ pub struct HeldLease {
     pub slot: u32,
     /// Fencing token.
     pub token: Token,
+    /// Acquisition id in the chosen value.
+    pub acquisition: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -250,6 +252,7 @@ pub struct HostState {
     lost: Option<String>,
     held: BTreeMap<String, HeldLease>,
     watches: HashMap<HostId, Watch>,
+    acquisitions: u64,
     #[cfg(test)]
     pub(crate) unsafe_skip_dead_wait: bool,
 }
@@ -268,6 +271,7 @@ impl HostState {
             lost: None,
             held: BTreeMap::new(),
             watches: HashMap::new(),
+            acquisitions: 0,
             #[cfg(test)]
             unsafe_skip_dead_wait: false,
         })
@@ -367,6 +371,12 @@ impl HostState {
     fn sector(&self) -> u64 {
         self.header.sector_size as u64
     }
+
+    /// A fresh acquisition id: random base (the join's incarnation) + counter.
+    fn next_acquisition(&mut self) -> u64 {
+        self.acquisitions += 1;
+        self.joined.as_ref().map_or(0, |j| j.record.incarnation).wrapping_add(self.acquisitions)
+    }
 }
 
 /// A lease operation, driven by [`Operation::resume`].
@@ -431,6 +441,7 @@ enum JoinPhase {
     Writing,
     Settling,
     Verifying,
+    FirstRenewal,
 }
 
 /// Joins the lockspace under the host's id (delta-lease acquisition).
@@ -439,8 +450,10 @@ enum JoinPhase {
 /// [`OpError::HostIdInUse`] if it changes; writes a live record with the
 /// next generation and a random incarnation; waits `2I` for racing joiners'
 /// writes to land; re-reads and fails with [`OpError::JoinRace`] unless the
-/// slot still holds our record. On success the host lease is valid from the
-/// start of our write. Output: the new generation.
+/// slot still holds our record; then renews once at once (the settle wait
+/// used most of the join write's validity, `K > 2I` is required). On
+/// success the host lease is valid from the start of that renewal write.
+/// Output: the new generation.
 #[derive(Debug)]
 pub struct JoinOp {
     incarnation: u64,
@@ -555,9 +568,31 @@ impl JoinOp {
                 if DeltaRecord::decode(&bytes).ok().as_ref() != Some(&rec) {
                     return Err(OpError::JoinRace { host_id: host.host_id });
                 }
+                // The settle wait used most of the validity the join write gave us: renew at once,
+                // and only if that write is still inside it (so observers cannot have judged the
+                // new incarnation dead in between).
                 let write_start = self.watch.expect("set when settling").first_seen;
+                if now.since(write_start) >= host.header.timeouts.fence_ms {
+                    return Err(OpError::Io {
+                        what: what(),
+                        detail: format!(
+                            "join took {} ms, past the fence deadline; retry (the disk is too slow for these timeouts)",
+                            now.since(write_start)
+                        ),
+                    });
+                }
+                let renewed = DeltaRecord { renew_seq: rec.renew_seq + 1, timestamp_ms: now.0, ..rec };
+                let data = to_sector(&renewed.encode(), host.header.sector_size);
+                self.record = Some(renewed);
+                self.phase = JoinPhase::FirstRenewal;
+                self.issued = now;
+                Ok(Step::Io(IoRequest::Write { offset: host.header.layout().delta_offset(host.host_id), data }))
+            }
+            JoinPhase::FirstRenewal => {
+                completed(host, input, self.issued, now, what)?;
+                let rec = self.record.clone().expect("written");
                 let generation = rec.generation;
-                host.joined = Some(Joined { record: rec, renewed_at: write_start });
+                host.joined = Some(Joined { record: rec, renewed_at: self.issued });
                 host.require_valid(now)?;
                 Ok(Step::Done(Ok(generation)))
             }
@@ -704,6 +739,7 @@ pub struct AcquireOp {
     chosen: Option<LeaseValue>,
     own_ballot: Option<BallotRecord>,
     stash: Option<Vec<BallotRecord>>,
+    acquisition: u64,
 }
 
 /// How many times one acquisition re-evaluates a slot after learning a
@@ -726,11 +762,17 @@ impl AcquireOp {
             chosen: None,
             own_ballot: None,
             stash: None,
+            acquisition: 0,
         }
     }
 
     fn our_value(&self, host: &HostState) -> LeaseValue {
-        LeaseValue { owner: host.host_id, generation: host.generation().unwrap_or(0), name: self.name.clone() }
+        LeaseValue {
+            owner: host.host_id,
+            generation: host.generation().unwrap_or(0),
+            acquisition: self.acquisition,
+            name: self.name.clone(),
+        }
     }
 
     fn read_slot(&mut self, host: &HostState, now: Millis) -> Step<Result<Token, OpError>> {
@@ -930,6 +972,7 @@ impl AcquireOp {
                     return Err(OpError::AlreadyHeld { name: self.name.clone(), token: h.token });
                 }
                 self.slot = host.header.layout().home_slot(&self.name);
+                self.acquisition = host.next_acquisition();
                 Ok(self.read_slot(host, now))
             }
             AcquirePhase::ReadSlot => {
@@ -1038,12 +1081,14 @@ impl AcquireOp {
                 if value.name != self.name {
                     return self.next_probe(host, now);
                 }
-                if value == self.our_value(host) {
+                // Ours only if it is this attempt's value (not an older attempt's, nor a value we
+                // merely learned for a version that was decided before).
+                if self.proposal.is_some() && value == self.our_value(host) {
                     // Only believe it if the host lease is still valid now: a pause during the
                     // ballot may have let others judge us dead.
                     host.require_valid(now)?;
                     let token = Token(self.lver);
-                    host.held.insert(self.name.clone(), HeldLease { slot, token });
+                    host.held.insert(self.name.clone(), HeldLease { slot, token, acquisition: self.acquisition });
                     return Ok(Step::Done(Ok(token)));
                 }
                 // Someone else's value was chosen (we completed their ballot): look again.
@@ -1092,6 +1137,7 @@ impl ReleaseOp {
                 let value = LeaseValue {
                     owner: host.host_id,
                     generation: host.generation().unwrap_or(0),
+                    acquisition: held.acquisition,
                     name: self.name.clone(),
                 };
                 let leader = LeaderRecord {

@@ -19,7 +19,8 @@ pub mod engine;
 pub mod format;
 pub mod host;
 pub mod lockspace;
-
+#[cfg(test)]
+mod sim;
 
 pub use clock::{Millis, monotonic_now};
 pub use config::{ConfigError, Timeouts};
