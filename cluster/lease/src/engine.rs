@@ -1175,8 +1175,8 @@ impl Operation for ReleaseOp {
 /// Leaves the lockspace cleanly: forgets every resource lease, then writes
 /// the delta slot as free (only while the host lease is valid), so that the
 /// next joiner of this host id need not wait `T`. Resource leases still
-/// recorded as held by this generation become free at once for others
-/// (different generation in the slot). Output: nothing.
+/// recorded as held by this host become free at once for others (its slot
+/// says it left). Output: nothing.
 #[derive(Debug, Default)]
 pub struct LeaveOp {
     issued: Option<Millis>,
