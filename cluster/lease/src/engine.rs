@@ -1216,3 +1216,152 @@ impl Operation for LeaveOp {
         self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Operations tested by the requests they emit, without any disk or clock.
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            sector_size: 512,
+            host_slots: 3,
+            resource_slots: 2,
+            timeouts: Timeouts::from_renewal_ms(100), // I 150, K 350, T 650
+            area_id: 9,
+            cluster_id: "t".into(),
+        }
+    }
+
+    fn sector(rec: [u8; RECORD_LEN]) -> Vec<u8> {
+        to_sector(&rec, 512)
+    }
+
+    /// A host joined at local time `at` (drives a JoinOp over a free slot).
+    fn joined(at: u64) -> HostState {
+        let mut h = HostState::new(header(), 2).unwrap();
+        let mut op = JoinOp::new(0xabc);
+        let t = Millis(at);
+        assert_eq!(
+            op.resume(&mut h, Input::Start, t),
+            Step::Io(IoRequest::Read { offset: 1024, len: 512 }),
+            "reads its own slot (host 2 = sector 2)"
+        );
+        let free = sector(DeltaRecord::free(9, 2).encode());
+        let Step::Io(IoRequest::Write { offset: 1024, data }) =
+            op.resume(&mut h, Input::Io(IoCompletion::Read(free)), t)
+        else {
+            panic!("a free slot is written at once")
+        };
+        let written = DeltaRecord::decode(&data).unwrap();
+        assert_eq!((written.generation, written.incarnation, written.state), (1, 0xabc, DeltaState::Live));
+        // Settle 2I + 1 = 301 ms, then verify.
+        assert_eq!(op.resume(&mut h, Input::Io(IoCompletion::Written), t + 5), Step::SleepUntil(t + 306));
+        assert!(matches!(op.resume(&mut h, Input::Wake, t + 306), Step::Io(IoRequest::Read { offset: 1024, .. })));
+        let Step::Io(IoRequest::Write { data: renewed, .. }) =
+            op.resume(&mut h, Input::Io(IoCompletion::Read(data)), t + 307)
+        else {
+            panic!("renews after verifying")
+        };
+        assert_eq!(DeltaRecord::decode(&renewed).unwrap().renew_seq, 1);
+        assert_eq!(op.resume(&mut h, Input::Io(IoCompletion::Written), t + 308), Step::Done(Ok(1)));
+        assert_eq!(h.valid_until(), Some(t + 307 + 350), "valid from the start of the renewal write");
+        h
+    }
+
+    #[test]
+    fn join_then_renew_extends_validity_from_the_write_start() {
+        let mut h = joined(1000);
+        let mut op = RenewOp::new();
+        assert!(matches!(op.resume(&mut h, Input::Start, Millis(1400)), Step::Io(IoRequest::Read { .. })));
+        let mine = h.joined.as_ref().unwrap().record.encode();
+        let Step::Io(IoRequest::Write { .. }) =
+            op.resume(&mut h, Input::Io(IoCompletion::Read(sector(mine))), Millis(1410))
+        else {
+            panic!("writes")
+        };
+        assert_eq!(op.resume(&mut h, Input::Io(IoCompletion::Written), Millis(1500)), Step::Done(Ok(Millis(1760))));
+    }
+
+    #[test]
+    fn renewal_after_the_fence_deadline_is_refused_without_io() {
+        let mut h = joined(1000);
+        h.held.insert("db".into(), HeldLease { slot: 0, token: Token(4), acquisition: 1 });
+        assert_eq!(h.holds("db", Millis(1656)), Some(Token(4)));
+        // Deadline 1657: a host that was paused until then must not write.
+        let step = RenewOp::new().resume(&mut h, Input::Start, Millis(1657));
+        assert!(matches!(step, Step::Done(Err(OpError::Lost { .. }))), "{step:?}");
+        assert_eq!(h.holds("db", Millis(1500)), None, "a lost lease is never valid again");
+        assert!(h.held().is_empty());
+    }
+
+    #[test]
+    fn late_completions_are_discarded() {
+        let mut h = joined(1000);
+        let mut op = RenewOp::new();
+        op.resume(&mut h, Input::Start, Millis(1400));
+        let mine = sector(h.joined.as_ref().unwrap().record.encode());
+        // 151 ms > I = 150 ms: the read result is not used.
+        let step = op.resume(&mut h, Input::Io(IoCompletion::Read(mine)), Millis(1551));
+        assert!(matches!(step, Step::Done(Err(OpError::TimedOut { elapsed_ms: 151, .. }))), "{step:?}");
+        assert_eq!(h.valid_until(), Some(Millis(1657)), "validity unchanged");
+    }
+
+    #[test]
+    fn a_foreign_record_in_our_slot_loses_the_lease() {
+        let mut h = joined(1000);
+        let mut op = RenewOp::new();
+        op.resume(&mut h, Input::Start, Millis(1400));
+        let other = DeltaRecord { incarnation: 0x999, ..h.joined.as_ref().unwrap().record.clone() };
+        let step = op.resume(&mut h, Input::Io(IoCompletion::Read(sector(other.encode()))), Millis(1401));
+        assert!(matches!(step, Step::Done(Err(OpError::Lost { .. }))), "{step:?}");
+        assert!(!h.is_valid(Millis(1402)));
+    }
+
+    #[test]
+    fn acquire_waits_for_a_live_owner_to_stay_unchanged_for_t() {
+        let mut h = joined(1000);
+        let layout = h.header.layout();
+        let owner = LeaseValue { owner: 1, generation: 5, acquisition: 1, name: "db".into() };
+        let slot = layout.home_slot("db");
+        let mut area = sector(
+            LeaderRecord { area_id: 9, slot, state: LeaderState::Held, lver: 7, value: owner, timestamp_ms: 0 }
+                .encode(),
+        );
+        for host in 1..=3 {
+            area.extend(sector(BallotRecord { lver: 7, ..BallotRecord::empty(9, slot, host) }.encode()));
+        }
+        let owner_slot = sector(
+            DeltaRecord { state: DeltaState::Live, generation: 5, incarnation: 1, ..DeltaRecord::free(9, 1) }.encode(),
+        );
+        let attempt = |h: &mut HostState, t: u64| {
+            let mut op = AcquireOp::new("db");
+            assert_eq!(
+                op.resume(h, Input::Start, Millis(t)),
+                Step::Io(IoRequest::Read { offset: layout.leader_offset(slot), len: layout.resource_len() })
+            );
+            assert_eq!(
+                op.resume(h, Input::Io(IoCompletion::Read(area.clone())), Millis(t)),
+                Step::Io(IoRequest::Read { offset: layout.delta_offset(1), len: 512 })
+            );
+            op.resume(h, Input::Io(IoCompletion::Read(owner_slot.clone())), Millis(t + 1))
+        };
+        // First sight at 1400: busy until 1401 + 650.
+        match attempt(&mut h, 1400) {
+            Step::Done(Err(OpError::Busy { owner: 1, token: Token(7), dead_no_earlier_than, .. })) => {
+                assert_eq!(dead_no_earlier_than, Millis(2051))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Keep our own lease valid, then look again after T: unchanged, so a ballot for version 8 starts.
+        h.joined.as_mut().unwrap().renewed_at = Millis(2000);
+        match attempt(&mut h, 2050) {
+            Step::Io(IoRequest::Write { offset, data }) => {
+                assert_eq!(offset, layout.ballot_offset(slot, 2));
+                let b = BallotRecord::decode(&data).unwrap();
+                assert_eq!((b.lver, b.bal, b.mbal % 4), (8, 0, 2), "phase 1 for version 8, our ballot number");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
