@@ -47,6 +47,9 @@ pub(crate) struct SimConfig {
     pub drift_ppm: i64,
     /// Test-only: skip the host-dead wait (must be caught by the checker).
     pub unsafe_skip_dead_wait: bool,
+    /// Test-only: a holder ignores its fence deadline, e.g. after a pause
+    /// (must be caught by the checker).
+    pub unsafe_ignore_fence_deadline: bool,
 }
 
 impl SimConfig {
@@ -66,6 +69,7 @@ impl SimConfig {
             pause_rate: 0.08,
             drift_ppm: 5_000,
             unsafe_skip_dead_wait: false,
+            unsafe_ignore_fence_deadline: false,
         }
     }
 
@@ -83,6 +87,7 @@ impl SimConfig {
             pause_rate: 0.0,
             drift_ppm: 2_000,
             unsafe_skip_dead_wait: false,
+            unsafe_ignore_fence_deadline: false,
         }
     }
 }
@@ -472,6 +477,7 @@ impl Sim {
                 h.up = true;
                 let mut st = HostState::new(self.header.clone(), host as u32 + 1).expect("valid host id");
                 st.unsafe_skip_dead_wait = self.cfg.unsafe_skip_dead_wait;
+                st.unsafe_ignore_fence_deadline = self.cfg.unsafe_ignore_fence_deadline;
                 h.state = Some(st);
                 h.worker = Some(WorkerOp::Join(JoinOp::new(self.rng.random())));
                 self.note(format!("host {} start, joining", host + 1));
@@ -838,7 +844,24 @@ mod tests {
     fn weakened_rule_is_caught_by_the_checker() {
         // Skipping the host-dead wait must produce a double holder: proof that the checker can fail.
         let caught = (0..50).filter(|&seed| run_seed(seed, |c| c.unsafe_skip_dead_wait = true).is_err()).count();
-        assert!(caught >= 10, "only {caught} of 50 seeds caught the unsafe rule");
+        eprintln!("skipped host-dead wait caught in {caught} of 50 seeds");
+        assert!(caught >= 40, "only {caught} of 50 seeds caught the unsafe rule");
+    }
+
+    #[test]
+    fn holder_ignoring_its_fence_deadline_is_caught_by_the_checker() {
+        // A paused holder that resumes and trusts its stale belief must show up as a double holder.
+        let caught = (0..100)
+            .filter(|&seed| {
+                run_seed(seed, |c| {
+                    c.unsafe_ignore_fence_deadline = true;
+                    c.pause_rate = 0.3;
+                })
+                .is_err()
+            })
+            .count();
+        eprintln!("ignored fence deadline caught in {caught} of 100 seeds");
+        assert!(caught >= 20, "only {caught} of 100 seeds caught the unsafe rule");
     }
 }
 #[cfg(test)]
