@@ -16,7 +16,9 @@ pub mod clock;
 pub mod config;
 pub mod disk;
 pub mod engine;
+pub mod fence;
 pub mod format;
+pub mod guard;
 pub mod host;
 pub mod lockspace;
 #[cfg(test)]
