@@ -341,6 +341,46 @@ impl GuardHandle {
         pipe.write_all(line.as_bytes()).map_err(err)
     }
 
+    /// Makes `cmd`'s child put itself in a process group of its own and register that group with
+    /// this guard *before* it execs, so the program never runs unguarded (not even if the agent
+    /// dies between `spawn` and a later [`GuardHandle::register`]). Unregister with the child's pid.
+    pub fn register_in_child(&self, cmd: &mut Command) {
+        let fd = self.pipe.as_ref().map_or(-1, |p| p.as_raw_fd());
+        let hook = move || -> io::Result<()> {
+            // Only async-signal-safe calls here: this runs between fork and exec.
+            // SAFETY: setpgid/getpid take plain integers.
+            let pid = unsafe {
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::getpid()
+            };
+            let mut line = [0u8; 32];
+            line[..4].copy_from_slice(b"reg ");
+            let mut digits = [0u8; 12];
+            let (mut n, mut i) = (pid as u32, digits.len());
+            loop {
+                i -= 1;
+                digits[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            let len = digits.len() - i;
+            line[4..4 + len].copy_from_slice(&digits[i..]);
+            line[4 + len] = b'\n';
+            // SAFETY: `fd` is the guard pipe, inherited and still open until exec; the buffer is valid.
+            let w = unsafe { libc::write(fd, line.as_ptr().cast(), 5 + len) };
+            if w != (5 + len) as isize {
+                return Err(io::Error::other("cannot register with the fencing guard"));
+            }
+            Ok(())
+        };
+        // SAFETY: the hook only calls async-signal-safe functions and does not allocate.
+        unsafe { std::os::unix::process::CommandExt::pre_exec(cmd, hook) };
+    }
+
     /// Asks the guard to kill process group `pgid` when fencing.
     pub fn register(&mut self, pgid: i32) -> Result<(), GuardError> {
         if pgid <= 1 {
