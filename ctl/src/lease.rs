@@ -248,8 +248,8 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     if !a.device.exists() {
         let f = std::fs::File::create(&a.device).with_context(|| format!("creating {}", a.device.display()))?;
         f.set_len(needed)?;
-    } else if a.device.metadata()?.is_file() && a.device.metadata()?.len() < needed {
-        // Growing a regular file only appends zeros; the content check in init still applies.
+    } else if a.device.metadata()?.is_file() && a.device.metadata()?.len() < needed && a.force {
+        // Without --force the file is left alone: init refuses an existing area before writing.
         std::fs::OpenOptions::new().write(true).open(&a.device)?.set_len(needed)?;
     }
     let disk = open_disk(&a.device)?;
