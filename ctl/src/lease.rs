@@ -441,6 +441,7 @@ fn run_inner(a: RunArgs) -> RunOutcome {
         Err(e) => return fail(EXIT_INTERNAL, "internal-error", format!("{:#}", anyhow::Error::new(e))),
     };
     log(&format!("joining the lockspace of {} as host {}", a.device.display(), a.host_id));
+    let join_start = Instant::now();
     let lease = match HostLease::join(disk, &a.cluster_id, a.host_id) {
         Ok(l) => Arc::new(l),
         Err(e) => {
@@ -477,6 +478,7 @@ fn run_inner(a: RunArgs) -> RunOutcome {
         let _ = unsafe { sigaction(sig, &act) };
     }
 
+    let join_ms = join_start.elapsed().as_millis();
     // Acquire, printing progress while waiting.
     let started = Instant::now();
     let limit = a.timeout.map(Duration::from_secs_f64);
@@ -519,7 +521,11 @@ fn run_inner(a: RunArgs) -> RunOutcome {
             }
         }
     };
-    log(&format!("acquired {:?} with fencing token {token}", a.resource));
+    log(&format!(
+        "acquired {:?} with fencing token {token} (join {join_ms} ms, acquire {} ms)",
+        a.resource,
+        started.elapsed().as_millis()
+    ));
 
     // Start COMMAND in its own process group, registered with the guard before it execs.
     let mut cmd = Command::new(&a.command[0]);
