@@ -301,3 +301,31 @@ fn damaged_or_foreign_areas_are_rejected_unchanged() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert!(std::fs::read(area.device()).unwrap() == before, "init without --force modified the area");
 }
+
+#[test]
+fn dump_shows_the_holder_and_observes_liveness() {
+    let area = Area::new();
+    let mut holder = area.contender(1, 0, &[]);
+    wait_for("the holder's first write", LONG, || !read_log(&area.log()).is_empty());
+    let token = read_log(&area.log())[0].token;
+    let out = tandemctl().args(["lease", "dump", "--json", "--device"]).arg(area.device()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let res = &v["resources"][0];
+    assert_eq!(res["name"], "db");
+    assert_eq!(res["owner"], 1);
+    assert_eq!(res["token"], token);
+    assert!(v["hosts"][0]["liveness"].as_str().unwrap().starts_with("unknown"), "{v}");
+    // Observing for T tells a renewing holder apart from a dead one.
+    let out = tandemctl().args(["lease", "dump", "--observe", "--device"]).arg(area.device()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("host   1:") && text.contains("alive"), "{text}");
+    assert!(text.contains(&format!("held by host 1, token {token}")), "{text}");
+    holder.signal(libc::SIGKILL);
+    holder.wait_within(LONG);
+    let out = tandemctl().args(["lease", "dump", "--observe", "--device"]).arg(area.device()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("dead"), "{text}");
+    check_log(&read_log(&area.log()));
+}
