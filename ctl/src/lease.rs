@@ -597,7 +597,15 @@ fn run_inner(a: RunArgs) -> RunOutcome {
     }
     let status = child.wait();
     stop.store(true, Ordering::SeqCst);
-    let _ = renewer.join();
+    // A renewal stuck in lease I/O (hung disk) must not keep us here: wait a bounded time.
+    let join_by = Instant::now() + Duration::from_millis(2 * t.io_timeout_ms + t.renewal_ms);
+    while !renewer.is_finished() && Instant::now() < join_by {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let disk_stuck = !renewer.is_finished();
+    if !disk_stuck {
+        let _ = renewer.join();
+    }
     let code = match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
@@ -610,6 +618,11 @@ fn run_inner(a: RunArgs) -> RunOutcome {
         bye(&guard);
         log(&format!("lease {:?} (token {token}) was lost; COMMAND was fenced", a.resource));
         return RunOutcome { code: EXIT_LOST, status: "lost", token: Some(token.0) };
+    }
+    if disk_stuck {
+        bye(&guard);
+        log("the lease disk does not answer: not releasing (other hosts take over once this host's lease is dead)");
+        return RunOutcome { code, status: "exited", token: Some(token.0) };
     }
     if let Err(e) = lease.release(&a.resource) {
         log(&format!("release failed (others take over once this host's lease expires): {e}"));

@@ -329,3 +329,23 @@ fn dump_shows_the_holder_and_observes_liveness() {
     assert!(text.contains("dead"), "{text}");
     check_log(&read_log(&area.log()));
 }
+
+#[test]
+fn hung_lease_disk_on_the_holder_fences_it_before_takeover() {
+    let area = Area::new();
+    let stall = area.path("stall");
+    let spec = format!("stall-if-exists={}", stall.display());
+    let mut holder = area.contender(1, 0, &[("TANDEM_LEASE_FAULTS", &spec)]);
+    wait_for("the holder's first write", LONG, || !read_log(&area.log()).is_empty());
+    let old = read_log(&area.log())[0].clone();
+    let mut next = area.contender(2, 5, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stall, b"").unwrap();
+    // The renewal blocks in I/O; the holder still sees its deadline pass and fences COMMAND.
+    let st = holder.wait_within(LONG);
+    assert_eq!(st.code(), Some(EXIT_LOST), "{st}");
+    assert!(process_gone(old.pid));
+    assert_eq!(next.wait_within(LONG).code(), Some(0));
+    let tokens = check_log(&read_log(&area.log()));
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+}
