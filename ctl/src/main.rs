@@ -1,5 +1,6 @@
-//! `tandemctl`: Tandem's command line.
+//! `tandemctl`: Tandem's command line. One module per subcommand.
 
+mod lease;
 mod probe;
 
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ enum Command {
     /// Probe an application once, like a Nagios plugin (exit 0 OK, 1 WARNING,
     /// 2 CRITICAL, 3 UNKNOWN).
     Probe(probe::ProbeArgs),
+    /// Disk-fencing leases: initialise and inspect a lease area, run a command under a lease.
+    Lease(lease::LeaseArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,16 +31,20 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            // `probe` follows the Nagios convention: bad arguments are UNKNOWN (3).
-            let is_probe = argv.get(1).is_some_and(|a| a == "probe");
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
-                _ if is_probe => ExitCode::from(3),
+            if !e.use_stderr() {
+                return ExitCode::SUCCESS; // --help, --version
+            }
+            // Each subcommand keeps its own convention for bad arguments:
+            // `probe` is a Nagios plugin (3 UNKNOWN), `lease` uses EX_USAGE.
+            return match argv.get(1).and_then(|a| a.to_str()) {
+                Some("probe") => ExitCode::from(3),
+                Some("lease") => ExitCode::from(lease::EXIT_USAGE as u8),
                 _ => ExitCode::from(2),
             };
         }
     };
     match cli.command {
         Command::Probe(args) => probe::run(args),
+        Command::Lease(args) => ExitCode::from(lease::main(args).clamp(0, 255) as u8),
     }
 }
