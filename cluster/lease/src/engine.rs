@@ -1,0 +1,1172 @@
+//! The lease protocol as sans-I/O state machines.
+//!
+//! Nothing here sleeps, reads a clock or touches a disk. Each operation
+//! ([`JoinOp`], [`RenewOp`], [`AcquireOp`], [`ReleaseOp`]) is driven through
+//! [`Operation::resume`]: it is given an [`Input`] and the caller's current
+//! monotonic time, and answers with a [`Step`]: an I/O request to perform,
+//! a time to be woken at, or its result. The blocking driver in
+//! [`crate::host`] runs them against a [`crate::LeaseDisk`]; the
+//! deterministic simulation runs them against a simulated disk and clocks.
+//!
+//! Operations of one host share a [`HostState`]. A renewal may run
+//! concurrently with an acquisition or release (they touch different
+//! sectors); two renewals, or two resource operations on the same name,
+//! must not overlap.
+//!
+//! Every I/O result that arrives later than the I/O timeout after the
+//! request was issued is treated as failed: decisions are only ever taken on
+//! results known to be fresh, which is what the timing rules in
+//! [`crate::config`] rely on.
+
+use std::collections::{BTreeMap, HashMap};
+
+use thiserror::Error;
+
+use crate::clock::Millis;
+use crate::config::Timeouts;
+use crate::format::{
+    BallotRecord, DeltaRecord, DeltaState, FormatError, Header, HostId, LeaderRecord, LeaderState, LeaseValue,
+    RECORD_LEN, check_name, to_sector,
+};
+
+/// A fencing token: the lease version under which a resource was acquired.
+/// Strictly increasing per resource and never handed out twice; pass it to
+/// whatever the resource protects so that it can refuse older holders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Token(pub u64);
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A sector-aligned disk request emitted by an operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoRequest {
+    /// Read `len` bytes at `offset`.
+    Read {
+        /// Byte offset (sector aligned).
+        offset: u64,
+        /// Length in bytes (whole sectors).
+        len: u64,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        /// Byte offset (sector aligned).
+        offset: u64,
+        /// Whole sectors.
+        data: Vec<u8>,
+    },
+}
+
+/// The outcome of an [`IoRequest`], fed back with [`Input::Io`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoCompletion {
+    /// A read returned these bytes.
+    Read(Vec<u8>),
+    /// A write completed.
+    Written,
+    /// The I/O failed; the text says why (for error messages).
+    Failed(String),
+}
+
+/// What an operation is resumed with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// First call.
+    Start,
+    /// The I/O it asked for completed.
+    Io(IoCompletion),
+    /// The time it asked to be woken at has come.
+    Wake,
+}
+
+/// What an operation wants next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step<T> {
+    /// Perform this I/O and resume with its completion.
+    Io(IoRequest),
+    /// Resume with [`Input::Wake`] once the clock reads at least this.
+    SleepUntil(Millis),
+    /// Finished.
+    Done(T),
+}
+
+/// Errors of lease operations.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum OpError {
+    /// The host id is outside the area's host slots.
+    #[error("host id {host_id} is outside this lease area's host slots 1..={host_slots}")]
+    BadHostId {
+        /// The requested id.
+        host_id: HostId,
+        /// Slots in the area.
+        host_slots: u32,
+    },
+    /// The operation needs a joined host lease.
+    #[error("this host has not joined the lockspace (or has left it); join first")]
+    NotJoined,
+    /// The host lease is no longer valid: its fence deadline passed, or
+    /// another joiner took the host id. Resource leases are gone with it;
+    /// join again (with a new generation) before acquiring anything.
+    #[error("host lease lost: {reason}; everything depending on its leases must already be stopped")]
+    Lost {
+        /// Why.
+        reason: String,
+    },
+    /// A disk I/O failed.
+    #[error("lease disk {what} failed: {detail}")]
+    Io {
+        /// What was being read or written.
+        what: String,
+        /// The failure.
+        detail: String,
+    },
+    /// A disk I/O took longer than the I/O timeout; its result was discarded.
+    #[error("lease disk {what} took {elapsed_ms} ms, more than the I/O timeout of {timeout_ms} ms")]
+    TimedOut {
+        /// What was being read or written.
+        what: String,
+        /// How long it took.
+        elapsed_ms: u64,
+        /// The I/O timeout.
+        timeout_ms: u64,
+    },
+    /// A record could not be decoded (torn, corrupted, or from another area).
+    #[error("{what} is unreadable")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// The decoding error.
+        #[source]
+        source: FormatError,
+    },
+    /// Another live host renewed the host id while we watched it.
+    #[error(
+        "host id {host_id} is in use: its delta slot changed while we watched it, so another host renews it; \
+         pick another host id, or stop the other host"
+    )]
+    HostIdInUse {
+        /// The host id.
+        host_id: HostId,
+    },
+    /// Another joiner wrote the host id's slot after us.
+    #[error("another host joined with host id {host_id} at the same time; pick a unique host id per host")]
+    JoinRace {
+        /// The host id.
+        host_id: HostId,
+    },
+    /// The resource is held by a host whose host lease may still be alive.
+    #[error(
+        "resource {name:?} is held by host {owner} (token {token}); it can be taken over no earlier than \
+         {dead_no_earlier_than} on this host's clock if that host stops renewing"
+    )]
+    Busy {
+        /// Resource name.
+        name: String,
+        /// Owner host id.
+        owner: HostId,
+        /// The owner's fencing token.
+        token: Token,
+        /// Earliest time (our clock) at which the owner can be judged dead.
+        dead_no_earlier_than: Millis,
+    },
+    /// Another host ran a ballot for the same resource at the same time;
+    /// retry after a short random back-off.
+    #[error("resource {name:?}: another host is acquiring it at the same time; retry")]
+    Contended {
+        /// Resource name.
+        name: String,
+    },
+    /// Every resource slot is bound to another name.
+    #[error(
+        "no free resource slot for {name:?}: all {slots} slots are bound to other names; \
+         initialise a larger lease area"
+    )]
+    NoFreeSlot {
+        /// Resource name.
+        name: String,
+        /// Number of slots.
+        slots: u32,
+    },
+    /// The name is not a valid resource name.
+    #[error("invalid resource name")]
+    BadName(#[source] FormatError),
+    /// This host already holds the resource.
+    #[error("this host already holds resource {name:?} with token {token}")]
+    AlreadyHeld {
+        /// Resource name.
+        name: String,
+        /// The token held.
+        token: Token,
+    },
+    /// This host does not hold the resource.
+    #[error("this host does not hold resource {name:?}")]
+    NotHeld {
+        /// Resource name.
+        name: String,
+    },
+}
+
+impl OpError {
+    /// Whether retrying the same operation later may succeed without any
+    /// operator action (I/O trouble, contention, busy owner).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OpError::Io { .. } | OpError::TimedOut { .. } | OpError::Busy { .. } | OpError::Contended { .. })
+    }
+}
+
+/// A resource lease this host believes it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldLease {
+    /// Resource slot index.
+    pub slot: u32,
+    /// Fencing token.
+    pub token: Token,
+}
+
+#[derive(Clone, Debug)]
+struct Joined {
+    record: DeltaRecord,
+    /// Start of the last successful renewal (or of the join write).
+    renewed_at: Millis,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Watch {
+    digest: u32,
+    first_seen: Millis,
+}
+
+/// Everything one host remembers about the lockspace: its own host lease,
+/// the resource leases it holds, and what it has observed of other hosts'
+/// delta slots. Lost on a crash, by design.
+#[derive(Debug)]
+pub struct HostState {
+    header: Header,
+    host_id: HostId,
+    joined: Option<Joined>,
+    lost: Option<String>,
+    held: BTreeMap<String, HeldLease>,
+    watches: HashMap<HostId, Watch>,
+    #[cfg(test)]
+    pub(crate) unsafe_skip_dead_wait: bool,
+}
+
+impl HostState {
+    /// State of a host that has not joined yet. The header must come from
+    /// the area (validated by `Lockspace::open`).
+    pub fn new(header: Header, host_id: HostId) -> Result<HostState, OpError> {
+        if host_id == 0 || host_id > header.host_slots {
+            return Err(OpError::BadHostId { host_id, host_slots: header.host_slots });
+        }
+        Ok(HostState {
+            header,
+            host_id,
+            joined: None,
+            lost: None,
+            held: BTreeMap::new(),
+            watches: HashMap::new(),
+            #[cfg(test)]
+            unsafe_skip_dead_wait: false,
+        })
+    }
+
+    /// The area header this host works with.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The lockspace timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        self.header.timeouts
+    }
+
+    /// This host's id.
+    pub fn host_id(&self) -> HostId {
+        self.host_id
+    }
+
+    /// Generation of the current host lease, if joined.
+    pub fn generation(&self) -> Option<u64> {
+        self.joined.as_ref().map(|j| j.record.generation)
+    }
+
+    /// The fence deadline: start of the last successful renewal + `K`. At
+    /// this time (on this host's clock) every lease of this host is lost and
+    /// whatever depends on them must be being killed. `None` if not joined
+    /// or already lost.
+    pub fn valid_until(&self) -> Option<Millis> {
+        if self.lost.is_some() {
+            return None;
+        }
+        self.joined.as_ref().map(|j| j.renewed_at + self.header.timeouts.fence_ms)
+    }
+
+    /// Whether the host lease (and with it every resource lease held) is
+    /// valid at `now`. A process that was paused must call this with a
+    /// fresh `now` before acting on a lease: false means the lease may
+    /// already belong to someone else.
+    pub fn is_valid(&self, now: Millis) -> bool {
+        self.valid_until().is_some_and(|until| now < until)
+    }
+
+    /// Why the host lease was lost, if it was.
+    pub fn lost_reason(&self) -> Option<&str> {
+        self.lost.as_deref()
+    }
+
+    /// The token of `name` if this host holds it and its lease is valid at `now`.
+    pub fn holds(&self, name: &str, now: Millis) -> Option<Token> {
+        if !self.is_valid(now) {
+            return None;
+        }
+        self.held.get(name).map(|h| h.token)
+    }
+
+    /// Resource leases this host believes it holds (valid only while
+    /// [`HostState::is_valid`]).
+    pub fn held(&self) -> &BTreeMap<String, HeldLease> {
+        &self.held
+    }
+
+    fn mark_lost(&mut self, reason: String) -> OpError {
+        self.held.clear();
+        if self.lost.is_none() {
+            self.lost = Some(reason.clone());
+        }
+        OpError::Lost { reason: self.lost.clone().unwrap_or(reason) }
+    }
+
+    /// Fails with `Lost` (and forgets resource leases) unless valid at `now`.
+    fn require_valid(&mut self, now: Millis) -> Result<&Joined, OpError> {
+        if self.joined.is_none() {
+            return Err(OpError::NotJoined);
+        }
+        if let Some(reason) = &self.lost {
+            return Err(OpError::Lost { reason: reason.clone() });
+        }
+        if !self.is_valid(now) {
+            let until = self.valid_until().unwrap_or_default();
+            return Err(self.mark_lost(format!("fence deadline {until} passed (now {now}) without a renewal")));
+        }
+        Ok(self.joined.as_ref().expect("checked"))
+    }
+
+    /// Records an observation of `host`'s delta slot; returns when it was
+    /// first seen with this content.
+    fn observe(&mut self, host: HostId, digest: u32, now: Millis) -> Millis {
+        let w = self.watches.entry(host).or_insert(Watch { digest, first_seen: now });
+        if w.digest != digest {
+            *w = Watch { digest, first_seen: now };
+        }
+        w.first_seen
+    }
+
+    fn sector(&self) -> u64 {
+        self.header.sector_size as u64
+    }
+}
+
+/// A lease operation, driven by [`Operation::resume`].
+pub trait Operation {
+    /// The operation's result.
+    type Output;
+    /// Advances the operation with `input` at time `now` (the caller's
+    /// monotonic clock).
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output>;
+}
+
+fn digest(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(&bytes[..RECORD_LEN.min(bytes.len())])
+}
+
+/// Checks a completion against the I/O timeout and turns failures into errors.
+fn completed(
+    host: &HostState,
+    input: Input,
+    issued: Millis,
+    now: Millis,
+    what: impl Fn() -> String,
+) -> Result<Option<Vec<u8>>, OpError> {
+    let timeout_ms = host.header.timeouts.io_timeout_ms;
+    match input {
+        Input::Io(c) => {
+            let elapsed_ms = now.since(issued);
+            if elapsed_ms > timeout_ms {
+                return Err(OpError::TimedOut { what: what(), elapsed_ms, timeout_ms });
+            }
+            match c {
+                IoCompletion::Read(b) => Ok(Some(b)),
+                IoCompletion::Written => Ok(None),
+                IoCompletion::Failed(detail) => Err(OpError::Io { what: what(), detail }),
+            }
+        }
+        other => Err(OpError::Io {
+            what: what(),
+            detail: format!("protocol driver bug: expected an I/O completion, got {other:?}"),
+        }),
+    }
+}
+
+fn need_len(bytes: &[u8], len: u64, what: &str) -> Result<(), OpError> {
+    if (bytes.len() as u64) < len {
+        return Err(OpError::Io {
+            what: what.to_string(),
+            detail: format!("short read: {} of {len} bytes", bytes.len()),
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Join
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JoinPhase {
+    Start,
+    Reading,
+    Watching,
+    Writing,
+    Settling,
+    Verifying,
+}
+
+/// Joins the lockspace under the host's id (delta-lease acquisition).
+///
+/// Reads the slot; unless it is free, watches it for `T` and fails with
+/// [`OpError::HostIdInUse`] if it changes; writes a live record with the
+/// next generation and a random incarnation; waits `2I` for racing joiners'
+/// writes to land; re-reads and fails with [`OpError::JoinRace`] unless the
+/// slot still holds our record. On success the host lease is valid from the
+/// start of our write. Output: the new generation.
+#[derive(Debug)]
+pub struct JoinOp {
+    incarnation: u64,
+    phase: JoinPhase,
+    issued: Millis,
+    watch: Option<Watch>,
+    prev_generation: u64,
+    record: Option<DeltaRecord>,
+}
+
+impl JoinOp {
+    /// A join with this random incarnation (must differ between joins; the
+    /// caller supplies it so that simulations stay deterministic).
+    pub fn new(incarnation: u64) -> JoinOp {
+        JoinOp {
+            incarnation,
+            phase: JoinPhase::Start,
+            issued: Millis(0),
+            watch: None,
+            prev_generation: 0,
+            record: None,
+        }
+    }
+
+    fn read(&mut self, host: &HostState, now: Millis, phase: JoinPhase) -> Step<Result<u64, OpError>> {
+        self.phase = phase;
+        self.issued = now;
+        Step::Io(IoRequest::Read { offset: host.header.layout().delta_offset(host.host_id), len: host.sector() })
+    }
+
+    fn write(&mut self, host: &HostState, now: Millis) -> Step<Result<u64, OpError>> {
+        let rec = DeltaRecord {
+            area_id: host.header.area_id,
+            host_id: host.host_id,
+            state: DeltaState::Live,
+            generation: self.prev_generation + 1,
+            incarnation: self.incarnation,
+            renew_seq: 0,
+            timestamp_ms: now.0,
+        };
+        let data = to_sector(&rec.encode(), host.header.sector_size);
+        self.record = Some(rec);
+        self.phase = JoinPhase::Writing;
+        self.issued = now;
+        Step::Io(IoRequest::Write { offset: host.header.layout().delta_offset(host.host_id), data })
+    }
+
+    fn step(&mut self, host: &mut HostState, input: Input, now: Millis) -> Result<Step<Result<u64, OpError>>, OpError> {
+        let what = || format!("delta slot of host {}", host.host_id);
+        match self.phase {
+            JoinPhase::Start => {
+                // A new join forgets everything the previous incarnation believed.
+                host.joined = None;
+                host.lost = None;
+                host.held.clear();
+                Ok(self.read(host, now, JoinPhase::Reading))
+            }
+            JoinPhase::Reading => {
+                let bytes = completed(host, input, self.issued, now, what)?.unwrap_or_default();
+                need_len(&bytes, RECORD_LEN as u64, &what())?;
+                let d = digest(&bytes);
+                let ours = DeltaRecord::decode(&bytes)
+                    .ok()
+                    .filter(|r| r.area_id == host.header.area_id && r.host_id == host.host_id);
+                if let Some(r) = &ours {
+                    self.prev_generation = self.prev_generation.max(r.generation);
+                }
+                if ours.as_ref().is_some_and(|r| r.state == DeltaState::Free) {
+                    return Ok(self.write(host, now));
+                }
+                // Live, torn or foreign content: the previous owner may be alive until it stays
+                // unchanged for T on our clock.
+                let t = host.header.timeouts.host_dead_ms;
+                let poll = host.header.timeouts.poll_interval_ms();
+                match self.watch {
+                    None => {
+                        self.watch = Some(Watch { digest: d, first_seen: now });
+                    }
+                    Some(w) if w.digest != d => return Err(OpError::HostIdInUse { host_id: host.host_id }),
+                    Some(w) => {
+                        #[cfg(test)]
+                        let skip = host.unsafe_skip_dead_wait;
+                        #[cfg(not(test))]
+                        let skip = false;
+                        if now.since(w.first_seen) >= t || skip {
+                            return Ok(self.write(host, now));
+                        }
+                    }
+                }
+                let w = self.watch.expect("set above");
+                self.phase = JoinPhase::Watching;
+                Ok(Step::SleepUntil((now + poll).min(w.first_seen + t)))
+            }
+            JoinPhase::Watching => Ok(self.read(host, now, JoinPhase::Reading)),
+            JoinPhase::Writing => {
+                completed(host, input, self.issued, now, what)?;
+                self.phase = JoinPhase::Settling;
+                // Keep `issued` = start of our write: the lease is valid from there.
+                Ok(Step::SleepUntil(now + host.header.timeouts.join_settle_ms()))
+            }
+            JoinPhase::Settling => {
+                let write_start = self.issued;
+                let step = self.read(host, now, JoinPhase::Verifying);
+                // Remember the write start across the verification read.
+                self.watch = Some(Watch { digest: 0, first_seen: write_start });
+                Ok(step)
+            }
+            JoinPhase::Verifying => {
+                let bytes = completed(host, input, self.issued, now, what)?.unwrap_or_default();
+                need_len(&bytes, RECORD_LEN as u64, &what())?;
+                let rec = self.record.clone().expect("written before verifying");
+                if DeltaRecord::decode(&bytes).ok().as_ref() != Some(&rec) {
+                    return Err(OpError::JoinRace { host_id: host.host_id });
+                }
+                let write_start = self.watch.expect("set when settling").first_seen;
+                let generation = rec.generation;
+                host.joined = Some(Joined { record: rec, renewed_at: write_start });
+                host.require_valid(now)?;
+                Ok(Step::Done(Ok(generation)))
+            }
+        }
+    }
+}
+
+impl Operation for JoinOp {
+    type Output = Result<u64, OpError>;
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
+        self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Renew
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RenewPhase {
+    Start,
+    Reading,
+    Writing,
+}
+
+/// Renews the host lease: checks the fence deadline has not passed, reads
+/// the slot (someone else's record there means the host id was taken: the
+/// lease is lost), writes the record with the next renewal sequence. On
+/// success the lease is valid until the start of this write + `K`.
+/// Output: the new fence deadline.
+#[derive(Debug)]
+pub struct RenewOp {
+    phase: RenewPhase,
+    issued: Millis,
+}
+
+impl Default for RenewOp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RenewOp {
+    /// A renewal.
+    pub fn new() -> RenewOp {
+        RenewOp { phase: RenewPhase::Start, issued: Millis(0) }
+    }
+
+    fn step(
+        &mut self,
+        host: &mut HostState,
+        input: Input,
+        now: Millis,
+    ) -> Result<Step<Result<Millis, OpError>>, OpError> {
+        let what = || format!("delta slot of host {}", host.host_id);
+        let offset = host.header.layout().delta_offset(host.host_id);
+        match self.phase {
+            RenewPhase::Start => {
+                host.require_valid(now)?;
+                self.phase = RenewPhase::Reading;
+                self.issued = now;
+                Ok(Step::Io(IoRequest::Read { offset, len: host.sector() }))
+            }
+            RenewPhase::Reading => {
+                let bytes = completed(host, input, self.issued, now, what)?.unwrap_or_default();
+                need_len(&bytes, RECORD_LEN as u64, &what())?;
+                let mine = host.require_valid(now)?.record.clone();
+                match DeltaRecord::decode(&bytes) {
+                    Ok(r) if r.generation == mine.generation && r.incarnation == mine.incarnation => {}
+                    Ok(r) => {
+                        return Err(host.mark_lost(format!(
+                            "delta slot of host {} now holds generation {} incarnation {:#x}, not ours ({} {:#x}): \
+                             another host joined with this id",
+                            host.host_id, r.generation, r.incarnation, mine.generation, mine.incarnation
+                        )));
+                    }
+                    // Torn by our own failed write (a racing joiner's torn write means that
+                    // joiner failed): overwrite it.
+                    Err(_) => {}
+                }
+                let rec = DeltaRecord { renew_seq: mine.renew_seq + 1, timestamp_ms: now.0, ..mine };
+                self.phase = RenewPhase::Writing;
+                self.issued = now;
+                Ok(Step::Io(IoRequest::Write { offset, data: to_sector(&rec.encode(), host.header.sector_size) }))
+            }
+            RenewPhase::Writing => {
+                completed(host, input, self.issued, now, what)?;
+                host.require_valid(now)?;
+                let j = host.joined.as_mut().expect("valid implies joined");
+                j.record.renew_seq += 1;
+                j.record.timestamp_ms = self.issued.0;
+                j.renewed_at = j.renewed_at.max(self.issued);
+                Ok(Step::Done(Ok(host.valid_until().expect("valid"))))
+            }
+        }
+    }
+}
+
+impl Operation for RenewOp {
+    type Output = Result<Millis, OpError>;
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
+        self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Acquire
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AcquirePhase {
+    Start,
+    ReadSlot,
+    RepairOwnBallot,
+    ReadOwner { owner: HostId, generation: u64, token: Token },
+    Phase1Write,
+    Phase1Read,
+    Phase2Write,
+    Phase2Read,
+    Commit,
+}
+
+/// Acquires a named resource lease with Disk Paxos.
+///
+/// Finds the name's slot (crc32c(name) mod slots, then linear probing; a
+/// slot is bound to the name of the first value Paxos chooses in it), reads
+/// its leader record and ballot blocks, and proposes itself as owner of the
+/// next lease version only if the current owner released, or its host lease
+/// is dead (its delta slot unchanged for `T` on our clock, or a different
+/// generation there). Output: the fencing token. Fails with
+/// [`OpError::Busy`] when the owner may be alive (retry after
+/// `dead_no_earlier_than`; observations persist in [`HostState`]), and with
+/// [`OpError::Contended`] when another host's ballot interfered (retry
+/// after a random back-off).
+#[derive(Debug)]
+pub struct AcquireOp {
+    name: String,
+    phase: AcquirePhase,
+    issued: Millis,
+    slot: u32,
+    probes: u32,
+    restarts: u32,
+    lver: u64,
+    mbal: u64,
+    proposal: Option<LeaseValue>,
+    chosen: Option<LeaseValue>,
+    own_ballot: Option<BallotRecord>,
+    stash: Option<Vec<BallotRecord>>,
+}
+
+/// How many times one acquisition re-evaluates a slot after learning a
+/// value chosen by someone else before giving up with `Contended`.
+const MAX_RESTARTS: u32 = 4;
+
+impl AcquireOp {
+    /// An acquisition of `name`.
+    pub fn new(name: &str) -> AcquireOp {
+        AcquireOp {
+            name: name.to_string(),
+            phase: AcquirePhase::Start,
+            issued: Millis(0),
+            slot: 0,
+            probes: 0,
+            restarts: 0,
+            lver: 0,
+            mbal: 0,
+            proposal: None,
+            chosen: None,
+            own_ballot: None,
+            stash: None,
+        }
+    }
+
+    fn our_value(&self, host: &HostState) -> LeaseValue {
+        LeaseValue { owner: host.host_id, generation: host.generation().unwrap_or(0), name: self.name.clone() }
+    }
+
+    fn read_slot(&mut self, host: &HostState, now: Millis) -> Step<Result<Token, OpError>> {
+        self.phase = AcquirePhase::ReadSlot;
+        self.issued = now;
+        let layout = host.header.layout();
+        Step::Io(IoRequest::Read { offset: layout.leader_offset(self.slot), len: layout.resource_len() })
+    }
+
+    fn read_ballots(&mut self, host: &HostState, now: Millis, phase: AcquirePhase) -> Step<Result<Token, OpError>> {
+        self.phase = phase;
+        self.issued = now;
+        let layout = host.header.layout();
+        Step::Io(IoRequest::Read {
+            offset: layout.ballot_offset(self.slot, 1),
+            len: layout.host_slots as u64 * host.sector(),
+        })
+    }
+
+    fn write_ballot(
+        &mut self,
+        host: &mut HostState,
+        now: Millis,
+        rec: BallotRecord,
+        phase: AcquirePhase,
+    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+        host.require_valid(now)?;
+        self.phase = phase;
+        self.issued = now;
+        let offset = host.header.layout().ballot_offset(self.slot, host.host_id);
+        let data = to_sector(&rec.encode(), host.header.sector_size);
+        self.own_ballot = Some(rec);
+        Ok(Step::Io(IoRequest::Write { offset, data }))
+    }
+
+    fn next_probe(&mut self, host: &HostState, now: Millis) -> Result<Step<Result<Token, OpError>>, OpError> {
+        self.probes += 1;
+        let slots = host.header.resource_slots;
+        if self.probes >= slots {
+            return Err(OpError::NoFreeSlot { name: self.name.clone(), slots });
+        }
+        self.slot = (self.slot + 1) % slots;
+        self.restarts = 0;
+        Ok(self.read_slot(host, now))
+    }
+
+    /// Decodes the ballot blocks of the current slot (`bytes` starts at host 1's block).
+    fn decode_ballots(&self, host: &HostState, bytes: &[u8]) -> Vec<Result<BallotRecord, OpError>> {
+        let s = host.sector() as usize;
+        (1..=host.header.host_slots)
+            .map(|h| {
+                let start = (h as usize - 1) * s;
+                let what = || format!("ballot block of host {h} in resource slot {}", self.slot);
+                let rec = BallotRecord::decode(&bytes[start..start + s])
+                    .map_err(|source| OpError::Corrupt { what: what(), source })?;
+                if rec.area_id != host.header.area_id || rec.slot != self.slot || rec.host_id != h {
+                    return Err(OpError::Corrupt {
+                        what: what(),
+                        source: FormatError::Field {
+                            what: "ballot block",
+                            field: "area_id/slot/host_id",
+                            value: format!("{:#x}/{}/{}", rec.area_id, rec.slot, rec.host_id),
+                        },
+                    });
+                }
+                Ok(rec)
+            })
+            .collect()
+    }
+
+    /// Starts a ballot for `lver` proposing `proposal` (None: only learn an accepted value).
+    fn start_ballot(
+        &mut self,
+        host: &mut HostState,
+        now: Millis,
+        ballots: &[BallotRecord],
+        lver: u64,
+        proposal: Option<LeaseValue>,
+    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+        let n = host.header.host_slots as u64 + 1;
+        let max_round = ballots.iter().filter(|b| b.lver == lver).map(|b| b.mbal / n).max().unwrap_or(0);
+        self.lver = lver;
+        self.mbal = (max_round + 1) * n + host.host_id as u64;
+        self.proposal = proposal;
+        let own = ballots.iter().find(|b| b.host_id == host.host_id).filter(|b| b.lver == lver);
+        let rec = BallotRecord {
+            area_id: host.header.area_id,
+            slot: self.slot,
+            host_id: host.host_id,
+            lver,
+            mbal: self.mbal,
+            bal: own.map_or(0, |b| b.bal),
+            value: own.map_or_else(LeaseValue::default, |b| b.value.clone()),
+        };
+        self.write_ballot(host, now, rec, AcquirePhase::Phase1Write)
+    }
+
+    /// Phase-1/2 read check: abort if anyone started a higher ballot or a later version.
+    fn check_ballots(&self, host: &HostState, bytes: &[u8]) -> Result<Vec<BallotRecord>, OpError> {
+        let mut out = Vec::new();
+        for r in self.decode_ballots(host, bytes) {
+            let b = r?;
+            if b.lver > self.lver || (b.lver == self.lver && b.mbal > self.mbal) {
+                return Err(OpError::Contended { name: self.name.clone() });
+            }
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    fn evaluate_slot(
+        &mut self,
+        host: &mut HostState,
+        bytes: &[u8],
+        now: Millis,
+    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+        let layout = host.header.layout();
+        need_len(bytes, layout.resource_len(), "resource slot")?;
+        let s = host.sector() as usize;
+        let leader =
+            LeaderRecord::decode(&bytes[..s]).ok().filter(|l| l.area_id == host.header.area_id && l.slot == self.slot);
+        let mut ballots = Vec::new();
+        for (i, r) in self.decode_ballots(host, &bytes[s..]).into_iter().enumerate() {
+            match r {
+                Ok(b) => ballots.push(b),
+                Err(e) if i as u32 + 1 == host.host_id => {
+                    // Our own block is torn (our failed write): only we write it, so we may
+                    // reset it. Anything it held was never the basis of a lease we hold.
+                    let _ = e;
+                    let rec = BallotRecord::empty(host.header.area_id, self.slot, host.host_id);
+                    return self.write_ballot(host, now, rec, AcquirePhase::RepairOwnBallot);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let max_lver = ballots.iter().map(|b| b.lver).max().unwrap_or(0);
+        let ours = self.our_value(host);
+        let Some(leader) = leader else {
+            // Leader torn: the ballots are the truth.
+            if max_lver == 0 {
+                return self.start_ballot(host, now, &ballots, 1, Some(ours));
+            }
+            return self.start_ballot(host, now, &ballots, max_lver, None);
+        };
+        if leader.state == LeaderState::Unclaimed || leader.lver == 0 {
+            if max_lver <= 1 {
+                return self.start_ballot(host, now, &ballots, 1, Some(ours));
+            }
+            return self.start_ballot(host, now, &ballots, max_lver, None);
+        }
+        if leader.value.name != self.name {
+            // Names are fixed by the first chosen value: this slot is someone else's.
+            return self.next_probe(host, now);
+        }
+        if max_lver > leader.lver + 1 {
+            // The leader record is behind the ballots (a lost commit): learn the latest version first.
+            return self.start_ballot(host, now, &ballots, max_lver, None);
+        }
+        let next = leader.lver + 1;
+        match leader.state {
+            LeaderState::Released => self.start_ballot(host, now, &ballots, next, Some(ours)),
+            _ if leader.value.owner == host.host_id => {
+                // Either an earlier incarnation of this host id (dead: we joined after it), or this
+                // incarnation lost track of an acquisition that completed: free for us either way.
+                self.start_ballot(host, now, &ballots, next, Some(ours))
+            }
+            _ => {
+                self.phase = AcquirePhase::ReadOwner {
+                    owner: leader.value.owner,
+                    generation: leader.value.generation,
+                    token: Token(leader.lver),
+                };
+                self.issued = now;
+                // Keep the snapshot of the ballots for the mbal choice.
+                self.chosen = None;
+                self.own_ballot = ballots.iter().find(|b| b.host_id == host.host_id).cloned();
+                self.stash = Some(ballots);
+                Ok(Step::Io(IoRequest::Read { offset: layout.delta_offset(leader.value.owner), len: host.sector() }))
+            }
+        }
+    }
+}
+
+impl AcquireOp {
+    fn step(
+        &mut self,
+        host: &mut HostState,
+        input: Input,
+        now: Millis,
+    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+        let slot = self.slot;
+        match self.phase.clone() {
+            AcquirePhase::Start => {
+                check_name(&self.name).map_err(OpError::BadName)?;
+                host.require_valid(now)?;
+                if let Some(h) = host.held.get(&self.name) {
+                    return Err(OpError::AlreadyHeld { name: self.name.clone(), token: h.token });
+                }
+                self.slot = host.header.layout().home_slot(&self.name);
+                Ok(self.read_slot(host, now))
+            }
+            AcquirePhase::ReadSlot => {
+                let bytes = completed(host, input, self.issued, now, || format!("read of resource slot {slot}"))?
+                    .unwrap_or_default();
+                host.require_valid(now)?;
+                self.evaluate_slot(host, &bytes, now)
+            }
+            AcquirePhase::RepairOwnBallot => {
+                completed(host, input, self.issued, now, || format!("repair of our ballot block in slot {slot}"))?;
+                Ok(self.read_slot(host, now))
+            }
+            AcquirePhase::ReadOwner { owner, generation, token } => {
+                let bytes = completed(host, input, self.issued, now, || format!("delta slot of host {owner}"))?
+                    .unwrap_or_default();
+                need_len(&bytes, RECORD_LEN as u64, "delta slot")?;
+                let ballots = self.stash.take().unwrap_or_default();
+                let current =
+                    DeltaRecord::decode(&bytes).ok().filter(|r| r.area_id == host.header.area_id && r.host_id == owner);
+                // A different generation (or a cleanly left slot) means the owner's incarnation is
+                // gone: joining again required its slot to stay unchanged for T.
+                let gone = current.as_ref().is_some_and(|r| r.state == DeltaState::Free || r.generation != generation);
+                let first_seen = host.observe(owner, digest(&bytes), now);
+                let t = host.header.timeouts.host_dead_ms;
+                #[cfg(test)]
+                let skip = host.unsafe_skip_dead_wait;
+                #[cfg(not(test))]
+                let skip = false;
+                if gone || now.since(first_seen) >= t || skip {
+                    let ours = self.our_value(host);
+                    return self.start_ballot(host, now, &ballots, token.0 + 1, Some(ours));
+                }
+                Err(OpError::Busy { name: self.name.clone(), owner, token, dead_no_earlier_than: first_seen + t })
+            }
+            AcquirePhase::Phase1Write => {
+                completed(host, input, self.issued, now, || format!("phase-1 ballot write in slot {slot}"))?;
+                Ok(self.read_ballots(host, now, AcquirePhase::Phase1Read))
+            }
+            AcquirePhase::Phase1Read => {
+                let bytes = completed(host, input, self.issued, now, || format!("phase-1 ballot read in slot {slot}"))?
+                    .unwrap_or_default();
+                need_len(&bytes, host.header.host_slots as u64 * host.sector(), "ballot blocks")?;
+                let ballots = self.check_ballots(host, &bytes)?;
+                // Disk Paxos: adopt the value accepted in the highest ballot for this version.
+                let accepted = ballots.iter().filter(|b| b.lver == self.lver && b.bal > 0).max_by_key(|b| b.bal);
+                let value = match (accepted, &self.proposal) {
+                    (Some(b), _) => b.value.clone(),
+                    (None, Some(v)) => v.clone(),
+                    (None, None) => {
+                        return Err(OpError::Corrupt {
+                            what: format!("resource slot {slot}"),
+                            source: FormatError::Field {
+                                what: "resource leader",
+                                field: "lver",
+                                value: format!(
+                                    "behind ballot version {} and no accepted value to learn it from; \
+                                     retry later (the proposer may still finish)",
+                                    self.lver
+                                ),
+                            },
+                        });
+                    }
+                };
+                let rec = BallotRecord {
+                    area_id: host.header.area_id,
+                    slot,
+                    host_id: host.host_id,
+                    lver: self.lver,
+                    mbal: self.mbal,
+                    bal: self.mbal,
+                    value: value.clone(),
+                };
+                self.chosen = Some(value);
+                self.write_ballot(host, now, rec, AcquirePhase::Phase2Write)
+            }
+            AcquirePhase::Phase2Write => {
+                completed(host, input, self.issued, now, || format!("phase-2 ballot write in slot {slot}"))?;
+                Ok(self.read_ballots(host, now, AcquirePhase::Phase2Read))
+            }
+            AcquirePhase::Phase2Read => {
+                let bytes = completed(host, input, self.issued, now, || format!("phase-2 ballot read in slot {slot}"))?
+                    .unwrap_or_default();
+                need_len(&bytes, host.header.host_slots as u64 * host.sector(), "ballot blocks")?;
+                self.check_ballots(host, &bytes)?;
+                // The value is chosen for this version; record it in the leader.
+                host.require_valid(now)?;
+                let value = self.chosen.clone().expect("set in phase 1");
+                let leader = LeaderRecord {
+                    area_id: host.header.area_id,
+                    slot,
+                    state: LeaderState::Held,
+                    lver: self.lver,
+                    value,
+                    timestamp_ms: now.0,
+                };
+                self.phase = AcquirePhase::Commit;
+                self.issued = now;
+                Ok(Step::Io(IoRequest::Write {
+                    offset: host.header.layout().leader_offset(slot),
+                    data: to_sector(&leader.encode(), host.header.sector_size),
+                }))
+            }
+            AcquirePhase::Commit => {
+                completed(host, input, self.issued, now, || format!("leader write in slot {slot}"))?;
+                let value = self.chosen.clone().expect("set in phase 1");
+                if value.name != self.name {
+                    return self.next_probe(host, now);
+                }
+                if value == self.our_value(host) {
+                    // Only believe it if the host lease is still valid now: a pause during the
+                    // ballot may have let others judge us dead.
+                    host.require_valid(now)?;
+                    let token = Token(self.lver);
+                    host.held.insert(self.name.clone(), HeldLease { slot, token });
+                    return Ok(Step::Done(Ok(token)));
+                }
+                // Someone else's value was chosen (we completed their ballot): look again.
+                self.restarts += 1;
+                if self.restarts > MAX_RESTARTS {
+                    return Err(OpError::Contended { name: self.name.clone() });
+                }
+                Ok(self.read_slot(host, now))
+            }
+        }
+    }
+}
+
+impl Operation for AcquireOp {
+    type Output = Result<Token, OpError>;
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
+        self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Release
+
+/// Releases a resource lease: forgets it at once (so nothing more is done
+/// under it), then, if the host lease is still valid, marks the leader
+/// record released so that others may acquire without waiting for our
+/// host lease to die. While our host lease is valid nobody else can have
+/// taken the resource, so the write needs no read first.
+#[derive(Debug)]
+pub struct ReleaseOp {
+    name: String,
+    issued: Option<Millis>,
+}
+
+impl ReleaseOp {
+    /// A release of `name`.
+    pub fn new(name: &str) -> ReleaseOp {
+        ReleaseOp { name: name.to_string(), issued: None }
+    }
+
+    fn step(&mut self, host: &mut HostState, input: Input, now: Millis) -> Result<Step<Result<(), OpError>>, OpError> {
+        match self.issued {
+            None => {
+                let held = host.held.remove(&self.name).ok_or_else(|| OpError::NotHeld { name: self.name.clone() })?;
+                host.require_valid(now)?;
+                let value = LeaseValue {
+                    owner: host.host_id,
+                    generation: host.generation().unwrap_or(0),
+                    name: self.name.clone(),
+                };
+                let leader = LeaderRecord {
+                    area_id: host.header.area_id,
+                    slot: held.slot,
+                    state: LeaderState::Released,
+                    lver: held.token.0,
+                    value,
+                    timestamp_ms: now.0,
+                };
+                self.issued = Some(now);
+                Ok(Step::Io(IoRequest::Write {
+                    offset: host.header.layout().leader_offset(held.slot),
+                    data: to_sector(&leader.encode(), host.header.sector_size),
+                }))
+            }
+            Some(issued) => {
+                completed(host, input, issued, now, || format!("release of {:?}", self.name))?;
+                Ok(Step::Done(Ok(())))
+            }
+        }
+    }
+}
+
+impl Operation for ReleaseOp {
+    type Output = Result<(), OpError>;
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
+        self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Leave
+
+/// Leaves the lockspace cleanly: forgets every resource lease, then writes
+/// the delta slot as free (only while the host lease is valid), so that the
+/// next joiner of this host id need not wait `T`. Resource leases still
+/// recorded as held by this generation become free at once for others
+/// (different generation in the slot). Output: nothing.
+#[derive(Debug, Default)]
+pub struct LeaveOp {
+    issued: Option<Millis>,
+}
+
+impl LeaveOp {
+    /// A leave.
+    pub fn new() -> LeaveOp {
+        LeaveOp { issued: None }
+    }
+
+    fn step(&mut self, host: &mut HostState, input: Input, now: Millis) -> Result<Step<Result<(), OpError>>, OpError> {
+        match self.issued {
+            None => {
+                host.held.clear();
+                let mine = host.require_valid(now)?.record.clone();
+                let rec =
+                    DeltaRecord { state: DeltaState::Free, renew_seq: mine.renew_seq + 1, timestamp_ms: now.0, ..mine };
+                host.lost = Some("left the lockspace".into());
+                self.issued = Some(now);
+                Ok(Step::Io(IoRequest::Write {
+                    offset: host.header.layout().delta_offset(host.host_id),
+                    data: to_sector(&rec.encode(), host.header.sector_size),
+                }))
+            }
+            Some(issued) => {
+                completed(host, input, issued, now, || format!("delta slot of host {}", host.host_id))?;
+                Ok(Step::Done(Ok(())))
+            }
+        }
+    }
+}
+
+impl Operation for LeaveOp {
+    type Output = Result<(), OpError>;
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
+        self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
