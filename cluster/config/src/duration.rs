@@ -64,7 +64,15 @@ pub fn format(d: Duration) -> String {
     if nanos == 0 {
         "0s".to_string()
     } else if nanos % 1_000_000_000 == 0 {
-        format!("{}s", d.as_secs())
+        let secs = d.as_secs();
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        let mut out = String::new();
+        for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+            if n > 0 {
+                out.push_str(&format!("{n}{unit}"));
+            }
+        }
+        out
     } else if nanos % 1_000_000 == 0 {
         format!("{}ms", d.as_millis())
     } else if nanos % 1_000 == 0 {
@@ -168,11 +176,13 @@ mod tests {
 
     #[test]
     fn format_round_trips() {
-        for d in [0, 1, 999, 1_000, 1_500_000, 1_000_000_000, 90_000_000_000, 1_234_567_891] {
+        for d in [0, 1, 999, 1_000, 1_500_000, 1_000_000_000, 90_000_000_000, 1_234_567_891, 5_430_000_000_000] {
             let d = Duration::from_nanos(d);
             assert_eq!(parse(&format(d)).unwrap(), d, "{}", format(d));
         }
         assert_eq!(format(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format(Duration::from_secs(30)), "30s");
+        assert_eq!(format(Duration::from_secs(600)), "10m");
+        assert_eq!(format(Duration::from_secs(5430)), "1h30m30s");
     }
 }

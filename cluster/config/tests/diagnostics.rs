@@ -396,3 +396,89 @@ fn unreadable_file_is_an_error_without_position() {
     assert_eq!(e.errors[0].kind, ProblemKind::Io);
     assert!(e.to_string().starts_with("/nonexistent/tandem.toml: cannot read"), "{e}");
 }
+
+#[test]
+fn fence_tables_are_checked_field_by_field() {
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"agent\", agnt = \"fence_virsh\" }\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 27, "node \"a\".fence.agnt", ProblemKind::UnknownField));
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"stonith\" }\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 18, "node \"a\".fence.kind", ProblemKind::InvalidValue));
+    assert!(msg.contains("lease-watchdog-only"), "{msg}");
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"lease-watchdog-only\", timeout = 5 }\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 41, "node \"a\".fence.timeout", ProblemKind::UnknownField));
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"host-cluster\", vm_uuid = \"not-a-uuid\" }\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 44, "node \"a\".fence.vm_uuid", ProblemKind::InvalidValue));
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"command\", command = [] }\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 39, "node \"a\".fence.command", ProblemKind::InvalidValue));
+}
+
+#[test]
+fn disk_needs_exactly_one_of_device_or_directory_and_absolute_paths() {
+    let fenced = format!("{BASE}{GROUP}{LEASE}")
+        .replace("id = 1\n", "id = 1\nfence = { kind = \"lease-watchdog-only\" }\n")
+        .replace("id = 2\n", "id = 2\nfence = { kind = \"lease-watchdog-only\" }\n");
+    let both = format!("{fenced}{DISK}  device = \"/dev/sdb\"\n  mountpoint = \"/data\"\n");
+    let e = errors_of(&both);
+    assert_eq!(e.errors[0].field, "group \"g\".resource \"data\".directory", "{e}");
+    assert!(e.errors[0].message.contains("not both"), "{e}");
+
+    let relative = format!("{fenced}{DISK}").replace("/shared/data", "shared/data");
+    let (_, _, field, kind, msg) = only(&relative);
+    assert_eq!((field.as_str(), kind), ("group \"g\".resource \"data\".directory", ProblemKind::InvalidValue));
+    assert!(msg.contains("absolute"), "{msg}");
+
+    let neither = format!("{fenced}{DISK}").replace("  directory = \"/shared/data\"\n", "  fstype = \"ext4\"\n");
+    let (_, _, field, kind, _) = only(&neither);
+    assert_eq!((field.as_str(), kind), ("group \"g\".resource \"data\"", ProblemKind::Type));
+}
+
+#[test]
+fn exec_needs_a_program_and_links_need_sane_timeouts() {
+    let src = format!("{BASE}{GROUP}").replace("start = [\"/bin/true\"]", "start = []");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (35, 11, "group \"g\".resource \"app\".start", ProblemKind::InvalidValue)
+    );
+
+    let src = BASE.replace("port = 5406\n", "port = 5406\ninterval = \"2s\"\ntimeout = \"3s\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (12, 11, "link \"backup\".timeout", ProblemKind::InvalidValue));
+    assert!(msg.contains("twice"), "{msg}");
+
+    let src = BASE.replace("port = 5406\n", "port = 5406\ninterval = \"2 fortnights\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (11, 12, "link \"backup\".interval", ProblemKind::Type));
+    assert!(msg.contains("500ms"), "{msg}");
+}
+
+#[test]
+fn names_and_sections_are_checked() {
+    let src = BASE.replace("name = \"c\"", "name = \"my cluster!\"");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (2, 8, "cluster.name", ProblemKind::InvalidValue));
+
+    let src = BASE.replace("[cluster]\nname = \"c\"\n", "");
+    let e = errors_of(&src);
+    assert!(e.errors[0].message.contains("missing [cluster]"), "{e}");
+
+    let src = format!("{BASE}{GROUP}{GROUP}");
+    let e = errors_of(&src);
+    assert_eq!(e.errors[0].kind, ProblemKind::Duplicate, "{e}");
+    assert_eq!(e.errors[0].location.unwrap().line, 39, "{e}");
+
+    let src = BASE
+        .replace("[[link]]\nname = \"lan\"", "[link]\nname = \"lan\"")
+        .replace("[[link]]\nname = \"backup\"\nport = 5406\n", "");
+    let e = errors_of(&src);
+    assert!(e.iter().any(|d| d.field == "link" && d.message.contains("[[link]]")), "{e}");
+}
