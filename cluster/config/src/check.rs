@@ -741,9 +741,27 @@ impl<'s> Checker<'s> {
             return;
         }
         if let Err(e) = l.timeouts().validate() {
+            // A value below its minimum is the fault of that one field (when
+            // written in the file); the ordering rules involve several.
+            let field = match &e {
+                tandem_lease::ConfigError::TooSmall { field, .. } => match *field {
+                    "renewal_ms" => Some("renewal_interval"),
+                    "io_timeout_ms" => Some("io_timeout"),
+                    "fence_ms" => Some("fence_deadline"),
+                    "kill_margin_ms" => Some("kill_margin"),
+                    "host_dead_ms" => Some("host_dead_timeout"),
+                    _ => None,
+                },
+                _ => None,
+            }
+            .filter(|f| self.has_key(&[K("lease"), K(f)]));
+            let path: Vec<Seg<'_>> = match field {
+                Some(f) => vec![K("lease"), K(f)],
+                None => vec![K("lease")],
+            };
             self.error(
                 ProblemKind::LeaseTiming,
-                &[K("lease")],
+                &path,
                 format!(
                     "{e} [here R = renewal_interval, I = io_timeout, K = fence_deadline, M = kill_margin, \
                      T = host_dead_timeout; unset ones derive from renewal_interval]"

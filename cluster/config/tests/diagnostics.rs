@@ -85,7 +85,7 @@ fn syntax_error_is_located() {
     let e = errors_of(&src);
     assert_eq!(e.errors[0].kind, ProblemKind::Syntax);
     let l = e.errors[0].location.unwrap();
-    assert_eq!(l.line, 22, "{e}");
+    assert_eq!((l.line, l.column), (22, 9), "{e}");
     assert!(e.errors[0].message.contains("invalid TOML"), "{e}");
 }
 
@@ -301,6 +301,11 @@ fn lease_timing_is_checked_with_the_lease_library() {
     let f = write(&src);
     let c = tandem_config::load(f.path()).unwrap();
     assert_eq!(c.lease.unwrap().timeouts(), tandem_lease::Timeouts::from_renewal_ms(300));
+    // A value below its minimum points at that value.
+    let src = format!("{BASE}{LEASE}renewal_interval = \"50ms\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (24, 20, "lease.renewal_interval", ProblemKind::LeaseTiming));
+    assert!(msg.contains("100 ms"), "{msg}");
 }
 
 const MONITOR: &str = r#"
@@ -387,6 +392,7 @@ fn single_link_is_a_warning_not_an_error() {
     assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
     assert_eq!(c.warnings[0].severity, Severity::Warning);
     assert_eq!(c.warnings[0].kind, ProblemKind::Redundancy);
+    assert_eq!(c.warnings[0].location, Some(tandem_config::Location { line: 4, column: 1 }));
     assert!(c.warnings[0].to_string().contains(": warning: link \"lan\""), "{}", c.warnings[0]);
 }
 
