@@ -237,34 +237,14 @@ impl<'s> Checker<'s> {
 
     /// Elements of an array of tables (`[[node]]`); absent means none.
     fn elements(&mut self, path: &[Seg<'_>]) -> Vec<Value<'s>> {
-        let (mut cur, mut found) = (self.root(), true);
-        for seg in path {
-            let next = match *seg {
-                Seg::Key(k) => cur.get_ref().as_table().and_then(|t| t.get(k)),
-                Seg::Index(n) => cur.get_ref().as_array().and_then(|a| a.get(n)),
-            };
-            match next {
-                Some(v) => cur = v,
-                None => {
-                    found = false;
-                    break;
-                }
-            }
-        }
-        if !found {
-            return Vec::new();
-        }
+        let Some(cur) = self.lookup(path) else { return Vec::new() };
         match cur.get_ref().as_array() {
             Some(a) => a.iter().cloned().collect(),
             None => {
-                let name = match path.last() {
-                    Some(Seg::Key(k)) => k.to_string(),
-                    _ => String::new(),
-                };
                 self.error(
                     ProblemKind::Type,
                     path,
-                    format!("expected an array of tables: write each entry as [[{}]]", dotted(path, &name)),
+                    format!("expected an array of tables: write each entry as [[{}]]", dotted_keys(path)),
                 );
                 Vec::new()
             }
@@ -469,17 +449,7 @@ impl<'s> Checker<'s> {
     /// decoded: references to an element that failed to decode are not
     /// reported a second time.
     fn raw_names(&self, path: &[Seg<'_>]) -> BTreeSet<String> {
-        let mut cur = self.root();
-        for seg in path {
-            let next = match *seg {
-                Seg::Key(k) => cur.get_ref().as_table().and_then(|t| t.get(k)),
-                Seg::Index(n) => cur.get_ref().as_array().and_then(|a| a.get(n)),
-            };
-            match next {
-                Some(v) => cur = v,
-                None => return BTreeSet::new(),
-            }
-        }
+        let Some(cur) = self.lookup(path) else { return BTreeSet::new() };
         cur.get_ref()
             .as_array()
             .map(|a| {
@@ -491,18 +461,15 @@ impl<'s> Checker<'s> {
     }
 
     fn has_key(&self, path: &[Seg<'_>]) -> bool {
-        let mut cur = self.root();
-        for seg in path {
-            let next = match *seg {
-                Seg::Key(k) => cur.get_ref().as_table().and_then(|t| t.get(k)),
-                Seg::Index(n) => cur.get_ref().as_array().and_then(|a| a.get(n)),
-            };
-            match next {
-                Some(v) => cur = v,
-                None => return false,
-            }
-        }
-        true
+        self.lookup(path).is_some()
+    }
+
+    /// The value at `path`, if the file has it.
+    fn lookup(&self, path: &[Seg<'_>]) -> Option<&Value<'s>> {
+        path.iter().try_fold(self.root(), |cur, seg| match *seg {
+            Seg::Key(k) => cur.get_ref().as_table().and_then(|t| t.get(k)),
+            Seg::Index(n) => cur.get_ref().as_array().and_then(|a| a.get(n)),
+        })
     }
 
     fn check_name(&mut self, path: &[Seg<'_>], what: &str, name: &str) {
@@ -1136,9 +1103,9 @@ fn element_label(v: &Value<'_>, index: usize) -> String {
     }
 }
 
-fn dotted(path: &[Seg<'_>], last: &str) -> String {
-    let keys: Vec<&str> = path.iter().filter_map(|s| if let Seg::Key(k) = s { Some(*k) } else { None }).collect();
-    if keys.is_empty() { last.to_string() } else { keys.join(".") }
+/// `group.resource` for a path to an array of tables (indices dropped).
+fn dotted_keys(path: &[Seg<'_>]) -> String {
+    path.iter().filter_map(|s| if let Seg::Key(k) = s { Some(*k) } else { None }).collect::<Vec<_>>().join(".")
 }
 
 fn join_names(names: &BTreeSet<String>) -> String {
