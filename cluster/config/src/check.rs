@@ -220,18 +220,38 @@ impl<'s> Checker<'s> {
         }
     }
 
-    /// Deserialises one value, reporting a failure at its exact position.
+    /// Deserialises one value, reporting failures at their exact positions.
+    ///
+    /// Serde stops at the first problem; to report every bad field of a
+    /// table, the offending key is removed and the table decoded again
+    /// (at most once per key). The "missing field" that removing a
+    /// required key causes is not reported: its real error already was.
     fn decode<T: DeserializeOwned>(&mut self, v: &Value<'s>) -> Option<T> {
-        match T::deserialize(ValueDeserializer::from(v.clone())) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                let span = e.span().unwrap_or_else(|| v.span());
-                let msg = e.message().trim().to_string();
+        let mut current = v.clone();
+        let mut removed: Vec<String> = Vec::new();
+        loop {
+            let e = match T::deserialize(ValueDeserializer::from(current.clone())) {
+                Ok(t) => return if removed.is_empty() { Some(t) } else { None },
+                Err(e) => e,
+            };
+            let span = e.span().unwrap_or_else(|| current.span());
+            let msg = e.message().trim().to_string();
+            let consequence = removed.iter().any(|k| msg.starts_with(&format!("missing field `{k}`")));
+            if !consequence {
                 let kind = if msg.starts_with("unknown field") { ProblemKind::UnknownField } else { ProblemKind::Type };
                 let field = self.path_at(span.start);
-                self.push(Severity::Error, kind, span, field, explain_serde(&msg));
-                None
+                self.push(Severity::Error, kind, span.clone(), field, explain_serde(&msg));
             }
+            // The top-level key of this table the error lies in, if any.
+            let culprit = current.get_ref().as_table().and_then(|t| {
+                t.iter()
+                    .find(|(k, v)| k.span().contains(&span.start) || covers(v, span.start))
+                    .map(|(k, _)| k.get_ref().to_string())
+            });
+            let Some(key) = culprit.filter(|k| !removed.contains(k)) else { return None };
+            let DeValue::Table(t) = current.get_mut() else { return None };
+            t.remove(key.as_str());
+            removed.push(key);
         }
     }
 

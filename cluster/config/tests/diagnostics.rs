@@ -405,9 +405,18 @@ fn unreadable_file_is_an_error_without_position() {
 
 #[test]
 fn fence_tables_are_checked_field_by_field() {
+    // Both the misspelt key and the field it was meant to be are reported.
     let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"agent\", agnt = \"fence_virsh\" }\n");
-    let (line, col, field, kind, _) = only(&src);
-    assert_eq!((line, col, field.as_str(), kind), (15, 27, "node \"a\".fence.agnt", ProblemKind::UnknownField));
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (15, 9, "node \"a\".fence".into(), ProblemKind::Type),
+            (15, 27, "node \"a\".fence.agnt".into(), ProblemKind::UnknownField),
+        ],
+        "{e}"
+    );
+    assert!(e.errors[0].message.contains("missing field `agent`"), "{e}");
 
     let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"stonith\" }\n");
     let (line, col, field, kind, msg) = only(&src);
@@ -487,4 +496,19 @@ fn names_and_sections_are_checked() {
         .replace("[[link]]\nname = \"backup\"\nport = 5406\n", "");
     let e = errors_of(&src);
     assert!(e.iter().any(|d| d.field == "link" && d.message.contains("[[link]]")), "{e}");
+}
+
+#[test]
+fn every_bad_field_of_one_table_is_reported() {
+    let src = BASE.replace("id = 2\n", "id = \"two\"\nvotse = 2\ncolour = \"red\"\n");
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (19, 6, "node \"b\".id".into(), ProblemKind::Type),
+            (20, 1, "node \"b\".votse".into(), ProblemKind::UnknownField),
+            (21, 1, "node \"b\".colour".into(), ProblemKind::UnknownField),
+        ],
+        "{e}"
+    );
 }
