@@ -248,7 +248,7 @@ impl<'s> Checker<'s> {
                     .find(|(k, v)| k.span().contains(&span.start) || covers(v, span.start))
                     .map(|(k, _)| k.get_ref().to_string())
             });
-            let Some(key) = culprit.filter(|k| !removed.contains(k)) else { return None };
+            let key = culprit.filter(|k| !removed.contains(k))?;
             let DeValue::Table(t) = current.get_mut() else { return None };
             t.remove(key.as_str());
             removed.push(key);
