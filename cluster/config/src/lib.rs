@@ -13,6 +13,8 @@
 //! }
 //! ```
 
+#![warn(missing_docs)]
+
 mod check;
 pub mod diagnostic;
 pub mod duration;
