@@ -83,6 +83,17 @@ pub enum ConfigError {
         /// `2R + I`.
         required_ms: u64,
     },
+    /// A joiner could not renew inside its join write's validity.
+    #[error(
+        "fence deadline K = {fence_ms} ms must be at least 2*I + 1 + I/4 = {required_ms} ms (I = I/O timeout): \
+         a joiner waits 2*I + 1 for racing joiners and must renew before K; raise fence_ms or lower io_timeout_ms"
+    )]
+    FenceBelowJoinSettle {
+        /// The configured `K`.
+        fence_ms: u64,
+        /// `2I + 1 + I/4 + 1`.
+        required_ms: u64,
+    },
     /// Observers could judge the holder dead before it has finished killing.
     #[error(
         "host-dead time T = {host_dead_ms} ms must be at least (K + M + I) * (1 + ρ)/(1 - ρ) = {required_ms} ms \
@@ -137,6 +148,13 @@ impl Timeouts {
         let required_fence = 2 * self.renewal_ms + self.io_timeout_ms;
         if self.fence_ms < required_fence {
             return Err(ConfigError::FenceTooShort { fence_ms: self.fence_ms, required_ms: required_fence });
+        }
+        // A joiner renews right after its 2I settle wait, inside the join write's validity.
+        if self.fence_ms <= self.join_settle_ms() + self.io_timeout_ms / 4 {
+            return Err(ConfigError::FenceBelowJoinSettle {
+                fence_ms: self.fence_ms,
+                required_ms: self.join_settle_ms() + self.io_timeout_ms / 4 + 1,
+            });
         }
         let required_dead = Self::required_host_dead_ms(self.fence_ms, self.kill_margin_ms, self.io_timeout_ms);
         if self.host_dead_ms < required_dead {

@@ -157,31 +157,32 @@ impl FileDisk {
     /// for block devices, and the smallest of 512/4096 that O_DIRECT accepts
     /// for files.
     pub fn open(path: impl AsRef<Path>) -> Result<FileDisk, DiskError> {
-        let path = path.as_ref().to_path_buf();
-        let open = |flags: i32| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(flags)
-                .open(&path)
-                .map_err(|source| DiskError::Open { path: path.clone(), source })
-        };
-        let (file, mode) = match open(libc::O_DIRECT | libc::O_DSYNC) {
+        Self::open_with(path.as_ref(), |path, flags| {
+            OpenOptions::new().read(true).write(true).custom_flags(flags).open(path)
+        })
+    }
+
+    /// `open` with the `open(2)` call supplied, so that the fallback can be
+    /// tested on kernels whose every filesystem accepts O_DIRECT.
+    fn open_with(path: &Path, open: impl Fn(&Path, i32) -> std::io::Result<File>) -> Result<FileDisk, DiskError> {
+        let path = path.to_path_buf();
+        let err = |source| DiskError::Open { path: path.clone(), source };
+        let (file, mode) = match open(&path, libc::O_DIRECT | libc::O_DSYNC) {
             Ok(f) => (f, IoMode::Direct),
-            Err(DiskError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::warn!(
                     path = %path.display(),
                     "filesystem does not support O_DIRECT; using O_DSYNC. Other hosts may read stale \
                      cached data: do not share this lease area between machines"
                 );
-                (open(libc::O_DSYNC)?, IoMode::Dsync)
+                (open(&path, libc::O_DSYNC).map_err(err)?, IoMode::Dsync)
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(err(e)),
         };
-        let meta = file.metadata().map_err(|source| DiskError::Open { path: path.clone(), source })?;
+        let meta = file.metadata().map_err(err)?;
         let block_device = meta.file_type().is_block_device();
         let alignment = if block_device {
-            logical_block_size(&file).map_err(|source| DiskError::Open { path: path.clone(), source })?
+            logical_block_size(&file).map_err(err)?
         } else if mode == IoMode::Direct {
             probe_direct_alignment(&file)
         } else {
@@ -291,9 +292,13 @@ impl MemDisk {
         self.bytes.lock().expect("memdisk lock").clone()
     }
 
-    /// Overwrites bytes directly (to simulate corruption), ignoring alignment.
+    /// Overwrites bytes directly (to simulate corruption), ignoring
+    /// alignment; grows the disk if needed.
     pub fn poke(&self, offset: u64, data: &[u8]) {
         let mut b = self.bytes.lock().expect("memdisk lock");
+        if b.len() < offset as usize + data.len() {
+            b.resize(offset as usize + data.len(), 0);
+        }
         b[offset as usize..offset as usize + data.len()].copy_from_slice(data);
     }
 }
@@ -331,5 +336,41 @@ impl LeaseDisk for MemDisk {
 
     fn io_mode(&self) -> IoMode {
         IoMode::Memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_back_to_o_dsync_when_o_direct_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("area");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let disk = FileDisk::open_with(&path, |p, flags| {
+            if flags & libc::O_DIRECT != 0 {
+                // What a filesystem without O_DIRECT support answers.
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            assert!(flags & libc::O_DSYNC != 0, "the fallback must still be synchronous");
+            OpenOptions::new().read(true).write(true).custom_flags(flags).open(p)
+        })
+        .unwrap();
+        assert_eq!(disk.io_mode(), IoMode::Dsync);
+        disk.write_at(512, &[7u8; 512]).unwrap();
+        let mut back = [0u8; 512];
+        disk.read_at(512, &mut back).unwrap();
+        assert_eq!(back, [7u8; 512]);
+    }
+
+    #[test]
+    fn other_open_errors_are_not_hidden_by_the_fallback() {
+        let err = FileDisk::open("/nonexistent/lease-area").unwrap_err();
+        assert!(
+            matches!(&err, DiskError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/nonexistent/lease-area"));
     }
 }

@@ -224,6 +224,8 @@ pub struct HeldLease {
     pub slot: u32,
     /// Fencing token.
     pub token: Token,
+    /// Acquisition id in the chosen value.
+    pub acquisition: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -250,8 +252,11 @@ pub struct HostState {
     lost: Option<String>,
     held: BTreeMap<String, HeldLease>,
     watches: HashMap<HostId, Watch>,
+    acquisitions: u64,
     #[cfg(test)]
     pub(crate) unsafe_skip_dead_wait: bool,
+    #[cfg(test)]
+    pub(crate) unsafe_ignore_fence_deadline: bool,
 }
 
 impl HostState {
@@ -268,8 +273,11 @@ impl HostState {
             lost: None,
             held: BTreeMap::new(),
             watches: HashMap::new(),
+            acquisitions: 0,
             #[cfg(test)]
             unsafe_skip_dead_wait: false,
+            #[cfg(test)]
+            unsafe_ignore_fence_deadline: false,
         })
     }
 
@@ -309,6 +317,10 @@ impl HostState {
     /// fresh `now` before acting on a lease: false means the lease may
     /// already belong to someone else.
     pub fn is_valid(&self, now: Millis) -> bool {
+        #[cfg(test)]
+        if self.unsafe_ignore_fence_deadline && self.lost.is_none() && self.joined.is_some() {
+            return true;
+        }
         self.valid_until().is_some_and(|until| now < until)
     }
 
@@ -366,6 +378,12 @@ impl HostState {
 
     fn sector(&self) -> u64 {
         self.header.sector_size as u64
+    }
+
+    /// A fresh acquisition id: random base (the join's incarnation) + counter.
+    fn next_acquisition(&mut self) -> u64 {
+        self.acquisitions += 1;
+        self.joined.as_ref().map_or(0, |j| j.record.incarnation).wrapping_add(self.acquisitions)
     }
 }
 
@@ -431,6 +449,7 @@ enum JoinPhase {
     Writing,
     Settling,
     Verifying,
+    FirstRenewal,
 }
 
 /// Joins the lockspace under the host's id (delta-lease acquisition).
@@ -439,8 +458,10 @@ enum JoinPhase {
 /// [`OpError::HostIdInUse`] if it changes; writes a live record with the
 /// next generation and a random incarnation; waits `2I` for racing joiners'
 /// writes to land; re-reads and fails with [`OpError::JoinRace`] unless the
-/// slot still holds our record. On success the host lease is valid from the
-/// start of our write. Output: the new generation.
+/// slot still holds our record; then renews once at once (the settle wait
+/// used most of the join write's validity, `K > 2I` is required). On
+/// success the host lease is valid from the start of that renewal write.
+/// Output: the new generation.
 #[derive(Debug)]
 pub struct JoinOp {
     incarnation: u64,
@@ -555,9 +576,31 @@ impl JoinOp {
                 if DeltaRecord::decode(&bytes).ok().as_ref() != Some(&rec) {
                     return Err(OpError::JoinRace { host_id: host.host_id });
                 }
+                // The settle wait used most of the validity the join write gave us: renew at once,
+                // and only if that write is still inside it (so observers cannot have judged the
+                // new incarnation dead in between).
                 let write_start = self.watch.expect("set when settling").first_seen;
+                if now.since(write_start) >= host.header.timeouts.fence_ms {
+                    return Err(OpError::Io {
+                        what: what(),
+                        detail: format!(
+                            "join took {} ms, past the fence deadline; retry (the disk is too slow for these timeouts)",
+                            now.since(write_start)
+                        ),
+                    });
+                }
+                let renewed = DeltaRecord { renew_seq: rec.renew_seq + 1, timestamp_ms: now.0, ..rec };
+                let data = to_sector(&renewed.encode(), host.header.sector_size);
+                self.record = Some(renewed);
+                self.phase = JoinPhase::FirstRenewal;
+                self.issued = now;
+                Ok(Step::Io(IoRequest::Write { offset: host.header.layout().delta_offset(host.host_id), data }))
+            }
+            JoinPhase::FirstRenewal => {
+                completed(host, input, self.issued, now, what)?;
+                let rec = self.record.clone().expect("written");
                 let generation = rec.generation;
-                host.joined = Some(Joined { record: rec, renewed_at: write_start });
+                host.joined = Some(Joined { record: rec, renewed_at: self.issued });
                 host.require_valid(now)?;
                 Ok(Step::Done(Ok(generation)))
             }
@@ -704,6 +747,7 @@ pub struct AcquireOp {
     chosen: Option<LeaseValue>,
     own_ballot: Option<BallotRecord>,
     stash: Option<Vec<BallotRecord>>,
+    acquisition: u64,
 }
 
 /// How many times one acquisition re-evaluates a slot after learning a
@@ -726,11 +770,17 @@ impl AcquireOp {
             chosen: None,
             own_ballot: None,
             stash: None,
+            acquisition: 0,
         }
     }
 
     fn our_value(&self, host: &HostState) -> LeaseValue {
-        LeaseValue { owner: host.host_id, generation: host.generation().unwrap_or(0), name: self.name.clone() }
+        LeaseValue {
+            owner: host.host_id,
+            generation: host.generation().unwrap_or(0),
+            acquisition: self.acquisition,
+            name: self.name.clone(),
+        }
     }
 
     fn read_slot(&mut self, host: &HostState, now: Millis) -> Step<Result<Token, OpError>> {
@@ -930,6 +980,7 @@ impl AcquireOp {
                     return Err(OpError::AlreadyHeld { name: self.name.clone(), token: h.token });
                 }
                 self.slot = host.header.layout().home_slot(&self.name);
+                self.acquisition = host.next_acquisition();
                 Ok(self.read_slot(host, now))
             }
             AcquirePhase::ReadSlot => {
@@ -1038,12 +1089,14 @@ impl AcquireOp {
                 if value.name != self.name {
                     return self.next_probe(host, now);
                 }
-                if value == self.our_value(host) {
+                // Ours only if it is this attempt's value (not an older attempt's, nor a value we
+                // merely learned for a version that was decided before).
+                if self.proposal.is_some() && value == self.our_value(host) {
                     // Only believe it if the host lease is still valid now: a pause during the
                     // ballot may have let others judge us dead.
                     host.require_valid(now)?;
                     let token = Token(self.lver);
-                    host.held.insert(self.name.clone(), HeldLease { slot, token });
+                    host.held.insert(self.name.clone(), HeldLease { slot, token, acquisition: self.acquisition });
                     return Ok(Step::Done(Ok(token)));
                 }
                 // Someone else's value was chosen (we completed their ballot): look again.
@@ -1092,6 +1145,7 @@ impl ReleaseOp {
                 let value = LeaseValue {
                     owner: host.host_id,
                     generation: host.generation().unwrap_or(0),
+                    acquisition: held.acquisition,
                     name: self.name.clone(),
                 };
                 let leader = LeaderRecord {
@@ -1129,8 +1183,8 @@ impl Operation for ReleaseOp {
 /// Leaves the lockspace cleanly: forgets every resource lease, then writes
 /// the delta slot as free (only while the host lease is valid), so that the
 /// next joiner of this host id need not wait `T`. Resource leases still
-/// recorded as held by this generation become free at once for others
-/// (different generation in the slot). Output: nothing.
+/// recorded as held by this host become free at once for others (its slot
+/// says it left). Output: nothing.
 #[derive(Debug, Default)]
 pub struct LeaveOp {
     issued: Option<Millis>,
@@ -1168,5 +1222,154 @@ impl Operation for LeaveOp {
     type Output = Result<(), OpError>;
     fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
         self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Operations tested by the requests they emit, without any disk or clock.
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            sector_size: 512,
+            host_slots: 3,
+            resource_slots: 2,
+            timeouts: Timeouts::from_renewal_ms(100), // I 150, K 350, T 650
+            area_id: 9,
+            cluster_id: "t".into(),
+        }
+    }
+
+    fn sector(rec: [u8; RECORD_LEN]) -> Vec<u8> {
+        to_sector(&rec, 512)
+    }
+
+    /// A host joined at local time `at` (drives a JoinOp over a free slot).
+    fn joined(at: u64) -> HostState {
+        let mut h = HostState::new(header(), 2).unwrap();
+        let mut op = JoinOp::new(0xabc);
+        let t = Millis(at);
+        assert_eq!(
+            op.resume(&mut h, Input::Start, t),
+            Step::Io(IoRequest::Read { offset: 1024, len: 512 }),
+            "reads its own slot (host 2 = sector 2)"
+        );
+        let free = sector(DeltaRecord::free(9, 2).encode());
+        let Step::Io(IoRequest::Write { offset: 1024, data }) =
+            op.resume(&mut h, Input::Io(IoCompletion::Read(free)), t)
+        else {
+            panic!("a free slot is written at once")
+        };
+        let written = DeltaRecord::decode(&data).unwrap();
+        assert_eq!((written.generation, written.incarnation, written.state), (1, 0xabc, DeltaState::Live));
+        // Settle 2I + 1 = 301 ms, then verify.
+        assert_eq!(op.resume(&mut h, Input::Io(IoCompletion::Written), t + 5), Step::SleepUntil(t + 306));
+        assert!(matches!(op.resume(&mut h, Input::Wake, t + 306), Step::Io(IoRequest::Read { offset: 1024, .. })));
+        let Step::Io(IoRequest::Write { data: renewed, .. }) =
+            op.resume(&mut h, Input::Io(IoCompletion::Read(data)), t + 307)
+        else {
+            panic!("renews after verifying")
+        };
+        assert_eq!(DeltaRecord::decode(&renewed).unwrap().renew_seq, 1);
+        assert_eq!(op.resume(&mut h, Input::Io(IoCompletion::Written), t + 308), Step::Done(Ok(1)));
+        assert_eq!(h.valid_until(), Some(t + 307 + 350), "valid from the start of the renewal write");
+        h
+    }
+
+    #[test]
+    fn join_then_renew_extends_validity_from_the_write_start() {
+        let mut h = joined(1000);
+        let mut op = RenewOp::new();
+        assert!(matches!(op.resume(&mut h, Input::Start, Millis(1400)), Step::Io(IoRequest::Read { .. })));
+        let mine = h.joined.as_ref().unwrap().record.encode();
+        let Step::Io(IoRequest::Write { .. }) =
+            op.resume(&mut h, Input::Io(IoCompletion::Read(sector(mine))), Millis(1410))
+        else {
+            panic!("writes")
+        };
+        assert_eq!(op.resume(&mut h, Input::Io(IoCompletion::Written), Millis(1500)), Step::Done(Ok(Millis(1760))));
+    }
+
+    #[test]
+    fn renewal_after_the_fence_deadline_is_refused_without_io() {
+        let mut h = joined(1000);
+        h.held.insert("db".into(), HeldLease { slot: 0, token: Token(4), acquisition: 1 });
+        assert_eq!(h.holds("db", Millis(1656)), Some(Token(4)));
+        // Deadline 1657: a host that was paused until then must not write.
+        let step = RenewOp::new().resume(&mut h, Input::Start, Millis(1657));
+        assert!(matches!(step, Step::Done(Err(OpError::Lost { .. }))), "{step:?}");
+        assert_eq!(h.holds("db", Millis(1500)), None, "a lost lease is never valid again");
+        assert!(h.held().is_empty());
+    }
+
+    #[test]
+    fn late_completions_are_discarded() {
+        let mut h = joined(1000);
+        let mut op = RenewOp::new();
+        op.resume(&mut h, Input::Start, Millis(1400));
+        let mine = sector(h.joined.as_ref().unwrap().record.encode());
+        // 151 ms > I = 150 ms: the read result is not used.
+        let step = op.resume(&mut h, Input::Io(IoCompletion::Read(mine)), Millis(1551));
+        assert!(matches!(step, Step::Done(Err(OpError::TimedOut { elapsed_ms: 151, .. }))), "{step:?}");
+        assert_eq!(h.valid_until(), Some(Millis(1657)), "validity unchanged");
+    }
+
+    #[test]
+    fn a_foreign_record_in_our_slot_loses_the_lease() {
+        let mut h = joined(1000);
+        let mut op = RenewOp::new();
+        op.resume(&mut h, Input::Start, Millis(1400));
+        let other = DeltaRecord { incarnation: 0x999, ..h.joined.as_ref().unwrap().record.clone() };
+        let step = op.resume(&mut h, Input::Io(IoCompletion::Read(sector(other.encode()))), Millis(1401));
+        assert!(matches!(step, Step::Done(Err(OpError::Lost { .. }))), "{step:?}");
+        assert!(!h.is_valid(Millis(1402)));
+    }
+
+    #[test]
+    fn acquire_waits_for_a_live_owner_to_stay_unchanged_for_t() {
+        let mut h = joined(1000);
+        let layout = h.header.layout();
+        let owner = LeaseValue { owner: 1, generation: 5, acquisition: 1, name: "db".into() };
+        let slot = layout.home_slot("db");
+        let mut area = sector(
+            LeaderRecord { area_id: 9, slot, state: LeaderState::Held, lver: 7, value: owner, timestamp_ms: 0 }
+                .encode(),
+        );
+        for host in 1..=3 {
+            area.extend(sector(BallotRecord { lver: 7, ..BallotRecord::empty(9, slot, host) }.encode()));
+        }
+        let owner_slot = sector(
+            DeltaRecord { state: DeltaState::Live, generation: 5, incarnation: 1, ..DeltaRecord::free(9, 1) }.encode(),
+        );
+        let attempt = |h: &mut HostState, t: u64| {
+            let mut op = AcquireOp::new("db");
+            assert_eq!(
+                op.resume(h, Input::Start, Millis(t)),
+                Step::Io(IoRequest::Read { offset: layout.leader_offset(slot), len: layout.resource_len() })
+            );
+            assert_eq!(
+                op.resume(h, Input::Io(IoCompletion::Read(area.clone())), Millis(t)),
+                Step::Io(IoRequest::Read { offset: layout.delta_offset(1), len: 512 })
+            );
+            op.resume(h, Input::Io(IoCompletion::Read(owner_slot.clone())), Millis(t + 1))
+        };
+        // First sight at 1400: busy until 1401 + 650.
+        match attempt(&mut h, 1400) {
+            Step::Done(Err(OpError::Busy { owner: 1, token: Token(7), dead_no_earlier_than, .. })) => {
+                assert_eq!(dead_no_earlier_than, Millis(2051))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Keep our own lease valid, then look again after T: unchanged, so a ballot for version 8 starts.
+        h.joined.as_mut().unwrap().renewed_at = Millis(2000);
+        match attempt(&mut h, 2050) {
+            Step::Io(IoRequest::Write { offset, data }) => {
+                assert_eq!(offset, layout.ballot_offset(slot, 2));
+                let b = BallotRecord::decode(&data).unwrap();
+                assert_eq!((b.lver, b.bal, b.mbal % 4), (8, 0, 2), "phase 1 for version 8, our ballot number");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -415,6 +415,10 @@ pub struct LeaseValue {
     pub owner: HostId,
     /// Generation of the owner's delta lease when it acquired.
     pub generation: u64,
+    /// Unique per acquisition attempt (random base per join + counter): a
+    /// value left behind by an earlier, abandoned attempt of the same host
+    /// is never mistaken for the current attempt's.
+    pub acquisition: u64,
     /// Name of the resource: part of the chosen value, so a slot is bound
     /// to one name by the first chosen value.
     pub name: String,
@@ -453,6 +457,7 @@ fn put_value(p: &mut Put<'_>, v: &LeaseValue) {
     p.u32(v.owner);
     p.u32(0);
     p.u64(v.generation);
+    p.u64(v.acquisition);
     p.text(&v.name, MAX_NAME_LEN);
 }
 
@@ -460,8 +465,9 @@ fn get_value(g: &mut Get<'_>) -> Result<LeaseValue, FormatError> {
     let owner = g.u32();
     let _pad = g.u32();
     let generation = g.u64();
+    let acquisition = g.u64();
     let name = g.text("name", MAX_NAME_LEN)?;
-    Ok(LeaseValue { owner, generation, name })
+    Ok(LeaseValue { owner, generation, acquisition, name })
 }
 
 impl LeaderRecord {

@@ -137,6 +137,9 @@ pub struct HostLease {
     disk: Arc<dyn LeaseDisk>,
     state: Mutex<HostState>,
     renewing: Mutex<()>,
+    /// Serialises acquisition and release attempts (each a few I/Os, never a
+    /// sleep): two of them on one name must not interleave.
+    resource_op: Mutex<()>,
 }
 
 impl HostLease {
@@ -149,7 +152,7 @@ impl HostLease {
         let state = Mutex::new(HostState::new(header, host_id)?);
         let mut op = JoinOp::new(rand::random::<u64>());
         drive(&*disk, &state, &mut op)?;
-        Ok(HostLease { disk, state, renewing: Mutex::new(()) })
+        Ok(HostLease { disk, state, renewing: Mutex::new(()), resource_op: Mutex::new(()) })
     }
 
     /// Renews the host lease (and with it every resource lease held).
@@ -204,7 +207,10 @@ impl HostLease {
         let poll = self.timeouts().poll_interval_ms();
         let mut contended = 0u32;
         loop {
-            let res = drive(&*self.disk, &self.state, &mut AcquireOp::new(name));
+            let res = {
+                let _one_at_a_time = self.resource_op.lock().unwrap_or_else(|p| p.into_inner());
+                drive(&*self.disk, &self.state, &mut AcquireOp::new(name))
+            };
             let err = match res {
                 Ok(token) => return Ok(token),
                 Err(e) => e,
@@ -242,6 +248,7 @@ impl HostLease {
     /// recorded on disk if the host lease is still valid (otherwise others
     /// take it over once this host's lease is dead).
     pub fn release(&self, name: &str) -> Result<(), LeaseError> {
+        let _one_at_a_time = self.resource_op.lock().unwrap_or_else(|p| p.into_inner());
         Ok(drive(&*self.disk, &self.state, &mut ReleaseOp::new(name))?)
     }
 

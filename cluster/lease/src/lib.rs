@@ -16,10 +16,13 @@ pub mod clock;
 pub mod config;
 pub mod disk;
 pub mod engine;
+pub mod fence;
 pub mod format;
+pub mod guard;
 pub mod host;
 pub mod lockspace;
-
+#[cfg(test)]
+mod sim;
 
 pub use clock::{Millis, monotonic_now};
 pub use config::{ConfigError, Timeouts};

@@ -1,0 +1,612 @@
+//! The fencing guard: a small separate process that SIGKILLs registered process groups when the
+//! lease holder stops proving that its lease is still valid.
+//!
+//! Self-fencing must not depend on the agent being scheduled: an agent that is stopped (SIGSTOP, a
+//! stalled VM, a hung disk read in uninterruptible sleep) cannot kill anything. So the agent hands
+//! the kill to a guard process that does nothing but wait in `poll(2)` on a pipe:
+//!
+//! * `reg <pgid>` / `unreg <pgid>`: (un)register a process group to kill when fencing.
+//! * `pet <ms>`: the kill deadline, an absolute time in milliseconds on the lease clock
+//!   ([`crate::clock::monotonic_now`], CLOCK_BOOTTIME: system-wide, counts through suspend). The agent
+//!   computes it from the *start* of its last successful renewal plus the fence deadline, so the
+//!   deadline is never later than the lease allows, however late the pet arrives.
+//! * `bye`: orderly shutdown; the following end of file does not fence.
+//!
+//! The guard SIGKILLs every registered group when the deadline passes without a newer pet, and at
+//! once when its input reaches end of file without a `bye` (the agent died). Both ends run on the
+//! same machine, so both read the same clock.
+//!
+//! [`run_guard`] is the guard's side (blocking, called by the process that is the guard, e.g.
+//! `tandemctl lease guard`); [`GuardHandle`] is the agent's side.
+
+use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigHandler, Signal, kill, signal};
+use nix::unistd::Pid;
+
+use crate::clock::{Millis, monotonic_now};
+
+/// Errors of the guard and of its client handle.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// The guard process could not be started.
+    #[error("cannot start the fencing guard process `{program}`; check that the binary exists and is executable")]
+    Spawn {
+        /// The program that was executed.
+        program: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// A message could not be delivered to the guard: it died, or it stopped reading.
+    #[error(
+        "cannot send `{message}` to the fencing guard (pid {pid}); the guard is gone or stalled, so \
+         the resources it protects must be stopped by the caller"
+    )]
+    Send {
+        /// The message that was not delivered.
+        message: String,
+        /// The guard's process id.
+        pid: u32,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Waiting for the guard to exit failed.
+    #[error("cannot wait for the fencing guard (pid {pid}) to exit")]
+    Wait {
+        /// The guard's process id.
+        pid: u32,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The guard's input could not be polled or read.
+    #[error("the fencing guard cannot read its command pipe")]
+    Input(#[source] io::Error),
+    /// A line on the guard's input was not a valid message.
+    #[error(
+        "the fencing guard received an invalid message {line:?}; expected `reg PGID`, `unreg PGID`, `pet MS` or `bye`"
+    )]
+    Protocol {
+        /// The offending line (lossily decoded).
+        line: String,
+    },
+    /// A process group id that cannot be killed safely (0, 1 or negative would hit other processes).
+    #[error("refusing to guard process group {0}: only ids above 1 name a single process group")]
+    BadPgid(i32),
+}
+
+/// Now on the clock of kill deadlines, the lease clock (CLOCK_BOOTTIME), in milliseconds.
+fn monotonic_ms() -> u64 {
+    monotonic_now().0
+}
+
+/// One message from the agent to the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardMessage {
+    /// Kill this process group when fencing.
+    Register(i32),
+    /// Stop guarding this process group (it exited, or was stopped in an orderly way).
+    Unregister(i32),
+    /// Kill every registered group when the lease clock reaches this many milliseconds.
+    Pet(u64),
+    /// Orderly shutdown: end of input after this does not fence.
+    Bye,
+}
+
+impl GuardMessage {
+    /// The wire form: one short ASCII line (well below `PIPE_BUF`, so every write is atomic).
+    pub fn encode(&self) -> String {
+        match self {
+            GuardMessage::Register(pgid) => format!("reg {pgid}\n"),
+            GuardMessage::Unregister(pgid) => format!("unreg {pgid}\n"),
+            GuardMessage::Pet(ms) => format!("pet {ms}\n"),
+            GuardMessage::Bye => "bye\n".to_owned(),
+        }
+    }
+
+    /// Parses one line (without its newline).
+    pub fn parse(line: &[u8]) -> Result<Self, GuardError> {
+        let bad = || GuardError::Protocol { line: String::from_utf8_lossy(line).into_owned() };
+        let text = std::str::from_utf8(line).map_err(|_| bad())?.trim();
+        let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
+        match verb {
+            "reg" => Ok(GuardMessage::Register(arg.parse().map_err(|_| bad())?)),
+            "unreg" => Ok(GuardMessage::Unregister(arg.parse().map_err(|_| bad())?)),
+            "pet" => Ok(GuardMessage::Pet(arg.parse().map_err(|_| bad())?)),
+            "bye" if arg.is_empty() => Ok(GuardMessage::Bye),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// How [`run_guard`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardExit {
+    /// The agent said `bye` and closed the pipe; nothing was killed at the end.
+    Bye,
+    /// The pipe reached end of file without `bye`: the agent died. `killed` lists the groups that
+    /// were registered then and were sent SIGKILL.
+    AgentGone {
+        /// Process groups that were killed at end of input.
+        killed: Vec<i32>,
+    },
+}
+
+/// Best-effort real-time hardening of the guard process, reported as human-readable notes.
+///
+/// Locks memory (no page-in stalls while fencing) and raises the scheduling priority (SCHED_RR,
+/// falling back to nice -10). Each step may fail without privileges; the guard still works, only
+/// with weaker timing under heavy load, so the failure is logged and not fatal.
+pub fn harden_current_process() -> Vec<String> {
+    let mut notes = Vec::new();
+    // SAFETY: mlockall takes only flags and affects this process's memory locking.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        notes.push(format!("mlockall failed ({}); guard memory may be paged out", io::Error::last_os_error()));
+    }
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: `param` is a valid sched_param; pid 0 means this thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) } != 0 {
+        let rr_err = io::Error::last_os_error();
+        // SAFETY: setpriority takes plain integers; 0 means the calling process.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } != 0 {
+            notes.push(format!(
+                "cannot raise priority (SCHED_RR: {rr_err}; nice -10: {}); the guard runs at normal priority",
+                io::Error::last_os_error()
+            ));
+        } else {
+            notes.push(format!("SCHED_RR unavailable ({rr_err}); running at nice -10 instead"));
+        }
+    }
+    notes
+}
+
+/// Sends SIGKILL to each process group; a group that no longer exists is not an error.
+fn kill_groups(groups: &BTreeSet<i32>, why: &str, log: &mut dyn FnMut(&str)) -> Vec<i32> {
+    let mut killed = Vec::new();
+    for &pgid in groups {
+        match kill(Pid::from_raw(-pgid), Signal::SIGKILL) {
+            Ok(()) => {
+                log(&format!("{why}: SIGKILL sent to process group {pgid}"));
+                killed.push(pgid);
+            }
+            Err(Errno::ESRCH) => log(&format!("{why}: process group {pgid} had already exited")),
+            Err(e) => log(&format!("{why}: cannot kill process group {pgid}: {e}")),
+        }
+    }
+    killed
+}
+
+/// Runs the guard on `input` until the agent says `bye` or disappears. Blocking.
+///
+/// The loop only ever blocks in `poll` with a timeout that ends at the current kill deadline, and
+/// reads at most what `poll` reported as available. Pending messages are applied before the
+/// deadline is checked, so a pet that the agent sent in time counts even if this process was
+/// itself delayed; the deadline in it is absolute, so a late pet cannot extend the lease.
+///
+/// After fencing on a missed deadline the killed groups are forgotten (their ids may be reused
+/// once reaped) and the guard keeps serving the agent, which may register new groups later.
+/// `log` receives one line per event worth an operator's attention.
+pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<GuardExit, GuardError> {
+    let mut groups: BTreeSet<i32> = BTreeSet::new();
+    let mut deadline: Option<u64> = None;
+    let mut said_bye = false;
+    let mut pending: Vec<u8> = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    // Reading through a File would close the fd on drop; borrow it instead.
+    let raw = input.as_raw_fd();
+    loop {
+        let timeout = match deadline {
+            // Wake at the deadline; cap the wait so a clock oddity cannot park the guard for long.
+            Some(d) => PollTimeout::try_from(d.saturating_sub(monotonic_ms()).min(1000)).unwrap_or(PollTimeout::ZERO),
+            None => PollTimeout::NONE,
+        };
+        let mut fds = [PollFd::new(input, PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(GuardError::Input(e.into())),
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if revents.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            // SAFETY: `raw` is a valid open fd for the lifetime of `input`; `buf` is writable.
+            let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted && e.kind() != io::ErrorKind::WouldBlock {
+                    return Err(GuardError::Input(e));
+                }
+            } else if n == 0 {
+                if said_bye {
+                    return Ok(GuardExit::Bye);
+                }
+                let killed = kill_groups(&groups, "agent gone (pipe closed without bye)", log);
+                return Ok(GuardExit::AgentGone { killed });
+            } else {
+                pending.extend_from_slice(&buf[..n as usize]);
+                while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=nl).collect();
+                    match GuardMessage::parse(&line[..line.len() - 1]) {
+                        Ok(GuardMessage::Register(pgid)) if pgid > 1 => {
+                            groups.insert(pgid);
+                        }
+                        Ok(GuardMessage::Register(pgid)) => log(&GuardError::BadPgid(pgid).to_string()),
+                        Ok(GuardMessage::Unregister(pgid)) => {
+                            groups.remove(&pgid);
+                        }
+                        Ok(GuardMessage::Pet(ms)) => deadline = Some(ms),
+                        Ok(GuardMessage::Bye) => {
+                            said_bye = true;
+                            deadline = None;
+                        }
+                        // A garbled line means the agent is broken: fence rather than guess.
+                        Err(e) => {
+                            log(&e.to_string());
+                            kill_groups(&groups, "protocol error", log);
+                            groups.clear();
+                            deadline = None;
+                        }
+                    }
+                }
+                if pending.len() > 4096 {
+                    log("over-long line on the guard pipe; fencing");
+                    kill_groups(&groups, "protocol error", log);
+                    groups.clear();
+                    pending.clear();
+                }
+            }
+        }
+        if let Some(d) = deadline {
+            let now = monotonic_ms();
+            if now >= d {
+                let late = now - d;
+                kill_groups(&groups, &format!("kill deadline passed {late} ms ago without a newer pet"), log);
+                groups.clear();
+                deadline = None;
+            }
+        }
+    }
+}
+
+/// Runs the guard on this process's standard input, after hardening and after ignoring the
+/// signals a terminal or session leader might send. This is what a guard executable's `main`
+/// calls; it logs to stderr with a `tandem-guard` prefix.
+pub fn run_guard_on_stdin() -> Result<GuardExit, GuardError> {
+    let pid = std::process::id();
+    let mut log = |msg: &str| eprintln!("tandem-guard[{pid}]: {msg}");
+    for note in harden_current_process() {
+        log(&note);
+    }
+    for sig in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE, Signal::SIGQUIT] {
+        // SAFETY: installing SIG_IGN runs no code in signal context.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    let stdin = io::stdin();
+    run_guard(stdin.as_fd(), &mut log)
+}
+
+/// The agent's handle on its guard process.
+///
+/// Dropping the handle without [`GuardHandle::bye`] closes the pipe, which the guard treats as the
+/// agent's death: every registered group is killed. That is deliberate: a panic in the agent must
+/// not leave guarded resources running unfenced.
+#[derive(Debug)]
+pub struct GuardHandle {
+    child: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl GuardHandle {
+    /// Starts `cmd` as the guard: its stdin becomes the command pipe, it gets a process group of
+    /// its own (terminal signals to the agent's group do not reach it), and stdout is discarded.
+    ///
+    /// `cmd` must run [`run_guard_on_stdin`], e.g. `tandemctl lease guard`.
+    pub fn spawn(mut cmd: Command) -> Result<Self, GuardError> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(|source| GuardError::Spawn { program, source })?;
+        let pipe = child.stdin.take().expect("stdin was configured as piped");
+        // Never block the agent on a stalled guard: a full pipe is reported as an error instead.
+        let fd = pipe.as_raw_fd();
+        // SAFETY: `fd` is the open write end we own; F_GETFL/F_SETFL only change its flags.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        Ok(GuardHandle { child, pipe: Some(pipe) })
+    }
+
+    /// The guard's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn send(&mut self, msg: GuardMessage) -> Result<(), GuardError> {
+        let line = msg.encode();
+        let pid = self.child.id();
+        let err = |source| GuardError::Send { message: line.trim_end().to_owned(), pid, source };
+        let pipe = self
+            .pipe
+            .as_mut()
+            .ok_or_else(|| err(io::Error::new(io::ErrorKind::BrokenPipe, "the guard pipe is closed")))?;
+        // Lines are shorter than PIPE_BUF, so the write is all-or-nothing.
+        pipe.write_all(line.as_bytes()).map_err(err)
+    }
+
+    /// Asks the guard to kill process group `pgid` when fencing.
+    pub fn register(&mut self, pgid: i32) -> Result<(), GuardError> {
+        if pgid <= 1 {
+            return Err(GuardError::BadPgid(pgid));
+        }
+        self.send(GuardMessage::Register(pgid))
+    }
+
+    /// Stops guarding `pgid`. Send this before reaping the group leader, so the id cannot be reused
+    /// by an unrelated process while the guard still holds it.
+    pub fn unregister(&mut self, pgid: i32) -> Result<(), GuardError> {
+        self.send(GuardMessage::Unregister(pgid))
+    }
+
+    /// Sets the kill deadline to `deadline` on the lease clock ([`monotonic_now`]).
+    pub fn pet(&mut self, deadline: Millis) -> Result<(), GuardError> {
+        self.send(GuardMessage::Pet(deadline.0))
+    }
+
+    /// Orderly shutdown: tells the guard to exit without killing, and waits up to `wait` for it.
+    /// If it does not exit in time it is killed (its groups are then no longer guarded, which is
+    /// what `bye` asked for anyway).
+    pub fn bye(mut self, wait: Duration) -> Result<ExitStatus, GuardError> {
+        self.send(GuardMessage::Bye)?;
+        drop(self.pipe.take());
+        let pid = self.child.id();
+        let until = monotonic_ms() + wait.as_millis() as u64;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if monotonic_ms() < until => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    return self.child.wait().map_err(|source| GuardError::Wait { pid, source });
+                }
+                Err(source) => return Err(GuardError::Wait { pid, source }),
+            }
+        }
+    }
+}
+
+impl Drop for GuardHandle {
+    fn drop(&mut self) {
+        // Closing without `bye` fences (see the type's docs); reap the guard when it is done so it
+        // does not linger as a zombie. It exits right after killing, so this does not block long.
+        if self.pipe.take().is_some() {
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads a whole guard script from `r`; used by tests and tools that replay a message log.
+pub fn parse_script(mut r: impl Read) -> Result<Vec<GuardMessage>, GuardError> {
+    let mut text = Vec::new();
+    r.read_to_end(&mut text).map_err(GuardError::Input)?;
+    text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(GuardMessage::parse).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+    use std::time::Instant;
+
+    /// Environment variable that turns this test binary into a guard or an agent (re-exec trick:
+    /// forking a multi-threaded test process is unsafe, so helpers are fresh processes).
+    const ROLE: &str = "TANDEM_GUARD_TEST_ROLE";
+
+    /// Entry point of the re-executed helper processes; a no-op in a normal test run.
+    #[test]
+    fn helper_process_entry() {
+        match std::env::var(ROLE).as_deref() {
+            Ok("guard") => {
+                let exit = run_guard_on_stdin();
+                std::process::exit(match exit {
+                    Ok(GuardExit::Bye) => 0,
+                    Ok(GuardExit::AgentGone { .. }) => 3,
+                    Err(_) => 4,
+                });
+            }
+            Ok("agent") => agent_main(),
+            _ => {}
+        }
+    }
+
+    fn self_command(role: &str) -> Command {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "guard::tests::helper_process_entry", "--nocapture", "--test-threads=1"]);
+        cmd.env(ROLE, role);
+        cmd
+    }
+
+    /// A victim: `sleep` in a process group of its own.
+    fn spawn_victim() -> Child {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600").process_group(0);
+        cmd.spawn().expect("spawn sleep")
+    }
+
+    /// The agent helper: spawns a guard and a victim, registers it, prints the victim's pid, then
+    /// pets every 100 ms with a 1 s deadline, or stops petting when its stdin says so.
+    // The agent never returns; its victim is reaped by whoever inherits it.
+    #[allow(clippy::zombie_processes)]
+    fn agent_main() -> ! {
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        let victim = spawn_victim();
+        guard.register(victim.id() as i32).unwrap();
+        guard.pet(monotonic_now() + 1000).unwrap();
+        let out = std::env::var("TANDEM_GUARD_TEST_OUT").unwrap();
+        std::fs::write(format!("{out}.tmp"), format!("victim {} guard {}\n", victim.id(), guard.pid())).unwrap();
+        std::fs::rename(format!("{out}.tmp"), &out).unwrap();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            guard.pet(monotonic_now() + 1000).unwrap();
+        }
+    }
+
+    /// True once `pid` no longer runs: gone, or a zombie waiting to be reaped by someone else.
+    fn process_gone(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false),
+        }
+    }
+
+    fn wait_gone(pid: u32, within: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if process_gone(pid) {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    fn reap_within(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(s) = child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_rejected() {
+        for m in [GuardMessage::Register(42), GuardMessage::Unregister(7), GuardMessage::Pet(123456), GuardMessage::Bye]
+        {
+            let line = m.encode();
+            assert!(line.len() < 64);
+            assert_eq!(GuardMessage::parse(line.trim_end().as_bytes()).unwrap(), m);
+        }
+        for bad in ["", "reg", "reg x", "pet -1", "bye now", "kill 3"] {
+            assert!(GuardMessage::parse(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+        let script = parse_script(&b"reg 5\npet 10\nbye\n"[..]).unwrap();
+        assert_eq!(script, vec![GuardMessage::Register(5), GuardMessage::Pet(10), GuardMessage::Bye]);
+    }
+
+    #[test]
+    fn kills_the_group_when_pets_stop() {
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        let mut victim = spawn_victim();
+        guard.register(victim.id() as i32).unwrap();
+        let deadline = monotonic_now() + 300;
+        guard.pet(deadline).unwrap();
+        let status = reap_within(&mut victim, Duration::from_secs(10)).expect("victim not killed");
+        assert!(monotonic_now() >= deadline, "killed before the deadline");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // The guard stays up after fencing and still exits cleanly on bye.
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+    }
+
+    #[test]
+    fn does_not_kill_while_pets_continue_and_bye_leaves_group_alone() {
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        let mut victim = spawn_victim();
+        guard.register(victim.id() as i32).unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(1500) {
+            guard.pet(monotonic_now() + 400).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(victim.try_wait().unwrap().is_none(), "victim killed although pets continued");
+        }
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(victim.try_wait().unwrap().is_none(), "victim killed after an orderly bye");
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+    }
+
+    #[test]
+    fn unregistered_group_is_not_killed() {
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        let mut keep = spawn_victim();
+        let mut doomed = spawn_victim();
+        guard.register(keep.id() as i32).unwrap();
+        guard.register(doomed.id() as i32).unwrap();
+        guard.unregister(keep.id() as i32).unwrap();
+        guard.pet(monotonic_now() + 100).unwrap();
+        reap_within(&mut doomed, Duration::from_secs(10)).expect("registered group not killed");
+        assert!(keep.try_wait().unwrap().is_none(), "unregistered group was killed");
+        keep.kill().unwrap();
+        keep.wait().unwrap();
+        drop(guard);
+    }
+
+    #[test]
+    fn dropping_the_handle_without_bye_fences() {
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        let mut victim = spawn_victim();
+        guard.register(victim.id() as i32).unwrap();
+        guard.pet(monotonic_now() + 600_000).unwrap();
+        drop(guard);
+        reap_within(&mut victim, Duration::from_secs(10)).expect("victim survived the agent's exit");
+    }
+
+    /// Starts the agent helper and reads the victim's and guard's pids from the file it writes.
+    fn start_agent() -> (Child, u32, u32) {
+        let dir = std::env::temp_dir().join(format!("tandem-guard-test-{}-{}", std::process::id(), monotonic_ms()));
+        let mut cmd = self_command("agent");
+        cmd.env("TANDEM_GUARD_TEST_OUT", &dir).stdout(Stdio::null()).stdin(Stdio::null());
+        let mut agent = cmd.spawn().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&dir) {
+                let _ = std::fs::remove_file(&dir);
+                let f: Vec<&str> = text.split_whitespace().collect();
+                return (agent, f[1].parse().unwrap(), f[3].parse().unwrap());
+            }
+            assert!(agent.try_wait().unwrap().is_none(), "agent exited before reporting its victim");
+            assert!(start.elapsed() < Duration::from_secs(30), "agent did not report its victim");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn kills_the_group_when_the_agent_is_sigkilled() {
+        let (mut agent, victim, guard) = start_agent();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!process_gone(victim), "victim died while the agent was healthy");
+        kill(Pid::from_raw(agent.id() as i32), Signal::SIGKILL).unwrap();
+        agent.wait().unwrap();
+        // EOF on the pipe fences at once; allow a generous bound for a loaded machine.
+        wait_gone(victim, Duration::from_secs(10)).expect("victim survived the agent's SIGKILL");
+        wait_gone(guard, Duration::from_secs(10)).expect("guard did not exit after fencing");
+    }
+
+    #[test]
+    fn kills_the_group_when_the_agent_is_sigstopped() {
+        let (mut agent, victim, guard) = start_agent();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!process_gone(victim));
+        let stopped_at = Instant::now();
+        kill(Pid::from_raw(agent.id() as i32), Signal::SIGSTOP).unwrap();
+        let took = wait_gone(victim, Duration::from_secs(10)).expect("victim survived while the agent was stopped");
+        // Killed by the deadline (1 s after the last pet), not before the agent stopped petting.
+        assert!(took <= Duration::from_secs(10));
+        assert!(!process_gone(guard), "the guard should keep running while the agent is stopped");
+        let _ = stopped_at;
+        kill(Pid::from_raw(agent.id() as i32), Signal::SIGKILL).unwrap();
+        agent.wait().unwrap();
+        wait_gone(guard, Duration::from_secs(10)).expect("guard did not exit after the agent died");
+    }
+}
