@@ -301,6 +301,11 @@ fn lease_timing_is_checked_with_the_lease_library() {
     let f = write(&src);
     let c = tandem_config::load(f.path()).unwrap();
     assert_eq!(c.lease.unwrap().timeouts(), tandem_lease::Timeouts::from_renewal_ms(300));
+    // The join-settle rule: K >= 2R + I holds, but a joiner could not renew in time.
+    let src = format!("{BASE}{LEASE}renewal_interval = \"100ms\"\nio_timeout = \"1s\"\nfence_deadline = \"2250ms\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (22, 1, "lease", ProblemKind::LeaseTiming));
+    assert!(msg.contains("joiner") && msg.contains("fence_deadline"), "{msg}");
     // A value below its minimum points at that value.
     let src = format!("{BASE}{LEASE}renewal_interval = \"50ms\"\n");
     let (line, col, field, kind, msg) = only(&src);
