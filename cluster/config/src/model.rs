@@ -1,0 +1,668 @@
+//! The validated configuration model.
+//!
+//! These types are what [`crate::load`] returns once every check passed, and
+//! what serialises back to an equivalent TOML file. The TOML section names are
+//! singular (`[[node]]`, `[[group.resource]]`) because each table describes
+//! one thing; the Rust fields are plural.
+//!
+//! The host agent will add its own sections (hypervisors, VMs as resources)
+//! next to these; [`ResourceKind`] and [`FenceMethod`] are tagged by `kind`
+//! so new kinds slot in without changing existing files.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tandem_monitors::{ProbeSpec, RunLimits, SecretSource};
+
+use crate::duration::{self, DurationSchema};
+
+/// A whole cluster: the guest agent's `--config` file.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster-wide identity and secrets.
+    pub cluster: ClusterSection,
+    /// The machines that run the agent (`[[node]]`).
+    #[serde(rename = "node")]
+    pub nodes: Vec<Node>,
+    /// The networks heartbeats travel over (`[[link]]`).
+    #[serde(rename = "link")]
+    pub links: Vec<Link>,
+    /// The shared lease area; required when a group owns a shared disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseSettings>,
+    /// Failover groups: resources that start, stop and move together (`[[group]]`).
+    #[serde(rename = "group", default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<FailoverGroup>,
+}
+
+impl ClusterConfig {
+    /// The node with this name.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The group with this name.
+    pub fn group(&self, name: &str) -> Option<&FailoverGroup> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+}
+
+/// `[cluster]`: what every node shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Name of the cluster; also the lease lockspace name (1..=64 characters
+    /// of letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// File holding the shared key that authenticates heartbeats (HMAC).
+    /// Only the path is configured: the key itself never appears in this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[[node]]`: one machine of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Unique node name.
+    pub name: String,
+    /// Unique node number, 1..=2000; also the node's host id in the lease area.
+    pub id: u32,
+    /// Votes this node contributes to quorum.
+    #[serde(default = "default_votes")]
+    #[schemars(default = "default_votes")]
+    pub votes: u32,
+    /// The node's address on every link, by link name (`{ lan = "10.0.0.1" }`).
+    pub links: BTreeMap<String, IpAddr>,
+    /// How another node powers this one off when it must be fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceMethod>,
+    /// Wait this long before fencing this node, so that in a split the node
+    /// with the shorter delay wins the race.
+    #[serde(default, with = "duration", skip_serializing_if = "Duration::is_zero")]
+    #[schemars(with = "DurationSchema")]
+    pub fence_delay: Duration,
+}
+
+fn default_votes() -> u32 {
+    1
+}
+
+/// How a node is fenced (`fence = { kind = "…", … }`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum FenceMethod {
+    /// A fence agent from the `fence-agents` family (`fence_virsh`, `fence_ipmilan`, …).
+    Agent(AgentFence),
+    /// Any program: run with the node name appended, exit 0 means "fenced".
+    Command(CommandFence),
+    /// Ask the host cluster to power off the VM this node runs in.
+    HostCluster(HostClusterFence),
+    /// No external fencing: rely on the lease's self-fencing (and a hardware
+    /// watchdog where one exists) alone. Chosen explicitly, never by default.
+    LeaseWatchdogOnly(WatchdogOnlyFence),
+}
+
+/// `kind = "agent"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFence {
+    /// Agent program name or path (`fence_virsh`).
+    pub agent: String,
+    /// Agent parameters (`ip`, `username`, `plug`, …), passed on its stdin as `key=value` lines.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+}
+
+/// `kind = "command"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandFence {
+    /// Program and arguments.
+    pub command: Vec<String>,
+}
+
+/// `kind = "host-cluster"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostClusterFence {
+    /// UUID of this node's VM as the hypervisor knows it.
+    pub vm_uuid: String,
+}
+
+/// `kind = "lease-watchdog-only"` (no fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogOnlyFence {}
+
+/// `[[link]]`: one network heartbeats travel over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// Unique link name; nodes give their address on it under `links`.
+    pub name: String,
+    /// UDP port heartbeats are sent to on this link.
+    pub port: u16,
+    /// How often each node sends a heartbeat on this link.
+    #[serde(default = "default_heartbeat_interval", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_heartbeat_interval_text")]
+    pub interval: Duration,
+    /// A peer not heard on this link for this long is down on this link
+    /// (at least twice `interval`).
+    #[serde(default = "default_heartbeat_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_heartbeat_timeout_text")]
+    pub timeout: Duration,
+}
+
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_heartbeat_interval_text() -> &'static str {
+    "1s"
+}
+fn default_heartbeat_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_heartbeat_timeout_text() -> &'static str {
+    "5s"
+}
+
+/// `[lease]`: the shared lease area that guards shared disks.
+///
+/// Unset timeouts are derived from `renewal_interval` in the proportions of
+/// the lease library's defaults (I = 1.5R, K = 3.5R, M = R, T = 6.5R).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSettings {
+    /// Block device or file on shared storage holding the lease area.
+    pub device: PathBuf,
+    /// R: how often each node renews its host lease.
+    #[serde(with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_renewal_text")]
+    pub renewal_interval: Duration,
+    /// I: a lease I/O not completed within this time counts as failed.
+    #[serde(with = "duration")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub io_timeout: Duration,
+    /// K: counted from the start of the last successful renewal; past it a
+    /// node that could not renew treats its leases as lost and starts killing.
+    #[serde(with = "duration")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub fence_deadline: Duration,
+    /// M: time a node allows itself after K to finish killing what the lease guards.
+    #[serde(with = "duration")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub kill_margin: Duration,
+    /// T: a node whose host lease stays unchanged this long is dead and its
+    /// groups may be taken over.
+    #[serde(with = "duration")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub host_dead_timeout: Duration,
+}
+
+fn default_renewal_text() -> &'static str {
+    "1s"
+}
+
+impl LeaseSettings {
+    /// The timeouts in the lease library's form (validation guarantees
+    /// whole milliseconds that pass [`tandem_lease::Timeouts::validate`]).
+    pub fn timeouts(&self) -> tandem_lease::Timeouts {
+        let ms = |d: Duration| d.as_millis() as u64;
+        tandem_lease::Timeouts {
+            renewal_ms: ms(self.renewal_interval),
+            io_timeout_ms: ms(self.io_timeout),
+            fence_ms: ms(self.fence_deadline),
+            kill_margin_ms: ms(self.kill_margin),
+            host_dead_ms: ms(self.host_dead_timeout),
+        }
+    }
+}
+
+/// `[[group]]`: resources that start, stop, fail and move together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverGroup {
+    /// Unique group name; also the name of its resource lease.
+    pub name: String,
+    /// Nodes the group may run on, most preferred first.
+    pub nodes: Vec<String>,
+    /// Whether the group moves back to a more preferred node when that node returns.
+    #[serde(default)]
+    pub failback: Failback,
+    /// Start the group when the cluster forms.
+    #[serde(default = "yes")]
+    #[schemars(default = "yes")]
+    pub autostart: bool,
+    /// Restarts in place allowed within `restart_window` before the group fails over.
+    #[serde(default = "default_restart_limit")]
+    #[schemars(default = "default_restart_limit")]
+    pub restart_limit: u32,
+    /// Window over which restarts are counted.
+    #[serde(default = "default_restart_window", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_restart_window_text")]
+    pub restart_window: Duration,
+    /// Failovers allowed within `failover_window` before `final_action`.
+    #[serde(default = "default_failover_limit")]
+    #[schemars(default = "default_failover_limit")]
+    pub failover_limit: u32,
+    /// Window over which failovers are counted.
+    #[serde(default = "default_failover_window", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_failover_window_text")]
+    pub failover_window: Duration,
+    /// What to do when failovers are exhausted.
+    #[serde(default)]
+    pub final_action: FinalAction,
+    /// The group's resources (`[[group.resource]]`), started in dependency order.
+    #[serde(rename = "resource", default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<Resource>,
+    /// The group's monitors (`[[group.monitor]]`).
+    #[serde(rename = "monitor", default, skip_serializing_if = "Vec::is_empty")]
+    pub monitors: Vec<Monitor>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+fn default_restart_limit() -> u32 {
+    3
+}
+fn default_restart_window() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_restart_window_text() -> &'static str {
+    "10m"
+}
+fn default_failover_limit() -> u32 {
+    3
+}
+fn default_failover_window() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_failover_window_text() -> &'static str {
+    "1h"
+}
+
+impl FailoverGroup {
+    /// Whether the group owns a lease-guarded shared disk.
+    pub fn has_shared_disk(&self) -> bool {
+        self.resources.iter().any(|r| matches!(r.kind, ResourceKind::Disk(_)))
+    }
+
+    /// The resource with this name.
+    pub fn resource(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+}
+
+/// Whether a group returns to a more preferred node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    /// Move back as soon as the more preferred node is up again.
+    Auto,
+    /// Stay until an operator moves the group (avoids moving twice per failure).
+    #[default]
+    Manual,
+}
+
+/// What happens to a group that exhausted its failovers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalAction {
+    /// Stop the group everywhere and leave it stopped for an operator.
+    #[default]
+    Stop,
+    /// Leave the group where it is, failed, and only report.
+    None,
+}
+
+/// `[[group.resource]]`: one thing a group starts and stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Resource {
+    /// Name, unique within the group.
+    pub name: String,
+    /// Resources this one needs started first (and stopped after it). When
+    /// the key is absent, the previous resource in the list; `[]` for none.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// What the resource is.
+    #[serde(flatten)]
+    pub kind: ResourceKind,
+}
+
+/// The kinds of resource (`kind = "…"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ResourceKind {
+    /// A shared disk (or a directory on shared storage), exclusive to one node
+    /// at a time under the group's resource lease.
+    Disk(DiskResource),
+    /// A floating IP address.
+    Ip(IpResource),
+    /// Programs that start, stop and check the application.
+    Exec(ExecResource),
+    /// An OCF resource agent (`resource-agents`).
+    Ocf(OcfResource),
+    /// A systemd unit.
+    Systemd(SystemdResource),
+}
+
+impl ResourceKind {
+    /// The `kind` string.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ResourceKind::Disk(_) => "disk",
+            ResourceKind::Ip(_) => "ip",
+            ResourceKind::Exec(_) => "exec",
+            ResourceKind::Ocf(_) => "ocf",
+            ResourceKind::Systemd(_) => "systemd",
+        }
+    }
+}
+
+/// `kind = "disk"`: either `device` + `mountpoint` (mounted by the agent) or
+/// `directory` (already mounted shared storage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskResource {
+    /// Block device to mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<PathBuf>,
+    /// Where to mount `device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<PathBuf>,
+    /// File system type of `device` (`mount -t`); detected when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fstype: Option<String>,
+    /// Check `device` with `fsck -p` before mounting it.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[schemars(default = "yes")]
+    pub fsck: bool,
+    /// A directory on already-mounted shared storage, used instead of `device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<PathBuf>,
+}
+
+/// `kind = "ip"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpResource {
+    /// Address and prefix length (`10.0.0.50/24`, `fd00::50/64`).
+    #[schemars(with = "String")]
+    pub address: IpPrefix,
+    /// Network interface to add the address to.
+    pub interface: String,
+}
+
+/// `kind = "exec"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResource {
+    /// Program and arguments that start the application.
+    pub start: Vec<String>,
+    /// Program and arguments that stop it.
+    pub stop: Vec<String>,
+    /// Program and arguments that check it (exit 0 = running, 7 = stopped, as OCF).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitor: Vec<String>,
+    /// Limit for `start`.
+    #[serde(default = "default_start_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
+    pub start_timeout: Duration,
+    /// Limit for `stop`; after it the process group is killed.
+    #[serde(default = "default_stop_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
+    pub stop_timeout: Duration,
+    /// Limit for `monitor`.
+    #[serde(default = "default_monitor_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_monitor_timeout_text")]
+    pub monitor_timeout: Duration,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    /// User to run as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+fn default_start_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_op_timeout_text() -> &'static str {
+    "60s"
+}
+fn default_monitor_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_monitor_timeout_text() -> &'static str {
+    "20s"
+}
+
+/// `kind = "ocf"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OcfResource {
+    /// Agent provider (`heartbeat`).
+    pub provider: String,
+    /// Agent name (`pgsql`, `IPaddr2`).
+    pub agent: String,
+    /// Parameters, passed as `OCF_RESKEY_<name>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// Limit for `start`.
+    #[serde(default = "default_start_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
+    pub start_timeout: Duration,
+    /// Limit for `stop`.
+    #[serde(default = "default_stop_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
+    pub stop_timeout: Duration,
+    /// Limit for `monitor`.
+    #[serde(default = "default_monitor_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_monitor_timeout_text")]
+    pub monitor_timeout: Duration,
+}
+
+/// `kind = "systemd"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SystemdResource {
+    /// Unit name (`postgresql@15-main.service`).
+    pub unit: String,
+    /// Limit for starting the unit.
+    #[serde(default = "default_start_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
+    pub start_timeout: Duration,
+    /// Limit for stopping the unit.
+    #[serde(default = "default_stop_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
+    pub stop_timeout: Duration,
+}
+
+/// An IP address with a prefix length (`10.0.0.50/24`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpPrefix {
+    /// The address.
+    pub addr: IpAddr,
+    /// The prefix length (0..=32 for IPv4, 0..=128 for IPv6).
+    pub prefix_len: u8,
+}
+
+impl FromStr for IpPrefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').ok_or_else(|| {
+            format!("{s:?} has no prefix length; write ADDRESS/PREFIX such as 10.0.0.50/24 or fd00::50/64")
+        })?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = p
+            .parse::<u8>()
+            .ok()
+            .filter(|n| *n <= max && !p.starts_with('+'))
+            .ok_or_else(|| format!("prefix length {p:?} is not a number in 0..={max}"))?;
+        Ok(IpPrefix { addr, prefix_len })
+    }
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+impl Serialize for IpPrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpPrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[[group.monitor]]`: a probe run periodically against the group's application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Monitor {
+    /// Name, unique within the group.
+    pub name: String,
+    /// What to probe, exactly as `tandemctl probe` takes it: a URL
+    /// (`postgresql://…`, `http://…`, `tcp://…`), `exec` or `ocf:PROVIDER:AGENT`.
+    pub target: String,
+    /// Program and arguments, for `target = "exec"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// OCF parameters (without `OCF_RESKEY_`), for `ocf:` targets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// Probe options (see docs/monitors.md); numbers and booleans are accepted
+    /// and passed on as text.
+    #[serde(default, deserialize_with = "option_values", skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(with = "BTreeMap<String, OptionValueSchema>")]
+    pub options: BTreeMap<String, String>,
+    /// Time between probes.
+    #[serde(default = "default_monitor_interval", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_monitor_interval_text")]
+    pub interval: Duration,
+    /// Hard deadline of one probe.
+    #[serde(default = "default_probe_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_probe_timeout_text")]
+    pub timeout: Duration,
+    /// A success slower than this is reported as a warning.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub warning: Option<Duration>,
+    /// Consecutive failed probes tolerated before the failure counts.
+    #[serde(default = "default_retries")]
+    #[schemars(default = "default_retries")]
+    pub retries: u32,
+    /// Read the probe's password from the first line of this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Read the probe's password from this environment variable of the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// The resource this monitor watches; a failure restarts it (and what
+    /// depends on it). Absent: the monitor watches the whole group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+fn default_monitor_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_monitor_interval_text() -> &'static str {
+    "10s"
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_probe_timeout_text() -> &'static str {
+    "5s"
+}
+fn default_retries() -> u32 {
+    2
+}
+
+impl Monitor {
+    /// Where the password comes from, if the monitor logs in.
+    pub fn password_source(&self) -> Option<SecretSource> {
+        match (&self.password_file, &self.password_env) {
+            (Some(f), _) => Some(SecretSource::File(f.clone())),
+            (None, Some(v)) => Some(SecretSource::Env(v.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// The probe this monitor runs, in the form `tandem_monitors::build_probe` takes.
+    pub fn probe_spec(&self) -> ProbeSpec {
+        ProbeSpec {
+            target: self.target.clone(),
+            args: self.command.clone(),
+            params: self.params.clone(),
+            options: self.options.clone(),
+            limits: RunLimits { timeout: self.timeout, warning: self.warning },
+            password: self.password_source(),
+        }
+    }
+}
+
+/// A probe option value: text, number or boolean (all passed on as text).
+#[derive(Debug)]
+pub struct OptionValueSchema;
+
+impl JsonSchema for OptionValueSchema {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ProbeOptionValue".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": ["string", "number", "boolean"] })
+    }
+}
+
+fn option_values<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Scalar::Text(s) => s,
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            };
+            (k, text)
+        })
+        .collect())
+}

@@ -1,0 +1,519 @@
+//! Every kind of error is reported at the right file:line:column with the
+//! right field, and all errors of a file are reported together.
+
+use std::io::Write;
+
+use tandem_config::{ConfigErrors, Diagnostic, ProblemKind, Severity};
+
+/// A valid two-node base; fixtures append to or edit it.
+const BASE: &str = r#"[cluster]
+name = "c"
+
+[[link]]
+name = "lan"
+port = 5405
+
+[[link]]
+name = "backup"
+port = 5406
+
+[[node]]
+name = "a"
+id = 1
+links = { lan = "10.0.0.1", backup = "10.9.0.1" }
+
+[[node]]
+name = "b"
+id = 2
+links = { lan = "10.0.0.2", backup = "10.9.0.2" }
+"#;
+
+fn write(src: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(src.as_bytes()).unwrap();
+    f
+}
+
+fn errors_of(src: &str) -> ConfigErrors {
+    let f = write(src);
+    match tandem_config::load(f.path()) {
+        Ok(c) => panic!("accepted:\n{src}\n=> {c:#?}"),
+        Err(e) => {
+            // Every line of the display starts with the file name and a position.
+            let text = e.to_string();
+            let prefix = format!("{}:", f.path().display());
+            assert_eq!(text.lines().count(), e.len(), "{text}");
+            for line in text.lines() {
+                assert!(line.starts_with(&prefix), "{line}");
+            }
+            e
+        }
+    }
+}
+
+/// (line, column, field, kind) of every error.
+fn summary(e: &ConfigErrors) -> Vec<(usize, usize, String, ProblemKind)> {
+    e.iter()
+        .map(|d: &Diagnostic| {
+            let l = d.location.expect("located");
+            (l.line, l.column, d.field.clone(), d.kind)
+        })
+        .collect()
+}
+
+fn only(src: &str) -> (usize, usize, String, ProblemKind, String) {
+    let e = errors_of(src);
+    assert_eq!(e.len(), 1, "expected one error, got:\n{e}");
+    let d = &e.errors[0];
+    let l = d.location.unwrap();
+    (l.line, l.column, d.field.clone(), d.kind, d.message.clone())
+}
+
+#[test]
+fn base_is_valid_and_has_no_warnings() {
+    let f = write(BASE);
+    let c = tandem_config::check(f.path()).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.config.nodes.len(), 2);
+    assert_eq!(c.config.nodes[0].votes, 1);
+    assert_eq!(c.config.links[0].interval, std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn syntax_error_is_located() {
+    let src = format!("{BASE}\n[[group]\nname = \"g\"\n");
+    let e = errors_of(&src);
+    assert_eq!(e.errors[0].kind, ProblemKind::Syntax);
+    let l = e.errors[0].location.unwrap();
+    assert_eq!((l.line, l.column), (22, 9), "{e}");
+    assert!(e.errors[0].message.contains("invalid TOML"), "{e}");
+}
+
+#[test]
+fn type_error_points_at_the_value() {
+    let src = BASE.replace("port = 5406", "port = \"x\"");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (10, 8, "link \"backup\".port", ProblemKind::Type));
+    assert!(msg.contains("u16") || msg.contains("integer"), "{msg}");
+}
+
+#[test]
+fn unknown_field_points_at_the_key() {
+    let src = BASE.replace("id = 2\n", "id = 2\nvotse = 2\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (20, 1, "node \"b\".votse", ProblemKind::UnknownField));
+    assert!(msg.contains("votes"), "lists the known fields: {msg}");
+}
+
+#[test]
+fn unknown_section_is_reported_with_a_hint() {
+    let src = format!("{BASE}\n[[nodes]]\nname = \"x\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (22, 3, "nodes", ProblemKind::UnknownField));
+    assert!(msg.contains("[[node]]"), "{msg}");
+}
+
+#[test]
+fn missing_field_points_at_the_table() {
+    let src = BASE.replace("name = \"b\"\n", "");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (17, 1, "node[1]", ProblemKind::Type));
+    assert!(msg.contains("missing field `name`"), "{msg}");
+}
+
+#[test]
+fn duplicate_names_ids_and_addresses() {
+    let src = BASE.replace(
+        "name = \"b\"\nid = 2\nlinks = { lan = \"10.0.0.2\"",
+        "name = \"a\"\nid = 1\nlinks = { lan = \"10.0.0.1\"",
+    );
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (18, 8, "node \"a\".name".into(), ProblemKind::Duplicate),
+            (19, 6, "node \"a\".id".into(), ProblemKind::Duplicate),
+            (20, 17, "node \"a\".links.lan".into(), ProblemKind::Duplicate),
+        ],
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_link_and_missing_link_address() {
+    let src = BASE.replace(
+        "links = { lan = \"10.0.0.2\", backup = \"10.9.0.2\" }",
+        "links = { lan = \"10.0.0.2\", bakup = \"10.9.0.2\" }",
+    );
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (20, 9, "node \"b\".links".into(), ProblemKind::MissingLinkAddress),
+            (20, 29, "node \"b\".links.bakup".into(), ProblemKind::UnknownReference),
+        ],
+        "{e}"
+    );
+    assert!(e.errors[0].message.contains("\"backup\""), "{e}");
+}
+
+#[test]
+fn bad_ip_address_is_located() {
+    let src = BASE.replace("\"10.9.0.2\"", "\"10.9.0.256\"");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (20, 38, "node \"b\".links.backup", ProblemKind::Type));
+}
+
+const GROUP: &str = r#"
+[[group]]
+name = "g"
+nodes = ["a", "b"]
+
+  [[group.resource]]
+  name = "vip"
+  kind = "ip"
+  address = "10.0.0.50/24"
+  interface = "eth0"
+
+  [[group.resource]]
+  name = "app"
+  kind = "exec"
+  start = ["/bin/true"]
+  stop = ["/bin/true"]
+"#;
+
+#[test]
+fn group_fixture_is_valid_and_depends_on_defaults_to_previous() {
+    let f = write(&format!("{BASE}{GROUP}"));
+    let c = tandem_config::load(f.path()).unwrap();
+    let g = &c.groups[0];
+    assert!(g.resources[0].depends_on.is_empty());
+    assert_eq!(g.resources[1].depends_on, vec!["vip".to_string()]);
+}
+
+#[test]
+fn ip_prefix_syntax() {
+    let src = format!("{BASE}{GROUP}").replace("10.0.0.50/24", "10.0.0.50/33");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (29, 13, "group \"g\".resource \"vip\".address", ProblemKind::Type));
+    assert!(msg.contains("0..=32"), "{msg}");
+    let src = format!("{BASE}{GROUP}").replace("10.0.0.50/24", "10.0.0.50");
+    assert!(only(&src).4.contains("prefix"));
+}
+
+#[test]
+fn unknown_group_node_and_empty_group() {
+    let src = format!("{BASE}{GROUP}").replace("nodes = [\"a\", \"b\"]", "nodes = [\"a\", \"c\"]");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (24, 15, "group \"g\".nodes[1]", ProblemKind::UnknownReference));
+    assert!(msg.contains("\"a\", \"b\""), "lists known nodes: {msg}");
+    let src = format!("{BASE}{GROUP}").replace("nodes = [\"a\", \"b\"]", "nodes = []");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (24, 9, "group \"g\".nodes", ProblemKind::Empty));
+}
+
+#[test]
+fn unknown_dependency_and_cycle() {
+    let src = format!("{BASE}{GROUP}").replace("  name = \"vip\"\n", "  name = \"vip\"\n  depends_on = [\"db\"]\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (28, 17, "group \"g\".resource \"vip\".depends_on[0]", ProblemKind::UnknownReference)
+    );
+
+    let src = format!("{BASE}{GROUP}").replace("  name = \"vip\"\n", "  name = \"vip\"\n  depends_on = [\"app\"]\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (28, 16, "group \"g\".resource \"vip\".depends_on", ProblemKind::DependencyCycle)
+    );
+    assert!(msg.contains("vip -> app -> vip"), "{msg}");
+}
+
+#[test]
+fn unknown_resource_kind_points_at_kind() {
+    let src = format!("{BASE}{GROUP}").replace("kind = \"exec\"", "kind = \"exe\"");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (34, 10, "group \"g\".resource \"app\".kind", ProblemKind::InvalidValue)
+    );
+    assert!(msg.contains("exec"), "{msg}");
+}
+
+#[test]
+fn unknown_field_inside_a_resource_points_at_the_key() {
+    let src = format!("{BASE}{GROUP}").replace("  interface = \"eth0\"\n", "  interface = \"eth0\"\n  netmask = 24\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (31, 3, "group \"g\".resource \"vip\".netmask", ProblemKind::UnknownField)
+    );
+}
+
+const DISK: &str = r#"
+  [[group.resource]]
+  name = "data"
+  kind = "disk"
+  directory = "/shared/data"
+"#;
+
+const LEASE: &str = "\n[lease]\ndevice = \"/dev/lease\"\n";
+
+#[test]
+fn shared_disk_needs_lease_and_fencing() {
+    let src = format!("{BASE}{GROUP}{DISK}");
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (12, 1, "node \"a\".fence".into(), ProblemKind::FenceRequired),
+            (17, 1, "node \"b\".fence".into(), ProblemKind::FenceRequired),
+            (40, 10, "group \"g\".resource \"data\".kind".into(), ProblemKind::LeaseRequired),
+        ],
+        "{e}"
+    );
+    assert!(e.errors[0].message.contains("stalls"), "explains the stall risk: {e}");
+    assert!(e.errors[0].message.contains("lease-watchdog-only"), "{e}");
+}
+
+#[test]
+fn explicit_watchdog_only_fencing_is_accepted() {
+    let src = format!("{BASE}{GROUP}{DISK}{LEASE}")
+        .replace("id = 1\n", "id = 1\nfence = { kind = \"lease-watchdog-only\" }\n")
+        .replace(
+            "id = 2\n",
+            "id = 2\nfence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }\n",
+        );
+    let f = write(&src);
+    let c = tandem_config::load(f.path()).unwrap();
+    assert!(c.groups[0].has_shared_disk());
+    assert_eq!(c.lease.unwrap().timeouts(), tandem_lease::Timeouts::default());
+}
+
+#[test]
+fn lease_timing_is_checked_with_the_lease_library() {
+    let src = format!("{BASE}{LEASE}host_dead_timeout = \"6s\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (22, 1, "lease", ProblemKind::LeaseTiming));
+    assert!(msg.contains("6122 ms") && msg.contains("host_dead_timeout"), "{msg}");
+    let src = format!("{BASE}{LEASE}renewal_interval = \"300ms\"\n");
+    let f = write(&src);
+    let c = tandem_config::load(f.path()).unwrap();
+    assert_eq!(c.lease.unwrap().timeouts(), tandem_lease::Timeouts::from_renewal_ms(300));
+    // The join-settle rule: K >= 2R + I holds, but a joiner could not renew in time.
+    let src = format!("{BASE}{LEASE}renewal_interval = \"100ms\"\nio_timeout = \"1s\"\nfence_deadline = \"2250ms\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (22, 1, "lease", ProblemKind::LeaseTiming));
+    assert!(msg.contains("joiner") && msg.contains("fence_deadline"), "{msg}");
+    // A value below its minimum points at that value.
+    let src = format!("{BASE}{LEASE}renewal_interval = \"50ms\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (24, 20, "lease.renewal_interval", ProblemKind::LeaseTiming));
+    assert!(msg.contains("100 ms"), "{msg}");
+}
+
+const MONITOR: &str = r#"
+  [[group.monitor]]
+  name = "web"
+  target = "http://10.0.0.50/"
+  options = { expect = "200" }
+  resource = "app"
+"#;
+
+#[test]
+fn monitor_specs_are_built_by_the_monitors_crate() {
+    let ok = format!("{BASE}{GROUP}{MONITOR}");
+    tandem_config::load(write(&ok).path()).unwrap();
+
+    let src = ok.replace("options = { expect = \"200\" }", "options = { expect = \"200\", colour = \"red\" }");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (41, 31, "group \"g\".monitor \"web\".options.colour", ProblemKind::MonitorSpec)
+    );
+    assert!(msg.contains("colour") && msg.contains("expect"), "{msg}");
+
+    let src = ok.replace("http://10.0.0.50/", "gopher://10.0.0.50/");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (40, 12, "group \"g\".monitor \"web\".target", ProblemKind::MonitorSpec)
+    );
+    assert!(msg.contains("postgresql"), "lists known schemes: {msg}");
+
+    let src = ok.replace("expect = \"200\"", "expect = \"abc\"");
+    let (line, col, field, _, _) = only(&src);
+    assert_eq!((line, col, field.as_str()), (41, 24, "group \"g\".monitor \"web\".options.expect"));
+
+    let src = ok.replace("resource = \"app\"", "resource = \"ap\"");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (42, 14, "group \"g\".monitor \"web\".resource", ProblemKind::UnknownReference)
+    );
+}
+
+#[test]
+fn inline_monitor_password_is_refused_without_echoing_it() {
+    let src = format!("{BASE}{GROUP}{MONITOR}").replace("http://10.0.0.50/", "http://u:hunter2@10.0.0.50/");
+    let e = errors_of(&src);
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert_eq!(e.errors[0].kind, ProblemKind::MonitorSpec);
+}
+
+#[test]
+fn many_errors_are_reported_together_in_file_order() {
+    let src = format!("{BASE}{GROUP}{MONITOR}")
+        .replace("port = 5406", "port = 0")
+        .replace("id = 2", "id = 0")
+        .replace("nodes = [\"a\", \"b\"]", "nodes = [\"a\", \"z\"]")
+        .replace("kind = \"exec\"", "kind = \"exec\"\n  colour = 1")
+        .replace("resource = \"app\"", "resource = \"zz\"");
+    let e = errors_of(&src);
+    let kinds: Vec<ProblemKind> = e.iter().map(|d| d.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ProblemKind::InvalidValue,
+            ProblemKind::InvalidValue,
+            ProblemKind::UnknownReference,
+            ProblemKind::UnknownField,
+            ProblemKind::UnknownReference,
+        ],
+        "{e}"
+    );
+    let lines: Vec<usize> = e.iter().map(|d| d.location.unwrap().line).collect();
+    assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{lines:?}");
+}
+
+#[test]
+fn single_link_is_a_warning_not_an_error() {
+    let src = BASE
+        .replace("[[link]]\nname = \"backup\"\nport = 5406\n", "")
+        .replace(", backup = \"10.9.0.1\"", "")
+        .replace(", backup = \"10.9.0.2\"", "");
+    let c = tandem_config::check(write(&src).path()).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert_eq!(c.warnings[0].severity, Severity::Warning);
+    assert_eq!(c.warnings[0].kind, ProblemKind::Redundancy);
+    assert_eq!(c.warnings[0].location, Some(tandem_config::Location { line: 4, column: 1 }));
+    assert!(c.warnings[0].to_string().contains(": warning: link \"lan\""), "{}", c.warnings[0]);
+}
+
+#[test]
+fn unreadable_file_is_an_error_without_position() {
+    let e = tandem_config::load("/nonexistent/tandem.toml").unwrap_err();
+    assert_eq!(e.errors[0].kind, ProblemKind::Io);
+    assert!(e.to_string().starts_with("/nonexistent/tandem.toml: cannot read"), "{e}");
+}
+
+#[test]
+fn fence_tables_are_checked_field_by_field() {
+    // Both the misspelt key and the field it was meant to be are reported.
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"agent\", agnt = \"fence_virsh\" }\n");
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (15, 9, "node \"a\".fence".into(), ProblemKind::Type),
+            (15, 27, "node \"a\".fence.agnt".into(), ProblemKind::UnknownField),
+        ],
+        "{e}"
+    );
+    assert!(e.errors[0].message.contains("missing field `agent`"), "{e}");
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"stonith\" }\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 18, "node \"a\".fence.kind", ProblemKind::InvalidValue));
+    assert!(msg.contains("lease-watchdog-only"), "{msg}");
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"lease-watchdog-only\", timeout = 5 }\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 41, "node \"a\".fence.timeout", ProblemKind::UnknownField));
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"host-cluster\", vm_uuid = \"not-a-uuid\" }\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 44, "node \"a\".fence.vm_uuid", ProblemKind::InvalidValue));
+
+    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"command\", command = [] }\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (15, 39, "node \"a\".fence.command", ProblemKind::InvalidValue));
+}
+
+#[test]
+fn disk_needs_exactly_one_of_device_or_directory_and_absolute_paths() {
+    let fenced = format!("{BASE}{GROUP}{LEASE}")
+        .replace("id = 1\n", "id = 1\nfence = { kind = \"lease-watchdog-only\" }\n")
+        .replace("id = 2\n", "id = 2\nfence = { kind = \"lease-watchdog-only\" }\n");
+    let both = format!("{fenced}{DISK}  device = \"/dev/sdb\"\n  mountpoint = \"/data\"\n");
+    let e = errors_of(&both);
+    assert_eq!(e.errors[0].field, "group \"g\".resource \"data\".directory", "{e}");
+    assert!(e.errors[0].message.contains("not both"), "{e}");
+
+    let relative = format!("{fenced}{DISK}").replace("/shared/data", "shared/data");
+    let (_, _, field, kind, msg) = only(&relative);
+    assert_eq!((field.as_str(), kind), ("group \"g\".resource \"data\".directory", ProblemKind::InvalidValue));
+    assert!(msg.contains("absolute"), "{msg}");
+
+    let neither = format!("{fenced}{DISK}").replace("  directory = \"/shared/data\"\n", "  fstype = \"ext4\"\n");
+    let (_, _, field, kind, _) = only(&neither);
+    assert_eq!((field.as_str(), kind), ("group \"g\".resource \"data\"", ProblemKind::Type));
+}
+
+#[test]
+fn exec_needs_a_program_and_links_need_sane_timeouts() {
+    let src = format!("{BASE}{GROUP}").replace("start = [\"/bin/true\"]", "start = []");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (35, 11, "group \"g\".resource \"app\".start", ProblemKind::InvalidValue)
+    );
+
+    let src = BASE.replace("port = 5406\n", "port = 5406\ninterval = \"2s\"\ntimeout = \"3s\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (12, 11, "link \"backup\".timeout", ProblemKind::InvalidValue));
+    assert!(msg.contains("twice"), "{msg}");
+
+    let src = BASE.replace("port = 5406\n", "port = 5406\ninterval = \"2 fortnights\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (11, 12, "link \"backup\".interval", ProblemKind::Type));
+    assert!(msg.contains("500ms"), "{msg}");
+}
+
+#[test]
+fn names_and_sections_are_checked() {
+    let src = BASE.replace("name = \"c\"", "name = \"my cluster!\"");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (2, 8, "cluster.name", ProblemKind::InvalidValue));
+
+    let src = BASE.replace("[cluster]\nname = \"c\"\n", "");
+    let e = errors_of(&src);
+    assert!(e.errors[0].message.contains("missing [cluster]"), "{e}");
+
+    let src = format!("{BASE}{GROUP}{GROUP}");
+    let e = errors_of(&src);
+    assert_eq!(e.errors[0].kind, ProblemKind::Duplicate, "{e}");
+    assert_eq!(e.errors[0].location.unwrap().line, 39, "{e}");
+
+    let src = BASE
+        .replace("[[link]]\nname = \"lan\"", "[link]\nname = \"lan\"")
+        .replace("[[link]]\nname = \"backup\"\nport = 5406\n", "");
+    let e = errors_of(&src);
+    assert!(e.iter().any(|d| d.field == "link" && d.message.contains("[[link]]")), "{e}");
+}
+
+#[test]
+fn every_bad_field_of_one_table_is_reported() {
+    let src = BASE.replace("id = 2\n", "id = \"two\"\nvotse = 2\ncolour = \"red\"\n");
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (19, 6, "node \"b\".id".into(), ProblemKind::Type),
+            (20, 1, "node \"b\".votse".into(), ProblemKind::UnknownField),
+            (21, 1, "node \"b\".colour".into(), ProblemKind::UnknownField),
+        ],
+        "{e}"
+    );
+}
