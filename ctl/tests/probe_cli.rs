@@ -58,3 +58,45 @@ fn inline_password_refused_without_echo() {
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!all.contains("hunter2"), "{all}");
 }
+
+#[test]
+fn exec_runs_a_real_nagios_plugin_and_keeps_its_status() {
+    let plugin = "/usr/lib/nagios/plugins/check_dummy";
+    assert!(std::path::Path::new(plugin).exists(), "install monitoring-plugins-basic (.ci/install-deps)");
+    for (code, status) in [(0, "OK"), (1, "WARNING"), (2, "CRITICAL"), (3, "UNKNOWN")] {
+        let out = tandemctl()
+            .args(["probe", "--json", "exec", "--", plugin, &code.to_string(), "from the cli"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", String::from_utf8_lossy(&out.stdout));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["status"], status);
+        assert!(v["reason"].as_str().unwrap().contains("from the cli"), "{v}");
+    }
+}
+
+#[test]
+fn ocf_dummy_agent_reports_not_running_then_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("dummy.state");
+    let param = format!("state={}", state.display());
+    let out = tandemctl().args(["probe", "--json", "ocf:heartbeat:Dummy", "--param", &param]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failure_class"], "not_running");
+    // The Dummy agent's "running" is its state file existing.
+    std::fs::write(&state, "").unwrap();
+    let out = tandemctl().args(["probe", "ocf:heartbeat:Dummy", "--param", &param]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn exec_timeout_bounds_the_run() {
+    let start = std::time::Instant::now();
+    let out =
+        tandemctl().args(["probe", "--json", "--timeout", "1", "exec", "--", "/bin/sleep", "30"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failure_class"], "timeout");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "{:?}", start.elapsed());
+}
