@@ -1,0 +1,8 @@
+//! tandem-guest: the guest agent. It runs inside a VM or on a physical server, starts and
+//! stops the resources of failover groups (disks, IP addresses, programs, OCF agents,
+//! systemd units) under their disk-fencing leases, watches them with `tandem-monitors`, and
+//! moves a group to another node when it fails, driven by the pure `tandem-engine`.
+
+#![warn(missing_docs)]
+
+pub mod resources;
