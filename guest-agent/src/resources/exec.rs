@@ -147,6 +147,9 @@ impl ExecResource {
 
     /// Runs `monitor`: exit 0 running, 7 stopped, anything else failed.
     async fn run_monitor(&self) -> Health {
+        if let Err(e) = self.place.create(&self.id, "check") {
+            return Health::Failed(e.to_string());
+        }
         let mut spec = self.command(&self.cfg.monitor, self.cfg.monitor_timeout);
         spec.child_setup = self.place.ops_setup();
         let res = run_command(&spec).await;
@@ -307,6 +310,7 @@ impl ExecResource {
         let child = self.state().child.clone();
         let mut trouble = None;
         if !self.cfg.stop.is_empty() {
+            self.place.create(&self.id, "stop")?;
             let mut spec = self.command(&self.cfg.stop, self.cfg.stop_timeout);
             spec.child_setup = self.place.ops_setup();
             let res = run_command(&spec).await;

@@ -16,7 +16,7 @@ pub mod cgroup;
 pub mod exec;
 // TMP pub mod ip;
 pub mod mountinfo;
-// TMP pub mod ocf;
+pub mod ocf;
 pub mod process;
 // TMP pub mod systemd;
 
@@ -84,6 +84,7 @@ pub fn build(
     }
     Ok(match &spec.kind {
         ResourceKind::Exec(e) => Box::new(exec::ExecResource::build(group, &spec.name, e, env)?),
+        ResourceKind::Ocf(o) => Box::new(ocf::OcfResource::build(group, &spec.name, o, env)?),
         _ => return Err(ResourceError::config(&id, "TMP")),
     })
 }
