@@ -12,7 +12,7 @@ use std::time::Duration;
 use tandem_config::ResourceKind;
 
 pub mod cgroup;
-// TMP pub mod disk;
+pub mod disk;
 pub mod exec;
 // TMP pub mod ip;
 pub mod mountinfo;
@@ -85,6 +85,7 @@ pub fn build(
     Ok(match &spec.kind {
         ResourceKind::Exec(e) => Box::new(exec::ExecResource::build(group, &spec.name, e, env)?),
         ResourceKind::Ocf(o) => Box::new(ocf::OcfResource::build(group, &spec.name, o, env)?),
+        ResourceKind::Disk(d) => Box::new(disk::DiskResource::build(group, &spec.name, d, env)?),
         _ => return Err(ResourceError::config(&id, "TMP")),
     })
 }
