@@ -14,11 +14,11 @@ use tandem_config::ResourceKind;
 pub mod cgroup;
 pub mod disk;
 pub mod exec;
-// TMP pub mod ip;
+pub mod ip;
 pub mod mountinfo;
 pub mod ocf;
 pub mod process;
-// TMP pub mod systemd;
+pub mod systemd;
 
 /// What the resources of this node share: who we are, where processes go, and
 /// the limits of operations the configuration has no field for.
@@ -86,7 +86,8 @@ pub fn build(
         ResourceKind::Exec(e) => Box::new(exec::ExecResource::build(group, &spec.name, e, env)?),
         ResourceKind::Ocf(o) => Box::new(ocf::OcfResource::build(group, &spec.name, o, env)?),
         ResourceKind::Disk(d) => Box::new(disk::DiskResource::build(group, &spec.name, d, env)?),
-        _ => return Err(ResourceError::config(&id, "TMP")),
+        ResourceKind::Ip(i) => Box::new(ip::IpResource::build(group, &spec.name, i, env)?),
+        ResourceKind::Systemd(s) => Box::new(systemd::SystemdResource::build(group, &spec.name, s, env)?),
     })
 }
 
