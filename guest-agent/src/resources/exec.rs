@@ -106,11 +106,7 @@ impl ExecResource {
             Some(u) => Some(RunAs::lookup(u).map_err(|e| ResourceError::config(&id, e))?),
             None => None,
         };
-        if let Some(cwd) = &cfg.cwd {
-            if !cwd.is_dir() {
-                return Err(ResourceError::config(&id, format!("cwd {} is not a directory", cwd.display())));
-            }
-        }
+        // `cwd` is not checked here: it may be on a disk that an earlier resource mounts.
         Ok(Self {
             id,
             group: group.to_string(),
