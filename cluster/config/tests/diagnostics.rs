@@ -216,7 +216,8 @@ fn exec_mode_and_stop() {
     assert_eq!(e.mode, tandem_config::ExecMode::Simple);
     assert!(e.stop.is_empty());
 
-    let src = format!("{BASE}{GROUP}").replace("  stop = [\"/bin/true\"]\n", "  stop = [\"/bin/true\"]\n  mode = \"oneshot\"\n");
+    let src = format!("{BASE}{GROUP}")
+        .replace("  stop = [\"/bin/true\"]\n", "  stop = [\"/bin/true\"]\n  mode = \"oneshot\"\n");
     let (_, _, field, kind, _) = only(&src);
     assert_eq!((field.as_str(), kind), ("group \"g\".resource \"app\".mode", ProblemKind::Type));
 }
