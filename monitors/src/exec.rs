@@ -11,6 +11,7 @@ use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -65,7 +66,51 @@ pub struct CommandSpec {
     pub output_limit: usize,
     /// What to do with group members left after the program exits.
     pub leftovers: Leftovers,
+    /// Code run in the child just before `exec` (cgroup placement, dropping
+    /// privileges); a failure there fails the spawn.
+    pub child_setup: Option<ChildSetup>,
 }
+
+/// Code run in a child process between `fork` and `exec`, after the working
+/// directory and process group are set: the resources use it to put every
+/// program they start into a cgroup and to switch users.
+#[derive(Clone)]
+pub struct ChildSetup(Arc<dyn Fn() -> io::Result<()> + Send + Sync>);
+
+impl ChildSetup {
+    /// Wraps `f`.
+    ///
+    /// # Safety
+    /// `f` runs in the child of a fork of a multi-threaded process: it must only
+    /// make async-signal-safe calls (raw syscalls on data prepared beforehand),
+    /// never allocate, lock, or touch state other threads may have held.
+    pub unsafe fn new(f: impl Fn() -> io::Result<()> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Installs the setup on `cmd`.
+    pub fn install(&self, cmd: &mut tokio::process::Command) {
+        let f = Arc::clone(&self.0);
+        // SAFETY: `ChildSetup::new`'s contract makes the closure async-signal-safe,
+        // which is what `pre_exec` requires.
+        unsafe { cmd.pre_exec(move || f()) };
+    }
+}
+
+impl std::fmt::Debug for ChildSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChildSetup(..)")
+    }
+}
+
+/// Two setups are equal when they are the same closure.
+impl PartialEq for ChildSetup {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ChildSetup {}
 
 impl CommandSpec {
     /// A spec for `program` with no arguments, a 10 s timeout and the defaults.
@@ -80,6 +125,7 @@ impl CommandSpec {
             kill_grace: DEFAULT_KILL_GRACE,
             output_limit: DEFAULT_OUTPUT_LIMIT,
             leftovers: Leftovers::Kill,
+            child_setup: None,
         }
     }
 
@@ -120,6 +166,12 @@ impl CommandSpec {
     /// Sets the leftover policy.
     pub fn leftovers(mut self, l: Leftovers) -> Self {
         self.leftovers = l;
+        self
+    }
+
+    /// Sets the code run in the child before `exec`.
+    pub fn child_setup(mut self, s: ChildSetup) -> Self {
+        self.child_setup = Some(s);
         self
     }
 }
@@ -358,6 +410,9 @@ pub async fn run_command(spec: &CommandSpec) -> Result<RunOutput, RunError> {
     }
     if let Some(d) = &spec.cwd {
         cmd.current_dir(d);
+    }
+    if let Some(s) = &spec.child_setup {
+        s.install(&mut cmd);
     }
     // ETXTBSY: the program was just written and another thread's fork still
     // holds it open for writing for a moment (config management, tests).

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::exec::{CommandSpec, DEFAULT_KILL_GRACE, Leftovers, RunError, RunOutput, Termination, run_command};
+use crate::exec::{
+    ChildSetup, CommandSpec, DEFAULT_KILL_GRACE, Leftovers, RunError, RunOutput, Termination, run_command,
+};
 use crate::spec::{SpecContext, SpecError};
 use crate::{CheckFuture, Deadline, FailureClass, Probe, ProbeFailure, ProbeSuccess};
 
@@ -191,6 +193,8 @@ pub struct OcfAgent {
     pub params: BTreeMap<String, String>,
     /// SIGTERM → SIGKILL grace when an action times out.
     pub kill_grace: Duration,
+    /// Code run in the agent's process before `exec` (cgroup placement).
+    pub child_setup: Option<ChildSetup>,
 }
 
 /// The outcome of one OCF action.
@@ -221,6 +225,7 @@ impl OcfAgent {
             instance: agent.into(),
             params: BTreeMap::new(),
             kill_grace: DEFAULT_KILL_GRACE,
+            child_setup: None,
         })
     }
 
@@ -255,6 +260,7 @@ impl OcfAgent {
             .env("OCF_RESOURCE_PROVIDER", &self.provider)
             .env("__OCF_ACTION", action.as_str())
             .env("OCF_RESKEY_CRM_meta_timeout", (timeout + grace).as_millis().to_string());
+        c.child_setup = self.child_setup.clone();
         if action == &OcfAction::Monitor {
             c = c.env("OCF_RESKEY_CRM_meta_interval", "0");
         }

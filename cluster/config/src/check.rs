@@ -909,7 +909,17 @@ impl<'s> Checker<'s> {
                 }
                 ResourceKind::Exec(e) => {
                     self.check_argv(&rp("start"), "start", &e.start);
-                    self.check_argv(&rp("stop"), "stop", &e.stop);
+                    if self.has_key(&rp("stop")) {
+                        self.check_argv(&rp("stop"), "stop", &e.stop);
+                    } else if e.mode == ExecMode::Forking {
+                        self.error(
+                            ProblemKind::Type,
+                            &[K("group"), I(gi), K("resource"), I(ri)],
+                            "an exec resource in mode \"forking\" (the default) needs `stop`, the program that stops \
+                             what `start` left running; only mode = \"simple\" may omit it (the agent then sends SIGTERM)"
+                                .into(),
+                        );
+                    }
                     if self.has_key(&rp("monitor")) {
                         self.check_argv(&rp("monitor"), "monitor", &e.monitor);
                     }

@@ -409,9 +409,14 @@ pub struct IpResource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecResource {
+    /// How `start` relates to the running application.
+    #[serde(default, skip_serializing_if = "ExecMode::is_default")]
+    pub mode: ExecMode,
     /// Program and arguments that start the application.
     pub start: Vec<String>,
-    /// Program and arguments that stop it.
+    /// Program and arguments that stop it. Required in `forking` mode; in
+    /// `simple` mode, absent means "send SIGTERM to the service process".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
     /// Program and arguments that check it (exit 0 = running, 7 = stopped, as OCF).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -437,6 +442,27 @@ pub struct ExecResource {
     /// User to run as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+}
+
+/// How an exec resource's `start` program relates to the application (like
+/// systemd's `Type=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecMode {
+    /// `start` launches the application in the background and exits 0 once it
+    /// runs (`pg_ctl -w start`); the application keeps running in the
+    /// resource's cgroup.
+    #[default]
+    Forking,
+    /// `start` is the application itself: the agent keeps it as a child, and
+    /// its exit is a failure.
+    Simple,
+}
+
+impl ExecMode {
+    fn is_default(&self) -> bool {
+        *self == ExecMode::Forking
+    }
 }
 
 fn default_start_timeout() -> Duration {

@@ -202,6 +202,27 @@ fn ip_prefix_syntax() {
 }
 
 #[test]
+fn exec_mode_and_stop() {
+    // forking (the default) needs `stop`; simple may omit it; unknown modes are refused.
+    let src = format!("{BASE}{GROUP}").replace("  stop = [\"/bin/true\"]\n", "");
+    let (line, _, field, kind, msg) = only(&src);
+    assert_eq!((line, field.as_str(), kind), (32, "group \"g\".resource \"app\"", ProblemKind::Type));
+    assert!(msg.contains("forking") && msg.contains("simple"), "{msg}");
+
+    let src = format!("{BASE}{GROUP}").replace("  stop = [\"/bin/true\"]\n", "  mode = \"simple\"\n");
+    let f = write(&src);
+    let c = tandem_config::load(f.path()).unwrap();
+    let tandem_config::ResourceKind::Exec(e) = &c.groups[0].resources[1].kind else { panic!("not exec") };
+    assert_eq!(e.mode, tandem_config::ExecMode::Simple);
+    assert!(e.stop.is_empty());
+
+    let src = format!("{BASE}{GROUP}")
+        .replace("  stop = [\"/bin/true\"]\n", "  stop = [\"/bin/true\"]\n  mode = \"oneshot\"\n");
+    let (_, _, field, kind, _) = only(&src);
+    assert_eq!((field.as_str(), kind), ("group \"g\".resource \"app\".mode", ProblemKind::Type));
+}
+
+#[test]
 fn unknown_group_node_and_empty_group() {
     let src = format!("{BASE}{GROUP}").replace("nodes = [\"a\", \"b\"]", "nodes = [\"a\", \"c\"]");
     let (line, col, field, kind, msg) = only(&src);

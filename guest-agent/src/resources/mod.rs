@@ -5,7 +5,91 @@
 //! implementations enforce them: a hung program is killed, never waited for forever).
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
+
+use tandem_config::ResourceKind;
+
+pub mod cgroup;
+pub mod disk;
+pub mod exec;
+pub mod ip;
+pub mod mountinfo;
+pub mod ocf;
+pub mod process;
+pub mod systemd;
+
+/// What the resources of this node share: who we are, where processes go, and
+/// the limits of operations the configuration has no field for.
+#[derive(Debug, Clone)]
+pub struct ResourceEnv {
+    /// This node's name (written into a disk directory's owner file).
+    pub node: String,
+    /// The group's cgroup v2 directory. Each resource puts everything it
+    /// starts into `<cgroup>/<resource>/service` (the service) or
+    /// `<cgroup>/<resource>/ops` (monitor, stop and helper programs), so a
+    /// `cgroup.kill` of this directory kills every process of the group, even
+    /// daemons that left their process group. `None`: process groups only.
+    pub cgroup: Option<PathBuf>,
+    /// The OCF root (`/usr/lib/ocf`).
+    pub ocf_root: PathBuf,
+    /// SIGTERM → SIGKILL grace when an operation's program times out.
+    pub kill_grace: Duration,
+    /// Limit for a disk directory's stat, owner file and fsync, and for a
+    /// mounted disk's checks (a hung NFS server must not hang the agent).
+    pub disk_io_timeout: Duration,
+    /// Limit for `fsck` + `mount`, and for `umount`.
+    pub mount_timeout: Duration,
+    /// Limit for each `ip` and `arping` run.
+    pub ip_timeout: Duration,
+    /// The directory whose existence says systemd is the init system
+    /// (`/run/systemd/system`, as `sd_booted(3)` checks).
+    pub systemd_marker: PathBuf,
+}
+
+impl ResourceEnv {
+    /// Defaults for node `node`, without a cgroup.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            cgroup: None,
+            ocf_root: PathBuf::from(tandem_monitors::ocf::DEFAULT_OCF_ROOT),
+            kill_grace: tandem_monitors::exec::DEFAULT_KILL_GRACE,
+            disk_io_timeout: Duration::from_secs(10),
+            mount_timeout: Duration::from_secs(120),
+            ip_timeout: Duration::from_secs(10),
+            systemd_marker: PathBuf::from("/run/systemd/system"),
+        }
+    }
+
+    /// Sets the group's cgroup directory.
+    pub fn with_cgroup(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cgroup = Some(dir.into());
+        self
+    }
+}
+
+/// Builds the resource `spec` of group `group`. Checks what can be checked
+/// without side effects (programs and agents exist, the user exists, systemd
+/// runs here); nothing is started.
+pub fn build(
+    group: &str,
+    spec: &tandem_config::Resource,
+    env: &ResourceEnv,
+) -> Result<Box<dyn Resource>, ResourceError> {
+    let id = format!("{group}/{}", spec.name);
+    if spec.name.is_empty() || spec.name == "." || spec.name == ".." || spec.name.contains(['/', '\0']) {
+        return Err(ResourceError::config(&id, "the resource name must be usable as a directory name"));
+    }
+    Ok(match &spec.kind {
+        ResourceKind::Exec(e) => Box::new(exec::ExecResource::build(group, &spec.name, e, env)?),
+        ResourceKind::Ocf(o) => Box::new(ocf::OcfResource::build(group, &spec.name, o, env)?),
+        ResourceKind::Disk(d) => Box::new(disk::DiskResource::build(group, &spec.name, d, env)?),
+        ResourceKind::Ip(i) => Box::new(ip::IpResource::build(group, &spec.name, i, env)?),
+        ResourceKind::Systemd(s) => Box::new(systemd::SystemdResource::build(group, &spec.name, s, env)?),
+    })
+}
 
 /// A boxed future, so that [`Resource`] stays object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -72,4 +156,30 @@ pub enum ResourceError {
         /// What went wrong (a program's exit status and first line of output, an errno…).
         reason: String,
     },
+    /// The resource cannot be used as configured on this node (found by
+    /// `build`, or by a start's validation).
+    #[error("resource {resource} cannot be used here: {reason}")]
+    Config {
+        /// The resource, `group/resource`.
+        resource: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+}
+
+impl ResourceError {
+    /// A [`ResourceError::Failed`].
+    pub fn failed(op: &'static str, resource: &str, reason: impl Into<String>) -> Self {
+        ResourceError::Failed { op, resource: resource.to_string(), reason: reason.into() }
+    }
+
+    /// A [`ResourceError::Timeout`].
+    pub fn timeout(op: &'static str, resource: &str, timeout: Duration) -> Self {
+        ResourceError::Timeout { op, resource: resource.to_string(), timeout_ms: timeout.as_millis() as u64 }
+    }
+
+    /// A [`ResourceError::Config`].
+    pub fn config(resource: &str, reason: impl Into<String>) -> Self {
+        ResourceError::Config { resource: resource.to_string(), reason: reason.into() }
+    }
 }
