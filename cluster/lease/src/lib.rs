@@ -9,9 +9,12 @@
 //! * [`engine`]: the protocol as sans-I/O state machines (no clock, no I/O).
 //! * [`lockspace`]: init / open / dump / inspect of an area.
 //! * [`host`]: the blocking API, [`HostLease`].
+//! * [`fence`], [`guard`], [`cgroup`]: self-fencing (escalation plan, the
+//!   guard process, cgroup v2 helpers).
 //!
 //! Algorithms, timing and limits are described in docs/leases.md.
 
+pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod disk;
