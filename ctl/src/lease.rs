@@ -17,7 +17,7 @@ use serde_json::json;
 use tandem_lease::fence::{FencePlan, FenceStep, signal_group};
 use tandem_lease::format::DeltaState;
 use tandem_lease::guard::{GuardHandle, run_guard_on_stdin};
-use tandem_lease::lockspace::AreaParams;
+use tandem_lease::lockspace::{AreaParams, ResourceDump};
 use tandem_lease::monotonic_now;
 use tandem_lease::{DiskError, FileDisk, Header, HostLease, IoMode, LeaseDisk, LeaseError, Lockspace, Timeouts};
 
@@ -341,7 +341,8 @@ fn dump(a: DumpArgs) -> anyhow::Result<()> {
             .iter()
             .map(|r| match &r.leader {
                 Ok(l) => json!({"slot": r.slot, "name": l.value.name, "state": format!("{:?}", l.state).to_lowercase(),
-                    "owner": r.holder().map(|h| h.0), "token": l.lver, "max_ballot_lver": r.max_ballot_lver}),
+                    "owner": r.holder().map(|h| h.0), "token": l.lver, "max_ballot_lver": r.max_ballot_lver,
+                    "value": value_json(r)}),
                 Err(e) => json!({"slot": r.slot, "error": e}),
             })
             .collect();
@@ -374,13 +375,48 @@ fn dump(a: DumpArgs) -> anyhow::Result<()> {
     for r in res {
         match &r.leader {
             Ok(l) => match r.holder() {
-                Some((owner, token)) => println!("  {:?}: held by host {owner}, token {token}", l.value.name),
-                None => println!("  {:?}: {:?}, last token {}", l.value.name, l.state, l.lver),
+                Some((owner, token)) => {
+                    println!("  {:?}: held by host {owner}, token {token}; {}", l.value.name, value_text(r))
+                }
+                None => println!("  {:?}: {:?}, last token {}; {}", l.value.name, l.state, l.lver, value_text(r)),
             },
             Err(e) => println!("  slot {}: unreadable: {e}", r.slot),
         }
     }
     Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The value block in `dump --json`: hex bytes and who wrote them, null if never written.
+fn value_json(r: &ResourceDump) -> serde_json::Value {
+    match &r.value {
+        Ok(Some(v)) => json!({"len": v.data.len(), "hex": hex(&v.data), "token": v.lver, "writer": v.owner,
+            "seq": v.seq, "bad_copies": r.bad_values.len()}),
+        Ok(None) => serde_json::Value::Null,
+        Err(e) => json!({"error": e}),
+    }
+}
+
+/// The value block in human output: length and the first 32 bytes in hex.
+fn value_text(r: &ResourceDump) -> String {
+    match &r.value {
+        Ok(Some(v)) => {
+            let shown = &v.data[..v.data.len().min(32)];
+            let more = if v.data.len() > shown.len() { "…" } else { "" };
+            format!(
+                "value {} bytes {}{more} (set under token {} by host {})",
+                v.data.len(),
+                hex(shown),
+                v.lver,
+                v.owner
+            )
+        }
+        Ok(None) => "no value".to_string(),
+        Err(e) => format!("value unreadable: {e}"),
+    }
 }
 
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);

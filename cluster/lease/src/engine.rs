@@ -26,7 +26,7 @@ use crate::clock::Millis;
 use crate::config::Timeouts;
 use crate::format::{
     BallotRecord, DeltaRecord, DeltaState, FormatError, Header, HostId, LeaderRecord, LeaderState, LeaseValue,
-    RECORD_LEN, check_name, to_sector,
+    RECORD_LEN, VALUE_COPIES, ValueRecord, ValueState, check_name, check_value, to_sector,
 };
 
 /// A fencing token: the lease version under which a resource was acquired.
@@ -207,6 +207,26 @@ pub enum OpError {
         /// Resource name.
         name: String,
     },
+    /// The value does not fit a value block.
+    #[error("invalid value block")]
+    BadValue(#[source] FormatError),
+    /// Another host has started or completed a later lease version of a
+    /// resource this host believed it held while its host lease was valid.
+    /// That can only happen if the timing assumptions were broken (a stopped
+    /// clock, storage that delays writes past the I/O timeout), so the whole
+    /// host lease is treated as lost.
+    #[error(
+        "resource {name:?} was taken over while this host believed it held token {token} ({detail}); \
+         the lease timing assumptions were violated, so the host lease is dropped: stop everything and rejoin"
+    )]
+    Superseded {
+        /// Resource name.
+        name: String,
+        /// The token this host held.
+        token: Token,
+        /// What showed the takeover.
+        detail: String,
+    },
 }
 
 impl OpError {
@@ -215,6 +235,73 @@ impl OpError {
     pub fn is_transient(&self) -> bool {
         matches!(self, OpError::Io { .. } | OpError::TimedOut { .. } | OpError::Busy { .. } | OpError::Contended { .. })
     }
+}
+
+/// The result of an acquisition: the fencing token and the value block
+/// found in the lease (written by this or an earlier holder).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acquired {
+    /// The fencing token.
+    pub token: Token,
+    /// The newest value block set by any holder of the resource, `None` if
+    /// no holder ever set one. Read after this acquisition's value was
+    /// chosen, so it includes every value a previous holder wrote.
+    pub value: Option<Vec<u8>>,
+    /// The token under which `value` was written.
+    pub value_token: Option<Token>,
+}
+
+/// The two value-block copies of a resource slot, decoded.
+#[derive(Clone, Debug)]
+pub struct ValueCopies {
+    /// The newest decodable written copy (highest `(lver, seq)`), if any.
+    pub newest: Option<ValueRecord>,
+    /// The copy the next write goes to: never the one holding the newest
+    /// value, so a torn write cannot destroy it.
+    pub write_copy: u32,
+    /// Sequence for the next write: highest seen + 1.
+    pub next_seq: u64,
+    /// Copies that could not be decoded, with the reason.
+    pub bad: Vec<(u32, FormatError)>,
+}
+
+/// Decodes the value copies of resource slot `slot` (`bytes` starts at copy
+/// 0). Fails only when no copy is decodable: the value may then have been
+/// lost, and an empty answer could be mistaken for "never written".
+pub fn read_value_copies(header: &Header, slot: u32, bytes: &[u8]) -> Result<ValueCopies, FormatError> {
+    let s = header.sector_size as usize;
+    let mut good: Vec<ValueRecord> = Vec::new();
+    let mut bad = Vec::new();
+    for copy in 0..VALUE_COPIES {
+        let start = copy as usize * s;
+        let rec = bytes
+            .get(start..start + s)
+            .ok_or(FormatError::Short { what: "value block", len: bytes.len().saturating_sub(start) })
+            .and_then(ValueRecord::decode)
+            .and_then(|r| {
+                if r.area_id != header.area_id || r.slot != slot || r.copy != copy {
+                    Err(FormatError::Field {
+                        what: "value block",
+                        field: "area_id/slot/copy",
+                        value: format!("{:#x}/{}/{} (stale or misplaced)", r.area_id, r.slot, r.copy),
+                    })
+                } else {
+                    Ok(r)
+                }
+            });
+        match rec {
+            Ok(r) => good.push(r),
+            Err(e) => bad.push((copy, e)),
+        }
+    }
+    let Some(keep) = good.iter().max_by_key(|r| (r.rank(), std::cmp::Reverse(r.copy))) else {
+        let (_, first) = bad.swap_remove(0);
+        return Err(first);
+    };
+    let next_seq = good.iter().map(|r| r.seq).max().unwrap_or(0) + 1;
+    let write_copy = (keep.copy + 1) % VALUE_COPIES;
+    let newest = (keep.state == ValueState::Written).then(|| keep.clone());
+    Ok(ValueCopies { newest, write_copy, next_seq, bad })
 }
 
 /// A resource lease this host believes it holds.
@@ -728,7 +815,8 @@ enum AcquirePhase {
 /// its leader record and ballot blocks, and proposes itself as owner of the
 /// next lease version only if the current owner released, or its host lease
 /// is dead (its delta slot unchanged for `T` on our clock, or a different
-/// generation there). Output: the fencing token. Fails with
+/// generation there). Output: [`Acquired`], the fencing token and the value
+/// block found in the slot. Fails with
 /// [`OpError::Busy`] when the owner may be alive (retry after
 /// `dead_no_earlier_than`; observations persist in [`HostState`]), and with
 /// [`OpError::Contended`] when another host's ballot interfered (retry
@@ -748,6 +836,8 @@ pub struct AcquireOp {
     own_ballot: Option<BallotRecord>,
     stash: Option<Vec<BallotRecord>>,
     acquisition: u64,
+    /// The value block read after phase 2 (the newest copy).
+    found_value: Option<ValueRecord>,
 }
 
 /// How many times one acquisition re-evaluates a slot after learning a
@@ -771,6 +861,7 @@ impl AcquireOp {
             own_ballot: None,
             stash: None,
             acquisition: 0,
+            found_value: None,
         }
     }
 
@@ -783,20 +874,28 @@ impl AcquireOp {
         }
     }
 
-    fn read_slot(&mut self, host: &HostState, now: Millis) -> Step<Result<Token, OpError>> {
+    fn read_slot(&mut self, host: &HostState, now: Millis) -> Step<Result<Acquired, OpError>> {
         self.phase = AcquirePhase::ReadSlot;
         self.issued = now;
         let layout = host.header.layout();
         Step::Io(IoRequest::Read { offset: layout.leader_offset(self.slot), len: layout.resource_len() })
     }
 
-    fn read_ballots(&mut self, host: &HostState, now: Millis, phase: AcquirePhase) -> Step<Result<Token, OpError>> {
+    /// Reads the ballot blocks and, right behind them, the value copies (one I/O).
+    fn read_ballots(&mut self, host: &HostState, now: Millis, phase: AcquirePhase) -> Step<Result<Acquired, OpError>> {
         self.phase = phase;
         self.issued = now;
         let layout = host.header.layout();
         Step::Io(IoRequest::Read {
             offset: layout.ballot_offset(self.slot, 1),
-            len: layout.host_slots as u64 * host.sector(),
+            len: (layout.host_slots + VALUE_COPIES) as u64 * host.sector(),
+        })
+    }
+
+    fn value_copies(&self, host: &HostState, bytes: &[u8]) -> Result<ValueCopies, OpError> {
+        read_value_copies(&host.header, self.slot, bytes).map_err(|source| OpError::Corrupt {
+            what: format!("value block of resource slot {} (no readable copy)", self.slot),
+            source,
         })
     }
 
@@ -806,7 +905,7 @@ impl AcquireOp {
         now: Millis,
         rec: BallotRecord,
         phase: AcquirePhase,
-    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+    ) -> Result<Step<Result<Acquired, OpError>>, OpError> {
         host.require_valid(now)?;
         self.phase = phase;
         self.issued = now;
@@ -816,7 +915,7 @@ impl AcquireOp {
         Ok(Step::Io(IoRequest::Write { offset, data }))
     }
 
-    fn next_probe(&mut self, host: &HostState, now: Millis) -> Result<Step<Result<Token, OpError>>, OpError> {
+    fn next_probe(&mut self, host: &HostState, now: Millis) -> Result<Step<Result<Acquired, OpError>>, OpError> {
         self.probes += 1;
         let slots = host.header.resource_slots;
         if self.probes >= slots {
@@ -859,7 +958,7 @@ impl AcquireOp {
         ballots: &[BallotRecord],
         lver: u64,
         proposal: Option<LeaseValue>,
-    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+    ) -> Result<Step<Result<Acquired, OpError>>, OpError> {
         let n = host.header.host_slots as u64 + 1;
         let max_round = ballots.iter().filter(|b| b.lver == lver).map(|b| b.mbal / n).max().unwrap_or(0);
         self.lver = lver;
@@ -896,7 +995,7 @@ impl AcquireOp {
         host: &mut HostState,
         bytes: &[u8],
         now: Millis,
-    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+    ) -> Result<Step<Result<Acquired, OpError>>, OpError> {
         let layout = host.header.layout();
         need_len(bytes, layout.resource_len(), "resource slot")?;
         let s = host.sector() as usize;
@@ -915,6 +1014,11 @@ impl AcquireOp {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // A slot whose value block has no readable copy is refused before any ballot: taking it
+        // would hand out a lease whose value may have been lost.
+        if leader.as_ref().is_some_and(|l| l.state != LeaderState::Unclaimed && l.value.name == self.name) {
+            self.value_copies(host, &bytes[s * (1 + host.header.host_slots as usize)..])?;
         }
         let max_lver = ballots.iter().map(|b| b.lver).max().unwrap_or(0);
         let ours = self.our_value(host);
@@ -970,7 +1074,7 @@ impl AcquireOp {
         host: &mut HostState,
         input: Input,
         now: Millis,
-    ) -> Result<Step<Result<Token, OpError>>, OpError> {
+    ) -> Result<Step<Result<Acquired, OpError>>, OpError> {
         let slot = self.slot;
         match self.phase.clone() {
             AcquirePhase::Start => {
@@ -1063,8 +1167,14 @@ impl AcquireOp {
             AcquirePhase::Phase2Read => {
                 let bytes = completed(host, input, self.issued, now, || format!("phase-2 ballot read in slot {slot}"))?
                     .unwrap_or_default();
-                need_len(&bytes, host.header.host_slots as u64 * host.sector(), "ballot blocks")?;
+                need_len(&bytes, (host.header.host_slots + VALUE_COPIES) as u64 * host.sector(), "ballot blocks")?;
                 self.check_ballots(host, &bytes)?;
+                // The value block is read here, after the previous owner was judged dead (or had
+                // released) and after our value was accepted: every write of the previous owner
+                // has landed by now (the same timing argument as for the takeover itself).
+                let s = host.sector() as usize;
+                let copies = self.value_copies(host, &bytes[s * host.header.host_slots as usize..])?;
+                self.found_value = copies.newest;
                 // The value is chosen for this version; record it in the leader.
                 host.require_valid(now)?;
                 let value = self.chosen.clone().expect("set in phase 1");
@@ -1097,7 +1207,12 @@ impl AcquireOp {
                     host.require_valid(now)?;
                     let token = Token(self.lver);
                     host.held.insert(self.name.clone(), HeldLease { slot, token, acquisition: self.acquisition });
-                    return Ok(Step::Done(Ok(token)));
+                    let found = self.found_value.take();
+                    return Ok(Step::Done(Ok(Acquired {
+                        token,
+                        value_token: found.as_ref().map(|v| Token(v.lver)),
+                        value: found.map(|v| v.data),
+                    })));
                 }
                 // Someone else's value was chosen (we completed their ballot): look again.
                 self.restarts += 1;
@@ -1111,7 +1226,7 @@ impl AcquireOp {
 }
 
 impl Operation for AcquireOp {
-    type Output = Result<Token, OpError>;
+    type Output = Result<Acquired, OpError>;
     fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
         self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
     }
@@ -1172,6 +1287,306 @@ impl ReleaseOp {
 
 impl Operation for ReleaseOp {
     type Output = Result<(), OpError>;
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
+        self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Set value
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetValuePhase {
+    Start,
+    Reading,
+    WritingValue,
+    Releasing,
+}
+
+/// Writes the value block of a held resource, optionally releasing it
+/// right after (`release_with_value`).
+///
+/// 1. Refuses unless the resource is held and the host lease is valid on a
+///    fresh clock reading.
+/// 2. Reads the whole resource slot and refuses ([`OpError::Superseded`],
+///    dropping the host lease) if any record shows a later lease version or
+///    another owner of ours: a second line of defence, since while our
+///    host lease is valid nobody can have started one.
+/// 3. Checks validity again and writes the copy that does not hold the
+///    newest value, with our token as `lver` and the next sequence. The
+///    write is issued before the fence deadline, so (timing rules) it lands
+///    before any other host may judge this host dead and run a ballot: it
+///    can never land on top of a later holder's value. Readers rank copies
+///    by `(lver, seq)`, so even a write that broke that rule would rank
+///    below every value of a later holder.
+/// 4. With release: forgets the lease and marks the leader released, as
+///    [`ReleaseOp`] does; the value is on disk before the release.
+#[derive(Debug)]
+pub struct SetValueOp {
+    name: String,
+    data: Vec<u8>,
+    release: bool,
+    phase: SetValuePhase,
+    issued: Millis,
+    held: Option<HeldLease>,
+}
+
+impl SetValueOp {
+    /// Sets the value of `name` to `data` (at most [`crate::format::MAX_VALUE_LEN`] bytes).
+    pub fn new(name: &str, data: &[u8]) -> SetValueOp {
+        SetValueOp {
+            name: name.to_string(),
+            data: data.to_vec(),
+            release: false,
+            phase: SetValuePhase::Start,
+            issued: Millis(0),
+            held: None,
+        }
+    }
+
+    /// Sets the value, then releases the resource.
+    pub fn then_release(mut self) -> SetValueOp {
+        self.release = true;
+        self
+    }
+
+    fn superseded(&self, host: &mut HostState, token: Token, detail: String) -> OpError {
+        let reason = format!("resource {:?} (token {token}) was taken over: {detail}", self.name);
+        host.mark_lost(reason);
+        OpError::Superseded { name: self.name.clone(), token, detail }
+    }
+
+    /// Step 2: anything showing a later version, or another owner of ours, in the slot.
+    fn check_still_ours(&self, host: &mut HostState, held: &HeldLease, bytes: &[u8]) -> Result<(), OpError> {
+        let s = host.sector() as usize;
+        let hs = host.header.host_slots as usize;
+        let token = held.token;
+        if let Ok(l) = LeaderRecord::decode(&bytes[..s])
+            && l.area_id == host.header.area_id
+            && l.slot == held.slot
+        {
+            let ours = l.value.owner == host.host_id && l.value.acquisition == held.acquisition;
+            if l.lver > token.0 || (l.lver == token.0 && (!ours || l.state != LeaderState::Held)) {
+                let detail =
+                    format!("leader record says version {} {:?} owned by host {}", l.lver, l.state, l.value.owner);
+                return Err(self.superseded(host, token, detail));
+            }
+        }
+        for h in 1..=hs {
+            if let Ok(b) = BallotRecord::decode(&bytes[h * s..(h + 1) * s])
+                && b.area_id == host.header.area_id
+                && b.slot == held.slot
+                && b.lver > token.0
+            {
+                let detail = format!("host {} runs a ballot for version {}", b.host_id, b.lver);
+                return Err(self.superseded(host, token, detail));
+            }
+        }
+        if let Ok(c) = read_value_copies(&host.header, held.slot, &bytes[(1 + hs) * s..])
+            && let Some(v) = c.newest
+            && v.lver > token.0
+        {
+            let detail = format!("host {} wrote the value under version {}", v.owner, v.lver);
+            return Err(self.superseded(host, token, detail));
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, host: &mut HostState, input: Input, now: Millis) -> Result<Step<Result<(), OpError>>, OpError> {
+        let name = self.name.clone();
+        match self.phase {
+            SetValuePhase::Start => {
+                check_value(&self.data).map_err(OpError::BadValue)?;
+                let held = host.held.get(&name).cloned().ok_or_else(|| OpError::NotHeld { name: name.clone() })?;
+                host.require_valid(now)?;
+                let layout = host.header.layout();
+                self.phase = SetValuePhase::Reading;
+                self.issued = now;
+                let offset = layout.leader_offset(held.slot);
+                self.held = Some(held);
+                Ok(Step::Io(IoRequest::Read { offset, len: layout.resource_len() }))
+            }
+            SetValuePhase::Reading => {
+                let held = self.held.clone().expect("set at start");
+                let what = || format!("read of resource slot {} for the value of {name:?}", held.slot);
+                let bytes = completed(host, input, self.issued, now, what)?.unwrap_or_default();
+                need_len(&bytes, host.header.layout().resource_len(), "resource slot")?;
+                // Fresh validity, and still the same lease (a renewal may have lost it meanwhile).
+                host.require_valid(now)?;
+                if host.held.get(&name) != Some(&held) {
+                    return Err(OpError::NotHeld { name });
+                }
+                self.check_still_ours(host, &held, &bytes)?;
+                let s = host.sector() as usize;
+                let value_bytes = &bytes[(1 + host.header.host_slots as usize) * s..];
+                // One unreadable copy is fine (we overwrite it); none readable cannot happen while
+                // we hold the lease unless the disk was damaged: write copy 0 then.
+                let (copy, seq) = match read_value_copies(&host.header, held.slot, value_bytes) {
+                    Ok(c) => (c.write_copy, c.next_seq),
+                    Err(_) => (0, 1),
+                };
+                let rec = ValueRecord {
+                    area_id: host.header.area_id,
+                    slot: held.slot,
+                    copy,
+                    state: ValueState::Written,
+                    owner: host.host_id,
+                    lver: held.token.0,
+                    seq,
+                    generation: host.generation().unwrap_or(0),
+                    acquisition: held.acquisition,
+                    timestamp_ms: now.0,
+                    data: std::mem::take(&mut self.data),
+                };
+                let block = rec.encode().map_err(OpError::BadValue)?;
+                self.phase = SetValuePhase::WritingValue;
+                self.issued = now;
+                Ok(Step::Io(IoRequest::Write {
+                    offset: host.header.layout().value_offset(held.slot, copy),
+                    data: to_sector(&block, host.header.sector_size),
+                }))
+            }
+            SetValuePhase::WritingValue => {
+                completed(host, input, self.issued, now, || format!("value write of {name:?}"))?;
+                if !self.release {
+                    return Ok(Step::Done(Ok(())));
+                }
+                let held = self.held.clone().expect("set at start");
+                // As in ReleaseOp: forget first, then record the release only while valid.
+                if host.held.get(&name) == Some(&held) {
+                    host.held.remove(&name);
+                } else {
+                    return Err(OpError::NotHeld { name });
+                }
+                host.require_valid(now)?;
+                let leader = LeaderRecord {
+                    area_id: host.header.area_id,
+                    slot: held.slot,
+                    state: LeaderState::Released,
+                    lver: held.token.0,
+                    value: LeaseValue {
+                        owner: host.host_id,
+                        generation: host.generation().unwrap_or(0),
+                        acquisition: held.acquisition,
+                        name: name.clone(),
+                    },
+                    timestamp_ms: now.0,
+                };
+                self.phase = SetValuePhase::Releasing;
+                self.issued = now;
+                Ok(Step::Io(IoRequest::Write {
+                    offset: host.header.layout().leader_offset(held.slot),
+                    data: to_sector(&leader.encode(), host.header.sector_size),
+                }))
+            }
+            SetValuePhase::Releasing => {
+                completed(host, input, self.issued, now, || format!("release of {name:?}"))?;
+                Ok(Step::Done(Ok(())))
+            }
+        }
+    }
+}
+
+impl Operation for SetValueOp {
+    type Output = Result<(), OpError>;
+    fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
+        self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Observe hosts
+
+/// How an observer judges another host id's delta lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Liveness {
+    /// The slot is free: never used, or left cleanly. Nothing it held is
+    /// protected any more.
+    Free,
+    /// Not judged dead: the slot changed less than `T` ago on the
+    /// observer's clock, or has not been watched for `T` yet.
+    Alive,
+    /// The slot stayed unchanged for `T` on the observer's clock: the host
+    /// lease has expired and the host has fenced itself (timing rules).
+    Dead,
+}
+
+/// One host slot as judged by an observer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostObservation {
+    /// Host id.
+    pub host_id: HostId,
+    /// Free, alive or dead.
+    pub liveness: Liveness,
+    /// Generation in the slot (`None` if the slot is unreadable: torn or
+    /// foreign content is watched like a live slot).
+    pub generation: Option<u64>,
+    /// When this observer first saw the slot's current content (its own
+    /// monotonic clock): the last observed change.
+    pub last_change: Millis,
+    /// When the host is judged dead if the slot stays unchanged:
+    /// `last_change + T`.
+    pub dead_at: Millis,
+}
+
+/// Reads every delta slot and judges each host by the same rule and the
+/// same observation memory as acquisition ([`HostState`]): a slot is dead
+/// once its content stayed unchanged for `T` counted from the completion of
+/// the read that first returned it. The result of a read that took longer
+/// than the I/O timeout is discarded. Needs no valid host lease.
+#[derive(Debug, Default)]
+pub struct ObserveHostsOp {
+    issued: Option<Millis>,
+}
+
+impl ObserveHostsOp {
+    /// An observation of every host slot.
+    pub fn new() -> ObserveHostsOp {
+        ObserveHostsOp { issued: None }
+    }
+
+    fn step(
+        &mut self,
+        host: &mut HostState,
+        input: Input,
+        now: Millis,
+    ) -> Result<Step<Result<Vec<HostObservation>, OpError>>, OpError> {
+        let layout = host.header.layout();
+        let Some(issued) = self.issued else {
+            self.issued = Some(now);
+            return Ok(Step::Io(IoRequest::Read {
+                offset: layout.delta_offset(1),
+                len: layout.host_slots as u64 * host.sector(),
+            }));
+        };
+        let bytes = completed(host, input, issued, now, || "read of the delta slots".to_string())?.unwrap_or_default();
+        need_len(&bytes, layout.host_slots as u64 * host.sector(), "delta slots")?;
+        let s = host.sector() as usize;
+        let t = host.header.timeouts.host_dead_ms;
+        let mut out = Vec::with_capacity(layout.host_slots as usize);
+        for h in 1..=layout.host_slots {
+            let b = &bytes[(h as usize - 1) * s..h as usize * s];
+            let first_seen = host.observe(h, digest(b), now);
+            let rec = DeltaRecord::decode(b).ok().filter(|r| r.area_id == host.header.area_id && r.host_id == h);
+            let liveness = match &rec {
+                Some(r) if r.state == DeltaState::Free => Liveness::Free,
+                _ if now.since(first_seen) >= t => Liveness::Dead,
+                _ => Liveness::Alive,
+            };
+            out.push(HostObservation {
+                host_id: h,
+                liveness,
+                generation: rec.map(|r| r.generation),
+                last_change: first_seen,
+                dead_at: first_seen + t,
+            });
+        }
+        Ok(Step::Done(Ok(out)))
+    }
+}
+
+impl Operation for ObserveHostsOp {
+    type Output = Result<Vec<HostObservation>, OpError>;
     fn resume(&mut self, host: &mut HostState, input: Input, now: Millis) -> Step<Self::Output> {
         self.step(host, input, now).unwrap_or_else(|e| Step::Done(Err(e)))
     }
@@ -1338,6 +1753,9 @@ mod tests {
         );
         for host in 1..=3 {
             area.extend(sector(BallotRecord { lver: 7, ..BallotRecord::empty(9, slot, host) }.encode()));
+        }
+        for copy in 0..VALUE_COPIES {
+            area.extend(sector(ValueRecord::unwritten(9, slot, copy).encode().unwrap()));
         }
         let owner_slot = sector(
             DeltaRecord { state: DeltaState::Live, generation: 5, incarnation: 1, ..DeltaRecord::free(9, 1) }.encode(),

@@ -6,6 +6,9 @@
 //! (computed with the crc field zeroed) and the format version, followed by
 //! little-endian fields. A zeroed, torn or foreign block therefore never
 //! decodes: it is refused, never mistaken for an empty record.
+//!
+//! Version 2 added two value-block records (sanlock's LVB) at the end of
+//! every resource slot; version-1 areas are refused (re-initialise them).
 
 use crate::config::Timeouts;
 use thiserror::Error;
@@ -13,7 +16,7 @@ use thiserror::Error;
 /// Size of every encoded record; records are padded to the sector size.
 pub const RECORD_LEN: usize = 512;
 /// Format version written by this code and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Magic of the area header (sector 0).
 pub const HEADER_MAGIC: [u8; 8] = *b"TNDMLEAS";
 /// Magic of a delta-lease (host) slot.
@@ -22,6 +25,13 @@ pub const DELTA_MAGIC: [u8; 8] = *b"TNDMDLTA";
 pub const LEADER_MAGIC: [u8; 8] = *b"TNDMLEAD";
 /// Magic of a Disk Paxos ballot block (one per host per resource slot).
 pub const BALLOT_MAGIC: [u8; 8] = *b"TNDMBALT";
+/// Magic of a value-block record (two copies per resource slot).
+pub const VALUE_MAGIC: [u8; 8] = *b"TNDMLVBK";
+/// Largest value block, in bytes: what fits in a record after its fields.
+pub const MAX_VALUE_LEN: usize = 400;
+/// Value-block records per resource slot: writes alternate between them so
+/// that a torn write never destroys the last value written successfully.
+pub const VALUE_COPIES: u32 = 2;
 /// Longest cluster id, in bytes of UTF-8.
 pub const MAX_CLUSTER_ID_LEN: usize = 64;
 /// Longest resource name, in bytes of UTF-8.
@@ -71,7 +81,10 @@ pub enum FormatError {
         computed: u32,
     },
     /// The format version is not the one this code reads.
-    #[error("{what}: format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "{what}: format version {found} is not supported (this build reads version {FORMAT_VERSION} only); \
+         stop every host using the area and re-initialise it with `tandemctl lease init --force`"
+    )]
     Version {
         /// Which record.
         what: &'static str,
@@ -285,8 +298,9 @@ impl Header {
 /// Byte offsets of the records of an area.
 ///
 /// Sector 0: header. Sectors 1..=H: delta slot of host id h at sector h.
-/// Then `resource_slots` resource areas of `1 + H` sectors each: the leader
-/// record, then the ballot block of host id h at leader + h.
+/// Then `resource_slots` resource areas of `3 + H` sectors each: the leader
+/// record, then the ballot block of host id h at leader + h, then the two
+/// value-block copies at leader + H + 1 and leader + H + 2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Layout {
     /// Sector size in bytes.
@@ -304,16 +318,20 @@ impl Layout {
     }
     /// Offset of the leader record of resource slot `slot` (0-based).
     pub fn leader_offset(&self, slot: u32) -> u64 {
-        let per = 1 + self.host_slots as u64;
+        let per = 1 + self.host_slots as u64 + VALUE_COPIES as u64;
         (1 + self.host_slots as u64 + slot as u64 * per) * self.sector_size as u64
     }
     /// Offset of the ballot block of `host_id` in resource slot `slot`.
     pub fn ballot_offset(&self, slot: u32, host_id: HostId) -> u64 {
         self.leader_offset(slot) + host_id as u64 * self.sector_size as u64
     }
-    /// Bytes of one resource slot (leader + all ballot blocks).
+    /// Offset of value-block copy `copy` (0 or 1) of resource slot `slot`.
+    pub fn value_offset(&self, slot: u32, copy: u32) -> u64 {
+        self.leader_offset(slot) + (1 + self.host_slots as u64 + copy as u64) * self.sector_size as u64
+    }
+    /// Bytes of one resource slot (leader, all ballot blocks, both value copies).
     pub fn resource_len(&self) -> u64 {
-        (1 + self.host_slots as u64) * self.sector_size as u64
+        (1 + self.host_slots as u64 + VALUE_COPIES as u64) * self.sector_size as u64
     }
     /// Total size of the area in bytes.
     pub fn area_len(&self) -> u64 {
@@ -571,6 +589,133 @@ impl BallotRecord {
     }
 }
 
+/// Whether a value-block copy has ever been written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ValueState {
+    /// Written by initialisation: no holder has set a value in this copy.
+    Unwritten,
+    /// Holds a value set by the holder of lease version `lver`.
+    Written,
+}
+
+/// One copy of a resource slot's value block: an opaque byte string set by
+/// the lease holder and carried over to the next holders (sanlock's LVB).
+///
+/// Readers take the decodable copy with the highest `(lver, seq)`; writers
+/// overwrite the other one, so a torn write leaves the previous value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ValueRecord {
+    /// Area id from the header.
+    pub area_id: u64,
+    /// Resource slot.
+    pub slot: u32,
+    /// Which copy this is (0 or 1): guards against misplaced records.
+    pub copy: u32,
+    /// Unwritten or written.
+    pub state: ValueState,
+    /// Host id of the writer.
+    pub owner: HostId,
+    /// Lease version (fencing token) under which the writer held the resource.
+    pub lver: u64,
+    /// Write sequence of the slot: every write uses the highest seen + 1.
+    pub seq: u64,
+    /// Generation of the writer's host lease.
+    pub generation: u64,
+    /// Acquisition id of the writer's lease (as in [`LeaseValue`]).
+    pub acquisition: u64,
+    /// Writer's monotonic clock in ms (informational only).
+    pub timestamp_ms: u64,
+    /// The value: at most [`MAX_VALUE_LEN`] bytes.
+    pub data: Vec<u8>,
+}
+
+impl ValueRecord {
+    /// An unwritten copy as written by initialisation.
+    pub fn unwritten(area_id: u64, slot: u32, copy: u32) -> Self {
+        ValueRecord {
+            area_id,
+            slot,
+            copy,
+            state: ValueState::Unwritten,
+            owner: 0,
+            lver: 0,
+            seq: 0,
+            generation: 0,
+            acquisition: 0,
+            timestamp_ms: 0,
+            data: Vec::new(),
+        }
+    }
+
+    /// Ordering of copies: the higher `(lver, seq)` is the newer value; an
+    /// unwritten copy ranks below every written one.
+    pub fn rank(&self) -> (u64, u64) {
+        match self.state {
+            ValueState::Unwritten => (0, 0),
+            ValueState::Written => (self.lver, self.seq),
+        }
+    }
+
+    /// Encodes the block; fails if `data` is longer than [`MAX_VALUE_LEN`].
+    pub fn encode(&self) -> Result<[u8; RECORD_LEN], FormatError> {
+        check_value(&self.data)?;
+        Ok(encode_with(VALUE_MAGIC, |p| {
+            p.u64(self.area_id);
+            p.u32(self.slot);
+            p.u32(self.copy);
+            p.u32(match self.state {
+                ValueState::Unwritten => 0,
+                ValueState::Written => 1,
+            });
+            p.u32(self.owner);
+            p.u64(self.lver);
+            p.u64(self.seq);
+            p.u64(self.generation);
+            p.u64(self.acquisition);
+            p.u64(self.timestamp_ms);
+            p.u16(self.data.len() as u16);
+            p.bytes(&self.data);
+        }))
+    }
+
+    /// Decodes a block.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        const W: &str = "value block";
+        let mut g = open_record(bytes, VALUE_MAGIC, W)?;
+        let area_id = g.u64();
+        let slot = g.u32();
+        let copy = g.u32();
+        let state = match g.u32() {
+            0 => ValueState::Unwritten,
+            1 => ValueState::Written,
+            v => return Err(field_err(W, "state", v)),
+        };
+        let owner = g.u32();
+        let lver = g.u64();
+        let seq = g.u64();
+        let generation = g.u64();
+        let acquisition = g.u64();
+        let timestamp_ms = g.u64();
+        let len = g.u16() as usize;
+        if len > MAX_VALUE_LEN {
+            return Err(field_err(W, "length", format!("{len} > {MAX_VALUE_LEN}")));
+        }
+        if copy >= VALUE_COPIES {
+            return Err(field_err(W, "copy", copy));
+        }
+        let data = g.bytes(len).to_vec();
+        Ok(ValueRecord { area_id, slot, copy, state, owner, lver, seq, generation, acquisition, timestamp_ms, data })
+    }
+}
+
+/// Checks that a value fits a value block ([`MAX_VALUE_LEN`] bytes).
+pub fn check_value(data: &[u8]) -> Result<(), FormatError> {
+    if data.len() > MAX_VALUE_LEN {
+        return Err(field_err("value block", "value", format!("{} bytes (at most {MAX_VALUE_LEN})", data.len())));
+    }
+    Ok(())
+}
+
 /// Pads a record block to a full sector.
 pub fn to_sector(block: &[u8; RECORD_LEN], sector_size: u32) -> Vec<u8> {
     let mut v = vec![0u8; sector_size as usize];
@@ -627,7 +772,44 @@ mod tests {
         assert_eq!(l.delta_offset(1), 512);
         assert_eq!(l.leader_offset(0), 5 * 512);
         assert_eq!(l.ballot_offset(0, 4), 9 * 512);
-        assert_eq!(l.leader_offset(1), 10 * 512);
-        assert_eq!(l.area_len(), (1 + 4 + 8 * 5) * 512);
+        assert_eq!(l.value_offset(0, 0), 10 * 512);
+        assert_eq!(l.value_offset(0, 1), 11 * 512);
+        assert_eq!(l.leader_offset(1), 12 * 512);
+        assert_eq!(l.area_len(), (1 + 4 + 8 * 7) * 512);
+        assert_eq!(l.resource_len(), 7 * 512);
+    }
+
+    #[test]
+    fn value_record_round_trip_limits_and_bit_flip() {
+        let r = ValueRecord {
+            state: ValueState::Written,
+            owner: 3,
+            lver: 7,
+            seq: 12,
+            generation: 2,
+            acquisition: 99,
+            timestamp_ms: 5,
+            data: vec![0xab; MAX_VALUE_LEN],
+            ..ValueRecord::unwritten(42, 1, 1)
+        };
+        let mut b = r.encode().unwrap();
+        assert_eq!(ValueRecord::decode(&b).unwrap(), r);
+        b[300] ^= 0x10;
+        assert!(matches!(ValueRecord::decode(&b), Err(FormatError::Checksum { .. })));
+        let long = ValueRecord { data: vec![0; MAX_VALUE_LEN + 1], ..r };
+        assert!(matches!(long.encode(), Err(FormatError::Field { field: "value", .. })));
+        assert!(ValueRecord::unwritten(1, 0, 0).rank() < ValueRecord { lver: 1, seq: 1, ..long.clone() }.rank());
+    }
+
+    #[test]
+    fn version_1_records_are_refused_naming_both_versions() {
+        let mut b = header().encode().unwrap();
+        b[12..16].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc_of(&b);
+        b[8..12].copy_from_slice(&crc.to_le_bytes());
+        let e = Header::decode(&b).unwrap_err();
+        assert_eq!(e, FormatError::Version { what: "header", found: 1 });
+        let text = e.to_string();
+        assert!(text.contains("version 1") && text.contains("version 2"), "{text}");
     }
 }

@@ -1,18 +1,24 @@
-//! The fencing guard: a small separate process that SIGKILLs registered process groups when the
-//! lease holder stops proving that its lease is still valid.
+//! The fencing guard: a small separate process that SIGKILLs registered process groups and cgroups
+//! when the lease holder stops proving that its lease is still valid.
 //!
 //! Self-fencing must not depend on the agent being scheduled: an agent that is stopped (SIGSTOP, a
 //! stalled VM, a hung disk read in uninterruptible sleep) cannot kill anything. So the agent hands
 //! the kill to a guard process that does nothing but wait in `poll(2)` on a pipe:
 //!
 //! * `reg <pgid>` / `unreg <pgid>`: (un)register a process group to kill when fencing.
+//! * `regcg <path>` / `unregcg <path>`: (un)register a cgroup v2 directory to kill when fencing
+//!   (absolute, strictly below a cgroup2 mount, not containing the guard; others are refused and
+//!   logged). A cgroup also holds daemons that left their process group with `setsid()`. Killing
+//!   writes `1` to its `cgroup.kill`, or where the kernel lacks it (before 5.14) freezes it and
+//!   SIGKILLs every pid listed in it and its descendants until they are empty (bounded); see
+//!   [`crate::cgroup`].
 //! * `pet <ms>`: the kill deadline, an absolute time in milliseconds on the lease clock
 //!   ([`crate::clock::monotonic_now`], CLOCK_BOOTTIME: system-wide, counts through suspend). The agent
 //!   computes it from the *start* of its last successful renewal plus the fence deadline, so the
 //!   deadline is never later than the lease allows, however late the pet arrives.
 //! * `bye`: orderly shutdown; the following end of file does not fence.
 //!
-//! The guard SIGKILLs every registered group when the deadline passes without a newer pet, and at
+//! The guard SIGKILLs every registered group and cgroup when the deadline passes without a newer pet, and at
 //! once when its input reaches end of file without a `bye` (the agent died). Both ends run on the
 //! same machine, so both read the same clock.
 //!
@@ -22,6 +28,7 @@
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -30,6 +37,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigHandler, Signal, kill, signal};
 use nix::unistd::Pid;
 
+use crate::cgroup::{CgroupError, KillMethod, check_path, check_registrable, kill_path};
 use crate::clock::{Millis, monotonic_now};
 
 /// Errors of the guard and of its client handle.
@@ -72,7 +80,8 @@ pub enum GuardError {
     Input(#[source] io::Error),
     /// A line on the guard's input was not a valid message.
     #[error(
-        "the fencing guard received an invalid message {line:?}; expected `reg PGID`, `unreg PGID`, `pet MS` or `bye`"
+        "the fencing guard received an invalid message {line:?}; expected `reg PGID`, `unreg PGID`, \
+         `regcg PATH`, `unregcg PATH`, `pet MS` or `bye`"
     )]
     Protocol {
         /// The offending line (lossily decoded).
@@ -81,6 +90,10 @@ pub enum GuardError {
     /// A process group id that cannot be killed safely (0, 1 or negative would hit other processes).
     #[error("refusing to guard process group {0}: only ids above 1 name a single process group")]
     BadPgid(i32),
+    /// A cgroup that cannot be guarded (not absolute, not under a cgroup2 mount, missing, or
+    /// containing the guard itself).
+    #[error("refusing to guard this cgroup")]
+    BadCgroup(#[source] CgroupError),
 }
 
 /// Now on the clock of kill deadlines, the lease clock (CLOCK_BOOTTIME), in milliseconds.
@@ -89,12 +102,16 @@ fn monotonic_ms() -> u64 {
 }
 
 /// One message from the agent to the guard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuardMessage {
     /// Kill this process group when fencing.
     Register(i32),
     /// Stop guarding this process group (it exited, or was stopped in an orderly way).
     Unregister(i32),
+    /// Kill everything in this cgroup (and its descendants) when fencing.
+    RegisterCgroup(PathBuf),
+    /// Stop guarding this cgroup.
+    UnregisterCgroup(PathBuf),
     /// Kill every registered group when the lease clock reaches this many milliseconds.
     Pet(u64),
     /// Orderly shutdown: end of input after this does not fence.
@@ -107,6 +124,9 @@ impl GuardMessage {
         match self {
             GuardMessage::Register(pgid) => format!("reg {pgid}\n"),
             GuardMessage::Unregister(pgid) => format!("unreg {pgid}\n"),
+            // Paths were checked to be UTF-8 without newlines and short enough (check_path).
+            GuardMessage::RegisterCgroup(p) => format!("regcg {}\n", p.display()),
+            GuardMessage::UnregisterCgroup(p) => format!("unregcg {}\n", p.display()),
             GuardMessage::Pet(ms) => format!("pet {ms}\n"),
             GuardMessage::Bye => "bye\n".to_owned(),
         }
@@ -120,6 +140,8 @@ impl GuardMessage {
         match verb {
             "reg" => Ok(GuardMessage::Register(arg.parse().map_err(|_| bad())?)),
             "unreg" => Ok(GuardMessage::Unregister(arg.parse().map_err(|_| bad())?)),
+            "regcg" if arg.starts_with('/') => Ok(GuardMessage::RegisterCgroup(PathBuf::from(arg))),
+            "unregcg" if arg.starts_with('/') => Ok(GuardMessage::UnregisterCgroup(PathBuf::from(arg))),
             "pet" => Ok(GuardMessage::Pet(arg.parse().map_err(|_| bad())?)),
             "bye" if arg.is_empty() => Ok(GuardMessage::Bye),
             _ => Err(bad()),
@@ -137,6 +159,8 @@ pub enum GuardExit {
     AgentGone {
         /// Process groups that were killed at end of input.
         killed: Vec<i32>,
+        /// Cgroups that were registered then and were killed.
+        killed_cgroups: Vec<PathBuf>,
     },
 }
 
@@ -184,6 +208,22 @@ fn kill_groups(groups: &BTreeSet<i32>, why: &str, log: &mut dyn FnMut(&str)) -> 
     killed
 }
 
+/// Kills everything in each cgroup; a cgroup that no longer exists is not an error.
+fn kill_cgroups(cgroups: &BTreeSet<PathBuf>, why: &str, log: &mut dyn FnMut(&str)) -> Vec<PathBuf> {
+    let mut killed = Vec::new();
+    for path in cgroups {
+        match kill_path(path) {
+            Ok(KillMethod::Gone) => log(&format!("{why}: cgroup {} no longer exists", path.display())),
+            Ok(how) => {
+                log(&format!("{why}: cgroup {} killed ({how:?})", path.display()));
+                killed.push(path.clone());
+            }
+            Err(e) => log(&format!("{why}: cannot kill cgroup {}: {e}", path.display())),
+        }
+    }
+    killed
+}
+
 /// Runs the guard on `input` until the agent says `bye` or disappears. Blocking.
 ///
 /// The loop only ever blocks in `poll` with a timeout that ends at the current kill deadline, and
@@ -196,6 +236,7 @@ fn kill_groups(groups: &BTreeSet<i32>, why: &str, log: &mut dyn FnMut(&str)) -> 
 /// `log` receives one line per event worth an operator's attention.
 pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<GuardExit, GuardError> {
     let mut groups: BTreeSet<i32> = BTreeSet::new();
+    let mut cgroups: BTreeSet<PathBuf> = BTreeSet::new();
     let mut deadline: Option<u64> = None;
     let mut said_bye = false;
     let mut pending: Vec<u8> = Vec::with_capacity(256);
@@ -227,8 +268,10 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
                 if said_bye {
                     return Ok(GuardExit::Bye);
                 }
-                let killed = kill_groups(&groups, "agent gone (pipe closed without bye)", log);
-                return Ok(GuardExit::AgentGone { killed });
+                let why = "agent gone (pipe closed without bye)";
+                let killed = kill_groups(&groups, why, log);
+                let killed_cgroups = kill_cgroups(&cgroups, why, log);
+                return Ok(GuardExit::AgentGone { killed, killed_cgroups });
             } else {
                 pending.extend_from_slice(&buf[..n as usize]);
                 while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
@@ -241,6 +284,18 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
                         Ok(GuardMessage::Unregister(pgid)) => {
                             groups.remove(&pgid);
                         }
+                        Ok(GuardMessage::RegisterCgroup(path)) => match check_registrable(&path) {
+                            Ok(clean) => {
+                                cgroups.insert(clean);
+                            }
+                            // Refused, not fenced: the agent checked it too, so this is a race with
+                            // a removal or a misconfiguration, and the agent still runs.
+                            Err(e) => log(&format!("refusing to guard a cgroup: {e}")),
+                        },
+                        Ok(GuardMessage::UnregisterCgroup(path)) => {
+                            let clean: PathBuf = path.components().collect();
+                            cgroups.remove(&clean);
+                        }
                         Ok(GuardMessage::Pet(ms)) => deadline = Some(ms),
                         Ok(GuardMessage::Bye) => {
                             said_bye = true;
@@ -250,7 +305,9 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
                         Err(e) => {
                             log(&e.to_string());
                             kill_groups(&groups, "protocol error", log);
+                            kill_cgroups(&cgroups, "protocol error", log);
                             groups.clear();
+                            cgroups.clear();
                             deadline = None;
                         }
                     }
@@ -258,7 +315,9 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
                 if pending.len() > 4096 {
                     log("over-long line on the guard pipe; fencing");
                     kill_groups(&groups, "protocol error", log);
+                    kill_cgroups(&cgroups, "protocol error", log);
                     groups.clear();
+                    cgroups.clear();
                     pending.clear();
                 }
             }
@@ -267,8 +326,11 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
             let now = monotonic_ms();
             if now >= d {
                 let late = now - d;
-                kill_groups(&groups, &format!("kill deadline passed {late} ms ago without a newer pet"), log);
+                let why = format!("kill deadline passed {late} ms ago without a newer pet");
+                kill_groups(&groups, &why, log);
+                kill_cgroups(&cgroups, &why, log);
                 groups.clear();
+                cgroups.clear();
                 deadline = None;
             }
         }
@@ -395,6 +457,20 @@ impl GuardHandle {
         self.send(GuardMessage::Unregister(pgid))
     }
 
+    /// Asks the guard to kill everything in cgroup `path` (a cgroup v2 directory, e.g. a
+    /// [`crate::cgroup::Cgroup`]) when fencing. Refused unless the path is absolute, strictly below
+    /// a cgroup2 mount, exists, and does not contain the guard (checked here; the guard checks again).
+    pub fn register_cgroup(&mut self, path: &Path) -> Result<(), GuardError> {
+        let clean = check_registrable(path).map_err(GuardError::BadCgroup)?;
+        self.send(GuardMessage::RegisterCgroup(clean))
+    }
+
+    /// Stops guarding cgroup `path`. Send it before removing the cgroup.
+    pub fn unregister_cgroup(&mut self, path: &Path) -> Result<(), GuardError> {
+        let clean = check_path(path).map_err(GuardError::BadCgroup)?;
+        self.send(GuardMessage::UnregisterCgroup(clean))
+    }
+
     /// Sets the kill deadline to `deadline` on the lease clock ([`monotonic_now`]).
     pub fn pet(&mut self, deadline: Millis) -> Result<(), GuardError> {
         self.send(GuardMessage::Pet(deadline.0))
@@ -442,6 +518,7 @@ pub fn parse_script(mut r: impl Read) -> Result<Vec<GuardMessage>, GuardError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cgroup::Cgroup;
     use std::os::unix::process::CommandExt;
     use std::time::Instant;
 
@@ -486,16 +563,70 @@ mod tests {
     #[allow(clippy::zombie_processes)]
     fn agent_main() -> ! {
         let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
-        let victim = spawn_victim();
-        guard.register(victim.id() as i32).unwrap();
-        guard.pet(monotonic_now() + 1000).unwrap();
         let out = std::env::var("TANDEM_GUARD_TEST_OUT").unwrap();
-        std::fs::write(format!("{out}.tmp"), format!("victim {} guard {}\n", victim.id(), guard.pid())).unwrap();
+        // With a cgroup: the victim is a setsid() daemon in it, guarded through the cgroup only.
+        let victim = match std::env::var_os(CGROUP_ENV) {
+            Some(path) => {
+                let cg = Cgroup::open(Path::new(&path)).unwrap();
+                let daemon = spawn_daemon_in(&cg, Path::new(&format!("{out}.pid")));
+                guard.register_cgroup(cg.path()).unwrap();
+                daemon
+            }
+            None => {
+                let victim = spawn_victim();
+                guard.register(victim.id() as i32).unwrap();
+                victim.id()
+            }
+        };
+        guard.pet(monotonic_now() + 1000).unwrap();
+        std::fs::write(format!("{out}.tmp"), format!("victim {} guard {}\n", victim, guard.pid())).unwrap();
         std::fs::rename(format!("{out}.tmp"), &out).unwrap();
         loop {
             std::thread::sleep(Duration::from_millis(100));
             guard.pet(monotonic_now() + 1000).unwrap();
         }
+    }
+
+    /// Tells the agent helper to guard a setsid() daemon through this cgroup.
+    const CGROUP_ENV: &str = "TANDEM_GUARD_TEST_CGROUP";
+
+    /// A fresh child cgroup of the cgroup2 mount for one test.
+    fn test_cgroup(tag: &str) -> Cgroup {
+        let mount = crate::cgroup::cgroup2_mount().expect("the test machines mount cgroup2");
+        Cgroup::create(&mount, &format!("tandem-test-{tag}-{}-{}", std::process::id(), monotonic_ms())).unwrap()
+    }
+
+    /// Starts, inside `cg`, a shell that double-forks a `sleep` through `setsid` (a daemon in a
+    /// session and process group of its own, reparented away from us) and returns its pid.
+    fn spawn_daemon_in(cg: &Cgroup, pidfile: &Path) -> u32 {
+        let _ = std::fs::remove_file(pidfile);
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"setsid sh -c "sleep 600 & echo \$! > '$0.tmp' && mv '$0.tmp' '$0'" &"#])
+            .arg(pidfile)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        cg.enter_in_child(&mut cmd);
+        let mut sh = cmd.spawn().expect("spawn sh");
+        sh.wait().unwrap();
+        let start = Instant::now();
+        let pid: u32 = loop {
+            if let Ok(t) = std::fs::read_to_string(pidfile)
+                && let Ok(p) = t.trim().parse()
+            {
+                break p;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "the daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = std::fs::remove_file(pidfile);
+        // It really escaped: a session of its own, so a process-group kill would miss it.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let (pgrp, session): (i32, i32) = (fields[2].parse().unwrap(), fields[3].parse().unwrap());
+        assert_ne!(session, nix::unistd::getsid(None).unwrap().as_raw(), "daemon still in our session");
+        assert_ne!(pgrp, nix::unistd::getpgrp().as_raw());
+        assert!(cg.pids().unwrap().contains(&(pid as i32)), "daemon not in the cgroup");
+        pid
     }
 
     /// True once `pid` no longer runs: gone, or a zombie waiting to be reaped by someone else.
@@ -541,6 +672,100 @@ mod tests {
         }
         let script = parse_script(&b"reg 5\npet 10\nbye\n"[..]).unwrap();
         assert_eq!(script, vec![GuardMessage::Register(5), GuardMessage::Pet(10), GuardMessage::Bye]);
+    }
+
+    #[test]
+    fn cgroup_messages_round_trip_and_bad_cgroups_are_refused() {
+        for m in
+            [GuardMessage::RegisterCgroup("/sys/fs/cgroup/a b/c".into()), GuardMessage::UnregisterCgroup("/x".into())]
+        {
+            assert_eq!(GuardMessage::parse(m.encode().trim_end().as_bytes()).unwrap(), m);
+        }
+        for bad in ["regcg", "regcg relative/path", "unregcg "] {
+            assert!(GuardMessage::parse(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        let mount = crate::cgroup::cgroup2_mount().unwrap();
+        for bad in [PathBuf::from("/tmp"), mount.clone(), mount.join("tandem-missing")] {
+            let e = guard.register_cgroup(&bad).unwrap_err();
+            assert!(matches!(e, GuardError::BadCgroup(_)), "{bad:?}: {e}");
+        }
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+    }
+
+    #[test]
+    fn kills_a_setsid_daemon_in_a_registered_cgroup_at_the_deadline() {
+        let cg = test_cgroup("deadline");
+        let pidfile = std::env::temp_dir().join(format!("tandem-daemon-{}-a", std::process::id()));
+        let daemon = spawn_daemon_in(&cg, &pidfile);
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        guard.register_cgroup(cg.path()).unwrap();
+        let deadline = monotonic_now() + 300;
+        guard.pet(deadline).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!process_gone(daemon), "killed before the deadline");
+        wait_gone(daemon, Duration::from_secs(10)).expect("daemon survived the deadline");
+        assert!(monotonic_now() >= deadline, "killed before the deadline");
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+        cg.remove(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn unregistered_cgroup_is_spared_and_dropping_the_handle_kills_registered_ones() {
+        let (keep, doomed) = (test_cgroup("keep"), test_cgroup("doomed"));
+        let dir = std::env::temp_dir();
+        let kept = spawn_daemon_in(&keep, &dir.join(format!("tandem-daemon-{}-k", std::process::id())));
+        let victim = spawn_daemon_in(&doomed, &dir.join(format!("tandem-daemon-{}-d", std::process::id())));
+        let mut guard = GuardHandle::spawn(self_command("guard")).unwrap();
+        guard.register_cgroup(keep.path()).unwrap();
+        guard.register_cgroup(doomed.path()).unwrap();
+        guard.unregister_cgroup(keep.path()).unwrap();
+        guard.pet(monotonic_now() + 600_000).unwrap();
+        drop(guard); // the agent dies without bye
+        wait_gone(victim, Duration::from_secs(10)).expect("daemon survived the agent's exit");
+        assert!(!process_gone(kept), "unregistered cgroup was killed");
+        assert_eq!(keep.kill().unwrap(), crate::cgroup::KillMethod::CgroupKill);
+        wait_gone(kept, Duration::from_secs(10)).expect("cgroup.kill did not kill");
+        keep.remove(Duration::from_secs(10)).unwrap();
+        doomed.remove(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn fallback_kill_signals_every_pid_until_the_cgroup_is_empty() {
+        let cg = test_cgroup("fallback");
+        let sub = Cgroup::create(cg.path(), "child").unwrap();
+        let dir = std::env::temp_dir();
+        let a = spawn_daemon_in(&cg, &dir.join(format!("tandem-daemon-{}-f1", std::process::id())));
+        let b = spawn_daemon_in(&sub, &dir.join(format!("tandem-daemon-{}-f2", std::process::id())));
+        assert_eq!(cg.pids().unwrap().len(), 2, "descendant cgroups are included");
+        match cg.kill_by_signals().unwrap() {
+            crate::cgroup::KillMethod::Signals { rounds } => assert!(rounds >= 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(cg.pids().unwrap().is_empty());
+        wait_gone(a, Duration::from_secs(10)).unwrap();
+        wait_gone(b, Duration::from_secs(10)).unwrap();
+        // Thawed again: a new process in it runs.
+        let c = spawn_daemon_in(&cg, &dir.join(format!("tandem-daemon-{}-f3", std::process::id())));
+        assert_eq!(cg.kill().unwrap(), crate::cgroup::KillMethod::CgroupKill);
+        wait_gone(c, Duration::from_secs(10)).unwrap();
+        cg.remove(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn kills_the_cgroup_when_the_agent_is_sigstopped_or_sigkilled() {
+        for stop in [Signal::SIGSTOP, Signal::SIGKILL] {
+            let cg = test_cgroup("agent");
+            let (mut agent, victim, guard) = start_agent_with(Some(cg.path()));
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!process_gone(victim), "victim died while the agent was healthy");
+            kill(Pid::from_raw(agent.id() as i32), stop).unwrap();
+            wait_gone(victim, Duration::from_secs(10)).unwrap_or_else(|| panic!("daemon survived {stop:?}"));
+            kill(Pid::from_raw(agent.id() as i32), Signal::SIGKILL).unwrap();
+            agent.wait().unwrap();
+            wait_gone(guard, Duration::from_secs(10)).expect("guard did not exit after the agent died");
+            cg.remove(Duration::from_secs(10)).unwrap();
+        }
     }
 
     #[test]
@@ -604,8 +829,15 @@ mod tests {
 
     /// Starts the agent helper and reads the victim's and guard's pids from the file it writes.
     fn start_agent() -> (Child, u32, u32) {
+        start_agent_with(None)
+    }
+
+    fn start_agent_with(cgroup: Option<&Path>) -> (Child, u32, u32) {
         let dir = std::env::temp_dir().join(format!("tandem-guard-test-{}-{}", std::process::id(), monotonic_ms()));
         let mut cmd = self_command("agent");
+        if let Some(cg) = cgroup {
+            cmd.env(CGROUP_ENV, cg);
+        }
         cmd.env("TANDEM_GUARD_TEST_OUT", &dir).stdout(Stdio::null()).stdin(Stdio::null());
         let mut agent = cmd.spawn().unwrap();
         let start = Instant::now();

@@ -17,10 +17,10 @@ use crate::clock::{Millis, monotonic_now};
 use crate::config::Timeouts;
 use crate::disk::LeaseDisk;
 use crate::engine::{
-    AcquireOp, HostState, Input, IoCompletion, IoRequest, JoinOp, LeaveOp, OpError, Operation, ReleaseOp, RenewOp,
-    Step, Token,
+    AcquireOp, Acquired, HostObservation, HostState, Input, IoCompletion, IoRequest, JoinOp, LeaveOp, Liveness,
+    ObserveHostsOp, OpError, Operation, ReleaseOp, RenewOp, SetValueOp, Step, Token,
 };
-use crate::format::{Header, HostId};
+use crate::format::{Header, HostId, LeaderState};
 use crate::lockspace::{Lockspace, LockspaceError};
 
 /// Errors of a host's lease operations.
@@ -124,6 +124,66 @@ fn lock(state: &Mutex<HostState>) -> MutexGuard<'_, HostState> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A resource as seen by [`HostLease::observe_resource`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceObservation {
+    /// Resource name.
+    pub name: String,
+    /// Latest committed fencing token (held or released); `None` if the
+    /// resource was never acquired.
+    pub last_token: Option<Token>,
+    /// The holder, if the leader record says the resource is held.
+    pub holder: Option<HolderObservation>,
+    /// The value block (`Ok(None)`: never written), or why no copy is readable.
+    pub value: Result<Option<ObservedValue>, String>,
+}
+
+impl ResourceObservation {
+    /// The value block's bytes, if written and readable.
+    pub fn value_bytes(&self) -> Option<&[u8]> {
+        self.value.as_ref().ok()?.as_ref().map(|v| v.data.as_slice())
+    }
+}
+
+/// The holder of a resource and how this observer judges its host lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HolderObservation {
+    /// The holder's host id.
+    pub host_id: HostId,
+    /// Its fencing token.
+    pub token: Token,
+    /// Generation of its host lease when it acquired.
+    pub generation: u64,
+    /// `Dead` if its host lease is dead by this observer's rule (slot
+    /// unchanged for `T`, or a new generation / a free slot there): the
+    /// holder has fenced itself and the resource may be taken over.
+    pub liveness: Liveness,
+    /// Last observed change of its slot (this host's clock).
+    pub last_change: Millis,
+    /// When it is judged dead if its slot stays unchanged.
+    pub dead_at: Millis,
+}
+
+impl HolderObservation {
+    /// Whether the holder's host lease is judged dead (the resource may be taken over).
+    pub fn is_dead(&self) -> bool {
+        self.liveness != Liveness::Alive
+    }
+}
+
+/// A value block as observed: the bytes, and which holder wrote them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedValue {
+    /// The value.
+    pub data: Vec<u8>,
+    /// Token under which it was written.
+    pub token: Token,
+    /// Host id of the writer.
+    pub writer: HostId,
+    /// Write sequence of the slot.
+    pub seq: u64,
+}
+
 /// A host's membership of a lockspace (its delta lease) and the resource
 /// leases it holds.
 ///
@@ -194,14 +254,22 @@ impl HostLease {
         Ok(())
     }
 
-    /// Acquires resource `name` and returns its fencing token.
+    /// Acquires resource `name` and returns its fencing token (see
+    /// [`HostLease::acquire_with_value`], which also returns the value block).
+    pub fn acquire(&self, name: &str, wait: Option<Duration>) -> Result<Token, AcquireError> {
+        self.acquire_with_value(name, wait).map(|a| a.token)
+    }
+
+    /// Acquires resource `name` and returns its fencing token and the value
+    /// block found in the lease: the last value any holder set (also one
+    /// that crashed without releasing), `None` if none ever did.
     ///
     /// `wait: None` tries once: [`OpError::Busy`] if a possibly live host
     /// holds it (a holder that died is only recognised after its slot was
     /// observed unchanged for `T`; observations persist between calls).
     /// `wait: Some(d)` retries until acquired or `d` has passed
     /// ([`LeaseError::WaitTimeout`]).
-    pub fn acquire(&self, name: &str, wait: Option<Duration>) -> Result<Token, AcquireError> {
+    pub fn acquire_with_value(&self, name: &str, wait: Option<Duration>) -> Result<Acquired, AcquireError> {
         let start = monotonic_now();
         let deadline = wait.map(|d| start + d.as_millis() as u64);
         let poll = self.timeouts().poll_interval_ms();
@@ -212,7 +280,7 @@ impl HostLease {
                 drive(&*self.disk, &self.state, &mut AcquireOp::new(name))
             };
             let err = match res {
-                Ok(token) => return Ok(token),
+                Ok(acquired) => return Ok(acquired),
                 Err(e) => e,
             };
             let now = monotonic_now();
@@ -250,6 +318,84 @@ impl HostLease {
     pub fn release(&self, name: &str) -> Result<(), LeaseError> {
         let _one_at_a_time = self.resource_op.lock().unwrap_or_else(|p| p.into_inner());
         Ok(drive(&*self.disk, &self.state, &mut ReleaseOp::new(name))?)
+    }
+
+    /// Sets the value block of held resource `name` (at most
+    /// [`crate::format::MAX_VALUE_LEN`] bytes). Only a valid holder writes:
+    /// `NotHeld`, `Lost`, or `Superseded` (a later holder's records found in
+    /// the slot; the host lease is then dropped) otherwise, and nothing is
+    /// written. On `Ok` the value is on disk and every later acquirer and
+    /// observer sees it until the next successful `set_value`. On an I/O
+    /// error either the old or the new value is there.
+    pub fn set_value(&self, name: &str, value: &[u8]) -> Result<(), LeaseError> {
+        let _one_at_a_time = self.resource_op.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(drive(&*self.disk, &self.state, &mut SetValueOp::new(name, value))?)
+    }
+
+    /// Sets the value block of `name`, then releases it (the value is on
+    /// disk before the release). If setting the value fails the lease is
+    /// kept (unless it was lost): retry, or [`HostLease::release`] without it.
+    pub fn release_with_value(&self, name: &str, value: &[u8]) -> Result<(), LeaseError> {
+        let _one_at_a_time = self.resource_op.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(drive(&*self.disk, &self.state, &mut SetValueOp::new(name, value).then_release())?)
+    }
+
+    /// Reads every host slot and judges each host id Free, Alive or Dead on
+    /// this host's clock, with the same rule and the same observation
+    /// memory that acquisition uses: a host is dead once its slot stayed
+    /// unchanged for `T` since this host first read its current content.
+    /// Call it regularly (e.g. every `R`): a host is never judged dead
+    /// sooner than `T` after the first call that saw its slot.
+    pub fn observe_hosts(&self) -> Result<Vec<HostObservation>, LeaseError> {
+        Ok(drive(&*self.disk, &self.state, &mut ObserveHostsOp::new())?)
+    }
+
+    /// Who holds resource `name`, whether that holder's host lease is dead
+    /// by this host's observations (updated by this call, see
+    /// [`HostLease::observe_hosts`]), and the resource's value block.
+    /// Reading takes nothing: any member may observe a resource it does not hold.
+    pub fn observe_resource(&self, name: &str) -> Result<ResourceObservation, LeaseError> {
+        let cluster_id = self.header().cluster_id;
+        let dump = Lockspace::inspect(&*self.disk, &cluster_id, name)?;
+        let hosts = self.observe_hosts()?;
+        let Some(dump) = dump else {
+            return Ok(ResourceObservation { name: name.to_string(), last_token: None, holder: None, value: Ok(None) });
+        };
+        let value = dump
+            .value
+            .clone()
+            .map(|v| v.map(|r| ObservedValue { data: r.data, token: Token(r.lver), writer: r.owner, seq: r.seq }));
+        let leader = match &dump.leader {
+            Ok(l) => l,
+            Err(e) => {
+                return Err(LeaseError::Op(OpError::Io {
+                    what: format!("leader record of resource {name:?}"),
+                    detail: format!("unreadable ({e}); an acquisition in progress repairs it, observe again"),
+                }));
+            }
+        };
+        let last_token = (leader.lver > 0).then_some(Token(leader.lver));
+        let holder = (leader.state == LeaderState::Held).then(|| {
+            let owner = leader.value.owner;
+            let seen = hosts.iter().find(|o| o.host_id == owner);
+            // A new generation or a cleanly left slot means the holder's incarnation is gone.
+            let gone =
+                seen.is_some_and(|o| o.liveness == Liveness::Free || o.generation != Some(leader.value.generation));
+            let liveness = match seen {
+                _ if gone => Liveness::Dead,
+                Some(o) => o.liveness,
+                None => Liveness::Alive,
+            };
+            HolderObservation {
+                host_id: owner,
+                token: Token(leader.lver),
+                generation: leader.value.generation,
+                liveness,
+                last_change: seen.map_or(Millis(0), |o| o.last_change),
+                dead_at: seen.map_or(Millis(0), |o| o.dead_at),
+            }
+        });
+        Ok(ResourceObservation { name: name.to_string(), last_token, holder, value })
     }
 
     /// Leaves the lockspace: forgets all resource leases and frees the host
@@ -304,5 +450,50 @@ impl HostLease {
     /// Why the lease was lost, if it was.
     pub fn lost_reason(&self) -> Option<String> {
         lock(&self.state).lost_reason().map(str::to_string)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::MemDisk;
+    use crate::lockspace::AreaParams;
+
+    /// A holder that (against the timing rules, via a test-only switch) still believes its
+    /// lease valid after another host took the resource over is stopped by the read before
+    /// the value write: it gets `Superseded`, drops its host lease, and the newer value stays.
+    #[test]
+    fn superseded_holder_is_refused_by_the_read_before_the_write() {
+        let disk: Arc<dyn LeaseDisk> = Arc::new(MemDisk::new(0, 512));
+        let params = AreaParams {
+            host_slots: 2,
+            resource_slots: 2,
+            timeouts: Timeouts::from_renewal_ms(100),
+            ..AreaParams::new("t")
+        };
+        Lockspace::init(&*disk, &params, false).unwrap();
+        let a = HostLease::join(disk.clone(), "t", 1).unwrap();
+        let old = a.acquire("db", None).unwrap();
+        a.set_value("db", b"old").unwrap();
+        lock(&a.state).unsafe_ignore_fence_deadline = true;
+        // b renews while waiting for a to be judged dead (a never renews).
+        let b = Arc::new(HostLease::join(disk.clone(), "t", 2).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let (b, stop) = (b.clone(), stop.clone());
+            std::thread::spawn(move || b.renewal_loop(&stop, |_| {}))
+        };
+        let got = b.acquire_with_value("db", Some(Duration::from_secs(10))).unwrap();
+        assert!(got.token > old);
+        assert_eq!(got.value.as_deref(), Some(&b"old"[..]));
+        b.set_value("db", b"new").unwrap();
+        assert!(a.holds("db").is_some(), "the test switch keeps a's stale belief");
+        let err = a.set_value("db", b"stale").unwrap_err();
+        assert!(matches!(&err, LeaseError::Op(OpError::Superseded { token, .. }) if *token == old), "{err}");
+        assert!(a.lost_reason().is_some() && a.holds("db").is_none(), "the host lease is dropped");
+        let dump = Lockspace::inspect(&*disk, "t", "db").unwrap().unwrap();
+        assert_eq!(dump.value_bytes(), Some(&b"new"[..]));
+        stop.store(true, Ordering::Relaxed);
+        renewer.join().unwrap().unwrap();
     }
 }

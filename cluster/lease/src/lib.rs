@@ -9,9 +9,12 @@
 //! * [`engine`]: the protocol as sans-I/O state machines (no clock, no I/O).
 //! * [`lockspace`]: init / open / dump / inspect of an area.
 //! * [`host`]: the blocking API, [`HostLease`].
+//! * [`fence`], [`guard`], [`cgroup`]: self-fencing (escalation plan, the
+//!   guard process, cgroup v2 helpers).
 //!
 //! Algorithms, timing and limits are described in docs/leases.md.
 
+pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod disk;
@@ -27,7 +30,7 @@ mod sim;
 pub use clock::{Millis, monotonic_now};
 pub use config::{ConfigError, Timeouts};
 pub use disk::{DiskError, FileDisk, IoMode, LeaseDisk, MemDisk};
-pub use engine::{OpError, Token};
-pub use format::{FormatError, Header, HostId};
-pub use host::{AcquireError, HostLease, LeaseError};
+pub use engine::{Acquired, HostObservation, Liveness, OpError, Token};
+pub use format::{FormatError, Header, HostId, MAX_VALUE_LEN};
+pub use host::{AcquireError, HolderObservation, HostLease, LeaseError, ObservedValue, ResourceObservation};
 pub use lockspace::{AreaDump, AreaParams, HostSlotDump, Lockspace, LockspaceError, ResourceDump};

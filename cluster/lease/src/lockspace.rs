@@ -5,10 +5,10 @@ use thiserror::Error;
 
 use crate::config::Timeouts;
 use crate::disk::{DiskError, LeaseDisk};
-use crate::engine::Token;
+use crate::engine::{Token, read_value_copies};
 use crate::format::{
     BallotRecord, DeltaRecord, FormatError, HEADER_MAGIC, Header, HostId, Layout, LeaderRecord, LeaderState,
-    RECORD_LEN, check_name, to_sector,
+    RECORD_LEN, VALUE_COPIES, ValueRecord, check_name, to_sector,
 };
 
 /// Errors of initialising, opening and inspecting a lease area.
@@ -126,6 +126,12 @@ pub struct ResourceDump {
     pub max_ballot_lver: u64,
     /// Ballot blocks that could not be decoded, by host id.
     pub bad_ballots: Vec<(HostId, String)>,
+    /// The newest value block (`Ok(None)`: never written), or why no copy
+    /// could be read.
+    pub value: Result<Option<ValueRecord>, String>,
+    /// Value copies that could not be decoded, by copy index (one bad copy
+    /// is normal after a torn write; the other holds the value).
+    pub bad_values: Vec<(u32, String)>,
 }
 
 impl ResourceDump {
@@ -144,6 +150,11 @@ impl ResourceDump {
             Ok(l) if l.state == LeaderState::Held => Some((l.value.owner, Token(l.lver))),
             _ => None,
         }
+    }
+
+    /// The value block's bytes, if one was written and is readable.
+    pub fn value_bytes(&self) -> Option<&[u8]> {
+        self.value.as_ref().ok()?.as_ref().map(|v| v.data.as_slice())
     }
 }
 
@@ -200,6 +211,11 @@ impl Lockspace {
             let mut area = to_sector(&LeaderRecord::unclaimed(header.area_id, slot).encode(), s);
             for h in 1..=layout.host_slots {
                 area.extend(to_sector(&BallotRecord::empty(header.area_id, slot, h).encode(), s));
+            }
+            for copy in 0..VALUE_COPIES {
+                let v =
+                    ValueRecord::unwritten(header.area_id, slot, copy).encode().map_err(LockspaceError::BadParams)?;
+                area.extend(to_sector(&v, s));
             }
             disk.write_at(layout.leader_offset(slot), &area)?;
         }
@@ -328,5 +344,18 @@ fn read_resource(disk: &dyn LeaseDisk, header: &Header, slot: u32) -> Result<Res
             Err(e) => bad_ballots.push((h, e.to_string())),
         }
     }
-    Ok(ResourceDump { slot, leader, max_ballot_lver, bad_ballots })
+    let values = &buf[(1 + layout.host_slots as usize) * s..];
+    let (value, bad_values) = match read_value_copies(header, slot, values) {
+        Ok(c) => (Ok(c.newest), c.bad.into_iter().map(|(i, e)| (i, e.to_string())).collect()),
+        Err(e) => (
+            Err(format!("no readable copy: {e}")),
+            (0..VALUE_COPIES)
+                .filter_map(|i| {
+                    let b = &values[i as usize * s..(i as usize + 1) * s];
+                    ValueRecord::decode(b).err().map(|e| (i, e.to_string()))
+                })
+                .collect(),
+        ),
+    };
+    Ok(ResourceDump { slot, leader, max_ballot_lver, bad_ballots, value, bad_values })
 }

@@ -11,6 +11,13 @@
 //! (`HostState::holds`), which resources it believes it holds, and fails if
 //! two hosts believe they hold one resource at the same instant, or if a
 //! fencing token is not larger than every earlier one of its resource.
+//!
+//! Holders also set value blocks (alone, or with the release). The checker
+//! tracks, per resource, the last value whose write succeeded and the values
+//! written since whose outcome is unknown (failed, torn, or cut short by a
+//! crash); every acquisition must return one of those, written under an
+//! earlier token: a value is never lost, never rolled back to an older one,
+//! and a stale holder's write never shows up.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -21,9 +28,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::clock::Millis;
 use crate::config::Timeouts;
 use crate::engine::{
-    AcquireOp, HostState, Input, IoCompletion, IoRequest, JoinOp, OpError, Operation, ReleaseOp, RenewOp, Step,
+    AcquireOp, Acquired, HostState, Input, IoCompletion, IoRequest, JoinOp, OpError, Operation, ReleaseOp, RenewOp,
+    SetValueOp, Step,
 };
-use crate::format::{BallotRecord, DeltaRecord, Header, LeaderRecord, to_sector};
+use crate::format::{BallotRecord, DeltaRecord, Header, LeaderRecord, VALUE_COPIES, ValueRecord, to_sector};
 
 /// Fault rates and shape of one simulation.
 #[derive(Clone, Debug)]
@@ -124,6 +132,19 @@ pub(crate) struct SimStats {
     pub busy: u64,
     pub contended: u64,
     pub events: u64,
+    /// Value writes that succeeded.
+    pub values_set: u64,
+    /// Acquisitions that found a value written by an earlier holder.
+    pub values_carried: u64,
+}
+
+/// What the checker knows about a resource's value block.
+#[derive(Debug, Default, Clone)]
+struct ValueTrack {
+    /// The last value whose write succeeded (`None`: none yet).
+    committed: Option<Vec<u8>>,
+    /// Values written since whose outcome is unknown.
+    pending: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -191,6 +212,7 @@ enum WorkerOp {
     Join(JoinOp),
     Acquire(Box<AcquireOp>, String),
     Release(ReleaseOp),
+    SetValue(SetValueOp, String, Vec<u8>),
 }
 
 #[derive(Debug)]
@@ -237,6 +259,8 @@ pub(crate) struct Sim {
     header: Header,
     hosts: Vec<SimHost>,
     last_token: BTreeMap<String, u64>,
+    values: BTreeMap<String, ValueTrack>,
+    value_counter: u64,
     log: VecDeque<String>,
     stats: SimStats,
     crashed_holder_at: HashMap<String, u64>,
@@ -272,6 +296,10 @@ impl Sim {
             for h in 1..=cfg.hosts {
                 put(layout.ballot_offset(s, h), to_sector(&BallotRecord::empty(header.area_id, s, h).encode(), 512));
             }
+            for c in 0..VALUE_COPIES {
+                let v = ValueRecord::unwritten(header.area_id, s, c).encode().expect("empty value");
+                put(layout.value_offset(s, c), to_sector(&v, 512));
+            }
         }
         let hosts = (0..cfg.hosts)
             .map(|_| SimHost {
@@ -300,6 +328,8 @@ impl Sim {
             header,
             hosts,
             last_token: BTreeMap::new(),
+            values: BTreeMap::new(),
+            value_counter: 0,
             log: VecDeque::new(),
             stats: SimStats::default(),
             crashed_holder_at: HashMap::new(),
@@ -622,6 +652,7 @@ impl Sim {
                     WorkerOp::Join(o) => map_step(o.resume(st, input, now), WorkerDone::Joined),
                     WorkerOp::Acquire(o, _) => map_step(o.resume(st, input, now), WorkerDone::Acquired),
                     WorkerOp::Release(o) => map_step(o.resume(st, input, now), WorkerDone::Released),
+                    WorkerOp::SetValue(o, _, _) => map_step(o.resume(st, input, now), WorkerDone::ValueSet),
                 };
                 match step {
                     Step::Io(req) => self.submit(host, thread, req),
@@ -671,7 +702,7 @@ impl Sim {
                     _ => unreachable!("acquire result from an acquire op"),
                 };
                 match res {
-                    Ok(token) => {
+                    Ok(Acquired { token, value, value_token }) => {
                         self.stats.acquired += 1;
                         if let Some(crashed) = self.crashed_holder_at.remove(&name) {
                             self.stats.takeovers_after_crash.push(self.t - crashed);
@@ -684,6 +715,23 @@ impl Sim {
                             )));
                         }
                         self.last_token.insert(name.clone(), token.0);
+                        let track = self.values.get(&name).cloned().unwrap_or_default();
+                        if value != track.committed && !value.as_ref().is_some_and(|v| track.pending.contains(v)) {
+                            return Err(self.violation(format!(
+                                "host {id} acquired {name:?} token {token} with value {:?}, expected {:?} or one of {:?}",
+                                value.as_deref().map(String::from_utf8_lossy),
+                                track.committed.as_deref().map(String::from_utf8_lossy),
+                                track.pending.iter().map(|v| String::from_utf8_lossy(v)).collect::<Vec<_>>()
+                            )));
+                        }
+                        if value_token.is_some_and(|vt| vt >= token) {
+                            return Err(self.violation(format!(
+                                "value of {name:?} written under token {value_token:?}, not below the new token {token}"
+                            )));
+                        }
+                        if value.is_some() {
+                            self.stats.values_carried += 1;
+                        }
                         self.hosts[host].want = None;
                         let d = self.rng.random_range(100..2000);
                         self.worker_tick_in(host, d);
@@ -708,6 +756,26 @@ impl Sim {
                         self.worker_tick_in(host, d);
                     }
                 }
+            }
+            WorkerDone::ValueSet(res) => {
+                let Some(WorkerOp::SetValue(_, name, value)) = op else {
+                    unreachable!("value result from a set-value op")
+                };
+                self.note(format!("host {id} set value of {name} to {:?}: {res:?}", String::from_utf8_lossy(&value)));
+                match res {
+                    Ok(()) => {
+                        self.stats.values_set += 1;
+                        let track = self.values.entry(name).or_default();
+                        track.committed = Some(value);
+                        track.pending.clear();
+                    }
+                    Err(OpError::Lost { .. } | OpError::NotJoined | OpError::Superseded { .. }) => {
+                        return self.rejoin(host);
+                    }
+                    Err(_) => {}
+                }
+                let d = self.rng.random_range(0..500);
+                self.worker_tick_in(host, d);
             }
             WorkerDone::Released(res) => {
                 self.note(format!("host {id} released: {res:?}"));
@@ -744,8 +812,22 @@ impl Sim {
             WorkerOp::Acquire(Box::new(AcquireOp::new(&name)), name)
         } else if !held.is_empty() && self.rng.random_bool(0.6) {
             let name = held[self.rng.random_range(0..held.len())].clone();
-            self.note(format!("host {} releasing {name}", host + 1));
-            WorkerOp::Release(ReleaseOp::new(&name))
+            match self.rng.random_range(0..3) {
+                0 => {
+                    self.note(format!("host {} releasing {name}", host + 1));
+                    WorkerOp::Release(ReleaseOp::new(&name))
+                }
+                k => {
+                    self.value_counter += 1;
+                    let token = st.held().get(&name).map_or(0, |h| h.token.0);
+                    let value = format!("{name}/host{}/token{token}/#{}", host + 1, self.value_counter).into_bytes();
+                    // From now on the write may land, whatever the outcome reported.
+                    self.values.entry(name.clone()).or_default().pending.push(value.clone());
+                    let op = SetValueOp::new(&name, &value);
+                    let op = if k == 1 { op.then_release() } else { op };
+                    WorkerOp::SetValue(op, name, value)
+                }
+            }
         } else {
             let free: Vec<_> = self.cfg.names.iter().filter(|n| !held.contains(n)).cloned().collect();
             if free.is_empty() {
@@ -765,8 +847,9 @@ impl Sim {
 #[derive(Debug)]
 enum WorkerDone {
     Joined(Result<u64, OpError>),
-    Acquired(Result<crate::engine::Token, OpError>),
+    Acquired(Result<Acquired, OpError>),
     Released(Result<(), OpError>),
+    ValueSet(Result<(), OpError>),
 }
 
 fn map_step<T>(s: Step<T>, f: impl FnOnce(T) -> WorkerDone) -> Step<WorkerDone> {
@@ -810,6 +893,8 @@ mod tests {
                     total.busy += s.busy;
                     total.contended += s.contended;
                     total.events += s.events;
+                    total.values_set += s.values_set;
+                    total.values_carried += s.values_carried;
                 }
                 Err(v) => panic!(
                     "{v}\nreproduce with: TANDEM_SIM_SEED={} TANDEM_SIM_SEEDS=1 cargo test -p tandem-lease simulation_never",
@@ -822,6 +907,7 @@ mod tests {
         assert!(total.acquired > 1000, "{total:?}");
         assert!(total.crashes > 100 && total.pauses > 100 && total.torn > 100 && total.lost > 10, "{total:?}");
         assert!(total.busy > 1000 && total.contended > 10, "{total:?}");
+        assert!(total.values_set > 1000 && total.values_carried > 1000, "{total:?}");
     }
 
     #[test]
