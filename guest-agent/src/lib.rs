@@ -6,3 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod resources;
+pub mod note;
+pub mod plan;
+pub mod agent;
+pub mod runtime;

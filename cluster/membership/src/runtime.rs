@@ -152,6 +152,31 @@ pub struct MembershipHandle {
     local: Vec<SocketAddr>,
 }
 
+/// Feeds lease-layer verdicts to a running membership service and reads its view; cheap to
+/// clone, usable from any thread. Inputs sent after the service stopped are dropped.
+#[derive(Debug, Clone)]
+pub struct MembershipController {
+    inputs: mpsc::UnboundedSender<Input>,
+    view: watch::Receiver<Snapshot>,
+}
+
+impl MembershipController {
+    /// Feeds the lease layer's verdict on `node`'s delta lease.
+    pub fn disk_liveness(&self, node: NodeId, alive: bool) {
+        let _ = self.inputs.send(Input::DiskLiveness { node, alive });
+    }
+
+    /// Feeds whether this node holds the disk tie-break lease.
+    pub fn tie_break(&self, won: bool) {
+        let _ = self.inputs.send(Input::TieBreak { won });
+    }
+
+    /// The core's state as last published.
+    pub fn view(&self) -> Snapshot {
+        self.view.borrow().clone()
+    }
+}
+
 impl MembershipHandle {
     /// Binds every link and starts heartbeating. Must run inside a tokio runtime.
     pub async fn start(config: RuntimeConfig) -> Result<Self, RuntimeError> {
@@ -235,6 +260,12 @@ impl MembershipHandle {
     /// Feeds whether this node holds the disk tie-break lease.
     pub fn tie_break(&self, won: bool) {
         let _ = self.inputs.send(Input::TieBreak { won });
+    }
+
+    /// A cloneable handle for the parts of an agent that feed the lease layer's
+    /// verdicts and read the view from other threads or tasks.
+    pub fn controller(&self) -> MembershipController {
+        MembershipController { inputs: self.inputs.clone(), view: self.view.clone() }
     }
 
     /// The core's state as last published.

@@ -95,6 +95,11 @@ impl ChildGuard {
         }
     }
 
+    /// The exit status if the child has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// The name given at spawn.
     pub fn name(&self) -> &str {
         &self.name

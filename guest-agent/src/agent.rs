@@ -1,0 +1,240 @@
+//! Starting an agent: from a checked configuration to a running engine task with every part
+//! attached (resources, lease service with its guard, membership, monitors, fencing).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_config::ClusterConfig;
+use tandem_engine::{Engine, Event, GroupId, NodeId, ResourceId};
+use tandem_membership::MembershipEvent;
+use tandem_membership::runtime::{MembershipHandle, RuntimeConfig};
+use tandem_monitors::SecretSource;
+
+use crate::plan::{Plan, PlanError};
+use crate::resources::{self, Resource, ResourceEnv};
+use crate::runtime::leases::{self, LeaseServiceConfig, MembershipHooks};
+use crate::runtime::{self, AgentEvent, AgentHandle, Driver, EventKind, Exit, Input, MonitorTable, Parts, ResourceTable};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration cannot run on this node.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A resource could not be set up.
+    #[error("group `{group}`, resource `{resource}`")]
+    Resource {
+        /// The group.
+        group: String,
+        /// The resource.
+        resource: String,
+        /// Why.
+        #[source]
+        source: resources::ResourceError,
+    },
+    /// The heartbeat key is missing or unreadable.
+    #[error(
+        "cannot read the cluster key: set [cluster].key_file to a file holding at least 16 random characters (the same on every node)"
+    )]
+    Key(#[source] Option<tandem_monitors::SecretError>),
+    /// The lease disk cannot be opened.
+    #[error("cannot open the lease device {0}")]
+    Disk(PathBuf, #[source] tandem_lease::DiskError),
+    /// A group's cgroup cannot be created.
+    #[error("cannot create the cgroup of group `{0}`")]
+    Cgroup(String, #[source] std::io::Error),
+    /// The lease service failed to start.
+    #[error(transparent)]
+    Lease(#[from] leases::LeaseServiceError),
+    /// Membership failed to start.
+    #[error("cannot start the heartbeat links")]
+    Membership(#[from] tandem_membership::runtime::RuntimeError),
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// This node's name in the configuration.
+    pub node: String,
+    /// The program that runs the fencing guard (`<this binary> guard`).
+    pub guard_program: PathBuf,
+    /// Arguments for it.
+    pub guard_args: Vec<String>,
+    /// Where group cgroups are created (a directory on a cgroup2 mount); `None` finds the
+    /// cgroup2 mount and uses `<mount>/tandem/<cluster>`. Without cgroup2, process groups
+    /// are the only kill handle (daemons that leave their process group can then escape).
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// A started agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// Talks to the running engine task.
+    pub handle: AgentHandle,
+    /// Ends with the reason the engine task stopped.
+    pub task: tokio::task::JoinHandle<Exit>,
+    /// The plan it runs.
+    pub plan: Arc<Plan>,
+}
+
+/// Starts an agent. Joining the lockspace takes a few seconds (it must prove no other node
+/// uses this node's host id).
+pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, AgentError> {
+    let plan = Arc::new(Plan::new(&config, &opts.node)?);
+    let lease_cfg = config.lease.clone().ok_or(PlanError::NoLease)?;
+    let key = match &config.cluster.key_file {
+        Some(f) => SecretSource::File(f.clone()).resolve().map_err(|e| AgentError::Key(Some(e)))?,
+        None => return Err(AgentError::Key(None)),
+    };
+
+    // One cgroup per group: every process a resource starts goes there, so the guard and
+    // forced stops can kill daemons that left their process group.
+    let cg_root = match &opts.cgroup_root {
+        Some(r) => Some(r.clone()),
+        None => tandem_lease::cgroup::cgroup2_mount().ok().map(|m| m.join("tandem").join(&config.cluster.name)),
+    };
+    let mut cgroups = BTreeMap::new();
+    if let Some(root) = &cg_root {
+        for g in &config.groups {
+            let dir = root.join(&g.name);
+            std::fs::create_dir_all(&dir).map_err(|e| AgentError::Cgroup(g.name.clone(), e))?;
+            cgroups.insert(GroupId(g.name.clone()), dir);
+        }
+    } else {
+        tracing::warn!(target: "tandem_guest", "no cgroup2 mount: self-fencing kills process groups only");
+    }
+
+    let mut built: Vec<(GroupId, ResourceId, Arc<dyn Resource>)> = Vec::new();
+    for g in &config.groups {
+        let gid = GroupId(g.name.clone());
+        let mut env = ResourceEnv::new(opts.node.clone());
+        if let Some(cg) = cgroups.get(&gid) {
+            env = env.with_cgroup(cg.clone());
+        }
+        for r in &g.resources {
+            let res = resources::build(&g.name, r, &env).map_err(|source| AgentError::Resource {
+                group: g.name.clone(),
+                resource: r.name.clone(),
+                source,
+            })?;
+            built.push((gid.clone(), ResourceId(r.name.clone()), Arc::from(res)));
+        }
+    }
+
+    let (handle, rx, tx) = runtime::channel();
+
+    let mut membership = MembershipHandle::start(RuntimeConfig {
+        membership: plan.membership.clone(),
+        cluster_name: config.cluster.name.clone(),
+        key,
+        incarnation: None,
+        ping_interval: Duration::from_secs(1),
+        ping_timeout: Duration::from_millis(500),
+    })
+    .await?;
+    let ctl = membership.controller();
+
+    let disk: Arc<dyn tandem_lease::LeaseDisk> = Arc::new(
+        tandem_lease::FileDisk::open(&lease_cfg.device).map_err(|e| AgentError::Disk(lease_cfg.device.clone(), e))?,
+    );
+    let mut guard = std::process::Command::new(&opts.guard_program);
+    guard.args(&opts.guard_args);
+    let lease_service = LeaseServiceConfig {
+        disk,
+        cluster: config.cluster.name.clone(),
+        me: plan.me,
+        groups: plan.model.groups.iter().map(|g| g.id.clone()).collect(),
+        nodes: plan.model.nodes.clone(),
+        guard,
+        cgroups: cgroups.values().cloned().collect(),
+    };
+    let hooks = {
+        let (c1, c2, c3) = (ctl.clone(), ctl.clone(), ctl.clone());
+        MembershipHooks {
+            disk_liveness: Box::new(move |n, alive| c1.disk_liveness(tandem_membership::NodeId(n.0), alive)),
+            tie_break_relevant: Box::new(move || c2.view().tie_break_relevant),
+            tie_break: Box::new(move |won| c3.tie_break(won)),
+        }
+    };
+    let lease_tx = tx.clone();
+    let leases = tokio::task::spawn_blocking(move || leases::start(lease_service, hooks, lease_tx))
+        .await
+        .expect("the lease service start does not panic")?;
+
+    // Membership events become engine events.
+    {
+        let tx = tx.clone();
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = membership.next_event().await {
+                let input = match ev {
+                    MembershipEvent::NodeJoined { node, .. } => Input::Engine(Event::NodeJoined(NodeId(node.0))),
+                    MembershipEvent::NodeLost { node } => Input::Engine(Event::NodeLost(NodeId(node.0))),
+                    MembershipEvent::QuorumLost => Input::Engine(Event::QuorumLost),
+                    MembershipEvent::QuorumRegained => Input::Engine(Event::QuorumRegained),
+                    other => Input::Publish(AgentEvent {
+                        at_ms: 0,
+                        group: None,
+                        resource: None,
+                        kind: EventKind::Membership,
+                        message: describe(&plan, &other),
+                    }),
+                };
+                if tx.send(input).is_err() {
+                    break;
+                }
+            }
+            membership.stop().await;
+        });
+    }
+
+    let builtin: BTreeMap<(GroupId, ResourceId), Arc<dyn Resource>> =
+        built.iter().map(|(g, r, res)| ((g.clone(), r.clone()), res.clone())).collect();
+    let monitors = MonitorTable::new(&config, builtin, tx.clone());
+    let valid = leases.clone();
+    let resources = ResourceTable::new(built, cgroups, Arc::new(move || valid.is_valid_now()));
+
+    let fencer = crate::fencing::FenceService::new(&config, &plan, tx.clone());
+    let peers_view = ctl.clone();
+    let parts = Parts {
+        plan: plan.clone(),
+        resources,
+        monitors,
+        leases,
+        fence: Box::new(move |node| fencer.request(node)),
+        forward: Box::new(|_, _| {}),
+        peers_up: Box::new(move || {
+            peers_view
+                .view()
+                .peers
+                .iter()
+                .filter(|p| p.status == tandem_membership::PeerStatus::Up)
+                .map(|p| NodeId(p.node.0))
+                .collect()
+        }),
+    };
+    let engine = Engine::new(plan.me, plan.model.clone()).map_err(PlanError::from)?;
+    let driver = Driver::new(engine, parts, &handle);
+    let task = tokio::spawn(driver.run(rx));
+    Ok(Agent { handle, task, plan })
+}
+
+fn describe(plan: &Plan, ev: &MembershipEvent) -> String {
+    match ev {
+        MembershipEvent::LinkUp { node, link } => {
+            format!("link {} to {} is up", plan.membership.links[*link], plan.name_of(NodeId(node.0)))
+        }
+        MembershipEvent::LinkDown { node, link } => {
+            format!("link {} to {} is down", plan.membership.links[*link], plan.name_of(NodeId(node.0)))
+        }
+        MembershipEvent::NodePartitioned { node } => format!(
+            "{} is silent on every link but its host lease is alive: its groups stay where they are",
+            plan.name_of(NodeId(node.0))
+        ),
+        MembershipEvent::SelfIsolated => "this node hears no peer: it considers itself isolated".into(),
+        MembershipEvent::SelfReconnected => "this node hears peers again".into(),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,157 @@
+//! `tandem-guest`: the guest agent.
+//!
+//! * `tandem-guest --config FILE [--node NAME]` runs the agent.
+//! * `tandem-guest validate --config FILE` checks a configuration and exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tandem_guest::agent::{self, AgentOptions};
+use tandem_guest::runtime::Exit;
+
+/// Exit status when the configuration is invalid.
+const EXIT_CONFIG: u8 = 78;
+/// Exit status after self-fencing (a stop failed too often).
+const EXIT_SELF_FENCED: u8 = 75;
+/// Exit status after the host lease was lost (groups were stopped).
+const EXIT_LEASE_LOST: u8 = 76;
+
+#[derive(Parser, Debug)]
+#[command(name = "tandem-guest", version, about = "Tandem's guest agent: failover groups with disk-fencing leases")]
+struct Cli {
+    /// The cluster configuration (TOML).
+    #[arg(long, short, global = true, env = "TANDEM_CONFIG", default_value = "/etc/tandem/tandem.toml")]
+    config: PathBuf,
+    /// This node's name in the configuration (default: the host name).
+    #[arg(long, env = "TANDEM_NODE")]
+    node: Option<String>,
+    /// Directory on a cgroup2 mount where group cgroups are created (default: found).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check the configuration: every problem with file:line:column and the field.
+    Validate {
+        /// Print the normalized configuration as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fencing guard (started by the agent itself).
+    #[command(hide = true)]
+    Guard,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Guard) => {
+            // The guard must not depend on anything the agent does: no runtime, no logging setup.
+            return match tandem_lease::guard::run_guard_on_stdin() {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tandem-guard: {e}");
+                    ExitCode::from(70)
+                }
+            };
+        }
+        Some(Cmd::Validate { json }) => return validate(&cli.config, json),
+        None => {}
+    }
+    init_logging(cli.log_json);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tandem-guest: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { b.json().init() } else { b.init() }
+}
+
+fn validate(path: &std::path::Path, json: bool) -> ExitCode {
+    match tandem_config::check(path) {
+        Ok(checked) => {
+            for w in &checked.warnings {
+                eprintln!("{w}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checked.config).expect("the configuration serialises"));
+            } else {
+                let c = &checked.config;
+                println!(
+                    "{}: ok: cluster `{}`, {} nodes, {} groups",
+                    path.display(),
+                    c.cluster.name,
+                    c.nodes.len(),
+                    c.groups.len()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = match tandem_config::load(&cli.config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let node = match cli.node {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .context("cannot read the host name; pass --node")?
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; pass --node"))?,
+    };
+    let opts = AgentOptions {
+        node,
+        guard_program: std::env::current_exe().context("cannot find this program's path for the guard")?,
+        guard_args: vec!["guard".into()],
+        cgroup_root: cli.cgroup_root,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    rt.block_on(async move {
+        let agent = agent::start(config, opts).await?;
+        let handle = agent.handle.clone();
+        let mut task = agent.task;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let exit = tokio::select! {
+            exit = &mut task => exit?,
+            _ = tokio::signal::ctrl_c() => { handle.shutdown().await; task.await? }
+            _ = term.recv() => { handle.shutdown().await; task.await? }
+        };
+        Ok(match exit {
+            Exit::Shutdown => ExitCode::SUCCESS,
+            Exit::SelfFenced(why) => {
+                tracing::error!("self-fenced: {why}");
+                ExitCode::from(EXIT_SELF_FENCED)
+            }
+            Exit::LeaseLost(why) => {
+                tracing::error!("host lease lost: {why}; every group was stopped");
+                ExitCode::from(EXIT_LEASE_LOST)
+            }
+        })
+    })
+}

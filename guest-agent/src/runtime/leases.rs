@@ -1,0 +1,323 @@
+//! The lease service: this node's host lease on the lease disk, its renewal and the fencing
+//! guard, the groups' resource leases, and the observations the engine and membership need
+//! (who holds each group, which peers' host leases are dead, the quorum tie-break).
+//!
+//! The lease library is blocking (every call is lease-disk I/O bounded by the I/O timeout),
+//! so the service runs on its own OS threads: renewal (never delayed by anything else),
+//! operations (acquire/release, in order), and observation (periodic reads).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+use std::time::Duration;
+
+use tandem_engine::{Event, GroupId, LeaseNote, LeaseToken, NodeId};
+use tandem_lease::fence::{FencePlan, FenceStep};
+use tandem_lease::guard::GuardHandle;
+use tandem_lease::{HostLease, LeaseDisk, LeaseError, Liveness, OpError, monotonic_now};
+use tokio::sync::mpsc;
+
+use super::{AgentEvent, EventKind, Input};
+use crate::note;
+use crate::plan::{QUORUM_LEASE, group_lease};
+
+/// Why the lease service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseServiceError {
+    /// Joining the lockspace failed.
+    #[error("cannot join the lockspace on the lease disk as host {host_id}")]
+    Join {
+        /// This node's host id.
+        host_id: u32,
+        /// Why.
+        #[source]
+        source: tandem_lease::LeaseError,
+    },
+    /// The timeouts on the disk do not allow a safe self-fencing plan.
+    #[error("the lease area's timeouts do not allow safe self-fencing")]
+    Plan(#[source] tandem_lease::fence::FenceError),
+    /// The fencing guard could not be started or told about a cgroup.
+    #[error("the fencing guard failed")]
+    Guard(#[source] tandem_lease::guard::GuardError),
+}
+
+enum Op {
+    Acquire(GroupId),
+    Release(GroupId, Vec<u8>),
+    Leave,
+}
+
+/// The engine task's side of the lease service.
+#[derive(Debug, Clone)]
+pub struct LeaseClient {
+    ops: std_mpsc::Sender<Op>,
+    lease: Arc<HostLease>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Acquire(g) => write!(f, "acquire {g}"),
+            Op::Release(g, _) => write!(f, "release {g}"),
+            Op::Leave => f.write_str("leave"),
+        }
+    }
+}
+
+impl LeaseClient {
+    pub(crate) fn acquire(&self, group: &GroupId) {
+        let _ = self.ops.send(Op::Acquire(group.clone()));
+    }
+
+    pub(crate) fn release(&self, group: &GroupId, note: &LeaseNote) {
+        let _ = self.ops.send(Op::Release(group.clone(), note::encode(note)));
+    }
+
+    /// Releases whatever is still held and leaves the lockspace (orderly shutdown).
+    pub(crate) fn leave(&self) {
+        let _ = self.ops.send(Op::Leave);
+    }
+
+    /// Stops renewing without releasing anything: peers take over once the host lease is
+    /// dead (self-fencing, after every resource was killed).
+    pub(crate) fn abandon(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the host lease is valid now, on a fresh clock reading.
+    pub(crate) fn is_valid_now(&self) -> bool {
+        self.lease.is_valid(monotonic_now())
+    }
+
+    /// How long the host lease stays valid, in ms; `None` once lost.
+    pub(crate) fn valid_for_ms(&self) -> Option<u64> {
+        self.lease.valid_until().map(|v| v.since(monotonic_now()))
+    }
+}
+
+/// What the service needs to run.
+pub(crate) struct LeaseServiceConfig {
+    pub disk: Arc<dyn LeaseDisk>,
+    pub cluster: String,
+    pub me: NodeId,
+    pub groups: Vec<GroupId>,
+    pub nodes: Vec<NodeId>,
+    /// The program and arguments that run the fencing guard (`tandem-guest guard`).
+    pub guard: std::process::Command,
+    /// Cgroups the guard kills when the lease expires.
+    pub cgroups: Vec<std::path::PathBuf>,
+}
+
+/// Membership hooks the observer feeds.
+pub(crate) struct MembershipHooks {
+    pub disk_liveness: Box<dyn Fn(NodeId, bool) + Send>,
+    pub tie_break_relevant: Box<dyn Fn() -> bool + Send>,
+    pub tie_break: Box<dyn Fn(bool) + Send>,
+}
+
+fn publish(tx: &mpsc::UnboundedSender<Input>, group: Option<&GroupId>, message: String) {
+    let _ = tx.send(Input::Publish(AgentEvent {
+        at_ms: 0,
+        group: group.map(|g| g.0.clone()),
+        resource: None,
+        kind: EventKind::Lease,
+        message,
+    }));
+}
+
+/// Joins the lockspace (blocking: call from `spawn_blocking`), starts the guard and the
+/// service threads.
+pub(crate) fn start(
+    cfg: LeaseServiceConfig,
+    hooks: MembershipHooks,
+    tx: mpsc::UnboundedSender<Input>,
+) -> Result<LeaseClient, LeaseServiceError> {
+    // The guard first: nothing may run under a lease without it.
+    let guard = GuardHandle::spawn(cfg.guard).map_err(LeaseServiceError::Guard)?;
+    let guard = Arc::new(Mutex::new(guard));
+    for cg in &cfg.cgroups {
+        guard.lock().unwrap_or_else(|p| p.into_inner()).register_cgroup(cg).map_err(LeaseServiceError::Guard)?;
+    }
+    let lease = HostLease::join(cfg.disk.clone(), &cfg.cluster, cfg.me.0)
+        .map_err(|source| LeaseServiceError::Join { host_id: cfg.me.0, source })?;
+    let lease = Arc::new(lease);
+    let plan = FencePlan::with_defaults(lease.timeouts()).map_err(LeaseServiceError::Plan)?;
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Renewal: pets the guard after every successful renewal with the kill deadline that
+    // renewal allows; a lost host lease ends the agent's right to run anything.
+    {
+        let (lease, stop, guard, tx, plan) = (lease.clone(), stop.clone(), guard.clone(), tx.clone(), plan.clone());
+        std::thread::Builder::new()
+            .name("lease-renewal".into())
+            .spawn(move || {
+                let res = lease.renewal_loop(&stop, |res| match res {
+                    Ok(valid_until) => {
+                        if let Err(e) = guard.lock().unwrap_or_else(|p| p.into_inner()).pet(plan.kill_deadline(*valid_until)) {
+                            tracing::error!(target: "tandem_guest", "{e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!(target: "tandem_guest", "lease renewal failed: {e}"),
+                });
+                if let Err(e) = res {
+                    let _ = tx.send(Input::HostLeaseLost(e.to_string()));
+                }
+            })
+            .expect("spawning a thread");
+    }
+
+    // Watchdog of our own validity: the renewal thread may be stuck in I/O, so the clock
+    // decides, not the renewal result. Past the fence deadline, stop everything.
+    {
+        let (lease, stop, tx) = (lease.clone(), stop.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name("lease-deadline".into())
+            .spawn(move || {
+                let mut reported = false;
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let step = match lease.valid_until() {
+                        Some(v) => plan.step_at(v, monotonic_now()),
+                        None => FenceStep::Kill,
+                    };
+                    if step != FenceStep::Valid && !reported {
+                        reported = true;
+                        let why = lease.lost_reason().unwrap_or_else(|| "the fence deadline passed without a renewal".into());
+                        let _ = tx.send(Input::HostLeaseLost(why));
+                    }
+                }
+            })
+            .expect("spawning a thread");
+    }
+
+    // Operations, in order.
+    let (ops_tx, ops_rx) = std_mpsc::channel::<Op>();
+    {
+        let (lease, tx) = (lease.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name("lease-ops".into())
+            .spawn(move || operations(&lease, ops_rx, &tx))
+            .expect("spawning a thread");
+    }
+
+    // Observation.
+    {
+        let (lease, stop, tx) = (lease.clone(), stop.clone(), tx.clone());
+        let (groups, nodes, me) = (cfg.groups.clone(), cfg.nodes.clone(), cfg.me);
+        std::thread::Builder::new()
+            .name("lease-observer".into())
+            .spawn(move || observe(&lease, &stop, &groups, &nodes, me, &hooks, &tx))
+            .expect("spawning a thread");
+    }
+
+    Ok(LeaseClient { ops: ops_tx, lease, stop })
+}
+
+fn decode_note(tx: &mpsc::UnboundedSender<Input>, group: &GroupId, value: Option<Vec<u8>>) -> Option<LeaseNote> {
+    let bytes = value?;
+    if bytes.is_empty() {
+        return None;
+    }
+    match note::decode(&bytes) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            publish(tx, Some(group), format!("the lease note of {group} is unreadable ({e}); using the group's defaults"));
+            None
+        }
+    }
+}
+
+fn operations(lease: &HostLease, ops: std_mpsc::Receiver<Op>, tx: &mpsc::UnboundedSender<Input>) {
+    for op in ops {
+        match op {
+            Op::Acquire(group) => {
+                let ev = match lease.acquire_with_value(&group_lease(&group), None) {
+                    Ok(acquired) => {
+                        let note = decode_note(tx, &group, acquired.value);
+                        Event::LeaseAcquired { group, token: LeaseToken(acquired.token.0), note }
+                    }
+                    Err(e) => {
+                        let holder = match &e {
+                            LeaseError::Op(OpError::Busy { owner, .. }) => Some(NodeId(*owner)),
+                            _ => None,
+                        };
+                        if holder.is_none() {
+                            publish(tx, Some(&group), format!("cannot acquire the lease of {group}: {e}"));
+                        }
+                        Event::LeaseAcquireFailed { group, holder }
+                    }
+                };
+                let _ = tx.send(Input::Engine(ev));
+            }
+            Op::Release(group, value) => {
+                if let Err(e) = lease.release_with_value(&group_lease(&group), &value) {
+                    publish(tx, Some(&group), format!("releasing the lease of {group} failed: {e}; peers take it over once this node's host lease is dead"));
+                }
+            }
+            Op::Leave => {
+                for (name, _) in lease.held() {
+                    let _ = lease.release(&name);
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn observe(
+    lease: &HostLease,
+    stop: &AtomicBool,
+    groups: &[GroupId],
+    nodes: &[NodeId],
+    me: NodeId,
+    hooks: &MembershipHooks,
+    tx: &mpsc::UnboundedSender<Input>,
+) {
+    let period = Duration::from_millis(lease.timeouts().poll_interval_ms().max(100));
+    let mut dead: BTreeSet<NodeId> = BTreeSet::new();
+    let mut last_alive: BTreeMap<NodeId, bool> = BTreeMap::new();
+    let mut holding_quorum = false;
+    while !stop.load(Ordering::SeqCst) {
+        // Peers' host leases, judged on our own clock.
+        match lease.observe_hosts() {
+            Ok(hosts) => {
+                for n in nodes.iter().filter(|n| **n != me) {
+                    // A slot never seen (beyond the area) is treated as alive: never assume
+                    // a peer dead without having watched it for the host-dead time.
+                    let alive = hosts.iter().find(|h| h.host_id == n.0).is_none_or(|h| h.liveness == Liveness::Alive);
+                    if last_alive.insert(*n, alive) != Some(alive) {
+                        (hooks.disk_liveness)(*n, alive);
+                    }
+                    if !alive && dead.insert(*n) {
+                        let _ = tx.send(Input::Engine(Event::PeerFenced(*n)));
+                    } else if alive {
+                        dead.remove(n);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(target: "tandem_guest", "cannot read the host leases: {e}"),
+        }
+        // Every group's lease: holder and note.
+        for group in groups {
+            match lease.observe_resource(&group_lease(group)) {
+                Ok(obs) => {
+                    let note = decode_note(tx, group, obs.value_bytes().map(<[u8]>::to_vec));
+                    let holder = obs.holder.as_ref().map(|h| NodeId(h.host_id));
+                    let _ = tx.send(Input::Engine(Event::LeaseObserved { group: group.clone(), holder, note }));
+                }
+                Err(e) => tracing::warn!(target: "tandem_guest", "cannot read the lease of {group}: {e}"),
+            }
+        }
+        // The quorum tie-break (two-node clusters): contend only while it decides.
+        if (hooks.tie_break_relevant)() {
+            let won = holding_quorum || lease.acquire(QUORUM_LEASE, None).is_ok();
+            holding_quorum = won;
+            (hooks.tie_break)(won);
+        } else if holding_quorum {
+            holding_quorum = false;
+            let _ = lease.release(QUORUM_LEASE);
+        }
+        std::thread::sleep(period);
+    }
+}

@@ -1,0 +1,449 @@
+//! The runtime: drives one node's failover engine.
+//!
+//! One task owns the [`Engine`]. Everything else — resource operations, the lease service,
+//! membership, monitors, fencing, the API — talks to it through one channel of [`Input`]s,
+//! and it executes the engine's [`Command`]s by handing them to those parts. The engine
+//! decides; this module only carries out decisions and reports results back as events.
+
+mod exec;
+pub mod leases;
+mod monitors;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_engine::{ClusterStatus, Command, Engine, Event, GroupId, NodeId, Notice, OperatorCommand, ResourceId};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::plan::Plan;
+
+pub use exec::ResourceTable;
+pub use monitors::MonitorTable;
+
+/// How often the engine is ticked.
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// Something that happened, for the event feed and the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEvent {
+    /// Milliseconds since the agent started.
+    pub at_ms: u64,
+    /// The group concerned, if any.
+    pub group: Option<String>,
+    /// The resource concerned, if any.
+    pub resource: Option<String>,
+    /// What kind of event.
+    pub kind: EventKind,
+    /// One line for humans.
+    pub message: String,
+}
+
+/// Kinds of [`AgentEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A resource operation started or finished.
+    Resource,
+    /// A monitor confirmed a failure or recovered.
+    Monitor,
+    /// A lease was acquired, released or lost.
+    Lease,
+    /// A node joined or was lost; quorum changed.
+    Membership,
+    /// A fence was requested, failed or confirmed.
+    Fence,
+    /// An operator command was accepted or rejected.
+    Operator,
+    /// The engine reported something (failover limit…).
+    Notice,
+}
+
+/// An operator command as the API hands it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorRequest {
+    /// Start the group on its best node.
+    Start(String),
+    /// Stop the group everywhere.
+    Stop(String),
+    /// Move the group to the named node.
+    Move {
+        /// The group.
+        group: String,
+        /// The target node's name.
+        to: String,
+    },
+    /// Reset the group's counters.
+    Reset(String),
+    /// Ignore monitor failures of the group.
+    Suspend(String),
+    /// Act on monitor failures again.
+    Resume(String),
+}
+
+/// Why an operator request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No such group.
+    #[error("no failover group named `{0}`; `tandemctl status` lists the groups")]
+    UnknownGroup(String),
+    /// No such node.
+    #[error("no node named `{0}`; `tandemctl status` lists the nodes")]
+    UnknownNode(String),
+    /// The agent is stopping.
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// Inputs to the engine task.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// An engine event from one of the parts.
+    Engine(Event),
+    /// An operator command from the API; answered with its sequence number.
+    Operator(OperatorRequest, oneshot::Sender<Result<u64, RequestError>>),
+    /// An operator command a peer forwarded, with its cluster-wide sequence.
+    Delivered(u64, OperatorRequest),
+    /// A status request.
+    Status(oneshot::Sender<AgentStatus>),
+    /// A sequence number seen in a lease note (keeps our Lamport clock ahead of it).
+    SeenSeq(u64),
+    /// Something to log and publish.
+    Publish(AgentEvent),
+    /// Stop the agent: stop every group here, release the leases, leave.
+    Shutdown(oneshot::Sender<()>),
+    /// The host lease could not be renewed in time: nothing may run here any more.
+    HostLeaseLost(String),
+}
+
+/// The agent's status.
+#[derive(Debug, Clone)]
+pub struct AgentStatus {
+    /// The engine's view.
+    pub cluster: ClusterStatus,
+    /// Names of the nodes by id.
+    pub names: Vec<(NodeId, String)>,
+    /// Nodes this node hears (from membership).
+    pub peers_up: Vec<NodeId>,
+    /// Monitor states.
+    pub monitors: Vec<monitors::MonitorStatus>,
+    /// Remaining validity of this node's host lease, in ms (None: not held).
+    pub lease_valid_ms: Option<u64>,
+}
+
+/// A handle to a running agent, for the API and for tests.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    inputs: mpsc::UnboundedSender<Input>,
+    events: broadcast::Sender<AgentEvent>,
+}
+
+impl AgentHandle {
+    /// The agent's current status.
+    pub async fn status(&self) -> Result<AgentStatus, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(Input::Status(tx)).map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)
+    }
+
+    /// Applies an operator command cluster-wide; returns its sequence number.
+    pub async fn operator(&self, req: OperatorRequest) -> Result<u64, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(Input::Operator(req, tx)).map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// A command a peer forwarded.
+    pub fn deliver(&self, seq: u64, req: OperatorRequest) -> Result<(), RequestError> {
+        self.inputs.send(Input::Delivered(seq, req)).map_err(|_| RequestError::ShuttingDown)
+    }
+
+    /// The event feed.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// Stops the agent cleanly (every local group stopped, leases released).
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inputs.send(Input::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Everything the engine task drives.
+pub(crate) struct Parts {
+    pub plan: Arc<Plan>,
+    pub resources: ResourceTable,
+    pub monitors: MonitorTable,
+    pub leases: leases::LeaseClient,
+    pub fence: Box<dyn FnMut(NodeId) + Send>,
+    pub forward: Box<dyn FnMut(u64, &OperatorRequest) + Send>,
+    pub peers_up: Box<dyn Fn() -> Vec<NodeId> + Send>,
+}
+
+/// How the engine task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// An orderly shutdown.
+    Shutdown,
+    /// A stop failed too often: everything was killed.
+    SelfFenced(String),
+    /// The host lease was lost: every group was stopped.
+    LeaseLost(String),
+}
+
+pub(crate) fn channel() -> (AgentHandle, mpsc::UnboundedReceiver<Input>, mpsc::UnboundedSender<Input>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (events, _) = broadcast::channel(1024);
+    (AgentHandle { inputs: tx.clone(), events }, rx, tx)
+}
+
+/// The engine task.
+pub(crate) struct Driver {
+    engine: Engine,
+    parts: Parts,
+    inputs: mpsc::UnboundedSender<Input>,
+    events: broadcast::Sender<AgentEvent>,
+    started: Instant,
+    /// Lamport clock of operator commands: the highest sequence seen.
+    seq_seen: u64,
+    shutdown: Option<oneshot::Sender<()>>,
+    exit: Option<Exit>,
+}
+
+impl Driver {
+    pub(crate) fn new(engine: Engine, parts: Parts, handle: &AgentHandle) -> Self {
+        Driver {
+            engine,
+            parts,
+            inputs: handle.inputs.clone(),
+            events: handle.events.clone(),
+            started: Instant::now(),
+            seq_seen: 0,
+            shutdown: None,
+            exit: None,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn publish(&self, kind: EventKind, group: Option<&GroupId>, resource: Option<&ResourceId>, message: String) {
+        let ev = AgentEvent {
+            at_ms: self.now(),
+            group: group.map(|g| g.0.clone()),
+            resource: resource.map(|r| r.0.clone()),
+            kind,
+            message,
+        };
+        tracing::info!(target: "tandem_guest", group = ev.group.as_deref(), resource = ev.resource.as_deref(), "{}", ev.message);
+        let _ = self.events.send(ev);
+    }
+
+    /// Runs until shutdown, self-fence or lease loss.
+    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) -> Exit {
+        let now = self.now();
+        let cmds = self.engine.startup(now);
+        self.execute(cmds);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(exit) = self.exit.take() {
+                return exit;
+            }
+            if self.shutdown.is_some() && self.all_stopped_here() {
+                self.parts.leases.leave();
+                if let Some(tx) = self.shutdown.take() {
+                    let _ = tx.send(());
+                }
+                return Exit::Shutdown;
+            }
+            let input = tokio::select! {
+                i = rx.recv() => match i { Some(i) => i, None => return Exit::Shutdown },
+                _ = tick.tick() => Input::Engine(Event::Tick),
+            };
+            self.handle(input);
+        }
+    }
+
+    fn all_stopped_here(&self) -> bool {
+        let me = self.engine.node();
+        self.engine.status().groups.iter().all(|g| {
+            g.resources.iter().all(|r| r.state == tandem_engine::ResourceState::Stopped)
+                && !(g.location == Some(me) && g.state != tandem_engine::GroupState::Stopped)
+        })
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Engine(ev) => self.feed(ev),
+            Input::Operator(req, reply) => match self.resolve(&req) {
+                Ok(cmd) => {
+                    // Unique cluster-wide: a Lamport counter in the high bits, our node id
+                    // (1..=2000 < 2^11) in the low bits.
+                    let counter = (self.seq_seen >> 11) + 1;
+                    let seq = (counter << 11) | u64::from(self.engine.node().0);
+                    self.seq_seen = seq;
+                    self.publish(EventKind::Operator, Some(cmd.group()), None, format!("operator: {req:?} (seq {seq})"));
+                    (self.parts.forward)(seq, &req);
+                    self.feed(Event::Operator { seq, command: cmd });
+                    let _ = reply.send(Ok(seq));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Input::Delivered(seq, req) => {
+                if let Ok(cmd) = self.resolve(&req) {
+                    self.seq_seen = self.seq_seen.max(seq);
+                    self.publish(EventKind::Operator, Some(cmd.group()), None, format!("operator from a peer: {req:?} (seq {seq})"));
+                    self.feed(Event::Operator { seq, command: cmd });
+                }
+            }
+            Input::SeenSeq(seq) => self.seq_seen = self.seq_seen.max(seq),
+            Input::Status(reply) => {
+                let _ = reply.send(AgentStatus {
+                    cluster: self.engine.status(),
+                    names: self.parts.plan.names.clone(),
+                    peers_up: (self.parts.peers_up)(),
+                    monitors: self.parts.monitors.status(),
+                    lease_valid_ms: self.parts.leases.valid_for_ms(),
+                });
+            }
+            Input::Publish(ev) => {
+                tracing::info!(target: "tandem_guest", group = ev.group.as_deref(), "{}", ev.message);
+                let _ = self.events.send(ev);
+            }
+            Input::HostLeaseLost(why) => self.host_lease_lost(why),
+            Input::Shutdown(reply) => {
+                self.publish(EventKind::Operator, None, None, "agent shutting down: stopping local groups".into());
+                self.shutdown = Some(reply);
+                // Stopping the local groups is what a node leaving does: the engine treats
+                // quorum loss exactly so (stop, release with a QuorumLost reason).
+                self.feed(Event::QuorumLost);
+            }
+        }
+    }
+
+    fn resolve(&self, req: &OperatorRequest) -> Result<OperatorCommand, RequestError> {
+        let group = |name: &str| {
+            let g = GroupId(name.to_string());
+            if self.parts.plan.model.groups.iter().any(|x| x.id == g) { Ok(g) } else { Err(RequestError::UnknownGroup(name.into())) }
+        };
+        Ok(match req {
+            OperatorRequest::Start(g) => OperatorCommand::StartGroup(group(g)?),
+            OperatorRequest::Stop(g) => OperatorCommand::StopGroup(group(g)?),
+            OperatorRequest::Reset(g) => OperatorCommand::ResetCounters(group(g)?),
+            OperatorRequest::Suspend(g) => OperatorCommand::SuspendMonitoring(group(g)?),
+            OperatorRequest::Resume(g) => OperatorCommand::ResumeMonitoring(group(g)?),
+            OperatorRequest::Move { group: g, to } => OperatorCommand::MoveGroup {
+                group: group(g)?,
+                to: self.parts.plan.id_of(to).ok_or_else(|| RequestError::UnknownNode(to.clone()))?,
+            },
+        })
+    }
+
+    fn feed(&mut self, ev: Event) {
+        // The shutdown path keeps the node out of quorum: nothing may start here again.
+        if self.shutdown.is_some() && matches!(ev, Event::QuorumRegained) {
+            return;
+        }
+        match &ev {
+            Event::LeaseObserved { note: Some(n), .. } | Event::LeaseAcquired { note: Some(n), .. } => {
+                self.seq_seen = self.seq_seen.max(n.desired_seq).max(n.reset_seq);
+            }
+            Event::ResourceStarted { group, resource } => {
+                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} started"));
+                self.parts.monitors.resource_started(group, resource);
+            }
+            Event::ResourceStartFailed { group, resource } => {
+                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} failed to start"));
+            }
+            Event::ResourceStopped { group, resource } => {
+                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} stopped"));
+            }
+            Event::ResourceStopFailed { group, resource } => {
+                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} failed to stop"));
+            }
+            Event::LeaseAcquired { group, token, .. } => {
+                self.publish(EventKind::Lease, Some(group), None, format!("acquired the lease of {group} (token {})", token.0));
+            }
+            Event::MonitorFailed { group, resource } => {
+                self.publish(EventKind::Monitor, Some(group), Some(resource), format!("monitor failure confirmed on {group}/{resource}"));
+            }
+            Event::NodeJoined(n) => self.publish(EventKind::Membership, None, None, format!("{} joined", self.parts.plan.name_of(*n))),
+            Event::NodeLost(n) => self.publish(EventKind::Membership, None, None, format!("{} lost", self.parts.plan.name_of(*n))),
+            Event::PeerFenced(n) => self.publish(EventKind::Lease, None, None, format!("host lease of {} is dead", self.parts.plan.name_of(*n))),
+            Event::FenceConfirmed(n) => self.publish(EventKind::Fence, None, None, format!("{} was fenced", self.parts.plan.name_of(*n))),
+            Event::QuorumLost => self.publish(EventKind::Membership, None, None, "quorum lost: stopping every local group".into()),
+            Event::QuorumRegained => self.publish(EventKind::Membership, None, None, "quorum".into()),
+            Event::LeaseLost { group } => self.publish(EventKind::Lease, Some(group), None, format!("lease of {group} lost: stopping it at once")),
+            _ => {}
+        }
+        let now = self.now();
+        let cmds = self.engine.handle(now, ev);
+        self.execute(cmds);
+    }
+
+    fn execute(&mut self, cmds: Vec<Command>) {
+        for cmd in cmds {
+            match cmd {
+                Command::ProbeResource { group, resource } => {
+                    self.parts.resources.probe(&group, &resource, self.inputs.clone());
+                }
+                Command::StartResource { group, resource, token } => {
+                    self.publish(EventKind::Resource, Some(&group), Some(&resource), format!("starting {group}/{resource} (token {})", token.0));
+                    self.parts.resources.start(&group, &resource, token.0, self.inputs.clone());
+                }
+                Command::AdoptResource { group, resource, token } => {
+                    self.publish(EventKind::Resource, Some(&group), Some(&resource), format!("adopted running {group}/{resource} under token {}", token.0));
+                    self.parts.monitors.resource_started(&group, &resource);
+                }
+                Command::StopResource { group, resource, force } => {
+                    self.parts.monitors.resource_stopping(&group, &resource);
+                    let how = if force { "force-stopping" } else { "stopping" };
+                    self.publish(EventKind::Resource, Some(&group), Some(&resource), format!("{how} {group}/{resource}"));
+                    self.parts.resources.stop(&group, &resource, force, self.inputs.clone());
+                }
+                Command::AcquireLease { group } => self.parts.leases.acquire(&group),
+                Command::ReleaseLease { group, token, note, reason } => {
+                    self.publish(EventKind::Lease, Some(&group), None, format!("releasing the lease of {group} (token {}, {reason:?})", token.0));
+                    self.parts.leases.release(&group, &note);
+                }
+                Command::RequestFence { node } => {
+                    self.publish(EventKind::Fence, None, None, format!("fencing {} before taking its groups over", self.parts.plan.name_of(node)));
+                    (self.parts.fence)(node);
+                }
+                Command::SelfFence { group, resource } => {
+                    let why = format!("{group}/{resource} would not stop: killing every resource of this node");
+                    self.publish(EventKind::Notice, Some(&group), Some(&resource), why.clone());
+                    self.parts.resources.kill_all();
+                    self.parts.leases.abandon();
+                    self.exit = Some(Exit::SelfFenced(why));
+                }
+                Command::Notify(n) => match n {
+                    Notice::FailoverLimitReached { group, failovers } => self.publish(
+                        EventKind::Notice,
+                        Some(&group),
+                        None,
+                        format!("{group} failed over {failovers} times: final action taken; `tandemctl group reset {group}` re-arms it"),
+                    ),
+                    Notice::OperatorRejected { seq, reason } => {
+                        self.publish(EventKind::Operator, None, None, format!("operator command {seq} rejected: {reason}"))
+                    }
+                },
+            }
+        }
+    }
+
+    /// The host lease is gone: nothing may run here any more.
+    fn host_lease_lost(&mut self, why: String) {
+        let groups: Vec<GroupId> = self.parts.plan.model.groups.iter().map(|g| g.id.clone()).collect();
+        for group in groups {
+            self.feed(Event::LeaseLost { group });
+        }
+        self.parts.resources.kill_all();
+        self.exit = Some(Exit::LeaseLost(why));
+    }
+}

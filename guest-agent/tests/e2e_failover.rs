@@ -1,0 +1,276 @@
+//! End-to-end failover of a guest cluster: real `tandem-guest` processes, a shared lease
+//! file, a writer application that stamps every line with its fencing token.
+//!
+//! Each node runs in a cgroup of its own (agent, guard and application), so a test can stop
+//! or kill a whole "node" at once, and a fence command can kill it. Nodes talk over loopback
+//! addresses (127.0.0.11, .12, …). The evidence is gathered outside the agents: the writer
+//! log (tokens must never go backwards: a line with an older token after a newer one means
+//! two nodes wrote at once) and the lease area itself.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_lease::{AreaParams, FileDisk, Lockspace, Timeouts};
+use tandem_testkit::{ChildGuard, free_port};
+
+const RENEWAL_MS: u64 = 300;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    cg_root: PathBuf,
+    nodes: Vec<String>,
+}
+
+struct Node {
+    agent: ChildGuard,
+    cgroup: PathBuf,
+}
+
+impl Cluster {
+    /// Writes the configuration of `n` nodes with one group `app`: a shared directory and a
+    /// writer. `fence` is the TOML of every node's fence method (`{name}` is replaced).
+    fn new(n: usize, fence: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let cg_root = tandem_lease::cgroup::cgroup2_mount()
+            .expect("a cgroup2 mount (the e2e tests put each node in a cgroup)")
+            .join(format!("tandem-e2e-{}", std::process::id()))
+            .join(dir.path().file_name().unwrap());
+        std::fs::create_dir_all(&cg_root).unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::write(dir.path().join("key"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let lease = dir.path().join("lease");
+        std::fs::File::create(&lease).unwrap().set_len(1 << 20).unwrap();
+        let timeouts = Timeouts::from_renewal_ms(RENEWAL_MS);
+        let disk = FileDisk::open(&lease).unwrap();
+        Lockspace::init(&disk, &AreaParams { host_slots: 8, resource_slots: 16, timeouts, ..AreaParams::new("e2e") }, false)
+            .unwrap();
+
+        let port = free_port();
+        let nodes: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+        let mut toml = format!(
+            "[cluster]\nname = \"e2e\"\nkey_file = \"{key}\"\n\n[[link]]\nname = \"lo\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
+             [lease]\ndevice = \"{lease}\"\nrenewal_interval = \"{RENEWAL_MS}ms\"\n\n",
+            key = dir.path().join("key").display(),
+            lease = lease.display(),
+        );
+        for (i, name) in nodes.iter().enumerate() {
+            toml += &format!(
+                "[[node]]\nname = \"{name}\"\nid = {id}\nlinks = {{ lo = \"127.0.0.{addr}\" }}\nfence = {fence}\n\n",
+                id = i + 1,
+                addr = 11 + i,
+                fence = fence.replace("{name}", name).replace("{cgroup}", &cg_root.join(name).display().to_string()),
+            );
+        }
+        let log = shared.join("writer.log");
+        toml += &format!(
+            "[[group]]\nname = \"app\"\nnodes = [{list}]\nrestart_limit = 1\n\n\
+             [[group.resource]]\nname = \"data\"\nkind = \"disk\"\ndirectory = \"{shared}\"\n\n\
+             [[group.resource]]\nname = \"writer\"\nkind = \"exec\"\nmode = \"simple\"\n\
+             start = [\"/bin/sh\", \"-c\", \"while :; do echo \\\"$TANDEM_FENCING_TOKEN $TANDEM_NODE\\\" >> {log}; sleep 0.02; done\"]\n\
+             stop = [\"/bin/true\"]\nstop_timeout = \"5s\"\n",
+            list = nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+            shared = shared.display(),
+            log = log.display(),
+        );
+        std::fs::write(dir.path().join("tandem.toml"), toml).unwrap();
+        Cluster { dir, cg_root, nodes }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start(&self, name: &str) -> Node {
+        let cgroup = self.cg_root.join(name);
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem-guest"));
+        cmd.arg("--config")
+            .arg(self.path("tandem.toml"))
+            .arg("--cgroup-root")
+            .arg(cgroup.join("groups"))
+            .env("TANDEM_NODE", name)
+            .env("TANDEM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let procs = cgroup.join("cgroup.procs");
+        // SAFETY: only async-signal-safe work between fork and exec: open/write/close.
+        unsafe {
+            cmd.pre_exec(move || {
+                std::fs::write(&procs, b"0\n")?;
+                Ok(())
+            });
+        }
+        Node { agent: ChildGuard::spawn(&format!("tandem-guest {name}"), cmd), cgroup }
+    }
+
+    /// The writer log: (token, node) per line.
+    fn writes(&self) -> Vec<(u64, String)> {
+        let text = std::fs::read_to_string(self.path("shared/writer.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (t, n) = l.split_once(' ')?;
+                Some((t.parse().ok()?, n.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits until `node` writes with a token above `above`; returns that token.
+    fn wait_writer(&self, node: &str, above: u64, limit: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            if let Some((t, _)) = self.writes().iter().rev().find(|(t, n)| n == node && *t > above) {
+                return *t;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{node} did not write with a token above {above} within {limit:?}; logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- {n}\n{}", std::fs::read_to_string(self.path(&format!("{n}.log"))).unwrap_or_default()))
+            .collect()
+    }
+
+    /// The safety invariant, from the writer log: tokens never go backwards, and each token
+    /// belongs to one node.
+    fn assert_never_two_writers(&self) {
+        let w = self.writes();
+        let mut owner = std::collections::BTreeMap::new();
+        for (i, pair) in w.windows(2).enumerate() {
+            assert!(pair[1].0 >= pair[0].0, "line {}: token {} written after token {}: two writers at once", i + 2, pair[1].0, pair[0].0);
+        }
+        for (t, n) in &w {
+            let o = owner.entry(*t).or_insert_with(|| n.clone());
+            assert_eq!(o, n, "token {t} used by both {o} and {n}");
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            let _ = std::fs::write(self.cg_root.join(n).join("cgroup.kill"), "1");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        remove_cgroups(&self.cg_root);
+        if let Some(parent) = self.cg_root.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn remove_cgroups(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroups(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+impl Node {
+    fn signal_all(&self, sig: &str) {
+        // Every process of the node: agent, guard, application.
+        let procs = std::fs::read_to_string(self.cgroup.join("cgroup.procs")).unwrap_or_default();
+        let mut all: Vec<String> = procs.lines().map(str::to_string).collect();
+        let groups = self.cgroup.join("groups");
+        for g in std::fs::read_dir(&groups).into_iter().flatten().flatten() {
+            all.extend(std::fs::read_to_string(g.path().join("cgroup.procs")).unwrap_or_default().lines().map(str::to_string));
+        }
+        if !all.is_empty() {
+            let _ = Command::new("kill").arg(format!("-{sig}")).args(&all).status();
+        }
+    }
+}
+
+#[test]
+fn sigkill_of_the_active_agent_moves_the_group_and_never_two_writers() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let mut n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.writes().iter().all(|(_, n)| n == "n1"), "the standby must not write:\n{}", c.logs());
+
+    // The agent dies: its guard kills the writer at once; n2 takes over once n1's host lease is dead.
+    let killed = Instant::now();
+    n1.agent.kill();
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    let failover = killed.elapsed();
+    eprintln!("failover after SIGKILL of the agent: {failover:?} (token {t1} -> {t2})");
+    std::thread::sleep(Duration::from_millis(500));
+    c.assert_never_two_writers();
+}
+
+#[test]
+fn crash_of_the_whole_active_node_moves_the_group() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = Instant::now();
+    n1.signal_all("KILL");
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    eprintln!("failover after a crash of the whole node: {:?} (token {t1} -> {t2})", killed.elapsed());
+    c.assert_never_two_writers();
+}
+
+#[test]
+fn sigstop_of_the_agent_alone_is_fenced_by_its_guard_and_learns_it_lost_on_resume() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let mut n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+
+    n1.agent.signal(libc::SIGSTOP);
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    n1.agent.signal(libc::SIGCONT);
+    // The resumed agent finds its lease gone: it stops everything and exits; it never writes again.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = n1.agent.try_wait() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "n1 did not exit after resuming:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(76), "exit status of an agent that lost its host lease:\n{}", c.logs());
+    std::thread::sleep(Duration::from_secs(1));
+    c.assert_never_two_writers();
+    assert!(c.writes().iter().filter(|(t, _)| *t == t2).all(|(_, n)| n == "n2"));
+}
+
+#[test]
+fn whole_node_stall_is_fenced_from_outside_before_takeover() {
+    // The fence command kills every process of the target node's cgroup, like powering it off.
+    let c = Cluster::new(2, "{ kind = \"command\", command = [\"/bin/sh\", \"-c\", \"echo 1 > {cgroup}/cgroup.kill\"] }");
+    let n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Agent, guard and writer all frozen: nothing on n1 can fence itself.
+    n1.signal_all("STOP");
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    // n1 was fenced (killed) before n2 started: resuming it changes nothing.
+    n1.signal_all("CONT");
+    std::thread::sleep(Duration::from_secs(1));
+    let procs = std::fs::read_to_string(n1.cgroup.join("cgroup.procs")).unwrap_or_default();
+    assert!(procs.trim().is_empty(), "n1's processes survived the fence: {procs}");
+    c.assert_never_two_writers();
+    assert!(t2 > t1);
+}
