@@ -38,7 +38,7 @@ pub enum AgentError {
     #[error(
         "cannot read the cluster key: set [cluster].key_file to a file holding at least 16 random characters (the same on every node)"
     )]
-    Key(#[source] Option<tandem_monitors::SecretError>),
+    Key(#[source] Option<tandem_monitors::secret::SecretError>),
     /// The lease disk cannot be opened.
     #[error("cannot open the lease device {0}")]
     Disk(PathBuf, #[source] tandem_lease::DiskError),
@@ -48,6 +48,9 @@ pub enum AgentError {
     /// The lease service failed to start.
     #[error(transparent)]
     Lease(#[from] leases::LeaseServiceError),
+    /// A node's fence method is unusable.
+    #[error(transparent)]
+    Fence(#[from] crate::fence::FencerConfigError),
     /// Membership failed to start.
     #[error("cannot start the heartbeat links")]
     Membership(#[from] tandem_membership::runtime::RuntimeError),
@@ -196,7 +199,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     let valid = leases.clone();
     let resources = ResourceTable::new(built, cgroups, Arc::new(move || valid.is_valid_now()));
 
-    let fencer = crate::fencing::FenceService::new(&config, &plan, tx.clone());
+    let fencer = crate::fencing::FenceService::new(&config, &plan, tx.clone())?;
     let peers_view = ctl.clone();
     let parts = Parts {
         plan: plan.clone(),

@@ -10,3 +10,4 @@ pub mod note;
 pub mod plan;
 pub mod agent;
 pub mod runtime;
+pub mod fencing;

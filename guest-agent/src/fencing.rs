@@ -1,0 +1,72 @@
+//! Serves the engine's `RequestFence`: runs the target node's fence method until it is
+//! confirmed, retrying with backoff and reporting every failure, and answers with
+//! `FenceConfirmed`. A fence that cannot succeed (no method, a permanent error) is reported
+//! and the takeover keeps waiting: a group is never taken over from an unfenced node.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use tandem_engine::{Event, NodeId};
+use tokio::sync::mpsc;
+
+use crate::fence::{Fencer, FencerConfigError, RetryPolicy};
+use crate::plan::Plan;
+use crate::runtime::{AgentEvent, EventKind, Input};
+
+/// Runs fence requests, at most one per target node at a time.
+#[derive(Debug, Clone)]
+pub struct FenceService {
+    fencer: Arc<Fencer>,
+    plan: Arc<Plan>,
+    in_flight: Arc<Mutex<BTreeSet<NodeId>>>,
+    tx: mpsc::UnboundedSender<Input>,
+}
+
+impl FenceService {
+    pub(crate) fn new(
+        config: &tandem_config::ClusterConfig,
+        plan: &Arc<Plan>,
+        tx: mpsc::UnboundedSender<Input>,
+    ) -> Result<Self, FencerConfigError> {
+        Ok(FenceService {
+            fencer: Arc::new(Fencer::from_config(config)?),
+            plan: plan.clone(),
+            in_flight: Arc::default(),
+            tx,
+        })
+    }
+
+    fn publish(tx: &mpsc::UnboundedSender<Input>, message: String) {
+        let _ = tx.send(Input::Publish(AgentEvent { at_ms: 0, group: None, resource: None, kind: EventKind::Fence, message }));
+    }
+
+    /// Fences `node` (in the background) and reports `FenceConfirmed` once it is.
+    pub(crate) fn request(&self, node: NodeId) {
+        if !self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(node) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let name = this.plan.name_of(node);
+            let tx = this.tx.clone();
+            let res = this
+                .fencer
+                .fence_until_confirmed(node, RetryPolicy::default(), |f| {
+                    let retry = f.retry_in.map_or_else(
+                        || "not retrying: an operator must fix the fence method or fence the node by hand".to_string(),
+                        |d| format!("retrying in {} ms", d.as_millis()),
+                    );
+                    Self::publish(&tx, format!("fencing {name} failed (attempt {}): {}; {retry}", f.attempt, f.error.chain()));
+                })
+                .await;
+            this.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+            match res {
+                Ok(report) => {
+                    Self::publish(&tx, format!("{name} fenced by {:?} in {} ms", report.method, report.elapsed.as_millis()));
+                    let _ = tx.send(Input::Engine(Event::FenceConfirmed(node)));
+                }
+                Err(e) => Self::publish(&tx, format!("fencing {name} gave up: {}; its groups stay where they are", e.chain())),
+            }
+        });
+    }
+}
