@@ -5,6 +5,7 @@
 
 #![warn(missing_docs)]
 
+pub mod fence;
 pub mod resources;
 pub mod note;
 pub mod plan;

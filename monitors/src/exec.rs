@@ -69,6 +69,21 @@ pub struct CommandSpec {
     /// Code run in the child just before `exec` (cgroup placement, dropping
     /// privileges); a failure there fails the spawn.
     pub child_setup: Option<ChildSetup>,
+    /// Bytes written to the program's stdin (then closed); stdin is
+    /// `/dev/null` when `None`. Fence agents read their parameters,
+    /// passwords included, from here, so `Debug` shows only the length.
+    pub stdin: Option<StdinBytes>,
+}
+
+/// Data for a program's stdin. It may hold a password: `Debug` prints its
+/// length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StdinBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for StdinBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StdinBytes({} bytes, not shown)", self.0.len())
+    }
 }
 
 /// Code run in a child process between `fork` and `exec`, after the working
@@ -126,7 +141,14 @@ impl CommandSpec {
             output_limit: DEFAULT_OUTPUT_LIMIT,
             leftovers: Leftovers::Kill,
             child_setup: None,
+            stdin: None,
         }
+    }
+
+    /// Feeds `data` to the program's stdin, then closes it.
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(StdinBytes(data.into()));
+        self
     }
 
     /// Adds arguments.
@@ -397,7 +419,7 @@ pub async fn run_command(spec: &CommandSpec) -> Result<RunOutput, RunError> {
 
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -440,8 +462,17 @@ pub async fn run_command(spec: &CommandSpec) -> Result<RunOutput, RunError> {
     let stderr = child.stderr.take();
 
     let (status, timed_out) = {
+        let stdin = child.stdin.take();
+        let feeding = async {
+            if let (Some(mut w), Some(data)) = (stdin, &spec.stdin) {
+                use tokio::io::AsyncWriteExt;
+                // EPIPE (the program exited without reading) is not our error; dropping `w` closes
+                // the pipe so the program sees EOF.
+                let _ = w.write_all(&data.0).await;
+            }
+        };
         let reading = async {
-            tokio::join!(read_bounded(stdout, &mut out), read_bounded(stderr, &mut err));
+            tokio::join!(feeding, read_bounded(stdout, &mut out), read_bounded(stderr, &mut err));
         };
         let waiting = async {
             match tokio::time::timeout_at(deadline, child.wait()).await {
@@ -789,6 +820,18 @@ fn plugin_outcome(program: &str, out: &RunOutput, timeout: Duration) -> crate::C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stdin_is_fed_then_closed_and_never_printed() {
+        let spec = CommandSpec::new("cat").stdin("password=hunter2\n").timeout(Duration::from_secs(10));
+        assert!(!format!("{spec:?}").contains("hunter2"), "{spec:?}");
+        // `cat` only exits once stdin is closed.
+        let out = run_command(&spec).await.unwrap();
+        assert_eq!(
+            (out.exit_code(), out.stdout.as_slice(), out.timed_out),
+            (Some(0), &b"password=hunter2\n"[..], false)
+        );
+    }
 
     #[test]
     fn perfdata_items() {

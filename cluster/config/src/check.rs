@@ -678,11 +678,30 @@ impl<'s> Checker<'s> {
                                 "empty fence agent name; e.g. \"fence_virsh\"".into(),
                             );
                         }
+                        for (k, v) in &a.params {
+                            let at = [K("node"), I(i), K("fence"), K("params"), K(k)];
+                            if let Some(why) = fence_param_problem(k, v) {
+                                self.error(ProblemKind::InvalidValue, &at, why);
+                            }
+                        }
+                        if a.password_file.is_some() && a.password_env.is_some() {
+                            self.error(
+                                ProblemKind::InvalidValue,
+                                &[K("node"), I(i), K("fence"), K("password_env")],
+                                "give either password_file or password_env, not both".into(),
+                            );
+                        }
+                        if let Some(f) = &a.password_file {
+                            self.check_absolute(&[K("node"), I(i), K("fence"), K("password_file")], "password_file", f);
+                        }
+                        self.check_positive(&[K("node"), I(i), K("fence"), K("timeout")], a.timeout);
                     }
                     FenceMethod::Command(c) => {
-                        self.check_argv(&[K("node"), I(i), K("fence"), K("command")], "fence command", &c.command)
+                        self.check_argv(&[K("node"), I(i), K("fence"), K("command")], "fence command", &c.command);
+                        self.check_positive(&[K("node"), I(i), K("fence"), K("timeout")], c.timeout);
                     }
                     FenceMethod::HostCluster(h) => {
+                        self.check_positive(&[K("node"), I(i), K("fence"), K("timeout")], h.timeout);
                         if !is_uuid(&h.vm_uuid) {
                             self.error(
                                 ProblemKind::InvalidValue,
@@ -1172,4 +1191,33 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+/// Why a fence agent parameter cannot be passed on the agent's stdin, if it cannot.
+/// Shared with the guest agent, which re-checks at run time.
+pub fn fence_param_problem(key: &str, value: &str) -> Option<String> {
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Some(format!(
+            "fence agent parameter name {key:?} must be letters, digits, `_` or `-` (it becomes a `key=value` line on \
+             the agent's stdin)"
+        ));
+    }
+    if matches!(key, "password" | "passwd") {
+        return Some(
+            "an inline password would be shown by every config dump and `ps`-visible tool: put it in a file and \
+             set password_file (or set password_env)"
+                .into(),
+        );
+    }
+    if matches!(key, "action" | "option") {
+        return Some(format!("{key:?} is set by Tandem (off, then status); remove it"));
+    }
+    if value.contains(['\n', '\r', '\0']) {
+        return Some(
+            "a parameter value may not contain a line break or NUL: it would inject another `key=value` line into \
+             the agent's stdin"
+                .into(),
+        );
+    }
+    None
 }

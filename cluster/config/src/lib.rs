@@ -22,7 +22,7 @@ pub mod model;
 
 use std::path::Path;
 
-pub use check::{Checked, MAX_NAME_LEN, MAX_NODE_ID};
+pub use check::{Checked, MAX_NAME_LEN, MAX_NODE_ID, fence_param_problem};
 pub use diagnostic::{ConfigErrors, Diagnostic, Location, ProblemKind, Severity};
 pub use model::*;
 

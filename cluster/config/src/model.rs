@@ -114,11 +114,42 @@ pub enum FenceMethod {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFence {
-    /// Agent program name or path (`fence_virsh`).
+    /// Agent program name or path (`fence_virsh`); a bare name is looked up in
+    /// PATH, then `/usr/sbin` and `/sbin`.
     pub agent: String,
     /// Agent parameters (`ip`, `username`, `plug`, …), passed on its stdin as `key=value` lines.
+    /// Never `password` (use `password_file` / `password_env`) nor `action` (Tandem sets it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, String>,
+    /// Pass the agent `password=` read from the first line of this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Pass the agent `password=` read from this environment variable of the fencing agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Bound on each run of the agent (`off`, then `status`); the agent's whole
+    /// process group is killed when it passes.
+    #[serde(default = "default_fence_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_fence_timeout_text")]
+    pub timeout: Duration,
+}
+
+impl AgentFence {
+    /// Where the agent's password comes from, if it needs one.
+    pub fn password_source(&self) -> Option<SecretSource> {
+        match (&self.password_file, &self.password_env) {
+            (Some(f), _) => Some(SecretSource::File(f.clone())),
+            (None, Some(v)) => Some(SecretSource::Env(v.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
+fn default_fence_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_fence_timeout_text() -> &'static str {
+    "60s"
 }
 
 /// `kind = "command"`.
@@ -127,6 +158,10 @@ pub struct AgentFence {
 pub struct CommandFence {
     /// Program and arguments.
     pub command: Vec<String>,
+    /// Bound on the command's run; its whole process group is killed when it passes.
+    #[serde(default = "default_fence_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_fence_timeout_text")]
+    pub timeout: Duration,
 }
 
 /// `kind = "host-cluster"`.
@@ -135,6 +170,10 @@ pub struct CommandFence {
 pub struct HostClusterFence {
     /// UUID of this node's VM as the hypervisor knows it.
     pub vm_uuid: String,
+    /// Bound on the host cluster's answer (power-off and its confirmation).
+    #[serde(default = "default_fence_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_fence_timeout_text")]
+    pub timeout: Duration,
 }
 
 /// `kind = "lease-watchdog-only"` (no fields).

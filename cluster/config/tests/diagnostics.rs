@@ -463,6 +463,47 @@ fn fence_tables_are_checked_field_by_field() {
 }
 
 #[test]
+fn fence_agent_secrets_and_stdin_lines_are_guarded() {
+    // An inline password is refused, and its value never appears in the message.
+    let src = BASE.replace(
+        "id = 1\n",
+        "id = 1\nfence = { kind = \"agent\", agent = \"fence_ipmilan\", params = { password = \"hunter2\" } }\n",
+    );
+    let (_, _, field, kind, msg) = only(&src);
+    assert_eq!((field.as_str(), kind), ("node \"a\".fence.params.password", ProblemKind::InvalidValue));
+    assert!(msg.contains("password_file") && !msg.contains("hunter2"), "{msg}");
+
+    // A line break in a value would smuggle another key=value line onto the agent's stdin.
+    let src = BASE.replace(
+        "id = 1\n",
+        "id = 1\nfence = { kind = \"agent\", agent = \"fence_ipmilan\", params = { plug = \"vm1\\naction=on\" } }\n",
+    );
+    let (_, _, field, kind, msg) = only(&src);
+    assert_eq!((field.as_str(), kind), ("node \"a\".fence.params.plug", ProblemKind::InvalidValue));
+    assert!(msg.contains("line break"), "{msg}");
+
+    let src = BASE.replace(
+        "id = 1\n",
+        "id = 1\nfence = { kind = \"agent\", agent = \"fence_ipmilan\", params = { action = \"reboot\" } }\n",
+    );
+    let (_, _, field, _, _) = only(&src);
+    assert_eq!(field, "node \"a\".fence.params.action");
+
+    let src = BASE.replace(
+        "id = 1\n",
+        "id = 1\nfence = { kind = \"agent\", agent = \"fence_ipmilan\", password_file = \"pw\", password_env = \"PW\" }\n",
+    );
+    let e = errors_of(&src);
+    let fields: Vec<_> = summary(&e).into_iter().map(|s| s.2).collect();
+    assert_eq!(fields, ["node \"a\".fence.password_file", "node \"a\".fence.password_env"], "{e}");
+
+    let src =
+        BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"command\", command = [\"/bin/true\"], timeout = 0 }\n");
+    let (_, _, field, _, _) = only(&src);
+    assert_eq!(field, "node \"a\".fence.timeout");
+}
+
+#[test]
 fn disk_needs_exactly_one_of_device_or_directory_and_absolute_paths() {
     let fenced = format!("{BASE}{GROUP}{LEASE}")
         .replace("id = 1\n", "id = 1\nfence = { kind = \"lease-watchdog-only\" }\n")
