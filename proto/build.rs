@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from("proto");
+    // The directory too: a new .proto file must trigger a rebuild.
+    println!("cargo:rerun-if-changed={}", root.join("tandem/v1").display());
     let mut files = Vec::new();
     for entry in std::fs::read_dir(root.join("tandem/v1"))? {
         let path = entry?.path();

@@ -120,10 +120,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let node = match cli.node {
         Some(n) => n,
-        None => nix::unistd::gethostname()
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .context("cannot read the host name; pass --node")?
-            .into_string()
-            .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; pass --node"))?,
+            .trim()
+            .to_string(),
     };
     let opts = AgentOptions {
         node,

@@ -104,8 +104,6 @@ pub(crate) enum Input {
     Delivered(u64, OperatorRequest),
     /// A status request.
     Status(oneshot::Sender<AgentStatus>),
-    /// A sequence number seen in a lease note (keeps our Lamport clock ahead of it).
-    SeenSeq(u64),
     /// Something to log and publish.
     Publish(AgentEvent),
     /// Stop the agent: stop every group here, release the leases, leave.
@@ -301,7 +299,6 @@ impl Driver {
                     self.feed(Event::Operator { seq, command: cmd });
                 }
             }
-            Input::SeenSeq(seq) => self.seq_seen = self.seq_seen.max(seq),
             Input::Status(reply) => {
                 let _ = reply.send(AgentStatus {
                     cluster: self.engine.status(),
