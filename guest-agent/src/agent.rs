@@ -15,7 +15,9 @@ use tandem_monitors::SecretSource;
 use crate::plan::{Plan, PlanError};
 use crate::resources::{self, Resource, ResourceEnv};
 use crate::runtime::leases::{self, LeaseServiceConfig, MembershipHooks};
-use crate::runtime::{self, AgentEvent, AgentHandle, Driver, EventKind, Exit, Input, MonitorTable, Parts, ResourceTable};
+use crate::runtime::{
+    self, AgentEvent, AgentHandle, Driver, EventKind, Exit, Input, MonitorTable, Parts, ResourceTable,
+};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +176,21 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
             while let Some(ev) = membership.next_event().await {
                 let input = match ev {
                     MembershipEvent::NodeJoined { node, .. } => Input::Engine(Event::NodeJoined(NodeId(node.0))),
+                    // The engine's "lost" means silent on every link: whether the node's lease
+                    // is dead comes separately (PeerFenced). A partitioned node is exactly
+                    // that, and it must count as unreachable at once, or a lease-dead
+                    // observation could be mistaken for a reachable node that stopped itself.
                     MembershipEvent::NodeLost { node } => Input::Engine(Event::NodeLost(NodeId(node.0))),
+                    MembershipEvent::NodePartitioned { node } => {
+                        let _ = tx.send(Input::Publish(AgentEvent {
+                            at_ms: 0,
+                            group: None,
+                            resource: None,
+                            kind: EventKind::Membership,
+                            message: describe(&plan, &ev),
+                        }));
+                        Input::Engine(Event::NodeLost(NodeId(node.0)))
+                    }
                     MembershipEvent::QuorumLost => Input::Engine(Event::QuorumLost),
                     MembershipEvent::QuorumRegained => Input::Engine(Event::QuorumRegained),
                     other => Input::Publish(AgentEvent {

@@ -37,7 +37,13 @@ impl FenceService {
     }
 
     fn publish(tx: &mpsc::UnboundedSender<Input>, message: String) {
-        let _ = tx.send(Input::Publish(AgentEvent { at_ms: 0, group: None, resource: None, kind: EventKind::Fence, message }));
+        let _ = tx.send(Input::Publish(AgentEvent {
+            at_ms: 0,
+            group: None,
+            resource: None,
+            kind: EventKind::Fence,
+            message,
+        }));
     }
 
     /// Fences `node` (in the background) and reports `FenceConfirmed` once it is.
@@ -56,16 +62,24 @@ impl FenceService {
                         || "not retrying: an operator must fix the fence method or fence the node by hand".to_string(),
                         |d| format!("retrying in {} ms", d.as_millis()),
                     );
-                    Self::publish(&tx, format!("fencing {name} failed (attempt {}): {}; {retry}", f.attempt, f.error.chain()));
+                    Self::publish(
+                        &tx,
+                        format!("fencing {name} failed (attempt {}): {}; {retry}", f.attempt, f.error.chain()),
+                    );
                 })
                 .await;
             this.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
             match res {
                 Ok(report) => {
-                    Self::publish(&tx, format!("{name} fenced by {:?} in {} ms", report.method, report.elapsed.as_millis()));
+                    Self::publish(
+                        &tx,
+                        format!("{name} fenced by {:?} in {} ms", report.method, report.elapsed.as_millis()),
+                    );
                     let _ = tx.send(Input::Engine(Event::FenceConfirmed(node)));
                 }
-                Err(e) => Self::publish(&tx, format!("fencing {name} gave up: {}; its groups stay where they are", e.chain())),
+                Err(e) => {
+                    Self::publish(&tx, format!("fencing {name} gave up: {}; its groups stay where they are", e.chain()))
+                }
             }
         });
     }

@@ -5,10 +5,10 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod fence;
-pub mod resources;
+pub mod fencing;
 pub mod note;
 pub mod plan;
-pub mod agent;
+pub mod resources;
 pub mod runtime;
-pub mod fencing;

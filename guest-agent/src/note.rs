@@ -24,7 +24,9 @@ pub enum NoteError {
     #[error("lease note is truncated ({0} bytes)")]
     Truncated(usize),
     /// Written by another version of Tandem.
-    #[error("lease note has version {0}, this agent reads version {VERSION}; run the same Tandem version on every node")]
+    #[error(
+        "lease note has version {0}, this agent reads version {VERSION}; run the same Tandem version on every node"
+    )]
     Version(u8),
     /// A field holds a value no agent writes.
     #[error("lease note field `{0}` holds an invalid value")]

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tandem_config::{ClusterConfig, FenceMethod};
 use tandem_engine::{
-    ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, NodeId, PlacementPolicy, RecoveryPolicy,
-    ResourceSpec, Timing,
+    ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, NodeId, PlacementPolicy, RecoveryPolicy, ResourceSpec,
+    Timing,
 };
 use tandem_membership::{MembershipConfig, NodeConfig};
 

@@ -45,8 +45,12 @@ impl Cluster {
         std::fs::File::create(&lease).unwrap().set_len(1 << 20).unwrap();
         let timeouts = Timeouts::from_renewal_ms(RENEWAL_MS);
         let disk = FileDisk::open(&lease).unwrap();
-        Lockspace::init(&disk, &AreaParams { host_slots: 8, resource_slots: 16, timeouts, ..AreaParams::new("e2e") }, false)
-            .unwrap();
+        Lockspace::init(
+            &disk,
+            &AreaParams { host_slots: 8, resource_slots: 16, timeouts, ..AreaParams::new("e2e") },
+            false,
+        )
+        .unwrap();
 
         let port = free_port();
         let nodes: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
@@ -61,7 +65,10 @@ impl Cluster {
                 "[[node]]\nname = \"{name}\"\nid = {id}\nlinks = {{ lo = \"127.0.0.{addr}\" }}\nfence = {fence}\n\n",
                 id = i + 1,
                 addr = 11 + i,
-                fence = fence.replace("{name}", name).replace("{cgroup}", &cg_root.join(name).display().to_string()),
+                fence = fence
+                    .replace("{name}", name)
+                    .replace("{cgroup}", &cg_root.join(name).display().to_string())
+                    .replace("{fencelog}", &dir.path().join("fenced.log").display().to_string()),
             );
         }
         let log = shared.join("writer.log");
@@ -86,7 +93,8 @@ impl Cluster {
     fn start(&self, name: &str) -> Node {
         let cgroup = self.cg_root.join(name);
         std::fs::create_dir_all(&cgroup).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{name}.log"))).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem-guest"));
         cmd.arg("--config")
             .arg(self.path("tandem.toml"))
@@ -137,7 +145,9 @@ impl Cluster {
     fn logs(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| format!("--- {n}\n{}", std::fs::read_to_string(self.path(&format!("{n}.log"))).unwrap_or_default()))
+            .map(|n| {
+                format!("--- {n}\n{}", std::fs::read_to_string(self.path(&format!("{n}.log"))).unwrap_or_default())
+            })
             .collect()
     }
 
@@ -147,7 +157,14 @@ impl Cluster {
         let w = self.writes();
         let mut owner = std::collections::BTreeMap::new();
         for (i, pair) in w.windows(2).enumerate() {
-            assert!(pair[1].0 >= pair[0].0, "line {}: token {} written after token {}: two writers at once", i + 2, pair[1].0, pair[0].0);
+            assert!(
+                pair[1].0 >= pair[0].0,
+                "line {}: token {} written after token {}: two writers at once; logs:\n{}",
+                i + 2,
+                pair[1].0,
+                pair[0].0,
+                self.logs()
+            );
         }
         for (t, n) in &w {
             let o = owner.entry(*t).or_insert_with(|| n.clone());
@@ -181,17 +198,15 @@ fn remove_cgroups(dir: &Path) {
 }
 
 impl Node {
-    fn signal_all(&self, sig: &str) {
-        // Every process of the node: agent, guard, application.
-        let procs = std::fs::read_to_string(self.cgroup.join("cgroup.procs")).unwrap_or_default();
-        let mut all: Vec<String> = procs.lines().map(str::to_string).collect();
-        let groups = self.cgroup.join("groups");
-        for g in std::fs::read_dir(&groups).into_iter().flatten().flatten() {
-            all.extend(std::fs::read_to_string(g.path().join("cgroup.procs")).unwrap_or_default().lines().map(str::to_string));
-        }
-        if !all.is_empty() {
-            let _ = Command::new("kill").arg(format!("-{sig}")).args(&all).status();
-        }
+    /// Freezes (`true`) or thaws every process of the node at once: agent, guard and
+    /// application stop together, like a paused VM.
+    fn freeze(&self, frozen: bool) {
+        std::fs::write(self.cgroup.join("cgroup.freeze"), if frozen { "1" } else { "0" }).unwrap();
+    }
+
+    /// Kills every process of the node at once, like a crashed machine.
+    fn crash(&self) {
+        std::fs::write(self.cgroup.join("cgroup.kill"), "1").unwrap();
     }
 }
 
@@ -222,7 +237,7 @@ fn crash_of_the_whole_active_node_moves_the_group() {
     let _n2 = c.start("n2");
     std::thread::sleep(Duration::from_secs(2));
     let killed = Instant::now();
-    n1.signal_all("KILL");
+    n1.crash();
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
     eprintln!("failover after a crash of the whole node: {:?} (token {t1} -> {t2})", killed.elapsed());
     c.assert_never_two_writers();
@@ -257,20 +272,25 @@ fn sigstop_of_the_agent_alone_is_fenced_by_its_guard_and_learns_it_lost_on_resum
 #[test]
 fn whole_node_stall_is_fenced_from_outside_before_takeover() {
     // The fence command kills every process of the target node's cgroup, like powering it off.
-    let c = Cluster::new(2, "{ kind = \"command\", command = [\"/bin/sh\", \"-c\", \"echo 1 > {cgroup}/cgroup.kill\"] }");
+    let c = Cluster::new(
+        2,
+        "{ kind = \"command\", command = [\"/bin/sh\", \"-c\", \"echo 1 > {cgroup}/cgroup.kill && echo {name} >> {fencelog}\"] }",
+    );
     let n1 = c.start("n1");
     let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
     let _n2 = c.start("n2");
     std::thread::sleep(Duration::from_secs(2));
 
     // Agent, guard and writer all frozen: nothing on n1 can fence itself.
-    n1.signal_all("STOP");
+    n1.freeze(true);
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
     // n1 was fenced (killed) before n2 started: resuming it changes nothing.
-    n1.signal_all("CONT");
+    n1.freeze(false);
     std::thread::sleep(Duration::from_secs(1));
-    let procs = std::fs::read_to_string(n1.cgroup.join("cgroup.procs")).unwrap_or_default();
-    assert!(procs.trim().is_empty(), "n1's processes survived the fence: {procs}");
+    let populated = std::fs::read_to_string(n1.cgroup.join("cgroup.events")).unwrap_or_default();
+    assert!(populated.contains("populated 0"), "n1's processes survived the fence: {populated}");
     c.assert_never_two_writers();
     assert!(t2 > t1);
+    let fenced = std::fs::read_to_string(c.path("fenced.log")).unwrap_or_default();
+    assert_eq!(fenced.lines().collect::<Vec<_>>(), ["n1"], "n2 must have fenced n1 exactly once:\n{}", c.logs());
 }

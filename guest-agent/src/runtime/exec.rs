@@ -31,7 +31,10 @@ pub struct ResourceTable {
 
 impl std::fmt::Debug for ResourceTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResourceTable").field("slots", &self.slots).field("cgroups", &self.cgroups).finish_non_exhaustive()
+        f.debug_struct("ResourceTable")
+            .field("slots", &self.slots)
+            .field("cgroups", &self.cgroups)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,7 +101,12 @@ impl ResourceTable {
             // A process that was paused (SIGSTOP, a stalled VM) may run this long after the
             // engine decided: check the lease on a fresh clock reading right before acting.
             if !(this.lease_valid)() {
-                this.report(&tx, &group, &resource, format!("not starting {group}/{resource}: this node's host lease is no longer valid"));
+                this.report(
+                    &tx,
+                    &group,
+                    &resource,
+                    format!("not starting {group}/{resource}: this node's host lease is no longer valid"),
+                );
                 let _ = tx.send(Input::Engine(Event::ResourceStartFailed { group, resource }));
                 return;
             }

@@ -154,7 +154,9 @@ pub(crate) fn start(
             .spawn(move || {
                 let res = lease.renewal_loop(&stop, |res| match res {
                     Ok(valid_until) => {
-                        if let Err(e) = guard.lock().unwrap_or_else(|p| p.into_inner()).pet(plan.kill_deadline(*valid_until)) {
+                        if let Err(e) =
+                            guard.lock().unwrap_or_else(|p| p.into_inner()).pet(plan.kill_deadline(*valid_until))
+                        {
                             tracing::error!(target: "tandem_guest", "{e}");
                         }
                     }
@@ -183,7 +185,8 @@ pub(crate) fn start(
                     };
                     if step != FenceStep::Valid && !reported {
                         reported = true;
-                        let why = lease.lost_reason().unwrap_or_else(|| "the fence deadline passed without a renewal".into());
+                        let why =
+                            lease.lost_reason().unwrap_or_else(|| "the fence deadline passed without a renewal".into());
                         let _ = tx.send(Input::HostLeaseLost(why));
                     }
                 }
@@ -222,7 +225,11 @@ fn decode_note(tx: &mpsc::UnboundedSender<Input>, group: &GroupId, value: Option
     match note::decode(&bytes) {
         Ok(n) => Some(n),
         Err(e) => {
-            publish(tx, Some(group), format!("the lease note of {group} is unreadable ({e}); using the group's defaults"));
+            publish(
+                tx,
+                Some(group),
+                format!("the lease note of {group} is unreadable ({e}); using the group's defaults"),
+            );
             None
         }
     }
@@ -252,7 +259,13 @@ fn operations(lease: &HostLease, ops: std_mpsc::Receiver<Op>, tx: &mpsc::Unbound
             }
             Op::Release(group, value) => {
                 if let Err(e) = lease.release_with_value(&group_lease(&group), &value) {
-                    publish(tx, Some(&group), format!("releasing the lease of {group} failed: {e}; peers take it over once this node's host lease is dead"));
+                    publish(
+                        tx,
+                        Some(&group),
+                        format!(
+                            "releasing the lease of {group} failed: {e}; peers take it over once this node's host lease is dead"
+                        ),
+                    );
                 }
             }
             Op::Leave => {

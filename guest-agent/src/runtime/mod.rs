@@ -283,7 +283,12 @@ impl Driver {
                     let counter = (self.seq_seen >> 11) + 1;
                     let seq = (counter << 11) | u64::from(self.engine.node().0);
                     self.seq_seen = seq;
-                    self.publish(EventKind::Operator, Some(cmd.group()), None, format!("operator: {req:?} (seq {seq})"));
+                    self.publish(
+                        EventKind::Operator,
+                        Some(cmd.group()),
+                        None,
+                        format!("operator: {req:?} (seq {seq})"),
+                    );
                     (self.parts.forward)(seq, &req);
                     self.feed(Event::Operator { seq, command: cmd });
                     let _ = reply.send(Ok(seq));
@@ -295,7 +300,12 @@ impl Driver {
             Input::Delivered(seq, req) => {
                 if let Ok(cmd) = self.resolve(&req) {
                     self.seq_seen = self.seq_seen.max(seq);
-                    self.publish(EventKind::Operator, Some(cmd.group()), None, format!("operator from a peer: {req:?} (seq {seq})"));
+                    self.publish(
+                        EventKind::Operator,
+                        Some(cmd.group()),
+                        None,
+                        format!("operator from a peer: {req:?} (seq {seq})"),
+                    );
                     self.feed(Event::Operator { seq, command: cmd });
                 }
             }
@@ -326,7 +336,11 @@ impl Driver {
     fn resolve(&self, req: &OperatorRequest) -> Result<OperatorCommand, RequestError> {
         let group = |name: &str| {
             let g = GroupId(name.to_string());
-            if self.parts.plan.model.groups.iter().any(|x| x.id == g) { Ok(g) } else { Err(RequestError::UnknownGroup(name.into())) }
+            if self.parts.plan.model.groups.iter().any(|x| x.id == g) {
+                Ok(g)
+            } else {
+                Err(RequestError::UnknownGroup(name.into()))
+            }
         };
         Ok(match req {
             OperatorRequest::Start(g) => OperatorCommand::StartGroup(group(g)?),
@@ -355,27 +369,62 @@ impl Driver {
                 self.parts.monitors.resource_started(group, resource);
             }
             Event::ResourceStartFailed { group, resource } => {
-                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} failed to start"));
+                self.publish(
+                    EventKind::Resource,
+                    Some(group),
+                    Some(resource),
+                    format!("{group}/{resource} failed to start"),
+                );
             }
             Event::ResourceStopped { group, resource } => {
                 self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} stopped"));
             }
             Event::ResourceStopFailed { group, resource } => {
-                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} failed to stop"));
+                self.publish(
+                    EventKind::Resource,
+                    Some(group),
+                    Some(resource),
+                    format!("{group}/{resource} failed to stop"),
+                );
             }
             Event::LeaseAcquired { group, token, .. } => {
-                self.publish(EventKind::Lease, Some(group), None, format!("acquired the lease of {group} (token {})", token.0));
+                self.publish(
+                    EventKind::Lease,
+                    Some(group),
+                    None,
+                    format!("acquired the lease of {group} (token {})", token.0),
+                );
             }
             Event::MonitorFailed { group, resource } => {
-                self.publish(EventKind::Monitor, Some(group), Some(resource), format!("monitor failure confirmed on {group}/{resource}"));
+                self.publish(
+                    EventKind::Monitor,
+                    Some(group),
+                    Some(resource),
+                    format!("monitor failure confirmed on {group}/{resource}"),
+                );
             }
-            Event::NodeJoined(n) => self.publish(EventKind::Membership, None, None, format!("{} joined", self.parts.plan.name_of(*n))),
-            Event::NodeLost(n) => self.publish(EventKind::Membership, None, None, format!("{} lost", self.parts.plan.name_of(*n))),
-            Event::PeerFenced(n) => self.publish(EventKind::Lease, None, None, format!("host lease of {} is dead", self.parts.plan.name_of(*n))),
-            Event::FenceConfirmed(n) => self.publish(EventKind::Fence, None, None, format!("{} was fenced", self.parts.plan.name_of(*n))),
-            Event::QuorumLost => self.publish(EventKind::Membership, None, None, "quorum lost: stopping every local group".into()),
+            Event::NodeJoined(n) => {
+                self.publish(EventKind::Membership, None, None, format!("{} joined", self.parts.plan.name_of(*n)))
+            }
+            Event::NodeLost(n) => {
+                self.publish(EventKind::Membership, None, None, format!("{} lost", self.parts.plan.name_of(*n)))
+            }
+            Event::PeerFenced(n) => self.publish(
+                EventKind::Lease,
+                None,
+                None,
+                format!("host lease of {} is dead", self.parts.plan.name_of(*n)),
+            ),
+            Event::FenceConfirmed(n) => {
+                self.publish(EventKind::Fence, None, None, format!("{} was fenced", self.parts.plan.name_of(*n)))
+            }
+            Event::QuorumLost => {
+                self.publish(EventKind::Membership, None, None, "quorum lost: stopping every local group".into())
+            }
             Event::QuorumRegained => self.publish(EventKind::Membership, None, None, "quorum".into()),
-            Event::LeaseLost { group } => self.publish(EventKind::Lease, Some(group), None, format!("lease of {group} lost: stopping it at once")),
+            Event::LeaseLost { group } => {
+                self.publish(EventKind::Lease, Some(group), None, format!("lease of {group} lost: stopping it at once"))
+            }
             _ => {}
         }
         let now = self.now();

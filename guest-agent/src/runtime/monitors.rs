@@ -149,7 +149,11 @@ impl MonitorTable {
                     tracing::error!(target: "tandem_guest", "monitor {id} cannot run: {e}");
                     shared.running.insert(
                         id,
-                        MonitorStatus { state: MonitorState::Failed(Status::Unknown), last: Some((Status::Unknown, e)), ..status },
+                        MonitorStatus {
+                            state: MonitorState::Failed(Status::Unknown),
+                            last: Some((Status::Unknown, e)),
+                            ..status
+                        },
                     );
                 }
             }
@@ -185,7 +189,11 @@ impl MonitorTable {
     }
 }
 
-async fn forward(mut events: mpsc::Receiver<MonitorEvent>, shared: Arc<Mutex<Shared>>, tx: mpsc::UnboundedSender<Input>) {
+async fn forward(
+    mut events: mpsc::Receiver<MonitorEvent>,
+    shared: Arc<Mutex<Shared>>,
+    tx: mpsc::UnboundedSender<Input>,
+) {
     while let Some(ev) = events.recv().await {
         let failed = {
             let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
