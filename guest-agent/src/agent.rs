@@ -222,7 +222,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         resources,
         monitors,
         leases,
-        fence: Box::new(move |node| fencer.request(node)),
+        fence: fencer,
         forward: Box::new(|_, _| {}),
         peers_up: Box::new(move || {
             peers_view

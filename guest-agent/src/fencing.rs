@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tandem_engine::{Event, NodeId};
 use tokio::sync::mpsc;
 
-use crate::fence::{Fencer, FencerConfigError, RetryPolicy};
+use crate::fence::{FenceRoute, Fencer, FencerConfigError, RetryPolicy, fence_route};
 use crate::plan::Plan;
 use crate::runtime::{AgentEvent, EventKind, Input};
 
@@ -20,6 +20,8 @@ pub struct FenceService {
     plan: Arc<Plan>,
     in_flight: Arc<Mutex<BTreeSet<NodeId>>>,
     tx: mpsc::UnboundedSender<Input>,
+    /// Nodes that are `lease-watchdog-only`: their fence is their own host lease expiring.
+    lease_only: Arc<BTreeSet<NodeId>>,
 }
 
 impl FenceService {
@@ -33,7 +35,21 @@ impl FenceService {
             plan: plan.clone(),
             in_flight: Arc::default(),
             tx,
+            lease_only: Arc::new(
+                config
+                    .nodes
+                    .iter()
+                    .filter(|n| fence_route(n) == FenceRoute::LeaseExpiry)
+                    .map(|n| NodeId(n.id))
+                    .collect(),
+            ),
         })
+    }
+
+    /// Whether `node`'s fence is its host lease expiring (`lease-watchdog-only`): the lease
+    /// layer's `PeerFenced` then confirms it.
+    pub(crate) fn confirmed_by_lease_expiry(&self, node: NodeId) -> bool {
+        self.lease_only.contains(&node)
     }
 
     fn publish(tx: &mpsc::UnboundedSender<Input>, message: String) {
@@ -48,6 +64,11 @@ impl FenceService {
 
     /// Fences `node` (in the background) and reports `FenceConfirmed` once it is.
     pub(crate) fn request(&self, node: NodeId) {
+        if self.confirmed_by_lease_expiry(node) {
+            let name = self.plan.name_of(node);
+            Self::publish(&self.tx, format!("{name} is lease-watchdog-only: waiting for its host lease to expire"));
+            return;
+        }
         if !self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(node) {
             return;
         }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tandem_config::{ClusterConfig, FenceMethod};
+use tandem_config::ClusterConfig;
 use tandem_engine::{
     ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, NodeId, PlacementPolicy, RecoveryPolicy, ResourceSpec,
     Timing,
@@ -78,7 +78,7 @@ impl Plan {
                         })
                         .collect(),
                     placement: PlacementPolicy {
-                        require_fencing: requires_fencing(config, &g.nodes),
+                        require_fencing: crate::fence::group_requires_fencing(config, g),
                         eligible,
                         failback: match g.failback {
                             tandem_config::Failback::Auto => Failback::Auto,
@@ -166,17 +166,6 @@ pub fn group_lease(group: &GroupId) -> String {
 /// The group a lease name belongs to, if it is a group lease.
 pub fn lease_group(name: &str) -> Option<GroupId> {
     name.strip_prefix(GROUP_LEASE_PREFIX).map(|g| GroupId(g.to_string()))
-}
-
-/// Whether taking a group over needs outside fencing: yes unless every eligible node is
-/// configured `lease-watchdog-only` (those nodes promise to self-fence with a hardware
-/// watchdog, so the lease layer's "host lease dead" verdict is enough). A node without any
-/// fence method cannot be fenced from outside; groups on it still require fencing, so a
-/// takeover from it waits (and says why) rather than risk two actives.
-pub fn requires_fencing(config: &ClusterConfig, eligible: &[String]) -> bool {
-    !eligible
-        .iter()
-        .all(|n| matches!(config.node(n).and_then(|n| n.fence.as_ref()), Some(FenceMethod::LeaseWatchdogOnly(_))))
 }
 
 fn ms(d: Duration) -> u64 {

@@ -164,26 +164,29 @@ impl FenceError {
 pub enum FenceRoute {
     /// Run [`Fencer::fence_until_confirmed`]; answer `FenceConfirmed` on success.
     Outside,
-    /// No outside action exists (`lease-watchdog-only`, or no `fence` at all): answer
-    /// `FenceConfirmed` once the lease layer reports the node's host lease dead
-    /// (`PeerFenced`), which on that node means its self-fencing (and watchdog) has run.
+    /// The node is explicitly `lease-watchdog-only`: answer `FenceConfirmed` once the lease
+    /// layer reports the node's host lease dead (`PeerFenced`), which on that node means its
+    /// self-fencing (and watchdog) has run.
     LeaseExpiry,
 }
 
 /// How a `RequestFence` for `node` is answered (see [`FenceRoute`]).
 pub fn fence_route(node: &Node) -> FenceRoute {
     match node.fence {
-        Some(FenceMethod::Agent(_) | FenceMethod::Command(_) | FenceMethod::HostCluster(_)) => FenceRoute::Outside,
-        Some(FenceMethod::LeaseWatchdogOnly(_)) | None => FenceRoute::LeaseExpiry,
+        // No `fence` at all is not a silent "lease only": the lease alone cannot stop a node
+        // that stalled as a whole, so that mode must be chosen explicitly. Fencing such a
+        // node fails with `NoMethod` (reported), and takeovers from it wait.
+        Some(FenceMethod::Agent(_) | FenceMethod::Command(_) | FenceMethod::HostCluster(_)) | None => {
+            FenceRoute::Outside
+        }
+        Some(FenceMethod::LeaseWatchdogOnly(_)) => FenceRoute::LeaseExpiry,
     }
 }
 
-/// The engine's `PlacementPolicy::require_fencing` for `group`: true when at least one of
-/// its eligible nodes can be fenced from outside. A group whose eligible nodes are all
-/// `lease-watchdog-only` (or have no `fence`) does not require fencing: the engine then
-/// waits for the lease layer alone, which is all such a node offers. In a mixed group the
-/// flag is set and a `RequestFence` for a lease-only node is answered by its lease expiry
-/// ([`fence_route`]).
+/// The engine's `PlacementPolicy::require_fencing` for `group`: true unless every eligible
+/// node is explicitly `lease-watchdog-only`; the engine then waits for the lease layer
+/// alone, which is all such a node offers. In a mixed group the flag is set and a
+/// `RequestFence` for a lease-only node is answered by its lease expiry ([`fence_route`]).
 pub fn group_requires_fencing(cfg: &ClusterConfig, group: &FailoverGroup) -> bool {
     group.nodes.iter().filter_map(|n| cfg.node(n)).any(|n| fence_route(n) == FenceRoute::Outside)
 }

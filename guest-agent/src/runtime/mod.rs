@@ -174,7 +174,7 @@ pub(crate) struct Parts {
     pub resources: ResourceTable,
     pub monitors: MonitorTable,
     pub leases: leases::LeaseClient,
-    pub fence: Box<dyn FnMut(NodeId) + Send>,
+    pub fence: crate::fencing::FenceService,
     pub forward: Box<dyn FnMut(u64, &OperatorRequest) + Send>,
     pub peers_up: Box<dyn Fn() -> Vec<NodeId> + Send>,
 }
@@ -427,9 +427,18 @@ impl Driver {
             }
             _ => {}
         }
+        let lease_fenced = match &ev {
+            Event::PeerFenced(n) if self.parts.fence.confirmed_by_lease_expiry(*n) => Some(*n),
+            _ => None,
+        };
         let now = self.now();
         let cmds = self.engine.handle(now, ev);
         self.execute(cmds);
+        // A lease-watchdog-only node's fence is its own host lease expiring.
+        if let Some(n) = lease_fenced {
+            let cmds = self.engine.handle(now, Event::FenceConfirmed(n));
+            self.execute(cmds);
+        }
     }
 
     fn execute(&mut self, cmds: Vec<Command>) {
@@ -459,7 +468,7 @@ impl Driver {
                 }
                 Command::RequestFence { node } => {
                     self.publish(EventKind::Fence, None, None, format!("fencing {} before taking its groups over", self.parts.plan.name_of(node)));
-                    (self.parts.fence)(node);
+                    self.parts.fence.request(node);
                 }
                 Command::SelfFence { group, resource } => {
                     let why = format!("{group}/{resource} would not stop: killing every resource of this node");
