@@ -501,3 +501,28 @@ async fn slow_event_subscriber_gets_a_lag_message_and_the_stream_goes_on() {
     assert_eq!(events.message().await.unwrap().unwrap().seq, 1001);
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn peers_forward_commands_with_their_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let mut settings = mtls_settings(&pki);
+    // The test PKI's agent certificate has CN "localhost"; as a peer it gets the `peer` role.
+    settings.roles.insert("localhost".to_string(), vec![ApiRole::Peer]);
+    let fake = Fake::new(16);
+    let server = start(settings.clone(), fake.clone()).await;
+
+    let mut client = tandem_guest::api::peer::connect("localhost", server.addr, &settings, BOUND).await.unwrap();
+    let fwd = OperatorRequest { group: "pg".into(), action: OperatorAction::Stop };
+    tandem_guest::api::peer::deliver(&mut client, "localhost", 77, &fwd).await.unwrap();
+    assert_eq!(fake.accepted.lock().unwrap().as_slice(), &[(77, fwd)]);
+
+    let bad = OperatorRequest { group: "nope".into(), action: OperatorAction::Stop };
+    let e = tandem_guest::api::peer::deliver(&mut client, "localhost", 78, &bad).await.unwrap_err();
+    assert!(e.to_string().starts_with("peer localhost refused command #78: no group named \"nope\""), "{e}");
+
+    // The peer's certificate must name the node we meant.
+    let e = tandem_guest::api::peer::connect("node-b", server.addr, &settings, BOUND).await.unwrap_err();
+    assert!(matches!(e, tandem_guest::api::peer::PeerError::Connect { .. }), "{e}");
+    server.stop().await.unwrap();
+}

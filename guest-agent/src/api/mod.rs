@@ -18,6 +18,7 @@
 mod access;
 pub mod convert;
 mod events;
+pub mod peer;
 mod server;
 mod service;
 
@@ -27,6 +28,7 @@ use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc};
 
 pub use access::{Access, Caller};
+pub use events::lagged_event;
 pub use server::{ApiError, ApiServer, BoundApi, DEFAULT_SHUTDOWN_GRACE};
 pub use tandem_config::ApiRole;
 /// The generated messages and services of package `tandem.v1`.

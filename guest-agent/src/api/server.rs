@@ -91,7 +91,7 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ApiError> {
+pub(crate) fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ApiError> {
     std::fs::read(path).map_err(|source| ApiError::ReadTls { what, path: path.to_path_buf(), source })
 }
 
