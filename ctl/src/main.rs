@@ -1,7 +1,9 @@
 //! `tandemctl`: Tandem's command line. One module per subcommand.
 
+mod agent;
 mod lease;
 mod probe;
+mod render;
 
 use std::process::ExitCode;
 
@@ -14,6 +16,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: agent::Connection,
 }
 
 #[derive(Debug, Subcommand)]
@@ -23,7 +27,40 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Disk-fencing leases: initialise and inspect a lease area, run a command under a lease.
     Lease(lease::LeaseArgs),
+    /// Show the cluster as the agent sees it: nodes, groups, resources, monitors.
+    #[command(after_help = AGENT_EXIT)]
+    Status {
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start, stop, move a failover group, or reset its counters.
+    #[command(subcommand, after_help = AGENT_EXIT)]
+    Group(agent::GroupVerb),
+    /// Suspend or resume acting on a group's monitor failures.
+    #[command(subcommand, after_help = AGENT_EXIT)]
+    Monitor(agent::MonitorVerb),
+    /// Follow the agent's events until Ctrl-C.
+    #[command(after_help = AGENT_EXIT)]
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned shutdown of the agent's node: stop or move every group, then
+    /// say whether the node is safe to power off (needs the `host` role).
+    #[command(after_help = "Exit status: 0 safe to power off, 1 refused or not safe, 64 usage, 69 agent unreachable.")]
+    ShutdownPrepare {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+const AGENT_EXIT: &str = "Exit status: 0 ok, 1 rejected by the agent, 64 usage, 69 agent unreachable.";
+
+/// The subcommands that talk to an agent.
+const AGENT_VERBS: [&str; 5] = ["status", "group", "monitor", "events", "shutdown-prepare"];
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -36,15 +73,27 @@ fn main() -> ExitCode {
             }
             // Each subcommand keeps its own convention for bad arguments:
             // `probe` is a Nagios plugin (3 UNKNOWN), `lease` uses EX_USAGE.
-            return match argv.get(1).and_then(|a| a.to_str()) {
+            // Global options may come first: the subcommand is the first known name.
+            let verb = argv
+                .iter()
+                .skip(1)
+                .filter_map(|a| a.to_str())
+                .find(|a| ["probe", "lease"].contains(a) || AGENT_VERBS.contains(a));
+            return match verb {
                 Some("probe") => ExitCode::from(3),
                 Some("lease") => ExitCode::from(lease::EXIT_USAGE as u8),
-                _ => ExitCode::from(2),
+                Some(_) => ExitCode::from(agent::EXIT_USAGE),
+                None => ExitCode::from(2),
             };
         }
     };
     match cli.command {
         Command::Probe(args) => probe::run(args),
         Command::Lease(args) => ExitCode::from(lease::main(args).clamp(0, 255) as u8),
+        Command::Status { json } => agent::run(cli.connection, agent::Verb::Status { json }),
+        Command::Group(g) => agent::run(cli.connection, agent::Verb::Group(g)),
+        Command::Monitor(m) => agent::run(cli.connection, agent::Verb::Monitor(m)),
+        Command::Events { json } => agent::run(cli.connection, agent::Verb::Events { json }),
+        Command::ShutdownPrepare { json } => agent::run(cli.connection, agent::Verb::ShutdownPrepare { json }),
     }
 }

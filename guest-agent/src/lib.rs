@@ -10,5 +10,6 @@ pub mod fence;
 pub mod fencing;
 pub mod note;
 pub mod plan;
+pub mod api;
 pub mod resources;
 pub mod runtime;

@@ -82,6 +82,7 @@ struct Decoded {
     links: Vec<Option<Link>>,
     lease: Option<Option<LeaseSettings>>,
     groups: Vec<DecodedGroup>,
+    api: Option<ApiSettings>,
 }
 
 struct DecodedGroup {
@@ -106,7 +107,7 @@ struct LeaseFields {
     host_dead_timeout: Option<Duration>,
 }
 
-const SECTIONS: &str = "cluster, node, link, lease, group";
+const SECTIONS: &str = "cluster, node, link, lease, group, api";
 
 impl<'s> Checker<'s> {
     fn finish_err(&mut self) -> ConfigErrors {
@@ -274,7 +275,7 @@ impl<'s> Checker<'s> {
     fn run(&mut self) -> Option<ClusterConfig> {
         let decoded = self.decode_all();
         self.validate(&decoded);
-        let Decoded { cluster, nodes, links, lease, groups } = decoded;
+        let Decoded { cluster, nodes, links, lease, groups, api } = decoded;
         let mut groups_out = Vec::new();
         for g in groups {
             let mut header = g.header?;
@@ -288,6 +289,7 @@ impl<'s> Checker<'s> {
             links: links.into_iter().collect::<Option<_>>()?,
             lease: lease?,
             groups: groups_out,
+            api: api?,
         })
     }
 
@@ -331,7 +333,11 @@ impl<'s> Checker<'s> {
             None => Some(None),
         };
         let groups = self.elements(&[K("group")]).iter().enumerate().map(|(gi, v)| self.decode_group(gi, v)).collect();
-        Decoded { cluster, nodes, links, lease, groups }
+        let api = match get("api") {
+            Some(v) => self.decode::<ApiSettings>(&v),
+            None => Some(ApiSettings::default()),
+        };
+        Decoded { cluster, nodes, links, lease, groups, api }
     }
 
     /// Removes `key` from a table value, returning the rest and the removed value.
@@ -549,6 +555,87 @@ impl<'s> Checker<'s> {
         self.validate_nodes(d);
         self.validate_lease(d);
         self.validate_groups(d);
+        self.validate_api(d);
+    }
+
+    fn validate_api(&mut self, d: &Decoded) {
+        for (i, n) in d.nodes.iter().enumerate() {
+            if let Some(addr) = n.as_ref().and_then(|n| n.api) {
+                if addr.port() == 0 || addr.ip().is_unspecified() {
+                    self.error(
+                        ProblemKind::InvalidValue,
+                        &[K("node"), I(i), K("api")],
+                        format!(
+                            "{addr} is not an address other nodes can reach: give this node's own address and the \
+                             API port, e.g. \"10.0.0.1:{DEFAULT_API_PORT}\""
+                        ),
+                    );
+                }
+            }
+        }
+        let Some(api) = &d.api else { return };
+        let has_tls = api.tls.is_some();
+        if !has_tls && !api.listen.ip().is_loopback() && !api.insecure {
+            self.error(
+                ProblemKind::Insecure,
+                &[K("api"), K("listen")],
+                format!(
+                    "the API would listen on {} without TLS: anyone who reaches it could stop groups and shut the node \
+                     down; add [api.tls] (cert, key, client_ca), listen on 127.0.0.1, or set `insecure = true` if the \
+                     network is trusted",
+                    api.listen
+                ),
+            );
+        }
+        if api.insecure && has_tls {
+            self.warn(
+                ProblemKind::Insecure,
+                &[K("api"), K("insecure")],
+                "`insecure = true` has no effect with [api.tls]; remove it".into(),
+            );
+        } else if api.insecure && !api.listen.ip().is_loopback() {
+            self.warn(
+                ProblemKind::Insecure,
+                &[K("api"), K("insecure")],
+                format!(
+                    "the API listens on {} without TLS: every client there gets the roles of `anonymous_roles`",
+                    api.listen
+                ),
+            );
+        }
+        if let Some(tls) = &api.tls {
+            self.check_absolute(&[K("api"), K("tls"), K("cert")], "API certificate", &tls.cert);
+            self.check_absolute(&[K("api"), K("tls"), K("key")], "API key", &tls.key);
+            if let Some(ca) = &tls.client_ca {
+                self.check_absolute(&[K("api"), K("tls"), K("client_ca")], "API client CA", ca);
+            }
+        }
+        let verifies_clients = api.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if !api.roles.is_empty() && !verifies_clients {
+            self.error(
+                ProblemKind::InvalidValue,
+                &[K("api"), K("roles")],
+                "roles are given by client certificate, but no certificate is verified: add [api.tls] with \
+                 `client_ca` (the CA that signs the client certificates)"
+                    .into(),
+            );
+        }
+        for (cn, roles) in &api.roles {
+            if cn.trim().is_empty() {
+                self.error_at_key(
+                    ProblemKind::InvalidValue,
+                    &[K("api"), K("roles"), K(cn)],
+                    "empty certificate common name: write the CN of the client certificate, e.g. \"ops-alice\"".into(),
+                );
+            }
+            if roles.is_empty() {
+                self.warn(
+                    ProblemKind::InvalidValue,
+                    &[K("api"), K("roles"), K(cn)],
+                    format!("no roles for {cn:?}: its certificate will be refused everything; list roles or remove it"),
+                );
+            }
+        }
     }
 
     fn validate_links(&mut self, d: &Decoded) {

@@ -47,6 +47,8 @@ pub enum ProblemKind {
     LeaseRequired,
     /// Advice: fewer links or nodes than high availability needs.
     Redundancy,
+    /// An API reachable from the network without TLS.
+    Insecure,
 }
 
 /// A position in the file: 1-based line, 1-based column counted in characters.

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -40,6 +40,10 @@ pub struct ClusterConfig {
     /// Failover groups: resources that start, stop and move together (`[[group]]`).
     #[serde(rename = "group", default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<FailoverGroup>,
+    /// The agent's gRPC API: where it listens and who may do what.
+    #[serde(default, skip_serializing_if = "ApiSettings::is_default")]
+    #[schemars(default)]
+    pub api: ApiSettings,
 }
 
 impl ClusterConfig {
@@ -89,6 +93,11 @@ pub struct Node {
     #[serde(default, with = "duration", skip_serializing_if = "Duration::is_zero")]
     #[schemars(with = "DurationSchema")]
     pub fence_delay: Duration,
+    /// Address of this node's agent API (`10.0.0.1:7701`): where the other
+    /// agents forward operator commands given to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub api: Option<SocketAddr>,
 }
 
 fn default_votes() -> u32 {
@@ -180,6 +189,121 @@ pub struct HostClusterFence {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WatchdogOnlyFence {}
+
+/// Port of the agent API when `[api] listen` is not set.
+pub const DEFAULT_API_PORT: u16 = 7701;
+
+/// `[api]`: the agent's gRPC API (status, operator commands, events,
+/// planned shutdown). See docs/api.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Address and port the API listens on. Anything but a loopback address
+    /// needs `[api.tls]` or `insecure = true`.
+    #[serde(default = "default_api_listen")]
+    #[schemars(with = "String", default = "default_api_listen_text")]
+    pub listen: SocketAddr,
+    /// TLS for the API listener (and for forwarding operator commands to peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTls>,
+    /// Roles of clients by the common name (CN) of their verified client
+    /// certificate: `roles = { "ops-alice" = ["operator"], "node-b" = ["peer"] }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub roles: BTreeMap<String, Vec<ApiRole>>,
+    /// Roles of clients without a verified certificate. Default: every role
+    /// without TLS (the listener is then loopback-only unless `insecure`), none with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_roles: Option<Vec<ApiRole>>,
+    /// Allow listening on a non-loopback address without TLS: anyone who can
+    /// reach the port may then stop groups and shut the node down.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            listen: default_api_listen(),
+            tls: None,
+            roles: BTreeMap::new(),
+            anonymous_roles: None,
+            insecure: false,
+        }
+    }
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_API_PORT)
+}
+fn default_api_listen_text() -> &'static str {
+    "127.0.0.1:7701"
+}
+
+impl ApiSettings {
+    fn is_default(&self) -> bool {
+        *self == ApiSettings::default()
+    }
+
+    /// The roles of a client without a verified certificate (see `anonymous_roles`).
+    pub fn effective_anonymous_roles(&self) -> Vec<ApiRole> {
+        match (&self.anonymous_roles, &self.tls) {
+            (Some(r), _) => r.clone(),
+            (None, None) => ApiRole::ALL.to_vec(),
+            (None, Some(_)) => Vec::new(),
+        }
+    }
+}
+
+/// `[api.tls]`: the API's certificate and the CA its clients' certificates chain to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTls {
+    /// PEM certificate chain of this agent. It also serves as the client
+    /// certificate when this agent forwards commands to its peers.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) that client certificates must chain to. When set,
+    /// clients may present a certificate and get the roles of its CN; peers'
+    /// server certificates are verified against it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// What an API client may do. `operator` includes `viewer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiRole {
+    /// Read status, follow events, health checks, reflection.
+    Viewer,
+    /// Start, stop, move and reset groups; suspend and resume monitoring.
+    Operator,
+    /// Another guest agent of the cluster: forwards operator commands.
+    Peer,
+    /// The host agent: planned shutdown of this node.
+    Host,
+}
+
+impl ApiRole {
+    /// Every role.
+    pub const ALL: [ApiRole; 4] = [ApiRole::Viewer, ApiRole::Operator, ApiRole::Peer, ApiRole::Host];
+
+    /// The name used in configuration files and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiRole::Viewer => "viewer",
+            ApiRole::Operator => "operator",
+            ApiRole::Peer => "peer",
+            ApiRole::Host => "host",
+        }
+    }
+}
+
+impl fmt::Display for ApiRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// `[[link]]`: one network heartbeats travel over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

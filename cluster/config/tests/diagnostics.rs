@@ -579,3 +579,77 @@ fn every_bad_field_of_one_table_is_reported() {
         "{e}"
     );
 }
+
+#[test]
+fn api_section_with_mutual_tls_loads() {
+    let src = BASE.replace("id = 2\n", "id = 2\napi = \"10.0.0.2:7701\"\n")
+        + "\n[api]\nlisten = \"10.0.0.1:7701\"\nanonymous_roles = [\"viewer\"]\n\
+           tls = { cert = \"/etc/tandem/api.pem\", key = \"/etc/tandem/api.key\", client_ca = \"/etc/tandem/ca.pem\" }\n\
+           roles = { \"ops-alice\" = [\"operator\"], \"node-b\" = [\"peer\", \"viewer\"], \"hv1\" = [\"host\"] }\n";
+    let f = write(&src);
+    let c = tandem_config::check(f.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let api = &c.config.api;
+    assert_eq!(api.listen, "10.0.0.1:7701".parse().unwrap());
+    assert_eq!(api.roles["node-b"], vec![tandem_config::ApiRole::Peer, tandem_config::ApiRole::Viewer]);
+    assert_eq!(api.effective_anonymous_roles(), vec![tandem_config::ApiRole::Viewer]);
+    assert_eq!(c.config.nodes[1].api, Some("10.0.0.2:7701".parse().unwrap()));
+    assert_eq!(c.config.nodes[0].api, None);
+    // And back.
+    let again = tandem_config::check_str(&tandem_config::to_toml(&c.config), "again.toml").unwrap();
+    assert_eq!(again.config, c.config);
+}
+
+#[test]
+fn api_defaults_to_loopback_with_every_role() {
+    let c = tandem_config::check_str(BASE, "base.toml").unwrap().config;
+    assert_eq!(c.api.listen, "127.0.0.1:7701".parse().unwrap());
+    assert_eq!(c.api.effective_anonymous_roles(), tandem_config::ApiRole::ALL.to_vec());
+    assert!(!tandem_config::to_toml(&c).contains("[api]"), "defaults are not written back");
+}
+
+#[test]
+fn api_on_the_network_without_tls_needs_insecure() {
+    let src = format!("{BASE}\n[api]\nlisten = \"0.0.0.0:7701\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (23, 10, "api.listen", ProblemKind::Insecure));
+    assert!(msg.contains("insecure = true") && msg.contains("[api.tls]"), "{msg}");
+
+    let src = format!("{BASE}\n[api]\nlisten = \"0.0.0.0:7701\"\ninsecure = true\n");
+    let f = write(&src);
+    let c = tandem_config::check(f.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert_eq!(c.warnings[0].kind, ProblemKind::Insecure);
+    assert_eq!(c.warnings[0].field, "api.insecure");
+}
+
+#[test]
+fn api_errors_are_located() {
+    let src =
+        format!("{BASE}\n[api]\nroles = {{ \"x\" = [\"admin\"] }}\ntls = {{ cert = \"api.pem\", key = \"/k\" }}\n");
+    let e = errors_of(&src);
+    let s = summary(&e);
+    assert_eq!(s.len(), 1, "serde stops the section at the first bad value: {e}");
+    assert_eq!(s[0], (23, 18, "api.roles.x[0]".into(), ProblemKind::Type), "{e}");
+    assert!(e.errors[0].message.contains("viewer"), "lists the roles: {e}");
+
+    let src =
+        format!("{BASE}\n[api]\nroles = {{ \"x\" = [\"viewer\"] }}\ntls = {{ cert = \"api.pem\", key = \"/k\" }}\n");
+    let e = errors_of(&src);
+    assert_eq!(
+        summary(&e),
+        vec![
+            (23, 9, "api.roles".into(), ProblemKind::InvalidValue),
+            (24, 16, "api.tls.cert".into(), ProblemKind::InvalidValue),
+        ],
+        "{e}"
+    );
+    assert!(e.errors[0].message.contains("client_ca"), "{e}");
+
+    let src = BASE.replace("id = 2\n", "id = 2\napi = \"0.0.0.0:7701\"\n");
+    let (line, col, field, kind, _) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (20, 7, "node \"b\".api", ProblemKind::InvalidValue));
+    let src = BASE.replace("id = 2\n", "id = 2\napi = \"10.0.0.2\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (20, 7, "node \"b\".api", ProblemKind::Type), "{msg}");
+}
