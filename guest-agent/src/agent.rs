@@ -12,6 +12,8 @@ use tandem_membership::MembershipEvent;
 use tandem_membership::runtime::{MembershipHandle, RuntimeConfig};
 use tandem_monitors::SecretSource;
 
+use crate::api::{ApiServer, OperatorRequest, peer};
+use crate::control::AgentControl;
 use crate::plan::{Plan, PlanError};
 use crate::resources::{self, Resource, ResourceEnv};
 use crate::runtime::leases::{self, LeaseServiceConfig, MembershipHooks};
@@ -53,6 +55,9 @@ pub enum AgentError {
     /// A node's fence method is unusable.
     #[error(transparent)]
     Fence(#[from] crate::fence::FencerConfigError),
+    /// The API server failed to start.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// Membership failed to start.
     #[error("cannot start the heartbeat links")]
     Membership(#[from] tandem_membership::runtime::RuntimeError),
@@ -82,6 +87,8 @@ pub struct Agent {
     pub task: tokio::task::JoinHandle<Exit>,
     /// The plan it runs.
     pub plan: Arc<Plan>,
+    /// Where the API listens.
+    pub api_addr: std::net::SocketAddr,
 }
 
 /// Starts an agent. Joining the lockspace takes a few seconds (it must prove no other node
@@ -223,21 +230,65 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         monitors,
         leases,
         fence: fencer,
-        forward: Box::new(|_, _| {}),
-        peers_up: Box::new(move || {
-            peers_view
-                .view()
-                .peers
-                .iter()
-                .filter(|p| p.status == tandem_membership::PeerStatus::Up)
-                .map(|p| NodeId(p.node.0))
-                .collect()
-        }),
+        forward: forwarder(&config, &plan),
+        peers: Box::new(move || peers_view.view().peers),
     };
     let engine = Engine::new(plan.me, plan.model.clone()).map_err(PlanError::from)?;
     let driver = Driver::new(engine, parts, &handle);
-    let task = tokio::spawn(driver.run(rx));
-    Ok(Agent { handle, task, plan })
+
+    // The API, on this node's own `api` address when the node has one.
+    let mut settings = config.api.clone();
+    if let Some(addr) = config.node(&opts.node).and_then(|n| n.api) {
+        settings.listen = addr;
+    }
+    let control = Arc::new(AgentControl::new(handle.clone(), plan.clone()));
+    let api = ApiServer::new(&settings, control)?.bind().await?;
+    let api_addr = api.local_addr();
+    tracing::info!(target: "tandem_guest", "API listening on {api_addr}");
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) = api
+            .serve(async move {
+                let _ = api_stopped.await;
+            })
+            .await
+        {
+            tracing::error!(target: "tandem_guest", "API server: {e}");
+        }
+    });
+    let task = tokio::spawn(async move {
+        let exit = driver.run(rx).await;
+        let _ = stop_api.send(());
+        exit
+    });
+    Ok(Agent { handle, task, plan, api_addr })
+}
+
+/// Forwards each operator command to every peer that has an `api` address, so that every
+/// engine sees it (best effort: a peer that misses it learns the intent from the lease note).
+fn forwarder(config: &ClusterConfig, plan: &Plan) -> Box<dyn FnMut(u64, &OperatorRequest) + Send> {
+    let peers: Vec<(String, std::net::SocketAddr)> = config
+        .nodes
+        .iter()
+        .filter(|n| n.name != plan.my_name)
+        .filter_map(|n| n.api.map(|a| (n.name.clone(), a)))
+        .collect();
+    let settings = config.api.clone();
+    Box::new(move |seq, req| {
+        for (name, addr) in peers.clone() {
+            let (req, settings) = (req.clone(), settings.clone());
+            tokio::spawn(async move {
+                let res = async {
+                    let mut client = peer::connect(&name, addr, &settings, Duration::from_secs(2)).await?;
+                    peer::deliver(&mut client, &name, seq, &req).await
+                }
+                .await;
+                if let Err(e) = res {
+                    tracing::warn!(target: "tandem_guest", "operator command {seq} not delivered to {name}: {e}");
+                }
+            });
+        }
+    })
 }
 
 fn describe(plan: &Plan, ev: &MembershipEvent) -> String {

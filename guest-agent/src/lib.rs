@@ -6,10 +6,11 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod api;
+pub mod control;
 pub mod fence;
 pub mod fencing;
 pub mod note;
 pub mod plan;
-pub mod api;
 pub mod resources;
 pub mod runtime;

@@ -13,6 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem_lease::{AreaParams, FileDisk, Lockspace, Timeouts};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::guest_agent_client::GuestAgentClient;
 use tandem_testkit::{ChildGuard, free_port};
 
 const RENEWAL_MS: u64 = 300;
@@ -21,6 +23,7 @@ struct Cluster {
     dir: tempfile::TempDir,
     cg_root: PathBuf,
     nodes: Vec<String>,
+    api_port: u16,
 }
 
 struct Node {
@@ -53,6 +56,7 @@ impl Cluster {
         .unwrap();
 
         let port = free_port();
+        let api_port = free_port();
         let nodes: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let mut toml = format!(
             "[cluster]\nname = \"e2e\"\nkey_file = \"{key}\"\n\n[[link]]\nname = \"lo\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
@@ -62,7 +66,7 @@ impl Cluster {
         );
         for (i, name) in nodes.iter().enumerate() {
             toml += &format!(
-                "[[node]]\nname = \"{name}\"\nid = {id}\nlinks = {{ lo = \"127.0.0.{addr}\" }}\nfence = {fence}\n\n",
+                "[[node]]\nname = \"{name}\"\nid = {id}\nlinks = {{ lo = \"127.0.0.{addr}\" }}\napi = \"127.0.0.{addr}:{api_port}\"\nfence = {fence}\n\n",
                 id = i + 1,
                 addr = 11 + i,
                 fence = fence
@@ -83,7 +87,14 @@ impl Cluster {
             log = log.display(),
         );
         std::fs::write(dir.path().join("tandem.toml"), toml).unwrap();
-        Cluster { dir, cg_root, nodes }
+        Cluster { dir, cg_root, nodes, api_port }
+    }
+
+    /// A gRPC client of `node`'s API.
+    fn client(&self, rt: &tokio::runtime::Runtime, node: &str) -> GuestAgentClient<tonic::transport::Channel> {
+        let i: usize = node[1..].parse().unwrap();
+        let url = format!("http://127.0.0.{}:{}", 10 + i, self.api_port);
+        rt.block_on(GuestAgentClient::connect(url.clone())).unwrap_or_else(|e| panic!("cannot reach {url}: {e}"))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -293,4 +304,60 @@ fn whole_node_stall_is_fenced_from_outside_before_takeover() {
     assert!(t2 > t1);
     let fenced = std::fs::read_to_string(c.path("fenced.log")).unwrap_or_default();
     assert_eq!(fenced.lines().collect::<Vec<_>>(), ["n1"], "n2 must have fenced n1 exactly once:\n{}", c.logs());
+}
+
+#[test]
+fn operator_move_hands_the_group_over_and_every_node_agrees() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let _n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // Asked on n2 (not the holder): forwarded to n1, which hands over cleanly.
+    let mut api2 = c.client(&rt, "n2");
+    let moved = Instant::now();
+    rt.block_on(api2.move_group(pb::MoveGroupRequest { group: "app".into(), to: "n2".into() })).unwrap();
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    eprintln!("operator move: {:?} (token {t1} -> {t2})", moved.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
+    c.assert_never_two_writers();
+
+    // Both nodes report the group on n2.
+    for node in ["n1", "n2"] {
+        let mut api = c.client(&rt, node);
+        let st = rt.block_on(api.get_status(pb::GetStatusRequest {})).unwrap().into_inner();
+        let g = st.groups.iter().find(|g| g.name == "app").unwrap();
+        assert_eq!(g.location, "n2", "{node} sees {g:?}");
+    }
+    // Unknown groups are NotFound.
+    let err = rt.block_on(api2.stop_group(pb::GroupRequest { group: "nope".into() })).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[test]
+fn prepare_shutdown_moves_the_group_away_and_reports_safe() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let _n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut api1 = c.client(&rt, "n1");
+    let done = rt.block_on(async {
+        let mut stream = api1.prepare_shutdown(pb::PrepareShutdownRequest {}).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(p) = stream.message().await.unwrap() {
+            last = Some(p);
+        }
+        last
+    });
+    match done.and_then(|p| p.progress) {
+        Some(pb::shutdown_progress::Progress::Done(d)) => assert!(d.safe_to_power_off, "{d:?}\n{}", c.logs()),
+        other => panic!("no final message: {other:?}"),
+    }
+    c.wait_writer("n2", t1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    c.assert_never_two_writers();
 }

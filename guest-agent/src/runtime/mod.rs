@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tandem_engine::{ClusterStatus, Command, Engine, Event, GroupId, NodeId, Notice, OperatorCommand, ResourceId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::api::{OperatorAction, OperatorRequest};
 use crate::plan::Plan;
 
 pub use exec::ResourceTable;
@@ -57,28 +58,6 @@ pub enum EventKind {
     Notice,
 }
 
-/// An operator command as the API hands it in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OperatorRequest {
-    /// Start the group on its best node.
-    Start(String),
-    /// Stop the group everywhere.
-    Stop(String),
-    /// Move the group to the named node.
-    Move {
-        /// The group.
-        group: String,
-        /// The target node's name.
-        to: String,
-    },
-    /// Reset the group's counters.
-    Reset(String),
-    /// Ignore monitor failures of the group.
-    Suspend(String),
-    /// Act on monitor failures again.
-    Resume(String),
-}
-
 /// Why an operator request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -108,6 +87,9 @@ pub(crate) enum Input {
     Publish(AgentEvent),
     /// Stop the agent: stop every group here, release the leases, leave.
     Shutdown(oneshot::Sender<()>),
+    /// Move or stop every group away from this node and keep them away (PrepareShutdown);
+    /// the agent keeps running.
+    Drain,
     /// The host lease could not be renewed in time: nothing may run here any more.
     HostLeaseLost(String),
 }
@@ -119,8 +101,10 @@ pub struct AgentStatus {
     pub cluster: ClusterStatus,
     /// Names of the nodes by id.
     pub names: Vec<(NodeId, String)>,
-    /// Nodes this node hears (from membership).
-    pub peers_up: Vec<NodeId>,
+    /// Every peer as membership sees it.
+    pub peers: Vec<tandem_membership::PeerView>,
+    /// The heartbeat links' names.
+    pub links: Vec<String>,
     /// Monitor states.
     pub monitors: Vec<monitors::MonitorStatus>,
     /// Remaining validity of this node's host lease, in ms (None: not held).
@@ -159,6 +143,11 @@ impl AgentHandle {
         self.events.subscribe()
     }
 
+    /// Moves or stops every group away from this node (PrepareShutdown).
+    pub fn drain(&self) -> Result<(), RequestError> {
+        self.inputs.send(Input::Drain).map_err(|_| RequestError::ShuttingDown)
+    }
+
     /// Stops the agent cleanly (every local group stopped, leases released).
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
@@ -176,7 +165,7 @@ pub(crate) struct Parts {
     pub leases: leases::LeaseClient,
     pub fence: crate::fencing::FenceService,
     pub forward: Box<dyn FnMut(u64, &OperatorRequest) + Send>,
-    pub peers_up: Box<dyn Fn() -> Vec<NodeId> + Send>,
+    pub peers: Box<dyn Fn() -> Vec<tandem_membership::PeerView> + Send>,
 }
 
 /// How the engine task ended.
@@ -206,6 +195,7 @@ pub(crate) struct Driver {
     /// Lamport clock of operator commands: the highest sequence seen.
     seq_seen: u64,
     shutdown: Option<oneshot::Sender<()>>,
+    draining: bool,
     exit: Option<Exit>,
 }
 
@@ -219,6 +209,7 @@ impl Driver {
             started: Instant::now(),
             seq_seen: 0,
             shutdown: None,
+            draining: false,
             exit: None,
         }
     }
@@ -313,7 +304,8 @@ impl Driver {
                 let _ = reply.send(AgentStatus {
                     cluster: self.engine.status(),
                     names: self.parts.plan.names.clone(),
-                    peers_up: (self.parts.peers_up)(),
+                    peers: (self.parts.peers)(),
+                    links: self.parts.plan.membership.links.clone(),
                     monitors: self.parts.monitors.status(),
                     lease_valid_ms: self.parts.leases.valid_for_ms(),
                 });
@@ -323,6 +315,20 @@ impl Driver {
                 let _ = self.events.send(ev);
             }
             Input::HostLeaseLost(why) => self.host_lease_lost(why),
+            Input::Drain => {
+                if !self.draining {
+                    self.draining = true;
+                    self.publish(
+                        EventKind::Operator,
+                        None,
+                        None,
+                        "preparing for shutdown: moving every group away from this node".into(),
+                    );
+                    // Leaving the partition is what draining is: every local group stops and
+                    // releases its lease for a peer to take over, and none starts here again.
+                    self.feed(Event::QuorumLost);
+                }
+            }
             Input::Shutdown(reply) => {
                 self.publish(EventKind::Operator, None, None, "agent shutting down: stopping local groups".into());
                 self.shutdown = Some(reply);
@@ -334,22 +340,18 @@ impl Driver {
     }
 
     fn resolve(&self, req: &OperatorRequest) -> Result<OperatorCommand, RequestError> {
-        let group = |name: &str| {
-            let g = GroupId(name.to_string());
-            if self.parts.plan.model.groups.iter().any(|x| x.id == g) {
-                Ok(g)
-            } else {
-                Err(RequestError::UnknownGroup(name.into()))
-            }
-        };
-        Ok(match req {
-            OperatorRequest::Start(g) => OperatorCommand::StartGroup(group(g)?),
-            OperatorRequest::Stop(g) => OperatorCommand::StopGroup(group(g)?),
-            OperatorRequest::Reset(g) => OperatorCommand::ResetCounters(group(g)?),
-            OperatorRequest::Suspend(g) => OperatorCommand::SuspendMonitoring(group(g)?),
-            OperatorRequest::Resume(g) => OperatorCommand::ResumeMonitoring(group(g)?),
-            OperatorRequest::Move { group: g, to } => OperatorCommand::MoveGroup {
-                group: group(g)?,
+        let g = GroupId(req.group.clone());
+        if !self.parts.plan.model.groups.iter().any(|x| x.id == g) {
+            return Err(RequestError::UnknownGroup(req.group.clone()));
+        }
+        Ok(match &req.action {
+            OperatorAction::Start => OperatorCommand::StartGroup(g),
+            OperatorAction::Stop => OperatorCommand::StopGroup(g),
+            OperatorAction::Reset => OperatorCommand::ResetCounters(g),
+            OperatorAction::SuspendMonitoring => OperatorCommand::SuspendMonitoring(g),
+            OperatorAction::ResumeMonitoring => OperatorCommand::ResumeMonitoring(g),
+            OperatorAction::Move { to } => OperatorCommand::MoveGroup {
+                group: g,
                 to: self.parts.plan.id_of(to).ok_or_else(|| RequestError::UnknownNode(to.clone()))?,
             },
         })
@@ -357,7 +359,7 @@ impl Driver {
 
     fn feed(&mut self, ev: Event) {
         // The shutdown path keeps the node out of quorum: nothing may start here again.
-        if self.shutdown.is_some() && matches!(ev, Event::QuorumRegained) {
+        if (self.shutdown.is_some() || self.draining) && matches!(ev, Event::QuorumRegained) {
             return;
         }
         match &ev {
