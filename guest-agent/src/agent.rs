@@ -12,7 +12,7 @@ use tandem_membership::MembershipEvent;
 use tandem_membership::runtime::{MembershipHandle, RuntimeConfig};
 use tandem_monitors::SecretSource;
 
-use crate::api::{ApiServer, OperatorRequest, peer};
+use crate::api::{ApiServer, peer};
 use crate::control::AgentControl;
 use crate::plan::{Plan, PlanError};
 use crate::resources::{self, Resource, ResourceEnv};
@@ -266,7 +266,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
 
 /// Forwards each operator command to every peer that has an `api` address, so that every
 /// engine sees it (best effort: a peer that misses it learns the intent from the lease note).
-fn forwarder(config: &ClusterConfig, plan: &Plan) -> Box<dyn FnMut(u64, &OperatorRequest) + Send> {
+fn forwarder(config: &ClusterConfig, plan: &Plan) -> crate::runtime::Forward {
     let peers: Vec<(String, std::net::SocketAddr)> = config
         .nodes
         .iter()

@@ -157,6 +157,9 @@ impl AgentHandle {
     }
 }
 
+/// Sends an operator command with its sequence number to the peers.
+pub type Forward = Box<dyn FnMut(u64, &OperatorRequest) + Send>;
+
 /// Everything the engine task drives.
 pub(crate) struct Parts {
     pub plan: Arc<Plan>,
@@ -164,7 +167,7 @@ pub(crate) struct Parts {
     pub monitors: MonitorTable,
     pub leases: leases::LeaseClient,
     pub fence: crate::fencing::FenceService,
-    pub forward: Box<dyn FnMut(u64, &OperatorRequest) + Send>,
+    pub forward: Forward,
     pub peers: Box<dyn Fn() -> Vec<tandem_membership::PeerView> + Send>,
 }
 
