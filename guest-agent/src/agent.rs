@@ -163,10 +163,9 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         cgroups: cgroups.values().cloned().collect(),
     };
     let hooks = {
-        let (c1, c2, c3) = (ctl.clone(), ctl.clone(), ctl.clone());
+        let (c1, c3) = (ctl.clone(), ctl.clone());
         MembershipHooks {
             disk_liveness: Box::new(move |n, alive| c1.disk_liveness(tandem_membership::NodeId(n.0), alive)),
-            tie_break_relevant: Box::new(move || c2.view().tie_break_relevant),
             tie_break: Box::new(move |won| c3.tie_break(won)),
         }
     };
@@ -180,36 +179,46 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         let tx = tx.clone();
         let plan = plan.clone();
         tokio::spawn(async move {
-            while let Some(ev) = membership.next_event().await {
-                let input = match ev {
-                    MembershipEvent::NodeJoined { node, .. } => Input::Engine(Event::NodeJoined(NodeId(node.0))),
-                    // The engine's "lost" means silent on every link: whether the node's lease
-                    // is dead comes separately (PeerFenced). A partitioned node is exactly
-                    // that, and it must count as unreachable at once, or a lease-dead
-                    // observation could be mistaken for a reachable node that stopped itself.
-                    MembershipEvent::NodeLost { node } => Input::Engine(Event::NodeLost(NodeId(node.0))),
-                    MembershipEvent::NodePartitioned { node } => {
-                        let _ = tx.send(Input::Publish(AgentEvent {
+            while let Some(first) = membership.next_event().await {
+                // The core publishes a peer's silence before the quorum change it causes;
+                // the engine must learn about lost quorum first, or it could act on the
+                // silent peer (request a fence, take over) as if it still had quorum.
+                let mut batch = vec![first];
+                while let Some(ev) = membership.try_next_event() {
+                    batch.push(ev);
+                }
+                batch.sort_by_key(|ev| !matches!(ev, MembershipEvent::QuorumLost));
+                for ev in batch {
+                    let input = match ev {
+                        MembershipEvent::NodeJoined { node, .. } => Input::Engine(Event::NodeJoined(NodeId(node.0))),
+                        // The engine's "lost" means silent on every link: whether the node's lease
+                        // is dead comes separately (PeerFenced). A partitioned node is exactly
+                        // that, and it must count as unreachable at once, or a lease-dead
+                        // observation could be mistaken for a reachable node that stopped itself.
+                        MembershipEvent::NodeLost { node } => Input::Engine(Event::NodeLost(NodeId(node.0))),
+                        MembershipEvent::NodePartitioned { node } => {
+                            let _ = tx.send(Input::Publish(AgentEvent {
+                                at_ms: 0,
+                                group: None,
+                                resource: None,
+                                kind: EventKind::Membership,
+                                message: describe(&plan, &ev),
+                            }));
+                            Input::Engine(Event::NodeLost(NodeId(node.0)))
+                        }
+                        MembershipEvent::QuorumLost => Input::Engine(Event::QuorumLost),
+                        MembershipEvent::QuorumRegained => Input::Engine(Event::QuorumRegained),
+                        other => Input::Publish(AgentEvent {
                             at_ms: 0,
                             group: None,
                             resource: None,
                             kind: EventKind::Membership,
-                            message: describe(&plan, &ev),
-                        }));
-                        Input::Engine(Event::NodeLost(NodeId(node.0)))
+                            message: describe(&plan, &other),
+                        }),
+                    };
+                    if tx.send(input).is_err() {
+                        return;
                     }
-                    MembershipEvent::QuorumLost => Input::Engine(Event::QuorumLost),
-                    MembershipEvent::QuorumRegained => Input::Engine(Event::QuorumRegained),
-                    other => Input::Publish(AgentEvent {
-                        at_ms: 0,
-                        group: None,
-                        resource: None,
-                        kind: EventKind::Membership,
-                        message: describe(&plan, &other),
-                    }),
-                };
-                if tx.send(input).is_err() {
-                    break;
                 }
             }
             membership.stop().await;

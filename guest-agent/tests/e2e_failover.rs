@@ -361,3 +361,22 @@ fn prepare_shutdown_moves_the_group_away_and_reports_safe() {
     std::thread::sleep(Duration::from_millis(500));
     c.assert_never_two_writers();
 }
+
+#[test]
+fn losing_the_standby_does_not_disturb_the_active_group() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let _n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+    let before = c.writes().len();
+    n2.crash();
+    // Past the link timeout and the host-dead time: n1 is now alone with half the votes and
+    // keeps quorum through the tie-break lease it already holds.
+    std::thread::sleep(Duration::from_secs(5));
+    let w = c.writes();
+    assert!(w.len() > before + 50, "the writer must keep running on n1:\n{}", c.logs());
+    assert!(w.iter().all(|(t, n)| *t == t1 && n == "n1"), "the group moved or restarted:\n{}", c.logs());
+    let log = std::fs::read_to_string(c.path("n1.log")).unwrap();
+    assert!(!log.contains("quorum lost") && !log.contains("stopping app/writer"), "n1 bounced its group:\n{log}");
+}

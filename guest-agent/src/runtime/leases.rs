@@ -112,7 +112,6 @@ pub(crate) struct LeaseServiceConfig {
 /// Membership hooks the observer feeds.
 pub(crate) struct MembershipHooks {
     pub disk_liveness: Box<dyn Fn(NodeId, bool) + Send>,
-    pub tie_break_relevant: Box<dyn Fn() -> bool + Send>,
     pub tie_break: Box<dyn Fn(bool) + Send>,
 }
 
@@ -290,7 +289,6 @@ fn observe(
     let period = Duration::from_millis(lease.timeouts().poll_interval_ms().max(100));
     let mut dead: BTreeSet<NodeId> = BTreeSet::new();
     let mut last_alive: BTreeMap<NodeId, bool> = BTreeMap::new();
-    let mut holding_quorum = false;
     while !stop.load(Ordering::SeqCst) {
         // Peers' host leases, judged on our own clock.
         match lease.observe_hosts() {
@@ -322,15 +320,14 @@ fn observe(
                 Err(e) => tracing::warn!(target: "tandem_guest", "cannot read the lease of {group}: {e}"),
             }
         }
-        // The quorum tie-break (two-node clusters): contend only while it decides.
-        if (hooks.tie_break_relevant)() {
-            let won = holding_quorum || lease.acquire(QUORUM_LEASE, None).is_ok();
-            holding_quorum = won;
-            (hooks.tie_break)(won);
-        } else if holding_quorum {
-            holding_quorum = false;
-            let _ = lease.release(QUORUM_LEASE);
+        // The quorum tie-break (two-node clusters). The lease is held continuously by
+        // whichever node got it first, so that when the cluster splits in half the holder
+        // already knows it won and keeps its groups without a stop/start bounce; the other
+        // half gets it only once the holder's host lease is dead.
+        if lease.holds(QUORUM_LEASE).is_none() {
+            let _ = lease.acquire(QUORUM_LEASE, None);
         }
+        (hooks.tie_break)(lease.holds(QUORUM_LEASE).is_some());
         std::thread::sleep(period);
     }
 }
