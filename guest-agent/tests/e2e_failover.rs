@@ -380,3 +380,78 @@ fn losing_the_standby_does_not_disturb_the_active_group() {
     let log = std::fs::read_to_string(c.path("n1.log")).unwrap();
     assert!(!log.contains("quorum lost") && !log.contains("stopping app/writer"), "n1 bounced its group:\n{log}");
 }
+
+/// Kills the writer process of `node` (the service process in its resource cgroup).
+fn kill_writer(c: &Cluster, node: &str) {
+    let cg = c.cg_root.join(node).join("groups/app/writer/service/cgroup.procs");
+    let pids = std::fs::read_to_string(&cg).unwrap_or_else(|e| panic!("{}: {e}", cg.display()));
+    assert!(!pids.trim().is_empty(), "no writer process on {node}");
+    let status = Command::new("kill").arg("-KILL").args(pids.split_whitespace()).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_crashed_application_restarts_in_place_then_moves_past_the_restart_limit() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let _n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+
+    // First crash: restart_limit = 1 allows one restart here, under the same lease.
+    let before = c.writes().len();
+    kill_writer(&c, "n1");
+    let start = Instant::now();
+    loop {
+        let w = c.writes();
+        if w.len() > before + 20 && w[before..].iter().any(|(t, n)| *t == t1 && n == "n1") {
+            // Written again by n1 after the crash: restarted in place.
+            let restarted = std::fs::read_to_string(c.path("n1.log")).unwrap();
+            if restarted.matches("starting app/writer").count() >= 2 {
+                break;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(40), "the writer was not restarted on n1:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("restarted in place after {:?}", start.elapsed());
+    assert!(c.writes().iter().all(|(_, n)| n == "n1"), "the group must not move on the first crash");
+
+    // Second crash: past the limit, the group fails over to n2 under a new token.
+    std::thread::sleep(Duration::from_secs(1));
+    kill_writer(&c, "n1");
+    let moved = Instant::now();
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(40));
+    eprintln!("failed over after the second crash in {:?} (token {t1} -> {t2})", moved.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    c.assert_never_two_writers();
+}
+
+#[test]
+fn agent_restart_during_a_failover_starts_nothing_twice() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let mut n1 = c.start("n1");
+    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let _n2 = c.start("n2");
+    std::thread::sleep(Duration::from_secs(2));
+
+    // n1's agent dies (its guard kills the writer) and comes back at once, while n2 is
+    // waiting for n1's host lease to expire so that it can take over.
+    n1.agent.kill();
+    let n1b = c.start("n1");
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(40));
+    std::thread::sleep(Duration::from_secs(4));
+    c.assert_never_two_writers();
+    // The restarted n1 joined as a standby: from the takeover on, only n2 writes.
+    let w = c.writes();
+    let first_t2 = w.iter().position(|(t, _)| *t == t2).unwrap();
+    assert!(
+        w[first_t2..].iter().all(|(t, n)| *t == t2 && n == "n2"),
+        "after the takeover only n2 may write:\n{}",
+        c.logs()
+    );
+    let log = std::fs::read_to_string(c.path("n1.log")).unwrap();
+    let restarts = log.matches("starting app/writer").count();
+    assert_eq!(restarts, 1, "the restarted n1 must not start the writer again:\n{log}");
+    drop(n1b);
+}
