@@ -573,6 +573,27 @@ impl<'s> Checker<'s> {
                 }
             }
         }
+        // Each agent listens on its node's `api` address when it has one: the same rule
+        // as for `listen` applies to it.
+        let (tls, insecure) = d.api.as_ref().map_or((false, false), |a| (a.tls.is_some(), a.insecure));
+        for (i, n) in d.nodes.iter().enumerate() {
+            if let Some(addr) = n.as_ref().and_then(|n| n.api)
+                && !tls
+                && !insecure
+                && !addr.ip().is_loopback()
+                && !addr.ip().is_unspecified()
+            {
+                self.error(
+                    ProblemKind::Insecure,
+                    &[K("node"), I(i), K("api")],
+                    format!(
+                        "this node's agent would listen on {addr} without TLS: anyone who reaches it could stop \
+                         groups and shut the node down; add [api.tls] (cert, key, client_ca), or set \
+                         [api] insecure = true if the network is trusted"
+                    ),
+                );
+            }
+        }
         let Some(api) = &d.api else { return };
         let has_tls = api.tls.is_some();
         if !has_tls && !api.listen.ip().is_loopback() && !api.insecure {

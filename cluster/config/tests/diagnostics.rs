@@ -653,3 +653,17 @@ fn api_errors_are_located() {
     let (line, col, field, kind, msg) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (20, 7, "node \"b\".api", ProblemKind::Type), "{msg}");
 }
+
+#[test]
+fn a_node_api_address_on_the_network_needs_tls_too() {
+    // The agent listens on its node's `api` address: without TLS that is an open door.
+    let src = BASE.replace("id = 2\n", "id = 2\napi = \"10.0.0.2:7701\"\n");
+    let (line, _col, field, kind, msg) = only(&src);
+    assert_eq!((line, field.as_str(), kind), (20, "node \"b\".api", ProblemKind::Insecure));
+    assert!(msg.contains("10.0.0.2:7701") && msg.contains("[api.tls]"), "{msg}");
+    // Loopback (tests, one-machine labs) and an explicit `insecure` are accepted.
+    let src = BASE.replace("id = 2\n", "id = 2\napi = \"127.0.0.2:7701\"\n");
+    tandem_config::check_str(&src, "lo.toml").unwrap_or_else(|e| panic!("{e}"));
+    let src = BASE.replace("id = 2\n", "id = 2\napi = \"10.0.0.2:7701\"\n") + "\n[api]\ninsecure = true\n";
+    tandem_config::check_str(&src, "insecure.toml").unwrap_or_else(|e| panic!("{e}"));
+}
