@@ -203,6 +203,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
                                 resource: None,
                                 kind: EventKind::Membership,
                                 message: describe(&plan, &ev),
+                                detail: None,
                             }));
                             Input::Engine(Event::NodeLost(NodeId(node.0)))
                         }
@@ -214,6 +215,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
                             resource: None,
                             kind: EventKind::Membership,
                             message: describe(&plan, &other),
+                            detail: None,
                         }),
                     };
                     if tx.send(input).is_err() {

@@ -50,6 +50,9 @@ impl AgentControl {
 }
 
 fn event_kind(ev: &AgentEvent) -> pb::event::Kind {
+    if let Some(detail) = &ev.detail {
+        return detail.clone();
+    }
     let text = match &ev.group {
         Some(g) if !ev.message.contains(g.as_str()) => format!("{g}: {}", ev.message),
         _ => ev.message.clone(),

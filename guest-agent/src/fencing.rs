@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use tandem_engine::{Event, NodeId};
 use tokio::sync::mpsc;
 
+use crate::api::pb;
 use crate::fence::{FenceRoute, Fencer, FencerConfigError, RetryPolicy, fence_route};
 use crate::plan::Plan;
 use crate::runtime::{AgentEvent, EventKind, Input};
@@ -53,12 +54,20 @@ impl FenceService {
     }
 
     fn publish(tx: &mpsc::UnboundedSender<Input>, message: String) {
+        Self::publish_result(tx, message, None);
+    }
+
+    fn publish_result(tx: &mpsc::UnboundedSender<Input>, message: String, result: Option<(String, bool)>) {
+        let detail = result.map(|(node, fenced)| {
+            pb::event::Kind::FenceResult(pb::FenceResult { node, fenced, message: message.clone() })
+        });
         let _ = tx.send(Input::Publish(AgentEvent {
             at_ms: 0,
             group: None,
             resource: None,
             kind: EventKind::Fence,
             message,
+            detail,
         }));
     }
 
@@ -83,18 +92,20 @@ impl FenceService {
                         || "not retrying: an operator must fix the fence method or fence the node by hand".to_string(),
                         |d| format!("retrying in {} ms", d.as_millis()),
                     );
-                    Self::publish(
+                    Self::publish_result(
                         &tx,
                         format!("fencing {name} failed (attempt {}): {}; {retry}", f.attempt, f.error.chain()),
+                        Some((name.clone(), false)),
                     );
                 })
                 .await;
             this.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
             match res {
                 Ok(report) => {
-                    Self::publish(
+                    Self::publish_result(
                         &tx,
                         format!("{name} fenced by {:?} in {} ms", report.method, report.elapsed.as_millis()),
+                        Some((name.clone(), true)),
                     );
                     let _ = tx.send(Input::Engine(Event::FenceConfirmed(node)));
                 }

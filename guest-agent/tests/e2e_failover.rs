@@ -315,6 +315,20 @@ fn operator_move_hands_the_group_over_and_every_node_agrees() {
     std::thread::sleep(Duration::from_secs(2));
     let rt = tokio::runtime::Runtime::new().unwrap();
 
+    // n1's event feed, watched from before the move.
+    let mut api1 = c.client(&rt, "n1");
+    let mut feed = rt.block_on(api1.watch_events(pb::WatchEventsRequest {})).unwrap().into_inner();
+    let events = rt.spawn(async move {
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(8), async {
+            while let Ok(Some(ev)) = feed.message().await {
+                seen.push(ev);
+            }
+        })
+        .await;
+        seen
+    });
+
     // Asked on n2 (not the holder): forwarded to n1, which hands over cleanly.
     let mut api2 = c.client(&rt, "n2");
     let moved = Instant::now();
@@ -331,6 +345,25 @@ fn operator_move_hands_the_group_over_and_every_node_agrees() {
         let g = st.groups.iter().find(|g| g.name == "app").unwrap();
         assert_eq!(g.location, "n2", "{node} sees {g:?}");
     }
+    // n1 published the handover as structured events: the writer stopped cleanly (not
+    // forced), and the group's new location.
+    let seen = rt.block_on(events).unwrap();
+    let kinds: Vec<_> = seen.iter().filter_map(|e| e.kind.clone()).collect();
+    assert!(
+        kinds.iter().any(|k| matches!(k, pb::event::Kind::ResourceOp(op)
+            if op.resource == "writer" && op.op == pb::ResourceOp::Stop as i32 && op.outcome == pb::OpOutcome::Succeeded as i32)),
+        "{kinds:#?}"
+    );
+    assert!(
+        kinds.iter().any(|k| matches!(k, pb::event::Kind::GroupState(g) if g.group == "app" && g.location == "n2")),
+        "{kinds:#?}"
+    );
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| matches!(k, pb::event::Kind::ResourceOp(op) if op.op == pb::ResourceOp::ForceStop as i32))
+    );
+
     // Unknown groups are NotFound.
     let err = rt.block_on(api2.stop_group(pb::GroupRequest { group: "nope".into() })).unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);

@@ -68,6 +68,7 @@ impl ResourceTable {
             resource: Some(resource.0.clone()),
             kind: EventKind::Resource,
             message,
+            detail: None,
         }));
     }
 

@@ -122,6 +122,7 @@ fn publish(tx: &mpsc::UnboundedSender<Input>, group: Option<&GroupId>, message: 
         resource: None,
         kind: EventKind::Lease,
         message,
+        detail: None,
     }));
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tandem_engine::{ClusterStatus, Command, Engine, Event, GroupId, NodeId, Notice, OperatorCommand, ResourceId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::api::{OperatorAction, OperatorRequest};
+use crate::api::{OperatorAction, OperatorRequest, convert, pb};
 use crate::plan::Plan;
 
 pub use exec::ResourceTable;
@@ -25,7 +25,7 @@ pub use monitors::MonitorTable;
 pub const TICK: Duration = Duration::from_millis(200);
 
 /// Something that happened, for the event feed and the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentEvent {
     /// Milliseconds since the agent started.
     pub at_ms: u64,
@@ -37,6 +37,9 @@ pub struct AgentEvent {
     pub kind: EventKind,
     /// One line for humans.
     pub message: String,
+    /// The structured form for the API's event feed, where there is one (otherwise the
+    /// feed carries `message` as a notice).
+    pub detail: Option<pb::event::Kind>,
 }
 
 /// Kinds of [`AgentEvent`].
@@ -199,6 +202,8 @@ pub(crate) struct Driver {
     seq_seen: u64,
     shutdown: Option<oneshot::Sender<()>>,
     draining: bool,
+    /// Each group's (state, location) as last published.
+    group_states: Vec<(tandem_engine::GroupState, Option<NodeId>)>,
     exit: Option<Exit>,
 }
 
@@ -213,6 +218,7 @@ impl Driver {
             seq_seen: 0,
             shutdown: None,
             draining: false,
+            group_states: Vec::new(),
             exit: None,
         }
     }
@@ -222,7 +228,19 @@ impl Driver {
     }
 
     fn publish(&self, kind: EventKind, group: Option<&GroupId>, resource: Option<&ResourceId>, message: String) {
+        self.publish_detail(kind, group, resource, message, None);
+    }
+
+    fn publish_detail(
+        &self,
+        kind: EventKind,
+        group: Option<&GroupId>,
+        resource: Option<&ResourceId>,
+        message: String,
+        detail: Option<pb::event::Kind>,
+    ) {
         let ev = AgentEvent {
+            detail,
             at_ms: self.now(),
             group: group.map(|g| g.0.clone()),
             resource: resource.map(|r| r.0.clone()),
@@ -256,6 +274,7 @@ impl Driver {
                 _ = tick.tick() => Input::Engine(Event::Tick),
             };
             self.handle(input);
+            self.publish_group_changes();
         }
     }
 
@@ -370,26 +389,40 @@ impl Driver {
                 self.seq_seen = self.seq_seen.max(n.desired_seq).max(n.reset_seq);
             }
             Event::ResourceStarted { group, resource } => {
-                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} started"));
+                self.publish_detail(
+                    EventKind::Resource,
+                    Some(group),
+                    Some(resource),
+                    format!("{group}/{resource} started"),
+                    res_op(group, resource, pb::ResourceOp::Start, pb::OpOutcome::Succeeded),
+                );
                 self.parts.monitors.resource_started(group, resource);
             }
             Event::ResourceStartFailed { group, resource } => {
-                self.publish(
+                self.publish_detail(
                     EventKind::Resource,
                     Some(group),
                     Some(resource),
                     format!("{group}/{resource} failed to start"),
+                    res_op(group, resource, pb::ResourceOp::Start, pb::OpOutcome::Failed),
                 );
             }
             Event::ResourceStopped { group, resource } => {
-                self.publish(EventKind::Resource, Some(group), Some(resource), format!("{group}/{resource} stopped"));
+                self.publish_detail(
+                    EventKind::Resource,
+                    Some(group),
+                    Some(resource),
+                    format!("{group}/{resource} stopped"),
+                    res_op(group, resource, pb::ResourceOp::Stop, pb::OpOutcome::Succeeded),
+                );
             }
             Event::ResourceStopFailed { group, resource } => {
-                self.publish(
+                self.publish_detail(
                     EventKind::Resource,
                     Some(group),
                     Some(resource),
                     format!("{group}/{resource} failed to stop"),
+                    res_op(group, resource, pb::ResourceOp::Stop, pb::OpOutcome::Failed),
                 );
             }
             Event::LeaseAcquired { group, token, .. } => {
@@ -401,11 +434,18 @@ impl Driver {
                 );
             }
             Event::MonitorFailed { group, resource } => {
-                self.publish(
+                let detail = pb::event::Kind::MonitorFailure(pb::MonitorFailure {
+                    group: group.0.clone(),
+                    resource: resource.0.clone(),
+                    confirmed: true,
+                    ..Default::default()
+                });
+                self.publish_detail(
                     EventKind::Monitor,
                     Some(group),
                     Some(resource),
                     format!("monitor failure confirmed on {group}/{resource}"),
+                    Some(detail),
                 );
             }
             Event::NodeJoined(n) => {
@@ -446,6 +486,39 @@ impl Driver {
         }
     }
 
+    /// Publishes the groups whose state or location changed since the last call.
+    fn publish_group_changes(&mut self) {
+        let status = self.engine.status();
+        let plan = self.parts.plan.clone();
+        let name = |n: NodeId| plan.name_of(n);
+        for (i, g) in status.groups.iter().enumerate() {
+            let now = (g.state, g.location);
+            if self.group_states.get(i) == Some(&now) {
+                continue;
+            }
+            if i < self.group_states.len() {
+                self.group_states[i] = now;
+            } else {
+                self.group_states.push(now);
+            }
+            let pg = convert::group_status(g, &name);
+            let detail = pb::event::Kind::GroupState(pb::GroupStateChanged {
+                group: pg.name.clone(),
+                state: pg.state,
+                location: pg.location.clone(),
+                not_running: pg.not_running,
+            });
+            let where_ = if pg.location.is_empty() { String::new() } else { format!(" on {}", pg.location) };
+            self.publish_detail(
+                EventKind::Notice,
+                Some(&g.id),
+                None,
+                format!("{} is {:?}{where_}", g.id, g.state),
+                Some(detail),
+            );
+        }
+    }
+
     fn execute(&mut self, cmds: Vec<Command>) {
         for cmd in cmds {
             match cmd {
@@ -453,7 +526,13 @@ impl Driver {
                     self.parts.resources.probe(&group, &resource, self.inputs.clone());
                 }
                 Command::StartResource { group, resource, token } => {
-                    self.publish(EventKind::Resource, Some(&group), Some(&resource), format!("starting {group}/{resource} (token {})", token.0));
+                    self.publish_detail(
+                        EventKind::Resource,
+                        Some(&group),
+                        Some(&resource),
+                        format!("starting {group}/{resource} (token {})", token.0),
+                        res_op(&group, &resource, pb::ResourceOp::Start, pb::OpOutcome::Begun),
+                    );
                     self.parts.resources.start(&group, &resource, token.0, self.inputs.clone());
                 }
                 Command::AdoptResource { group, resource, token } => {
@@ -463,7 +542,14 @@ impl Driver {
                 Command::StopResource { group, resource, force } => {
                     self.parts.monitors.resource_stopping(&group, &resource);
                     let how = if force { "force-stopping" } else { "stopping" };
-                    self.publish(EventKind::Resource, Some(&group), Some(&resource), format!("{how} {group}/{resource}"));
+                    let op = if force { pb::ResourceOp::ForceStop } else { pb::ResourceOp::Stop };
+                    self.publish_detail(
+                        EventKind::Resource,
+                        Some(&group),
+                        Some(&resource),
+                        format!("{how} {group}/{resource}"),
+                        res_op(&group, &resource, op, pb::OpOutcome::Begun),
+                    );
                     self.parts.resources.stop(&group, &resource, force, self.inputs.clone());
                 }
                 Command::AcquireLease { group } => self.parts.leases.acquire(&group),
@@ -472,7 +558,14 @@ impl Driver {
                     self.parts.leases.release(&group, &note);
                 }
                 Command::RequestFence { node } => {
-                    self.publish(EventKind::Fence, None, None, format!("fencing {} before taking its groups over", self.parts.plan.name_of(node)));
+                    let name = self.parts.plan.name_of(node);
+                    self.publish_detail(
+                        EventKind::Fence,
+                        None,
+                        None,
+                        format!("fencing {name} before taking its groups over"),
+                        Some(pb::event::Kind::FenceRequested(pb::FenceRequested { node: name.clone() })),
+                    );
                     self.parts.fence.request(node);
                 }
                 Command::SelfFence { group, resource } => {
@@ -506,4 +599,20 @@ impl Driver {
         self.parts.resources.kill_all();
         self.exit = Some(Exit::LeaseLost(why));
     }
+}
+
+fn res_op(
+    group: &GroupId,
+    resource: &ResourceId,
+    op: pb::ResourceOp,
+    outcome: pb::OpOutcome,
+) -> Option<pb::event::Kind> {
+    Some(pb::event::Kind::ResourceOp(pb::ResourceOperation {
+        group: group.0.clone(),
+        resource: resource.0.clone(),
+        op: op as i32,
+        outcome: outcome as i32,
+        message: String::new(),
+        duration_ms: 0,
+    }))
 }
