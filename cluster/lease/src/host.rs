@@ -271,7 +271,9 @@ impl HostLease {
     /// ([`LeaseError::WaitTimeout`]).
     pub fn acquire_with_value(&self, name: &str, wait: Option<Duration>) -> Result<Acquired, AcquireError> {
         let start = monotonic_now();
-        let deadline = wait.map(|d| start + d.as_millis() as u64);
+        // Clock readings are whole milliseconds (truncated): one more keeps the promise that
+        // a wait timeout comes no earlier than `wait` after the call.
+        let deadline = wait.map(|d| start + d.as_millis() as u64 + 1);
         let poll = self.timeouts().poll_interval_ms();
         let mut contended = 0u32;
         loop {
