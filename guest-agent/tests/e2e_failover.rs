@@ -90,6 +90,16 @@ impl Cluster {
         Cluster { dir, cg_root, nodes, api_port }
     }
 
+    /// Starts n1, waits until it runs the writer, then starts n2 as the standby and lets
+    /// membership settle. Returns both nodes and n1's fencing token.
+    fn active_and_standby(&self) -> (Node, Node, u64) {
+        let n1 = self.start("n1");
+        let t1 = self.wait_writer("n1", 0, Duration::from_secs(30));
+        let n2 = self.start("n2");
+        std::thread::sleep(Duration::from_secs(2));
+        (n1, n2, t1)
+    }
+
     /// A gRPC client of `node`'s API.
     fn client(&self, rt: &tokio::runtime::Runtime, node: &str) -> GuestAgentClient<tonic::transport::Channel> {
         let i: usize = node[1..].parse().unwrap();
@@ -224,10 +234,7 @@ impl Node {
 #[test]
 fn sigkill_of_the_active_agent_moves_the_group_and_never_two_writers() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let mut n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(3));
+    let (mut n1, _n2, t1) = c.active_and_standby();
     assert!(c.writes().iter().all(|(_, n)| n == "n1"), "the standby must not write:\n{}", c.logs());
 
     // The agent dies: its guard kills the writer at once; n2 takes over once n1's host lease is dead.
@@ -243,10 +250,7 @@ fn sigkill_of_the_active_agent_moves_the_group_and_never_two_writers() {
 #[test]
 fn crash_of_the_whole_active_node_moves_the_group() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (n1, _n2, t1) = c.active_and_standby();
     let killed = Instant::now();
     n1.crash();
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
@@ -257,10 +261,7 @@ fn crash_of_the_whole_active_node_moves_the_group() {
 #[test]
 fn sigstop_of_the_agent_alone_is_fenced_by_its_guard_and_learns_it_lost_on_resume() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let mut n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (mut n1, _n2, t1) = c.active_and_standby();
 
     n1.agent.signal(libc::SIGSTOP);
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
@@ -287,10 +288,7 @@ fn whole_node_stall_is_fenced_from_outside_before_takeover() {
         2,
         "{ kind = \"command\", command = [\"/bin/sh\", \"-c\", \"echo 1 > {cgroup}/cgroup.kill && echo {name} >> {fencelog}\"] }",
     );
-    let n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (n1, _n2, t1) = c.active_and_standby();
 
     // Agent, guard and writer all frozen: nothing on n1 can fence itself.
     n1.freeze(true);
@@ -309,10 +307,7 @@ fn whole_node_stall_is_fenced_from_outside_before_takeover() {
 #[test]
 fn operator_move_hands_the_group_over_and_every_node_agrees() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let _n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (_n1, _n2, t1) = c.active_and_standby();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // n1's event feed, watched from before the move.
@@ -372,10 +367,7 @@ fn operator_move_hands_the_group_over_and_every_node_agrees() {
 #[test]
 fn prepare_shutdown_moves_the_group_away_and_reports_safe() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let _n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (_n1, _n2, t1) = c.active_and_standby();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut api1 = c.client(&rt, "n1");
     let done = rt.block_on(async {
@@ -398,10 +390,7 @@ fn prepare_shutdown_moves_the_group_away_and_reports_safe() {
 #[test]
 fn losing_the_standby_does_not_disturb_the_active_group() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let _n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (_n1, n2, t1) = c.active_and_standby();
     let before = c.writes().len();
     n2.crash();
     // Past the link timeout and the host-dead time: n1 is now alone with half the votes and
@@ -426,10 +415,7 @@ fn kill_writer(c: &Cluster, node: &str) {
 #[test]
 fn a_crashed_application_restarts_in_place_then_moves_past_the_restart_limit() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let _n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (_n1, _n2, t1) = c.active_and_standby();
 
     // First crash: restart_limit = 1 allows one restart here, under the same lease.
     let before = c.writes().len();
@@ -463,10 +449,7 @@ fn a_crashed_application_restarts_in_place_then_moves_past_the_restart_limit() {
 #[test]
 fn agent_restart_during_a_failover_starts_nothing_twice() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let mut n1 = c.start("n1");
-    let t1 = c.wait_writer("n1", 0, Duration::from_secs(30));
-    let _n2 = c.start("n2");
-    std::thread::sleep(Duration::from_secs(2));
+    let (mut n1, _n2, t1) = c.active_and_standby();
 
     // n1's agent dies (its guard kills the writer) and comes back at once, while n2 is
     // waiting for n1's host lease to expire so that it can take over.

@@ -56,14 +56,13 @@ pub enum CgroupError {
     },
 }
 
-/// Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo.
+/// Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo (the lease crate's
+/// discovery, which the guard uses too: both must agree on the hierarchy).
 pub fn v2_mount() -> Result<PathBuf, CgroupError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::MountInfo)?;
-    crate::resources::mountinfo::parse(&text)
-        .into_iter()
-        .find(|m| m.fstype == "cgroup2")
-        .map(|m| m.mount_point)
-        .ok_or(CgroupError::NoV2Mount)
+    tandem_lease::cgroup::cgroup2_mount().map_err(|e| match e {
+        tandem_lease::cgroup::CgroupError::NoCgroup2 => CgroupError::NoV2Mount,
+        other => CgroupError::MountInfo(io::Error::other(other.to_string())),
+    })
 }
 
 /// One cgroup v2 directory.
@@ -124,25 +123,15 @@ impl Cgroup {
         if n == 0 {
             return Ok(0);
         }
-        let kill_file = self.path.join("cgroup.kill");
         let until = Instant::now() + timeout;
-        let mut use_kill_file = kill_file.is_file();
         loop {
-            if use_kill_file {
-                if let Err(e) = std::fs::write(&kill_file, "1") {
-                    if e.kind() == io::ErrorKind::NotFound && !self.exists() {
-                        return Ok(n);
-                    }
-                    tracing::debug!(path = %kill_file.display(), error = %e, "cgroup.kill failed; signalling each process");
-                    use_kill_file = false;
-                }
-            }
-            if !use_kill_file {
-                // Before Linux 5.14: a fork may slip between listing and killing, hence the loop.
-                for pid in self.procs()? {
-                    // SAFETY: kill(2) only delivers a signal; it touches no memory of ours.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            // The guard's kill (cgroup.kill, or freeze + SIGKILL of every pid on kernels
+            // before 5.14), repeated until the cgroup is empty or the time is up.
+            if let Err(e) = tandem_lease::cgroup::kill_path(&self.path) {
+                return Err(CgroupError::Io {
+                    path: self.path.join("cgroup.kill"),
+                    source: io::Error::other(e.to_string()),
+                });
             }
             let step = Instant::now() + Duration::from_millis(200);
             while Instant::now() < step.min(until) {
