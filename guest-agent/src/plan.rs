@@ -133,7 +133,7 @@ impl Plan {
             heartbeat_interval_ms: config.links.iter().map(|l| ms(l.interval)).min().unwrap_or(1000),
             link_timeout_ms: config.links.iter().map(|l| ms(l.timeout)).max().unwrap_or(5000),
             lease_disk: true,
-            ping_targets: Vec::new(),
+            ping_targets: config.cluster.ping_targets.clone(),
         };
         membership.validate()?;
         membership.validate_against_lease(timeouts.host_dead_ms)?;

@@ -69,6 +69,12 @@ pub struct ClusterSection {
     /// Only the path is configured: the key itself never appears in this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// Addresses (`"ADDRESS:PORT"`, checked with a TCP connect: an answer or a refusal both
+    /// count) that tell an isolated node from dead peers: a node that hears no peer and
+    /// reaches none of these considers itself the isolated one and keeps no quorum.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub ping_targets: Vec<std::net::SocketAddr>,
 }
 
 /// `[[node]]`: one machine of the cluster.

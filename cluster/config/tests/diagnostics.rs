@@ -667,3 +667,13 @@ fn a_node_api_address_on_the_network_needs_tls_too() {
     let src = BASE.replace("id = 2\n", "id = 2\napi = \"10.0.0.2:7701\"\n") + "\n[api]\ninsecure = true\n";
     tandem_config::check_str(&src, "insecure.toml").unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn ping_targets_are_addresses() {
+    let src = BASE.replacen("[cluster]\n", "[cluster]\nping_targets = [\"10.0.0.254:53\"]\n", 1);
+    let c = tandem_config::check_str(&src, "ping.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.config.cluster.ping_targets, vec!["10.0.0.254:53".parse().unwrap()]);
+    let src = BASE.replacen("[cluster]\n", "[cluster]\nping_targets = [\"router\"]\n", 1);
+    let e = errors_of(&src);
+    assert!(e.errors.iter().any(|d| d.field.starts_with("cluster.ping_targets")), "{e}");
+}
