@@ -471,3 +471,76 @@ fn agent_restart_during_a_failover_starts_nothing_twice() {
     assert_eq!(restarts, 1, "the restarted n1 must not start the writer again:\n{log}");
     drop(n1b);
 }
+
+/// A loop device with an ext4 file system, detached on drop.
+struct LoopDisk {
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDisk {
+    fn new() -> LoopDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(&img).output().expect("losetup (package mount)");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let st = Command::new("mkfs.ext4").args(["-q", "-F", &dev]).status().expect("mkfs.ext4 (package e2fsprogs)");
+        assert!(st.success());
+        LoopDisk { dev, _dir: dir }
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+#[test]
+fn a_resource_that_will_not_stop_makes_the_node_fence_itself() {
+    let c = Cluster::new(1, "{ kind = \"lease-watchdog-only\" }");
+    let disk = LoopDisk::new();
+    let mp = c.path("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    // The group's data lives on a real mounted file system instead of a directory.
+    let cfg = std::fs::read_to_string(c.path("tandem.toml")).unwrap();
+    let shared = c.path("shared");
+    let cfg = cfg.replace(
+        &format!("kind = \"disk\"\ndirectory = \"{}\"", shared.display()),
+        &format!("kind = \"disk\"\ndevice = \"{}\"\nmountpoint = \"{}\"\nfstype = \"ext4\"", disk.dev, mp.display()),
+    );
+    assert!(cfg.contains("mountpoint"), "{cfg}");
+    std::fs::write(c.path("tandem.toml"), cfg).unwrap();
+
+    let mut n1 = c.start("n1");
+    c.wait_writer("n1", 0, Duration::from_secs(30));
+    // Something outside the agent's reach keeps the file system busy: unmounting fails.
+    std::fs::write(mp.join("held"), "x").unwrap();
+    let held = std::fs::File::open(mp.join("held")).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut api = c.client(&rt, "n1");
+    rt.block_on(api.stop_group(pb::GroupRequest { group: "app".into() })).unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = n1.agent.try_wait() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "n1 did not fence itself:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(75), "exit status after self-fencing:\n{}", c.logs());
+    let log = std::fs::read_to_string(c.path("n1.log")).unwrap();
+    assert!(log.contains("would not stop"), "{log}");
+    assert!(log.matches("failed to stop").count() >= 3, "three stop attempts first:\n{log}");
+    // Nothing of the node's group survives; the writer is gone.
+    let events = std::fs::read_to_string(c.cg_root.join("n1/groups/app/cgroup.events")).unwrap_or_default();
+    assert!(events.is_empty() || events.contains("populated 0"), "{events}");
+    let n = c.writes().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.writes().len(), n, "the writer still writes after self-fencing");
+    drop(held);
+    let _ = Command::new("umount").arg(&mp).status();
+}
