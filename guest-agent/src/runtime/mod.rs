@@ -384,10 +384,11 @@ impl Driver {
         if (self.shutdown.is_some() || self.draining) && matches!(ev, Event::QuorumRegained) {
             return;
         }
+        // Not an arm of the match below: an acquisition with a note must still be published.
+        if let Event::LeaseObserved { note: Some(n), .. } | Event::LeaseAcquired { note: Some(n), .. } = &ev {
+            self.seq_seen = self.seq_seen.max(n.desired_seq).max(n.reset_seq);
+        }
         match &ev {
-            Event::LeaseObserved { note: Some(n), .. } | Event::LeaseAcquired { note: Some(n), .. } => {
-                self.seq_seen = self.seq_seen.max(n.desired_seq).max(n.reset_seq);
-            }
             Event::ResourceStarted { group, resource } => {
                 self.publish_detail(
                     EventKind::Resource,
