@@ -544,3 +544,30 @@ fn a_resource_that_will_not_stop_makes_the_node_fence_itself() {
     drop(held);
     let _ = Command::new("umount").arg(&mp).status();
 }
+
+#[test]
+fn sigterm_stops_the_agent_cleanly_and_the_peer_takes_over_without_waiting_for_the_lease() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let (mut n1, _n2, t1) = c.active_and_standby();
+    n1.agent.signal(libc::SIGTERM);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = n1.agent.try_wait() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "n1 did not stop:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "an orderly stop exits 0:\n{}", c.logs());
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    c.assert_never_two_writers();
+    // n1 released the group's lease before it left, so n2 took it over at once instead of
+    // waiting for n1's host lease to expire.
+    let log2 = std::fs::read_to_string(c.path("n2.log")).unwrap();
+    let acquired = log2.find(&format!("acquired the lease of app (token {t2})")).expect("n2 acquired the lease");
+    assert!(
+        log2.find("host lease of n1 is dead").is_none_or(|dead| acquired < dead),
+        "n2 waited for n1's host lease:\n{log2}"
+    );
+}

@@ -44,7 +44,7 @@ pub enum LeaseServiceError {
 enum Op {
     Acquire(GroupId),
     Release(GroupId, Vec<u8>),
-    Leave,
+    Leave(std_mpsc::Sender<()>),
 }
 
 /// The engine task's side of the lease service.
@@ -60,7 +60,7 @@ impl std::fmt::Debug for Op {
         match self {
             Op::Acquire(g) => write!(f, "acquire {g}"),
             Op::Release(g, _) => write!(f, "release {g}"),
-            Op::Leave => f.write_str("leave"),
+            Op::Leave(_) => f.write_str("leave"),
         }
     }
 }
@@ -74,9 +74,15 @@ impl LeaseClient {
         let _ = self.ops.send(Op::Release(group.clone(), note::encode(note)));
     }
 
-    /// Releases whatever is still held and leaves the lockspace (orderly shutdown).
+    /// Releases whatever is still held (orderly shutdown), after every release already
+    /// queued, and waits for it (bounded), so that peers need not wait for this node's host
+    /// lease to expire.
     pub(crate) fn leave(&self) {
-        let _ = self.ops.send(Op::Leave);
+        let (tx, rx) = std_mpsc::channel();
+        if self.ops.send(Op::Leave(tx)).is_ok() {
+            let io = Duration::from_millis(self.lease.timeouts().io_timeout_ms);
+            let _ = rx.recv_timeout(io * 4 + Duration::from_secs(1));
+        }
     }
 
     /// Stops renewing without releasing anything: peers take over once the host lease is
@@ -268,10 +274,11 @@ fn operations(lease: &HostLease, ops: std_mpsc::Receiver<Op>, tx: &mpsc::Unbound
                     );
                 }
             }
-            Op::Leave => {
+            Op::Leave(done) => {
                 for (name, _) in lease.held() {
                     let _ = lease.release(&name);
                 }
+                let _ = done.send(());
                 return;
             }
         }
