@@ -177,6 +177,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     // Membership events become engine events.
     {
         let tx = tx.clone();
+        let tie_break = leases.clone();
         let plan = plan.clone();
         tokio::spawn(async move {
             while let Some(first) = membership.next_event().await {
@@ -209,6 +210,18 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
                         }
                         MembershipEvent::QuorumLost => Input::Engine(Event::QuorumLost),
                         MembershipEvent::QuorumRegained => Input::Engine(Event::QuorumRegained),
+                        MembershipEvent::SelfIsolated | MembershipEvent::SelfReconnected => {
+                            // An isolated node gives the tie-break up so the peers can form quorum.
+                            tie_break.set_tie_break(matches!(ev, MembershipEvent::SelfReconnected));
+                            Input::Publish(AgentEvent {
+                                at_ms: 0,
+                                group: None,
+                                resource: None,
+                                kind: EventKind::Membership,
+                                message: describe(&plan, &ev),
+                                detail: None,
+                            })
+                        }
                         other => Input::Publish(AgentEvent {
                             at_ms: 0,
                             group: None,
@@ -233,7 +246,9 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     let valid = leases.clone();
     let resources = ResourceTable::new(built, cgroups, Arc::new(move || valid.is_valid_now()));
 
-    let fencer = crate::fencing::FenceService::new(&config, &plan, tx.clone())?;
+    let quorum_view = ctl.clone();
+    let fencer =
+        crate::fencing::FenceService::new(&config, &plan, tx.clone(), Arc::new(move || quorum_view.view().quorum))?;
     let peers_view = ctl.clone();
     let parts = Parts {
         plan: plan.clone(),

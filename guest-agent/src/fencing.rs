@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tandem_engine::{Event, NodeId};
 use tokio::sync::mpsc;
@@ -15,7 +16,7 @@ use crate::plan::Plan;
 use crate::runtime::{AgentEvent, EventKind, Input};
 
 /// Runs fence requests, at most one per target node at a time.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FenceService {
     fencer: Arc<Fencer>,
     plan: Arc<Plan>,
@@ -23,6 +24,14 @@ pub struct FenceService {
     tx: mpsc::UnboundedSender<Input>,
     /// Nodes that are `lease-watchdog-only`: their fence is their own host lease expiring.
     lease_only: Arc<BTreeSet<NodeId>>,
+    /// Whether this node has quorum now (membership's view).
+    quorum: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for FenceService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FenceService").field("in_flight", &self.in_flight).finish_non_exhaustive()
+    }
 }
 
 impl FenceService {
@@ -30,12 +39,14 @@ impl FenceService {
         config: &tandem_config::ClusterConfig,
         plan: &Arc<Plan>,
         tx: mpsc::UnboundedSender<Input>,
+        quorum: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> Result<Self, FencerConfigError> {
         Ok(FenceService {
             fencer: Arc::new(Fencer::from_config(config)?),
             plan: plan.clone(),
             in_flight: Arc::default(),
             tx,
+            quorum,
             lease_only: Arc::new(
                 config
                     .nodes
@@ -85,34 +96,69 @@ impl FenceService {
         tokio::spawn(async move {
             let name = this.plan.name_of(node);
             let tx = this.tx.clone();
-            let res = this
-                .fencer
-                .fence_until_confirmed(node, RetryPolicy::default(), |f| {
-                    let retry = f.retry_in.map_or_else(
-                        || "not retrying: an operator must fix the fence method or fence the node by hand".to_string(),
-                        |d| format!("retrying in {} ms", d.as_millis()),
-                    );
-                    Self::publish_result(
-                        &tx,
-                        format!("fencing {name} failed (attempt {}): {}; {retry}", f.attempt, f.error.chain()),
-                        Some((name.clone(), false)),
-                    );
-                })
-                .await;
-            this.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
-            match res {
-                Ok(report) => {
-                    Self::publish_result(
-                        &tx,
-                        format!("{name} fenced by {:?} in {} ms", report.method, report.elapsed.as_millis()),
-                        Some((name.clone(), true)),
-                    );
-                    let _ = tx.send(Input::Engine(Event::FenceConfirmed(node)));
+            let policy = RetryPolicy::default();
+            let mut attempt = 0u32;
+            loop {
+                // Only a quorate node fences, and only a node that is still lost: checked
+                // before every attempt, since a retry may come long after the request.
+                while !(this.quorum)() {
+                    if this.abandoned(node) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => {
-                    Self::publish(&tx, format!("fencing {name} gave up: {}; its groups stay where they are", e.chain()))
+                if this.abandoned(node) {
+                    Self::publish(&tx, format!("fencing {name} abandoned: it is reachable again"));
+                    break;
+                }
+                attempt += 1;
+                match this.fencer.fence(node).await {
+                    Ok(report) => {
+                        Self::publish_result(
+                            &tx,
+                            format!("{name} fenced by {:?} in {} ms", report.method, report.elapsed.as_millis()),
+                            Some((name.clone(), true)),
+                        );
+                        let _ = tx.send(Input::Engine(Event::FenceConfirmed(node)));
+                        break;
+                    }
+                    Err(e) if e.is_permanent() => {
+                        Self::publish_result(
+                            &tx,
+                            format!(
+                                "fencing {name} failed: {}; not retrying: an operator must fix the fence method or \
+                                 fence the node by hand; its groups stay where they are",
+                                e.chain()
+                            ),
+                            Some((name.clone(), false)),
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        let pause = policy.pause_after(attempt);
+                        Self::publish_result(
+                            &tx,
+                            format!(
+                                "fencing {name} failed (attempt {attempt}): {}; retrying in {} ms",
+                                e.chain(),
+                                pause.as_millis()
+                            ),
+                            Some((name.clone(), false)),
+                        );
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             }
+            this.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
         });
+    }
+
+    fn abandoned(&self, node: NodeId) -> bool {
+        !self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&node)
+    }
+
+    /// The node is reachable again: a fence still in progress for it must not go on.
+    pub(crate) fn abandon(&self, node: NodeId) {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
     }
 }

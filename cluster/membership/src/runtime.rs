@@ -431,26 +431,33 @@ async fn core_task(
             },
             _ = tokio::time::sleep_until(wake) => Input::Tick,
         };
-        let out = core.handle(now_ms(), input);
+        let mut out = core.handle(now_ms(), input);
+        // A quorum loss goes out before the silence that caused it: a consumer that acts on
+        // a lost peer must already know it has no quorum (it must not fence or take over).
+        out.sort_by_key(|e| !matches!(e, MembershipEvent::QuorumLost));
+        publish_view(&core, &view);
         for e in out {
             tracing::info!(event = ?e, "membership");
             if events.send(e).is_err() {
                 return;
             }
         }
-        view.send_if_modified(|v| {
-            let next = Snapshot {
-                peers: core.peers(),
-                quorum: core.has_quorum(),
-                isolated: core.is_isolated(),
-                tie_break_relevant: core.tie_break_relevant(),
-                core: core.counters(),
-            };
-            let changed = *v != next;
-            *v = next;
-            changed
-        });
     }
+}
+
+fn publish_view(core: &Membership, view: &watch::Sender<Snapshot>) {
+    view.send_if_modified(|v| {
+        let next = Snapshot {
+            peers: core.peers(),
+            quorum: core.has_quorum(),
+            isolated: core.is_isolated(),
+            tie_break_relevant: core.tie_break_relevant(),
+            core: core.counters(),
+        };
+        let changed = *v != next;
+        *v = next;
+        changed
+    });
 }
 
 async fn ping_task(targets: Vec<SocketAddr>, every: Duration, timeout: Duration, inputs: mpsc::UnboundedSender<Input>) {

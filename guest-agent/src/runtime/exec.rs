@@ -78,7 +78,7 @@ impl ResourceTable {
         let (group, resource, this) = (group.clone(), resource.clone(), self.clone());
         tokio::spawn(async move {
             let _one = slot.busy.lock().await;
-            let health = slot.resource.check().await;
+            let health = guarded(slot.resource.check()).await.unwrap_or_else(Health::Failed);
             let running = match &health {
                 Health::Running => true,
                 Health::Stopped => false,
@@ -112,7 +112,8 @@ impl ResourceTable {
                 return;
             }
             let ctx = StartContext { group: group.0.clone(), resource: resource.0.clone(), token };
-            let ev = match slot.resource.start(&ctx).await {
+            let ev = match guarded(slot.resource.start(&ctx)).await.unwrap_or_else(|p| Err(panicked("start", &ctx, p)))
+            {
                 Ok(()) => Event::ResourceStarted { group, resource },
                 Err(e) => {
                     this.report(&tx, &group, &resource, e.to_string());
@@ -132,7 +133,8 @@ impl ResourceTable {
         let (group, resource, this) = (group.clone(), resource.clone(), self.clone());
         tokio::spawn(async move {
             let _one = slot.busy.lock().await;
-            let ev = match slot.resource.stop(force).await {
+            let ctx = StartContext { group: group.0.clone(), resource: resource.0.clone(), token: 0 };
+            let ev = match guarded(slot.resource.stop(force)).await.unwrap_or_else(|p| Err(panicked("stop", &ctx, p))) {
                 Ok(()) => Event::ResourceStopped { group, resource },
                 Err(e) => {
                     this.report(&tx, &group, &resource, e.to_string());
@@ -158,4 +160,22 @@ impl ResourceTable {
             self.kill_group(g);
         }
     }
+}
+
+/// Runs a resource operation so that a panic in it becomes an answer: the engine must
+/// always hear back, or the resource would stay "starting" or "stopping" forever.
+async fn guarded<T>(fut: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(fut).catch_unwind().await.map_err(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        format!("internal error (panic: {what})")
+    })
+}
+
+fn panicked(op: &'static str, ctx: &StartContext, why: String) -> crate::resources::ResourceError {
+    crate::resources::ResourceError::Failed { op, resource: format!("{}/{}", ctx.group, ctx.resource), reason: why }
 }

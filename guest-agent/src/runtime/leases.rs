@@ -53,6 +53,8 @@ pub struct LeaseClient {
     ops: std_mpsc::Sender<Op>,
     lease: Arc<HostLease>,
     stop: Arc<AtomicBool>,
+    /// Whether this node contends for (and keeps) the quorum tie-break lease.
+    tie_break: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Op {
@@ -83,6 +85,12 @@ impl LeaseClient {
             let io = Duration::from_millis(self.lease.timeouts().io_timeout_ms);
             let _ = rx.recv_timeout(io * 4 + Duration::from_secs(1));
         }
+    }
+
+    /// Whether this node holds on to the quorum tie-break lease: not while it considers
+    /// itself isolated (ping targets unreachable), nor once it drains or stops.
+    pub fn set_tie_break(&self, contend: bool) {
+        self.tie_break.store(contend, Ordering::SeqCst);
     }
 
     /// Stops renewing without releasing anything: peers take over once the host lease is
@@ -150,6 +158,7 @@ pub(crate) fn start(
     let lease = Arc::new(lease);
     let plan = FencePlan::with_defaults(lease.timeouts()).map_err(LeaseServiceError::Plan)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let tie_break = Arc::new(AtomicBool::new(true));
 
     // Renewal: pets the guard after every successful renewal with the kill deadline that
     // renewal allows; a lost host lease ends the agent's right to run anything.
@@ -212,15 +221,15 @@ pub(crate) fn start(
 
     // Observation.
     {
-        let (lease, stop, tx) = (lease.clone(), stop.clone(), tx.clone());
+        let (lease, stop, tx, contend) = (lease.clone(), stop.clone(), tx.clone(), tie_break.clone());
         let (groups, nodes, me) = (cfg.groups.clone(), cfg.nodes.clone(), cfg.me);
         std::thread::Builder::new()
             .name("lease-observer".into())
-            .spawn(move || observe(&lease, &stop, &groups, &nodes, me, &hooks, &tx))
+            .spawn(move || observe(&lease, &stop, &contend, &groups, &nodes, me, &hooks, &tx))
             .expect("spawning a thread");
     }
 
-    Ok(LeaseClient { ops: ops_tx, lease, stop })
+    Ok(LeaseClient { ops: ops_tx, lease, stop, tie_break })
 }
 
 fn decode_note(tx: &mpsc::UnboundedSender<Input>, group: &GroupId, value: Option<Vec<u8>>) -> Option<LeaseNote> {
@@ -264,7 +273,18 @@ fn operations(lease: &HostLease, ops: std_mpsc::Receiver<Op>, tx: &mpsc::Unbound
                 let _ = tx.send(Input::Engine(ev));
             }
             Op::Release(group, value) => {
-                if let Err(e) = lease.release_with_value(&group_lease(&group), &value) {
+                let name = group_lease(&group);
+                if let Err(e) = lease.release_with_value(&name, &value).or_else(|e| {
+                    // The note could not be written: release without it rather than keep a
+                    // lease the engine considers released (peers would get Busy for as long
+                    // as this node lives); the next holder starts from the older note.
+                    publish(
+                        tx,
+                        Some(&group),
+                        format!("writing the note of {group} failed ({e}); releasing without it"),
+                    );
+                    lease.release(&name)
+                }) {
                     publish(
                         tx,
                         Some(&group),
@@ -285,9 +305,11 @@ fn operations(lease: &HostLease, ops: std_mpsc::Receiver<Op>, tx: &mpsc::Unbound
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn observe(
     lease: &HostLease,
     stop: &AtomicBool,
+    contend: &AtomicBool,
     groups: &[GroupId],
     nodes: &[NodeId],
     me: NodeId,
@@ -308,9 +330,13 @@ fn observe(
                     if last_alive.insert(*n, alive) != Some(alive) {
                         (hooks.disk_liveness)(*n, alive);
                     }
-                    if !alive && dead.insert(*n) {
+                    // Repeated every round while the peer stays dead: a membership verdict
+                    // that arrives later resets the engine's view of the peer, and the
+                    // engine must not forget that its lease is dead.
+                    if !alive {
+                        dead.insert(*n);
                         let _ = tx.send(Input::Engine(Event::PeerFenced(*n)));
-                    } else if alive {
+                    } else {
                         dead.remove(n);
                     }
                 }
@@ -331,9 +357,14 @@ fn observe(
         // The quorum tie-break (two-node clusters). The lease is held continuously by
         // whichever node got it first, so that when the cluster splits in half the holder
         // already knows it won and keeps its groups without a stop/start bounce; the other
-        // half gets it only once the holder's host lease is dead.
-        if lease.holds(QUORUM_LEASE).is_none() {
-            let _ = lease.acquire(QUORUM_LEASE, None);
+        // half gets it only once the holder's host lease is dead or the holder gives it up
+        // (isolated from its ping targets, draining, stopping).
+        if contend.load(Ordering::SeqCst) {
+            if lease.holds(QUORUM_LEASE).is_none() {
+                let _ = lease.acquire(QUORUM_LEASE, None);
+            }
+        } else if lease.holds(QUORUM_LEASE).is_some() {
+            let _ = lease.release(QUORUM_LEASE);
         }
         (hooks.tie_break)(lease.holds(QUORUM_LEASE).is_some());
         std::thread::sleep(period);

@@ -21,6 +21,10 @@ use crate::plan::Plan;
 pub use exec::ResourceTable;
 pub use monitors::MonitorTable;
 
+/// How long an agent that lost its host lease waits for the forced stops of its resources
+/// (addresses, mounts) before it exits anyway.
+pub const LOST_STOP_LIMIT: Duration = Duration::from_secs(30);
+
 /// How often the engine is ticked.
 pub const TICK: Duration = Duration::from_millis(200);
 
@@ -202,6 +206,10 @@ pub(crate) struct Driver {
     seq_seen: u64,
     shutdown: Option<oneshot::Sender<()>>,
     draining: bool,
+    /// The host lease was lost (why, when): stopping everything, then exiting.
+    lost: Option<(String, Instant)>,
+    /// Peers whose host lease was reported dead (published once per death).
+    lease_dead: std::collections::BTreeSet<NodeId>,
     /// Each group's (state, location) as last published.
     group_states: Vec<(tandem_engine::GroupState, Option<NodeId>)>,
     exit: Option<Exit>,
@@ -218,7 +226,9 @@ impl Driver {
             seq_seen: 0,
             shutdown: None,
             draining: false,
+            lost: None,
             group_states: Vec::new(),
+            lease_dead: Default::default(),
             exit: None,
         }
     }
@@ -262,8 +272,23 @@ impl Driver {
             if let Some(exit) = self.exit.take() {
                 return exit;
             }
+            if let Some((why, since)) = &self.lost
+                && (self.all_stopped_here() || since.elapsed() > LOST_STOP_LIMIT)
+            {
+                if !self.all_stopped_here() {
+                    tracing::error!(target: "tandem_guest", "resources still not stopped {} s after the host lease was lost", LOST_STOP_LIMIT.as_secs());
+                }
+                self.parts.resources.kill_all();
+                return Exit::LeaseLost(why.clone());
+            }
             if self.shutdown.is_some() && self.all_stopped_here() {
-                self.parts.leases.leave();
+                // Bounded lease I/O: keep the other tasks of this worker running meanwhile.
+                let leases = self.parts.leases.clone();
+                if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                    tokio::task::block_in_place(|| leases.leave());
+                } else {
+                    leases.leave();
+                }
                 if let Some(tx) = self.shutdown.take() {
                     let _ = tx.send(());
                 }
@@ -293,7 +318,7 @@ impl Driver {
                 Ok(cmd) => {
                     // Unique cluster-wide: a Lamport counter in the high bits, our node id
                     // (1..=2000 < 2^11) in the low bits.
-                    let counter = (self.seq_seen >> 11) + 1;
+                    let counter = ((self.seq_seen >> 11) + 1).min(u64::MAX >> 11);
                     let seq = (counter << 11) | u64::from(self.engine.node().0);
                     self.seq_seen = seq;
                     self.publish(
@@ -303,7 +328,7 @@ impl Driver {
                         format!("operator: {req:?} (seq {seq})"),
                     );
                     (self.parts.forward)(seq, &req);
-                    self.feed(Event::Operator { seq, command: cmd });
+                    self.operator(seq, cmd);
                     let _ = reply.send(Ok(seq));
                 }
                 Err(e) => {
@@ -319,7 +344,7 @@ impl Driver {
                         None,
                         format!("operator from a peer: {req:?} (seq {seq})"),
                     );
-                    self.feed(Event::Operator { seq, command: cmd });
+                    self.operator(seq, cmd);
                 }
             }
             Input::Status(reply) => {
@@ -340,6 +365,9 @@ impl Driver {
             Input::Drain => {
                 if !self.draining {
                     self.draining = true;
+                    // A drained node must not keep the tie-break: once it is powered off,
+                    // the peers would otherwise lose quorum until its host lease expires.
+                    self.parts.leases.set_tie_break(false);
                     self.publish(
                         EventKind::Operator,
                         None,
@@ -354,9 +382,33 @@ impl Driver {
             Input::Shutdown(reply) => {
                 self.publish(EventKind::Operator, None, None, "agent shutting down: stopping local groups".into());
                 self.shutdown = Some(reply);
+                self.parts.leases.set_tie_break(false);
                 // Stopping the local groups is what a node leaving does: the engine treats
                 // quorum loss exactly so (stop, release with a QuorumLost reason).
                 self.feed(Event::QuorumLost);
+            }
+        }
+    }
+
+    fn operator(&mut self, seq: u64, cmd: OperatorCommand) {
+        let resumed = match &cmd {
+            OperatorCommand::ResumeMonitoring(g) => Some(g.clone()),
+            _ => None,
+        };
+        self.feed(Event::Operator { seq, command: cmd });
+        // Failures confirmed while monitoring was suspended were ignored by the engine and
+        // will not be reported again by their monitors: report them now.
+        if let Some(g) = resumed {
+            let failed: Vec<ResourceId> = self
+                .parts
+                .monitors
+                .status()
+                .into_iter()
+                .filter(|m| m.group == g.0 && matches!(m.state, tandem_monitors::scheduler::MonitorState::Failed(_)))
+                .map(|m| ResourceId(m.resource))
+                .collect();
+            for resource in failed {
+                self.feed(Event::MonitorFailed { group: g.clone(), resource });
             }
         }
     }
@@ -381,7 +433,7 @@ impl Driver {
 
     fn feed(&mut self, ev: Event) {
         // The shutdown path keeps the node out of quorum: nothing may start here again.
-        if (self.shutdown.is_some() || self.draining) && matches!(ev, Event::QuorumRegained) {
+        if (self.shutdown.is_some() || self.draining || self.lost.is_some()) && matches!(ev, Event::QuorumRegained) {
             return;
         }
         // Not an arm of the match below: an acquisition with a note must still be published.
@@ -450,17 +502,21 @@ impl Driver {
                 );
             }
             Event::NodeJoined(n) => {
+                self.parts.fence.abandon(*n);
+                self.lease_dead.remove(n);
                 self.publish(EventKind::Membership, None, None, format!("{} joined", self.parts.plan.name_of(*n)))
             }
             Event::NodeLost(n) => {
                 self.publish(EventKind::Membership, None, None, format!("{} lost", self.parts.plan.name_of(*n)))
             }
-            Event::PeerFenced(n) => self.publish(
-                EventKind::Lease,
-                None,
-                None,
-                format!("host lease of {} is dead", self.parts.plan.name_of(*n)),
-            ),
+            Event::PeerFenced(n) if self.lease_dead.insert(*n) => {
+                self.publish(
+                    EventKind::Lease,
+                    None,
+                    None,
+                    format!("host lease of {} is dead", self.parts.plan.name_of(*n)),
+                );
+            }
             Event::FenceConfirmed(n) => {
                 self.publish(EventKind::Fence, None, None, format!("{} was fenced", self.parts.plan.name_of(*n)))
             }
@@ -593,12 +649,19 @@ impl Driver {
 
     /// The host lease is gone: nothing may run here any more.
     fn host_lease_lost(&mut self, why: String) {
+        if self.lost.is_some() {
+            return;
+        }
+        // Processes first (at once), then the engine's forced stops undo what is not a
+        // process (addresses, mounts); the agent exits once they are done, or after a bound.
+        self.parts.resources.kill_all();
+        self.lost = Some((why, Instant::now()));
         let groups: Vec<GroupId> = self.parts.plan.model.groups.iter().map(|g| g.id.clone()).collect();
         for group in groups {
             self.feed(Event::LeaseLost { group });
         }
-        self.parts.resources.kill_all();
-        self.exit = Some(Exit::LeaseLost(why));
+        // Nothing may be acquired again under this host lease.
+        self.feed(Event::QuorumLost);
     }
 }
 
