@@ -8,7 +8,7 @@
 //! two nodes wrote at once) and the lease area itself.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use tandem_lease::{AreaParams, FileDisk, Lockspace, Timeouts};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::guest_agent_client::GuestAgentClient;
 use tandem_testkit::{ChildGuard, free_port};
+
+mod common;
 
 const RENEWAL_MS: u64 = 300;
 
@@ -138,13 +140,7 @@ impl Cluster {
 
     /// The writer log: (token, node) per line.
     fn writes(&self) -> Vec<(u64, String)> {
-        let text = std::fs::read_to_string(self.path("shared/writer.log")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let (t, n) = l.split_once(' ')?;
-                Some((t.parse().ok()?, n.to_string()))
-            })
-            .collect()
+        common::read_writes(&self.path("shared/writer.log"))
     }
 
     /// Waits until `node` writes with a token above `above`; returns that token.
@@ -175,47 +171,17 @@ impl Cluster {
     /// The safety invariant, from the writer log: tokens never go backwards, and each token
     /// belongs to one node.
     fn assert_never_two_writers(&self) {
-        let w = self.writes();
-        let mut owner = std::collections::BTreeMap::new();
-        for (i, pair) in w.windows(2).enumerate() {
-            assert!(
-                pair[1].0 >= pair[0].0,
-                "line {}: token {} written after token {}: two writers at once; logs:\n{}",
-                i + 2,
-                pair[1].0,
-                pair[0].0,
-                self.logs()
-            );
-        }
-        for (t, n) in &w {
-            let o = owner.entry(*t).or_insert_with(|| n.clone());
-            assert_eq!(o, n, "token {t} used by both {o} and {n}");
+        if let Some(broken) = common::two_writers(&self.writes()) {
+            panic!("{broken}; logs:\n{}", self.logs());
         }
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for n in &self.nodes {
-            let _ = std::fs::write(self.cg_root.join(n).join("cgroup.kill"), "1");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        remove_cgroups(&self.cg_root);
-        if let Some(parent) = self.cg_root.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
+        let nodes: Vec<&str> = self.nodes.iter().map(String::as_str).collect();
+        common::remove_node_cgroups(&self.cg_root, &nodes);
     }
-}
-
-fn remove_cgroups(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                remove_cgroups(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 impl Node {

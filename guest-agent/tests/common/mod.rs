@@ -174,3 +174,61 @@ impl Drop for NetnsPair {
 pub fn reaped(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// The end-to-end writer log: `(fencing token, node)` per line (unparsable lines skipped).
+pub fn read_writes(log: &Path) -> Vec<(u64, String)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (t, n) = l.split_once(' ')?;
+            Some((t.parse().ok()?, n.to_string()))
+        })
+        .collect()
+}
+
+/// The safety invariant on a writer log: tokens never go backwards, and each token belongs
+/// to one node. Returns what broke it.
+pub fn two_writers(w: &[(u64, String)]) -> Option<String> {
+    for (i, pair) in w.windows(2).enumerate() {
+        if pair[1].0 < pair[0].0 {
+            return Some(format!(
+                "line {}: token {} written after token {}: two writers at once",
+                i + 2,
+                pair[1].0,
+                pair[0].0
+            ));
+        }
+    }
+    let mut owner = std::collections::BTreeMap::new();
+    for (t, n) in w {
+        let o = owner.entry(*t).or_insert_with(|| n.clone());
+        if o != n {
+            return Some(format!("token {t} used by both {o} and {n}"));
+        }
+    }
+    None
+}
+
+/// Kills every process of the nodes' cgroups under `root` and removes the whole tree
+/// (and `root`'s parent if it is left empty): the end-to-end tests' clean-up.
+pub fn remove_node_cgroups(root: &Path, nodes: &[&str]) {
+    for n in nodes {
+        let _ = std::fs::write(root.join(n).join("cgroup.kill"), "1");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    remove_tree(root);
+    if let Some(parent) = root.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
