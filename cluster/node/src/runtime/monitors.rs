@@ -140,13 +140,13 @@ impl MonitorTable {
                         Ok(()) => {
                             shared.running.insert(id, status);
                         }
-                        Err(e) => tracing::error!(target: "tandem_guest", "monitor {id}: {e}"),
+                        Err(e) => tracing::error!(target: "tandem_node", "monitor {id}: {e}"),
                     }
                 }
                 // The configuration was checked at load time, so this is rare (a password
                 // file that vanished); the monitor shows as failed rather than silently absent.
                 Err(e) => {
-                    tracing::error!(target: "tandem_guest", "monitor {id} cannot run: {e}");
+                    tracing::error!(target: "tandem_node", "monitor {id} cannot run: {e}");
                     shared.running.insert(
                         id,
                         MonitorStatus {
@@ -207,7 +207,7 @@ async fn forward(
             })
         };
         if let Some((group, resource, name, reason)) = failed {
-            tracing::warn!(target: "tandem_guest", "monitor {name} of {group}/{resource} failed: {reason}");
+            tracing::warn!(target: "tandem_node", "monitor {name} of {group}/{resource} failed: {reason}");
             let _ = tx.send(Input::Engine(Event::MonitorFailed { group, resource }));
         }
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tandem_config::ClusterConfig;
 use tandem_engine::NodeId;
-use tandem_guest::fence::{
+use tandem_node::fence::{
     AgentError, Confirmation, FenceError, FenceRoute, Fencer, RetryPolicy, agent::read_metadata, fence_route,
     group_requires_fencing,
 };

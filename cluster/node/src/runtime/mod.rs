@@ -257,7 +257,7 @@ impl Driver {
             kind,
             message,
         };
-        tracing::info!(target: "tandem_guest", group = ev.group.as_deref(), resource = ev.resource.as_deref(), "{}", ev.message);
+        tracing::info!(target: "tandem_node", group = ev.group.as_deref(), resource = ev.resource.as_deref(), "{}", ev.message);
         let _ = self.events.send(ev);
     }
 
@@ -276,7 +276,7 @@ impl Driver {
                 && (self.all_stopped_here() || since.elapsed() > LOST_STOP_LIMIT)
             {
                 if !self.all_stopped_here() {
-                    tracing::error!(target: "tandem_guest", "resources still not stopped {} s after the host lease was lost", LOST_STOP_LIMIT.as_secs());
+                    tracing::error!(target: "tandem_node", "resources still not stopped {} s after the host lease was lost", LOST_STOP_LIMIT.as_secs());
                 }
                 self.parts.resources.kill_all();
                 return Exit::LeaseLost(why.clone());
@@ -358,7 +358,7 @@ impl Driver {
                 });
             }
             Input::Publish(ev) => {
-                tracing::info!(target: "tandem_guest", group = ev.group.as_deref(), "{}", ev.message);
+                tracing::info!(target: "tandem_node", group = ev.group.as_deref(), "{}", ev.message);
                 let _ = self.events.send(ev);
             }
             Input::HostLeaseLost(why) => self.host_lease_lost(why),

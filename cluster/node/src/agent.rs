@@ -15,7 +15,7 @@ use tandem_monitors::SecretSource;
 use crate::api::{ApiServer, peer};
 use crate::control::AgentControl;
 use crate::plan::{Plan, PlanError};
-use crate::resources::{self, Resource, ResourceEnv};
+use crate::resources::{self, Resource, ResourceEnv, ResourceFactory};
 use crate::runtime::leases::{self, LeaseServiceConfig, MembershipHooks};
 use crate::runtime::{
     self, AgentEvent, AgentHandle, Driver, EventKind, Exit, Input, MonitorTable, Parts, ResourceTable,
@@ -76,6 +76,8 @@ pub struct AgentOptions {
     /// cgroup2 mount and uses `<mount>/tandem/<cluster>`. Without cgroup2, process groups
     /// are the only kill handle (daemons that leave their process group can then escape).
     pub cgroup_root: Option<PathBuf>,
+    /// Builds this agent's resources from the configuration.
+    pub resources: Arc<dyn ResourceFactory>,
 }
 
 /// A started agent.
@@ -115,7 +117,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
             cgroups.insert(GroupId(g.name.clone()), dir);
         }
     } else {
-        tracing::warn!(target: "tandem_guest", "no cgroup2 mount: self-fencing kills process groups only");
+        tracing::warn!(target: "tandem_node", "no cgroup2 mount: self-fencing kills process groups only");
     }
 
     let mut built: Vec<(GroupId, ResourceId, Arc<dyn Resource>)> = Vec::new();
@@ -126,7 +128,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
             env = env.with_cgroup(cg.clone());
         }
         for r in &g.resources {
-            let res = resources::build(&g.name, r, &env).map_err(|source| AgentError::Resource {
+            let res = opts.resources.build(&g.name, r, &env).map_err(|source| AgentError::Resource {
                 group: g.name.clone(),
                 resource: r.name.clone(),
                 source,
@@ -270,7 +272,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     let control = Arc::new(AgentControl::new(handle.clone(), plan.clone()));
     let api = ApiServer::new(&settings, control)?.bind().await?;
     let api_addr = api.local_addr();
-    tracing::info!(target: "tandem_guest", "API listening on {api_addr}");
+    tracing::info!(target: "tandem_node", "API listening on {api_addr}");
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         if let Err(e) = api
@@ -279,7 +281,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
             })
             .await
         {
-            tracing::error!(target: "tandem_guest", "API server: {e}");
+            tracing::error!(target: "tandem_node", "API server: {e}");
         }
     });
     let task = tokio::spawn(async move {
@@ -310,7 +312,7 @@ fn forwarder(config: &ClusterConfig, plan: &Plan) -> crate::runtime::Forward {
                 }
                 .await;
                 if let Err(e) = res {
-                    tracing::warn!(target: "tandem_guest", "operator command {seq} not delivered to {name}: {e}");
+                    tracing::warn!(target: "tandem_node", "operator command {seq} not delivered to {name}: {e}");
                 }
             });
         }

@@ -149,7 +149,7 @@ impl ResourceTable {
     pub(crate) fn kill_group(&self, group: &GroupId) {
         if let Some(cg) = self.cgroups.get(group) {
             if let Err(e) = tandem_lease::cgroup::kill_path(cg) {
-                tracing::error!(target: "tandem_guest", "cannot kill the processes of {group} in {}: {e}", cg.display());
+                tracing::error!(target: "tandem_node", "cannot kill the processes of {group} in {}: {e}", cg.display());
             }
         }
     }

@@ -172,10 +172,10 @@ pub(crate) fn start(
                         if let Err(e) =
                             guard.lock().unwrap_or_else(|p| p.into_inner()).pet(plan.kill_deadline(*valid_until))
                         {
-                            tracing::error!(target: "tandem_guest", "{e}");
+                            tracing::error!(target: "tandem_node", "{e}");
                         }
                     }
-                    Err(e) => tracing::warn!(target: "tandem_guest", "lease renewal failed: {e}"),
+                    Err(e) => tracing::warn!(target: "tandem_node", "lease renewal failed: {e}"),
                 });
                 if let Err(e) = res {
                     let _ = tx.send(Input::HostLeaseLost(e.to_string()));
@@ -341,7 +341,7 @@ fn observe(
                     }
                 }
             }
-            Err(e) => tracing::warn!(target: "tandem_guest", "cannot read the host leases: {e}"),
+            Err(e) => tracing::warn!(target: "tandem_node", "cannot read the host leases: {e}"),
         }
         // Every group's lease: holder and note.
         for group in groups {
@@ -351,7 +351,7 @@ fn observe(
                     let holder = obs.holder.as_ref().map(|h| NodeId(h.host_id));
                     let _ = tx.send(Input::Engine(Event::LeaseObserved { group: group.clone(), holder, note }));
                 }
-                Err(e) => tracing::warn!(target: "tandem_guest", "cannot read the lease of {group}: {e}"),
+                Err(e) => tracing::warn!(target: "tandem_node", "cannot read the lease of {group}: {e}"),
             }
         }
         // The quorum tie-break (two-node clusters). The lease is held continuously by

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_config::{ApiRole, ApiSettings, ApiTls};
-use tandem_guest::api::{
+use tandem_node::api::{
     ApiError, ApiServer, BoxFuture, Control, ControlError, OperatorAck, OperatorAction, OperatorRequest, pb,
 };
 use tandem_testkit::certs::{TestPki, make_pki};
@@ -320,7 +320,7 @@ async fn health_serving_and_reflection_lists_the_service() {
     let started = std::time::Instant::now();
     tokio::time::timeout(BOUND, server.task).await.expect("the server stops").unwrap().unwrap();
     assert!(
-        started.elapsed() < tandem_guest::api::DEFAULT_SHUTDOWN_GRACE,
+        started.elapsed() < tandem_node::api::DEFAULT_SHUTDOWN_GRACE,
         "with every stream closed, the stop does not wait for the grace period"
     );
 }
@@ -512,17 +512,17 @@ async fn peers_forward_commands_with_their_own_certificate() {
     let fake = Fake::new(16);
     let server = start(settings.clone(), fake.clone()).await;
 
-    let mut client = tandem_guest::api::peer::connect("localhost", server.addr, &settings, BOUND).await.unwrap();
+    let mut client = tandem_node::api::peer::connect("localhost", server.addr, &settings, BOUND).await.unwrap();
     let fwd = OperatorRequest { group: "pg".into(), action: OperatorAction::Stop };
-    tandem_guest::api::peer::deliver(&mut client, "localhost", 77, &fwd).await.unwrap();
+    tandem_node::api::peer::deliver(&mut client, "localhost", 77, &fwd).await.unwrap();
     assert_eq!(fake.accepted.lock().unwrap().as_slice(), &[(77, fwd)]);
 
     let bad = OperatorRequest { group: "nope".into(), action: OperatorAction::Stop };
-    let e = tandem_guest::api::peer::deliver(&mut client, "localhost", 78, &bad).await.unwrap_err();
+    let e = tandem_node::api::peer::deliver(&mut client, "localhost", 78, &bad).await.unwrap_err();
     assert!(e.to_string().starts_with("peer localhost refused command #78: no group named \"nope\""), "{e}");
 
     // The peer's certificate must name the node we meant.
-    let e = tandem_guest::api::peer::connect("node-b", server.addr, &settings, BOUND).await.unwrap_err();
-    assert!(matches!(e, tandem_guest::api::peer::PeerError::Connect { .. }), "{e}");
+    let e = tandem_node::api::peer::connect("node-b", server.addr, &settings, BOUND).await.unwrap_err();
+    assert!(matches!(e, tandem_node::api::peer::PeerError::Connect { .. }), "{e}");
     server.stop().await.unwrap();
 }

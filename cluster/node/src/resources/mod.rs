@@ -1,0 +1,179 @@
+//! Resources: the things a failover group starts, stops and checks on one node.
+//!
+//! Every resource kind implements [`Resource`]; each agent brings its kinds through a
+//! [`ResourceFactory`] (application resources in tandem-guest, VMs in tandem-host). The runtime calls at most one operation
+//! of a resource at a time, and bounds each one with the resource's own timeouts (the
+//! implementations enforce them: a hung program is killed, never waited for forever).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// What the resources of this node share: who we are, where processes go, and
+/// the limits of operations the configuration has no field for.
+#[derive(Debug, Clone)]
+pub struct ResourceEnv {
+    /// This node's name (written into a disk directory's owner file).
+    pub node: String,
+    /// The group's cgroup v2 directory. Each resource puts everything it
+    /// starts into `<cgroup>/<resource>/service` (the service) or
+    /// `<cgroup>/<resource>/ops` (monitor, stop and helper programs), so a
+    /// `cgroup.kill` of this directory kills every process of the group, even
+    /// daemons that left their process group. `None`: process groups only.
+    pub cgroup: Option<PathBuf>,
+    /// The OCF root (`/usr/lib/ocf`).
+    pub ocf_root: PathBuf,
+    /// SIGTERM → SIGKILL grace when an operation's program times out.
+    pub kill_grace: Duration,
+    /// Limit for a disk directory's stat, owner file and fsync, and for a
+    /// mounted disk's checks (a hung NFS server must not hang the agent).
+    pub disk_io_timeout: Duration,
+    /// Limit for `fsck` + `mount`, and for `umount`.
+    pub mount_timeout: Duration,
+    /// Limit for each `ip` and `arping` run.
+    pub ip_timeout: Duration,
+    /// The directory whose existence says systemd is the init system
+    /// (`/run/systemd/system`, as `sd_booted(3)` checks).
+    pub systemd_marker: PathBuf,
+}
+
+impl ResourceEnv {
+    /// Defaults for node `node`, without a cgroup.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            cgroup: None,
+            ocf_root: PathBuf::from(tandem_monitors::ocf::DEFAULT_OCF_ROOT),
+            kill_grace: tandem_monitors::exec::DEFAULT_KILL_GRACE,
+            disk_io_timeout: Duration::from_secs(10),
+            mount_timeout: Duration::from_secs(120),
+            ip_timeout: Duration::from_secs(10),
+            systemd_marker: PathBuf::from("/run/systemd/system"),
+        }
+    }
+
+    /// Sets the group's cgroup directory.
+    pub fn with_cgroup(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cgroup = Some(dir.into());
+        self
+    }
+}
+
+/// Builds an agent's resources from their configuration.
+pub trait ResourceFactory: Send + Sync + std::fmt::Debug {
+    /// Builds the resource `spec` of group `group`. Checks what can be checked without side
+    /// effects (programs exist, the user exists, the hypervisor answers…); nothing is started.
+    /// A kind this agent does not run is a [`ResourceError::Config`] that names the agent
+    /// that does.
+    fn build(
+        &self,
+        group: &str,
+        spec: &tandem_config::Resource,
+        env: &ResourceEnv,
+    ) -> Result<Box<dyn Resource>, ResourceError>;
+}
+
+/// Refuses resource names that cannot be a directory name (they name cgroups and files).
+pub fn check_name(group: &str, spec: &tandem_config::Resource) -> Result<(), ResourceError> {
+    if spec.name.is_empty() || spec.name == "." || spec.name == ".." || spec.name.contains(['/', '\0']) {
+        return Err(ResourceError::config(
+            &format!("{group}/{}", spec.name),
+            "the resource name must be usable as a directory name",
+        ));
+    }
+    Ok(())
+}
+
+/// A boxed future, so that [`Resource`] stays object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a start operation knows about the lease it runs under.
+#[derive(Debug, Clone)]
+pub struct StartContext {
+    /// The failover group.
+    pub group: String,
+    /// The resource's name within its group.
+    pub resource: String,
+    /// The group's fencing token (strictly increasing per group); programs get it as
+    /// `TANDEM_FENCING_TOKEN` so that storage can refuse writes from stale holders.
+    pub token: u64,
+}
+
+/// The outcome of a resource's own check (exec `monitor`, OCF `monitor`, address present…).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Running and healthy.
+    Running,
+    /// Cleanly not running here.
+    Stopped,
+    /// Running but failed, or in an unknown state; the text says why.
+    Failed(String),
+}
+
+/// One resource of a failover group on this node.
+///
+/// Operations are bounded by the resource's configured timeouts. `stop(force = true)` is
+/// used when the lease is gone or was never ours: no grace, kill everything at once.
+pub trait Resource: Send + Sync + std::fmt::Debug {
+    /// The `kind` string of the configuration (`exec`, `ocf`, …).
+    fn kind(&self) -> &'static str;
+    /// Starts the resource under the lease token in `ctx`. Returns once it runs.
+    fn start<'a>(&'a self, ctx: &'a StartContext) -> BoxFuture<'a, Result<(), ResourceError>>;
+    /// Stops the resource. Returns once it is stopped; stopping a stopped resource succeeds.
+    fn stop(&self, force: bool) -> BoxFuture<'_, Result<(), ResourceError>>;
+    /// Checks the resource here: used by the startup probe (is it already running?) and as
+    /// the resource's built-in monitor.
+    fn check(&self) -> BoxFuture<'_, Health>;
+}
+
+/// Why a resource operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    /// The operation did not finish within its timeout (what was running was killed).
+    #[error("{op} of {resource} did not finish within {timeout_ms} ms; its processes were killed")]
+    Timeout {
+        /// `start`, `stop` or `check`.
+        op: &'static str,
+        /// The resource, `group/resource`.
+        resource: String,
+        /// The limit.
+        timeout_ms: u64,
+    },
+    /// The operation ran and failed.
+    #[error("{op} of {resource} failed: {reason}")]
+    Failed {
+        /// `start`, `stop` or `check`.
+        op: &'static str,
+        /// The resource, `group/resource`.
+        resource: String,
+        /// What went wrong (a program's exit status and first line of output, an errno…).
+        reason: String,
+    },
+    /// The resource cannot be used as configured on this node (found by
+    /// `build`, or by a start's validation).
+    #[error("resource {resource} cannot be used here: {reason}")]
+    Config {
+        /// The resource, `group/resource`.
+        resource: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+}
+
+impl ResourceError {
+    /// A [`ResourceError::Failed`].
+    pub fn failed(op: &'static str, resource: &str, reason: impl Into<String>) -> Self {
+        ResourceError::Failed { op, resource: resource.to_string(), reason: reason.into() }
+    }
+
+    /// A [`ResourceError::Timeout`].
+    pub fn timeout(op: &'static str, resource: &str, timeout: Duration) -> Self {
+        ResourceError::Timeout { op, resource: resource.to_string(), timeout_ms: timeout.as_millis() as u64 }
+    }
+
+    /// A [`ResourceError::Config`].
+    pub fn config(resource: &str, reason: impl Into<String>) -> Self {
+        ResourceError::Config { resource: resource.to_string(), reason: reason.into() }
+    }
+}
