@@ -131,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         guard_args: vec!["guard".into()],
         cgroup_root: cli.cgroup_root,
         resources: std::sync::Arc::new(tandem_guest::resources::GuestResources),
+        api_extensions: Vec::new(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     rt.block_on(async move {

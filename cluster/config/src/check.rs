@@ -446,7 +446,7 @@ impl<'s> Checker<'s> {
     }
 
     fn decode_resource(&mut self, v: &Value<'s>) -> Option<Resource> {
-        let (kind, rest) = self.tagged(v, "resource", &["disk", "ip", "exec", "ocf", "systemd"])?;
+        let (kind, rest) = self.tagged(v, "resource", &["disk", "ip", "exec", "ocf", "systemd", "vm"])?;
         let (rest, taken) = Self::split_off(&rest, &["name", "depends_on"]);
         let name = match &taken[0] {
             Some(n) => self.decode::<String>(n),
@@ -466,6 +466,7 @@ impl<'s> Checker<'s> {
             "ip" => self.decode(&rest).map(ResourceKind::Ip),
             "exec" => self.decode(&rest).map(ResourceKind::Exec),
             "ocf" => self.decode(&rest).map(ResourceKind::Ocf),
+            "vm" => self.decode(&rest).map(ResourceKind::Vm),
             _ => self.decode(&rest).map(ResourceKind::Systemd),
         };
         Some(Resource { name: name?, depends_on: depends_on?, kind: kind? })
@@ -1081,6 +1082,12 @@ impl<'s> Checker<'s> {
                                     .into(),
                             );
                         }
+                    }
+                }
+                ResourceKind::Vm(vm) => {
+                    self.check_absolute(&rp("domain"), "domain", &vm.domain);
+                    for (k, v) in [("start_timeout", vm.start_timeout), ("shutdown_timeout", vm.shutdown_timeout)] {
+                        self.check_positive(&rp(k), v);
                     }
                 }
                 ResourceKind::Systemd(s) => {

@@ -104,6 +104,10 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
     pub api: Option<SocketAddr>,
+    /// The libvirt URI of this host's hypervisor (host agents only): `qemu:///system` in
+    /// production, `test:///<absolute path to a domain file>` for the test driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
 }
 
 fn default_votes() -> u32 {
@@ -525,6 +529,8 @@ pub enum ResourceKind {
     Ocf(OcfResource),
     /// A systemd unit.
     Systemd(SystemdResource),
+    /// A virtual machine, run by tandem-host through its hypervisor.
+    Vm(VmResource),
 }
 
 impl ResourceKind {
@@ -536,6 +542,7 @@ impl ResourceKind {
             ResourceKind::Exec(_) => "exec",
             ResourceKind::Ocf(_) => "ocf",
             ResourceKind::Systemd(_) => "systemd",
+            ResourceKind::Vm(_) => "vm",
         }
     }
 }
@@ -673,6 +680,39 @@ pub struct OcfResource {
     #[serde(default = "default_monitor_timeout", with = "duration")]
     #[schemars(with = "DurationSchema", default = "default_monitor_timeout_text")]
     pub monitor_timeout: Duration,
+}
+
+/// `kind = "vm"`: an HA virtual machine. The cluster keeps its domain XML so that any
+/// eligible host can define and start it; the host agent defines it where it starts and
+/// undefines it where it stops, so a VM is defined only where it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmResource {
+    /// The libvirt domain XML file (absolute path; the same content on every host). It must
+    /// carry a `<uuid>`: the UUID identifies the VM on every host.
+    pub domain: PathBuf,
+    /// Limit for starting the domain (define + start until it runs).
+    #[serde(default = "default_vm_start_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_vm_start_timeout_text")]
+    pub start_timeout: Duration,
+    /// How long a clean ACPI shutdown may take before the domain is destroyed (and the
+    /// agent says so).
+    #[serde(default = "default_vm_shutdown_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_vm_shutdown_timeout_text")]
+    pub shutdown_timeout: Duration,
+}
+
+fn default_vm_start_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_vm_start_timeout_text() -> &'static str {
+    "60s"
+}
+fn default_vm_shutdown_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_vm_shutdown_timeout_text() -> &'static str {
+    "120s"
 }
 
 /// `kind = "systemd"`.

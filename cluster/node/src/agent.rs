@@ -63,8 +63,24 @@ pub enum AgentError {
     Membership(#[from] tandem_membership::runtime::RuntimeError),
 }
 
+/// What an agent's own API service may use (see [`AgentOptions::api_extensions`]).
+#[derive(Clone)]
+pub struct ApiContext {
+    /// The running node, as the node API sees it.
+    pub control: Arc<dyn crate::api::Control>,
+    /// Whether this node's host lease is valid at this instant: false once it expired, even
+    /// before the lease service noticed (a process that was paused must not answer as if it
+    /// still held anything).
+    pub lease_valid: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The plan the node runs.
+    pub plan: Arc<Plan>,
+}
+
+/// Builds an extra gRPC service for the node's API listener.
+pub type ApiExtension = Arc<dyn Fn(&ApiContext) -> crate::api::ExtraService + Send + Sync>;
+
 /// How to start an agent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentOptions {
     /// This node's name in the configuration.
     pub node: String,
@@ -78,6 +94,20 @@ pub struct AgentOptions {
     pub cgroup_root: Option<PathBuf>,
     /// Builds this agent's resources from the configuration.
     pub resources: Arc<dyn ResourceFactory>,
+    /// The agent's own gRPC services, served next to the node API.
+    pub api_extensions: Vec<ApiExtension>,
+}
+
+impl std::fmt::Debug for AgentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentOptions")
+            .field("node", &self.node)
+            .field("guard_program", &self.guard_program)
+            .field("cgroup_root", &self.cgroup_root)
+            .field("resources", &self.resources)
+            .field("api_extensions", &self.api_extensions.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A started agent.
@@ -246,7 +276,8 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         built.iter().map(|(g, r, res)| ((g.clone(), r.clone()), res.clone())).collect();
     let monitors = MonitorTable::new(&config, builtin, tx.clone());
     let valid = leases.clone();
-    let resources = ResourceTable::new(built, cgroups, Arc::new(move || valid.is_valid_now()));
+    let lease_valid: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || valid.is_valid_now());
+    let resources = ResourceTable::new(built, cgroups, lease_valid.clone());
 
     let quorum_view = ctl.clone();
     let fencer =
@@ -269,8 +300,13 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     if let Some(addr) = config.node(&opts.node).and_then(|n| n.api) {
         settings.listen = addr;
     }
-    let control = Arc::new(AgentControl::new(handle.clone(), plan.clone()));
-    let api = ApiServer::new(&settings, control)?.bind().await?;
+    let control: Arc<dyn crate::api::Control> = Arc::new(AgentControl::new(handle.clone(), plan.clone()));
+    let mut api = ApiServer::new(&settings, control.clone())?;
+    let context = ApiContext { control, lease_valid, plan: plan.clone() };
+    for extension in &opts.api_extensions {
+        api = api.with_service(extension(&context));
+    }
+    let api = api.bind().await?;
     let api_addr = api.local_addr();
     tracing::info!(target: "tandem_node", "API listening on {api_addr}");
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();

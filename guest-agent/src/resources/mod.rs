@@ -30,6 +30,12 @@ pub fn build(
         ResourceKind::Disk(d) => Box::new(disk::DiskResource::build(group, &spec.name, d, env)?),
         ResourceKind::Ip(i) => Box::new(ip::IpResource::build(group, &spec.name, i, env)?),
         ResourceKind::Systemd(s) => Box::new(systemd::SystemdResource::build(group, &spec.name, s, env)?),
+        ResourceKind::Vm(_) => {
+            return Err(ResourceError::config(
+                &format!("{group}/{}", spec.name),
+                "kind \"vm\" is run by the host agent (tandem-host), not by tandem-guest",
+            ));
+        }
     })
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::{broadcast, mpsc};
 
 pub use access::{Access, Caller};
 pub use events::lagged_event;
-pub use server::{ApiError, ApiServer, BoundApi, DEFAULT_SHUTDOWN_GRACE};
+pub use server::{ApiError, ApiServer, BoundApi, DEFAULT_SHUTDOWN_GRACE, ExtraService};
 pub use tandem_config::ApiRole;
 /// The generated messages and services of package `tandem.v1`.
 pub use tandem_proto::v1 as pb;

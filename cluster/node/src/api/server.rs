@@ -73,12 +73,18 @@ pub enum ApiError {
     Serve(#[source] tonic::transport::Error),
 }
 
+/// Mounts an agent's own gRPC service next to the node API, on the same listener, TLS and
+/// roles. It gets the caller authorization ([`Access::authorize`]) and a token cancelled
+/// when the server stops (long streams must end on it).
+pub type ExtraService = Box<dyn FnOnce(&mut tonic::service::RoutesBuilder, Arc<Access>, CancellationToken) + Send>;
+
 /// The API server, configured but not yet listening.
 pub struct ApiServer {
     listen: SocketAddr,
     tls: Option<ServerTlsConfig>,
     access: Arc<Access>,
     control: Arc<dyn Control>,
+    extra: Vec<ExtraService>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -122,7 +128,19 @@ impl ApiServer {
             }
             None => return Err(ApiError::Insecure(settings.listen)),
         };
-        Ok(ApiServer { listen: settings.listen, tls, access: Arc::new(Access::from_settings(settings)), control })
+        Ok(ApiServer {
+            listen: settings.listen,
+            tls,
+            access: Arc::new(Access::from_settings(settings)),
+            control,
+            extra: Vec::new(),
+        })
+    }
+
+    /// Serves `service` too (see [`ExtraService`]).
+    pub fn with_service(mut self, service: ExtraService) -> Self {
+        self.extra.push(service);
+        self
     }
 
     /// Binds the listen address (port 0 picks a free port; see [`BoundApi::local_addr`]).
@@ -203,11 +221,16 @@ impl BoundApi {
             builder = builder.tls_config(tls).map_err(ApiError::Tls)?;
         }
         let viewer = |call| require(access.clone(), ApiRole::Viewer, call);
-        let router = builder
+        let mut routes = tonic::service::RoutesBuilder::default();
+        routes
             .add_service(GuestAgentServer::new(service))
             .add_service(InterceptedService::new(health_service, viewer("Health")))
             .add_service(InterceptedService::new(reflection_v1, viewer("ServerReflection")))
             .add_service(InterceptedService::new(reflection_v1alpha, viewer("ServerReflection")));
+        for extra in server.extra {
+            extra(&mut routes, access.clone(), stop.clone());
+        }
+        let router = builder.add_routes(routes.routes());
         info!(%local_addr, tls = server.tls.is_some(), "API listening");
         let signal = async move {
             shutdown.await;
