@@ -109,6 +109,11 @@ pub enum Health {
     Stopped,
     /// Running but failed, or in an unknown state; the text says why.
     Failed(String),
+    /// Stopped on purpose by someone outside the cluster (a VM powered off from inside the
+    /// guest, or forced off by an administrator through the hypervisor); the text says who.
+    /// Not a failure: the runtime stops the group, as an operator stop would, instead of
+    /// recovering it.
+    StoppedOutside(String),
 }
 
 /// One resource of a failover group on this node.

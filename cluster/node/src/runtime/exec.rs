@@ -81,7 +81,7 @@ impl ResourceTable {
             let health = guarded(slot.resource.check()).await.unwrap_or_else(Health::Failed);
             let running = match &health {
                 Health::Running => true,
-                Health::Stopped => false,
+                Health::Stopped | Health::StoppedOutside(_) => false,
                 // Something is there but unhealthy: count it as running so that it is
                 // stopped before anything starts, never left behind.
                 Health::Failed(why) => {

@@ -16,7 +16,8 @@ use tandem_monitors::scheduler::{MonitorDef, MonitorEvent, MonitorState, Schedul
 use tandem_monitors::{CheckFuture, Deadline, FailureClass, Probe, ProbeFailure, ProbeSuccess, RunLimits, Status};
 use tokio::sync::mpsc;
 
-use super::Input;
+use super::{AgentEvent, EventKind, Input};
+use crate::api::{OperatorAction, OperatorRequest};
 use crate::resources::{Health, Resource};
 
 /// How often a resource's built-in check runs.
@@ -63,6 +64,7 @@ pub struct MonitorTable {
     configured: Arc<BTreeMap<(GroupId, ResourceId), Vec<Configured>>>,
     builtin: Arc<BTreeMap<(GroupId, ResourceId), Arc<dyn Resource>>>,
     shared: Arc<Mutex<Shared>>,
+    tx: mpsc::UnboundedSender<Input>,
 }
 
 impl MonitorTable {
@@ -85,12 +87,13 @@ impl MonitorTable {
         }
         let (scheduler, events) = Scheduler::new(SchedulerConfig::default());
         let shared = Arc::new(Mutex::new(Shared::default()));
-        tokio::spawn(forward(events, shared.clone(), tx));
+        tokio::spawn(forward(events, shared.clone(), tx.clone()));
         MonitorTable {
             scheduler: Arc::new(scheduler),
             configured: Arc::new(configured),
             builtin: Arc::new(builtin),
             shared,
+            tx,
         }
     }
 
@@ -107,7 +110,13 @@ impl MonitorTable {
         }
         let mut defs = Vec::new();
         if let Some(r) = self.builtin.get(&key) {
-            let probe = BuiltinCheck { target: format!("{group}/{resource}"), resource: r.clone() };
+            let probe = BuiltinCheck {
+                target: format!("{group}/{resource}"),
+                group: group.0.clone(),
+                resource: r.clone(),
+                tx: self.tx.clone(),
+                stop_asked: std::sync::atomic::AtomicBool::new(false),
+            };
             defs.push((
                 "check".to_string(),
                 Ok::<Box<dyn Probe>, String>(Box::new(probe)),
@@ -217,7 +226,11 @@ async fn forward(
 #[derive(Debug)]
 struct BuiltinCheck {
     target: String,
+    group: String,
     resource: Arc<dyn Resource>,
+    tx: mpsc::UnboundedSender<Input>,
+    /// The operator stop for a stop from outside was sent (once per monitor run).
+    stop_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Probe for BuiltinCheck {
@@ -237,6 +250,30 @@ impl Probe for BuiltinCheck {
                     Err(ProbeFailure::critical(FailureClass::NotRunning, format!("{} is not running", self.target)))
                 }
                 Health::Failed(why) => Err(ProbeFailure::critical(FailureClass::UnexpectedAnswer, why)),
+                Health::StoppedOutside(who) => {
+                    // Someone stopped it on purpose: stop the group like an operator would
+                    // (every node learns it), rather than restarting what was meant to stop.
+                    if !self.stop_asked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        let message = format!(
+                            "{} was stopped outside the cluster ({who}); the group is stopped, not recovered \
+                             (start it again with tandemctl)",
+                            self.target
+                        );
+                        tracing::warn!(target: "tandem_node", "{message}");
+                        let _ = self.tx.send(Input::Publish(AgentEvent {
+                            at_ms: 0,
+                            group: Some(self.group.clone()),
+                            resource: None,
+                            kind: EventKind::Operator,
+                            message,
+                            detail: None,
+                        }));
+                        let (ack, _) = tokio::sync::oneshot::channel();
+                        let request = OperatorRequest { group: self.group.clone(), action: OperatorAction::Stop };
+                        let _ = self.tx.send(Input::Operator(request, ack));
+                    }
+                    Ok(ProbeSuccess::new(format!("{} was stopped outside the cluster ({who})", self.target)))
+                }
             }
         })
     }
