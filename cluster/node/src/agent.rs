@@ -76,6 +76,12 @@ pub struct ApiContext {
     pub plan: Arc<Plan>,
 }
 
+impl std::fmt::Debug for ApiContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiContext").field("node", &self.plan.my_name).finish_non_exhaustive()
+    }
+}
+
 /// Builds an extra gRPC service for the node's API listener.
 pub type ApiExtension = Arc<dyn Fn(&ApiContext) -> crate::api::ExtraService + Send + Sync>;
 
