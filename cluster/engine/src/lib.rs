@@ -31,8 +31,8 @@ pub use command::{Command, Notice, ReleaseReason};
 pub use engine::Engine;
 pub use event::{Event, OperatorCommand};
 pub use model::{
-    ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy, RecoveryPolicy,
-    ResourceId, ResourceSpec, Timing,
+    Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy,
+    RecoveryPolicy, ResourceId, ResourceSpec, Timing,
 };
 pub use note::{Desired, LeaseNote, LeaseToken, StopCause};
-pub use status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus};
+pub use status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};

@@ -14,7 +14,7 @@ fn two_group_model() -> ClusterModel {
     web.recovery.final_action = FinalAction::DoNothing;
     let mut db = db_group(&[1, 2]);
     db.placement.require_fencing = true;
-    ClusterModel { nodes: vec![n(1), n(2), n(3)], groups: vec![db, web], timing: Timing::default() }
+    ClusterModel::new(vec![n(1), n(2), n(3)], vec![db, web], Timing::default())
 }
 
 const GROUPS: [&str; 3] = ["db", "web", "nope"];

@@ -14,20 +14,16 @@ fn r(s: &str) -> ResourceId {
 
 /// Three resources: `disk`, `ip`, and `app` which needs `disk`.
 pub(crate) fn db_group(eligible: &[u32]) -> FailoverGroup {
-    FailoverGroup {
-        id: g("db"),
-        resources: vec![
-            ResourceSpec::new("disk"),
-            ResourceSpec::new("ip"),
-            ResourceSpec::depending_on("app", &["disk"]),
-        ],
-        placement: PlacementPolicy {
+    FailoverGroup::new(
+        g("db"),
+        vec![ResourceSpec::new("disk"), ResourceSpec::new("ip"), ResourceSpec::depending_on("app", &["disk"])],
+        PlacementPolicy {
             eligible: eligible.iter().map(|i| n(*i)).collect(),
             failback: Failback::Manual,
             start_on_cluster_start: true,
             require_fencing: false,
         },
-        recovery: RecoveryPolicy {
+        RecoveryPolicy {
             max_restarts: 1,
             restart_window_ms: 10_000,
             max_failovers: 1,
@@ -35,11 +31,11 @@ pub(crate) fn db_group(eligible: &[u32]) -> FailoverGroup {
             final_action: FinalAction::StopEverywhere,
             max_stop_attempts: 2,
         },
-    }
+    )
 }
 
 fn model(group: FailoverGroup) -> ClusterModel {
-    ClusterModel { nodes: vec![n(1), n(2), n(3)], groups: vec![group], timing: Timing::default() }
+    ClusterModel::new(vec![n(1), n(2), n(3)], vec![group], Timing::default())
 }
 
 fn start(group: &str, res: &str, t: u64) -> Command {
