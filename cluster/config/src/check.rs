@@ -1023,14 +1023,17 @@ impl<'s> Checker<'s> {
             }
         }
         if let Some(demand) = &h.demand {
+            // Only judged when every listed node decoded: an undecodable one may be large.
             let caps: Vec<(&str, Option<Capacity>)> = h
                 .nodes
                 .iter()
-                .filter_map(|n| d.nodes.iter().flatten().find(|x| &x.name == n))
-                .map(|n| (n.name.as_str(), n.capacity))
-                .collect();
+                .map(|n| d.nodes.iter().flatten().find(|x| &x.name == n).map(|x| (x.name.as_str(), x.capacity)))
+                .collect::<Option<_>>()
+                .unwrap_or_default();
             let fits = |c: &Capacity| demand.memory_mib <= c.memory_mib && demand.vcpus <= c.vcpus;
-            let never = !caps.is_empty() && caps.iter().all(|(_, c)| c.as_ref().is_some_and(|c| !fits(c)));
+            // A zero capacity is already reported at the node; judging by it would only add noise.
+            let valid = |c: &Capacity| c.memory_mib > 0 && c.vcpus > 0;
+            let never = !caps.is_empty() && caps.iter().all(|(_, c)| c.as_ref().is_some_and(|c| valid(c) && !fits(c)));
             if never {
                 let listed: Vec<String> =
                     caps.iter().filter_map(|(n, c)| c.map(|c| format!("{n:?} has {c}"))).collect();

@@ -86,6 +86,9 @@ struct GroupRuntime {
     no_capacity_reported: bool,
 }
 
+/// Healthy eligible nodes a group does not fit on, with why.
+type Unplaced = Vec<(NodeId, Unfit)>;
+
 /// How a node ranks as a place for a group; lower is better. Field order is rank order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct RankKey {
@@ -695,7 +698,7 @@ impl Engine {
     /// move target first, nodes that failed the group last, nodes running an affinity
     /// partner before the others, policy order otherwise: unique, so no further ties), and
     /// those it does not fit on, with why, in policy order.
-    fn placement(&self, gi: usize, note: &LeaseNote) -> (Vec<(RankKey, NodeId)>, Vec<(NodeId, Unfit)>) {
+    fn placement(&self, gi: usize, note: &LeaseNote) -> (Vec<(RankKey, NodeId)>, Unplaced) {
         let mut fit = Vec::new();
         let mut unfit = Vec::new();
         for (order, n) in self.model.groups[gi].placement.eligible.iter().enumerate() {
