@@ -10,6 +10,11 @@
 //! Exclusivity comes from the group lease: resources start only under a lease token the
 //! engine was granted (`LeaseAcquired`), the lease is released only once every resource is
 //! stopped, and a lost lease stops the group at once. See `docs/engine.md`.
+//!
+//! Placement by node [`Capacity`], anti-affinity (both hard, checked by each node on its
+//! own state), affinity (a preference) and priority is described in `docs/placement.md`; a
+//! group that fits nowhere is reported ([`NotRunningReason::NoCapacity`],
+//! [`Notice::NoCapacity`]) and starts once room appears.
 
 #![warn(missing_docs)]
 
