@@ -777,6 +777,19 @@ impl<'s> Checker<'s> {
                     );
                 }
             }
+            if let Some(c) = &n.capacity {
+                for (k, zero) in [("memory_mib", c.memory_mib == 0), ("vcpus", c.vcpus == 0)] {
+                    if zero {
+                        self.error(
+                            ProblemKind::InvalidValue,
+                            &[K("node"), I(i), K("capacity"), K(k)],
+                            "a node's capacity must be greater than zero; remove `capacity` to leave the node \
+                             unlimited"
+                                .into(),
+                        );
+                    }
+                }
+            }
             if let Some(f) = &n.fence {
                 match f {
                     FenceMethod::Agent(a) => {
@@ -938,6 +951,7 @@ impl<'s> Checker<'s> {
                         needs_fence.entry(n.clone()).or_insert((h.name.clone(), disk.name.clone()));
                     }
                 }
+                self.validate_placement(gi, h, d);
             }
             self.validate_resources(gi, g, d);
             self.validate_monitors(gi, g);
@@ -959,6 +973,78 @@ impl<'s> Checker<'s> {
                          fence = {{ kind = \"lease-watchdog-only\" }} to accept relying on the lease's self-fencing \
                          and a hardware watchdog alone",
                         n.name
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Affinity and anti-affinity set names, their consistency, and whether the group's
+    /// demand fits on at least one of its nodes.
+    fn validate_placement(&mut self, gi: usize, h: &FailoverGroup, d: &Decoded) {
+        for (key, sets) in [("affinity", &h.affinity), ("anti_affinity", &h.anti_affinity)] {
+            let mut seen = BTreeSet::new();
+            for (si, set) in sets.iter().enumerate() {
+                let p = [K("group"), I(gi), K(key), I(si)];
+                if set.is_empty()
+                    || set.len() > MAX_NAME_LEN
+                    || !set.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_'))
+                {
+                    self.error(
+                        ProblemKind::InvalidValue,
+                        &p,
+                        format!(
+                            "invalid set name {set:?}: use 1..={MAX_NAME_LEN} lowercase letters, digits, '-' or '_'"
+                        ),
+                    );
+                } else if !seen.insert(set) {
+                    self.error(ProblemKind::Duplicate, &p, format!("set {set:?} is listed twice"));
+                } else if key == "anti_affinity" && h.affinity.contains(set) {
+                    self.error(
+                        ProblemKind::Placement,
+                        &p,
+                        format!(
+                            "set {set:?} is in both affinity and anti_affinity: the group cannot both seek and avoid \
+                             the groups of one set; remove it from one of the lists"
+                        ),
+                    );
+                } else {
+                    // A set no other group names has no effect: probably a typo.
+                    let others =
+                        d.groups.iter().enumerate().filter(|(gj, _)| *gj != gi).filter_map(|(_, g)| g.header.as_ref());
+                    let shared = others.clone().any(|o| o.affinity.contains(set) || o.anti_affinity.contains(set));
+                    if !shared {
+                        self.warn(
+                            ProblemKind::UnknownReference,
+                            &p,
+                            format!("no other group names set {set:?}, so it has no effect; check its spelling"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(demand) = &h.demand {
+            // Only judged when every listed node decoded: an undecodable one may be large.
+            let caps: Vec<(&str, Option<Capacity>)> = h
+                .nodes
+                .iter()
+                .map(|n| d.nodes.iter().flatten().find(|x| &x.name == n).map(|x| (x.name.as_str(), x.capacity)))
+                .collect::<Option<_>>()
+                .unwrap_or_default();
+            let fits = |c: &Capacity| demand.memory_mib <= c.memory_mib && demand.vcpus <= c.vcpus;
+            // A zero capacity is already reported at the node; judging by it would only add noise.
+            let valid = |c: &Capacity| c.memory_mib > 0 && c.vcpus > 0;
+            let never = !caps.is_empty() && caps.iter().all(|(_, c)| c.as_ref().is_some_and(|c| valid(c) && !fits(c)));
+            if never {
+                let listed: Vec<String> =
+                    caps.iter().filter_map(|(n, c)| c.map(|c| format!("{n:?} has {c}"))).collect();
+                self.error(
+                    ProblemKind::Placement,
+                    &[K("group"), I(gi), K("demand")],
+                    format!(
+                        "the group needs {demand}, more than any of its nodes offers ({}): it could never run; \
+                         lower the demand, raise a node's capacity, or add a larger node to `nodes`",
+                        listed.join(", ")
                     ),
                 );
             }

@@ -49,6 +49,9 @@ pub enum ProblemKind {
     Redundancy,
     /// An API reachable from the network without TLS.
     Insecure,
+    /// A group that can never be placed (its demand exceeds every eligible node's
+    /// capacity), or placement rules that contradict each other.
+    Placement,
 }
 
 /// A position in the file: 1-based line, 1-based column counted in characters.

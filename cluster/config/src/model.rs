@@ -108,6 +108,26 @@ pub struct Node {
     /// production, `test:///<absolute path to a domain file>` for the test driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypervisor: Option<String>,
+    /// What this node offers to groups' `demand`s (`{ memory_mib = 65536, vcpus = 32 }`).
+    /// Absent: unlimited (groups are not placed by capacity on this node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+}
+
+/// Memory and vCPUs: a node's `capacity` or a group's `demand`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+}
+
+impl fmt::Display for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} MiB and {} vCPUs", self.memory_mib, self.vcpus)
+    }
 }
 
 fn default_votes() -> u32 {
@@ -433,6 +453,23 @@ pub struct FailoverGroup {
     /// What to do when failovers are exhausted.
     #[serde(default)]
     pub final_action: FinalAction,
+    /// Higher first: when groups compete for a node's capacity (after a host failure), the
+    /// higher priority claims it first. Never stops a running group for another.
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub priority: i32,
+    /// Affinity sets (`[a-z0-9-_]` names): the group prefers to start on a node running
+    /// another group of one of these sets. A preference, never a reason to move.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinity: Vec<String>,
+    /// Anti-affinity sets: the group never runs on a node where another group of one of
+    /// these sets runs. A hard rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anti_affinity: Vec<String>,
+    /// What the group takes of a node's `capacity` while it runs there. Absent: none for
+    /// the guest agent; the host agent derives a VM group's demand from the VM's domain
+    /// definition (memory, vCPUs) when this is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand: Option<Capacity>,
     /// The group's resources (`[[group.resource]]`), started in dependency order.
     #[serde(rename = "resource", default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<Resource>,
@@ -443,6 +480,9 @@ pub struct FailoverGroup {
 
 fn yes() -> bool {
     true
+}
+fn is_zero_i32(n: &i32) -> bool {
+    *n == 0
 }
 fn is_true(b: &bool) -> bool {
     *b

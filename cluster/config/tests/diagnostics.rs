@@ -677,3 +677,130 @@ fn ping_targets_are_addresses() {
     let e = errors_of(&src);
     assert!(e.errors.iter().any(|d| d.field.starts_with("cluster.ping_targets")), "{e}");
 }
+
+/// Two groups placed by capacity and (anti-)affinity on capped nodes.
+const PLACED: &str = r#"
+[[group]]
+name = "g"
+nodes = ["a", "b"]
+priority = 10
+demand = { memory_mib = 4096, vcpus = 4 }
+affinity = ["web-tier"]
+anti_affinity = ["db_pair"]
+
+  [[group.resource]]
+  name = "app"
+  kind = "exec"
+  start = ["/bin/true"]
+  stop = ["/bin/true"]
+
+[[group]]
+name = "h"
+nodes = ["b", "a"]
+affinity = ["web-tier"]
+anti_affinity = ["db_pair"]
+
+  [[group.resource]]
+  name = "app"
+  kind = "exec"
+  start = ["/bin/true"]
+  stop = ["/bin/true"]
+"#;
+
+fn placed_base() -> String {
+    BASE.replace(
+        "links = { lan = \"10.0.0.1\", backup = \"10.9.0.1\" }\n",
+        "links = { lan = \"10.0.0.1\", backup = \"10.9.0.1\" }\ncapacity = { memory_mib = 8192, vcpus = 8 }\n",
+    )
+    .replace(
+        "links = { lan = \"10.0.0.2\", backup = \"10.9.0.2\" }\n",
+        "links = { lan = \"10.0.0.2\", backup = \"10.9.0.2\" }\ncapacity = { memory_mib = 2048, vcpus = 16 }\n",
+    )
+}
+
+#[test]
+fn placement_fields_load_with_their_defaults() {
+    let f = write(&format!("{}{PLACED}", placed_base()));
+    let c = tandem_config::check(f.path()).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let cap = |n: &str| c.config.node(n).unwrap().capacity.unwrap();
+    assert_eq!((cap("a").memory_mib, cap("a").vcpus, cap("b").memory_mib), (8192, 8, 2048));
+    let g = c.config.group("g").unwrap();
+    assert_eq!(g.priority, 10);
+    assert_eq!(g.demand, Some(tandem_config::Capacity { memory_mib: 4096, vcpus: 4 }));
+    assert_eq!(
+        (g.affinity.as_slice(), g.anti_affinity.as_slice()),
+        (&["web-tier".to_string()][..], &["db_pair".to_string()][..])
+    );
+    let h = c.config.group("h").unwrap();
+    assert_eq!((h.priority, h.demand), (0, None), "defaults: priority 0, demand left to the agent");
+    // The fields survive a round trip through TOML.
+    let again = tandem_config::check_str(&tandem_config::to_toml(&c.config), "again.toml").unwrap();
+    assert_eq!(again.config, c.config);
+}
+
+#[test]
+fn node_capacity_is_checked_field_by_field() {
+    let src = format!("{}{PLACED}", placed_base()).replace("memory_mib = 8192, vcpus = 8", "memory_mib = 0, vcpus = 8");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!(
+        (line, col, field.as_str(), kind),
+        (16, 27, "node \"a\".capacity.memory_mib", ProblemKind::InvalidValue)
+    );
+    assert!(msg.contains("greater than zero"), "{msg}");
+    let src = format!("{}{PLACED}", placed_base()).replace("memory_mib = 8192, vcpus = 8", "memory_mib = 8192");
+    let (line, _, field, kind, msg) = only(&src);
+    assert_eq!((line, field.as_str(), kind), (16, "node \"a\".capacity", ProblemKind::Type));
+    assert!(msg.contains("vcpus"), "{msg}");
+    let src = format!("{}{PLACED}", placed_base()).replace("vcpus = 8 }", "vcpus = 8, cpus = 2 }");
+    let (line, _, field, kind, _) = only(&src);
+    assert_eq!((line, field.as_str(), kind), (16, "node \"a\".capacity.cpus", ProblemKind::UnknownField));
+}
+
+#[test]
+fn a_demand_no_node_can_hold_is_an_error() {
+    // Node b (2048 MiB) is too small and node a (8 vCPUs) too: the group could never run.
+    let src =
+        format!("{}{PLACED}", placed_base()).replace("memory_mib = 4096, vcpus = 4", "memory_mib = 4096, vcpus = 12");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (28, 10, "group \"g\".demand", ProblemKind::Placement));
+    assert!(msg.contains("\"a\" has 8192 MiB and 8 vCPUs") && msg.contains("\"b\" has 2048 MiB"), "{msg}");
+    // A node without a capacity is unlimited: then the demand is fine.
+    let src = src.replace("capacity = { memory_mib = 2048, vcpus = 16 }\n", "");
+    tandem_config::check_str(&src, "ok.toml").unwrap();
+}
+
+#[test]
+fn affinity_sets_are_named_and_consistent() {
+    let src = format!("{}{PLACED}", placed_base())
+        .replace("affinity = [\"web-tier\"]\nanti", "affinity = [\"db_pair\"]\nanti");
+    let e = errors_of(&src);
+    let s = summary(&e);
+    assert!(
+        s.contains(&(30, 18, "group \"g\".anti_affinity[0]".into(), ProblemKind::Placement)),
+        "the same set in both lists: {e}"
+    );
+    let src = format!("{}{PLACED}", placed_base()).replace("[\"web-tier\"]\nanti_affinity = [\"db_pair\"]\n\n  [[group.resource]]\n  name = \"app\"\n  kind = \"exec\"\n  start = [\"/bin/true\"]\n  stop = [\"/bin/true\"]\n\n[[group]]", "[\"Web Tier\"]\nanti_affinity = [\"db_pair\"]\n\n  [[group.resource]]\n  name = \"app\"\n  kind = \"exec\"\n  start = [\"/bin/true\"]\n  stop = [\"/bin/true\"]\n\n[[group]]");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (29, 13, "group \"g\".affinity[0]", ProblemKind::InvalidValue));
+    assert!(msg.contains("lowercase"), "{msg}");
+    let src = format!("{}{PLACED}", placed_base()).replace("priority = 10", "priority = \"high\"");
+    let (line, _, field, kind, _) = only(&src);
+    assert_eq!((line, field.as_str(), kind), (27, "group \"g\".priority", ProblemKind::Type));
+}
+
+#[test]
+fn a_set_no_other_group_names_is_a_warning() {
+    let src = format!("{}{PLACED}", placed_base()).replace("anti_affinity = [\"db_pair\"]\n\n  [[group.resource]]\n  name = \"app\"\n  kind = \"exec\"\n  start = [\"/bin/true\"]\n  stop = [\"/bin/true\"]\n\n[[group]]", "anti_affinity = [\"db-pair\"]\n\n  [[group.resource]]\n  name = \"app\"\n  kind = \"exec\"\n  start = [\"/bin/true\"]\n  stop = [\"/bin/true\"]\n\n[[group]]");
+    let c = tandem_config::check_str(&src, "w.toml").unwrap();
+    let w: Vec<(usize, String, ProblemKind)> =
+        c.warnings.iter().map(|d| (d.location.unwrap().line, d.field.clone(), d.kind)).collect();
+    assert_eq!(
+        w,
+        vec![
+            (30, "group \"g\".anti_affinity[0]".into(), ProblemKind::UnknownReference),
+            (42, "group \"h\".anti_affinity[0]".into(), ProblemKind::UnknownReference),
+        ]
+    );
+    assert!(c.warnings[0].message.contains("\"db-pair\""), "{}", c.warnings[0].message);
+}

@@ -2,6 +2,7 @@
 
 use crate::model::{GroupId, NodeId, ResourceId};
 use crate::note::{LeaseNote, LeaseToken};
+use crate::status::Unfit;
 
 /// An output of the engine. The runtime executes commands in the order given (commands of
 /// different groups are independent) and reports each result back as an [`crate::Event`].
@@ -98,6 +99,9 @@ pub enum ReleaseReason {
     QuorumLost,
     /// The failover limit was reached and the final action stops the group everywhere.
     FailoverLimit,
+    /// The lease came back to this node (a reclaim after an agent restart) but the group
+    /// does not fit here (capacity or anti-affinity): a node where it fits should take it.
+    NoCapacity,
 }
 
 /// Operator-visible notices.
@@ -116,5 +120,20 @@ pub enum Notice {
         seq: u64,
         /// What was wrong and what to do.
         reason: String,
+    },
+    /// The group should run and healthy eligible nodes exist, but it fits on none of them
+    /// (see `NotRunningReason::NoCapacity`). Emitted once per episode by each eligible node
+    /// that sees it; it is not dropped: it starts once capacity appears.
+    NoCapacity {
+        /// The group.
+        group: GroupId,
+        /// Each healthy eligible node and why the group does not fit there.
+        nodes: Vec<(NodeId, Unfit)>,
+    },
+    /// A group reported with `NoCapacity` is no longer blocked by capacity: a node where it
+    /// fits is taking it, or it no longer should run.
+    NoCapacityResolved {
+        /// The group.
+        group: GroupId,
     },
 }

@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::command::{Command, Notice, ReleaseReason};
 use crate::event::{Event, OperatorCommand};
-use crate::model::{ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
+use crate::model::{Capacity, ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
 use crate::note::{Desired, LeaseNote, LeaseToken, StopCause};
-use crate::status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus};
+use crate::status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};
 
 /// A rule the simulation can break on purpose, to show that its checker catches it.
 #[cfg(test)]
@@ -18,6 +18,8 @@ pub(crate) enum BrokenRule {
     IgnoreLeaseLost,
     /// Never take the final action: fail over forever.
     NoFailoverLimit,
+    /// Every node fits every group: capacity and anti-affinity ignored.
+    IgnorePlacement,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -77,6 +79,35 @@ struct GroupRuntime {
     /// This engine asked for the lease at least once: an observation naming this node as
     /// holder is then a stale read of our own past holding, not a previous incarnation's.
     asked_before: bool,
+    /// A grant just arrived: check once that the group fits here before starting anything
+    /// (a reclaimed lease was requested without the placement check).
+    check_fit: bool,
+    /// `Notice::NoCapacity` was emitted and not resolved yet.
+    no_capacity_reported: bool,
+}
+
+/// Healthy eligible nodes a group does not fit on, with why.
+type Unplaced = Vec<(NodeId, Unfit)>;
+
+/// How a node ranks as a place for a group; lower is better. Field order is rank order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct RankKey {
+    /// Not the operator's move target.
+    not_target: bool,
+    /// The group failed on this node since its last stable run.
+    failed: bool,
+    /// Runs no group sharing an affinity set with this one.
+    no_partner: bool,
+    /// Position in the group's eligible list.
+    order: usize,
+}
+
+impl RankKey {
+    /// The rank without the affinity preference: what failback compares, so that affinity
+    /// alone never moves a running group (two partners would chase each other).
+    fn without_affinity(self) -> (bool, bool, usize) {
+        (self.not_target, self.failed, self.order)
+    }
 }
 
 /// The failover engine of one node: feed it events with [`Engine::handle`], execute the
@@ -93,6 +124,11 @@ pub struct Engine {
     started_up: bool,
     probes_pending: usize,
     groups: Vec<GroupRuntime>,
+    /// Group indices by descending priority, then model order: the order of evaluation.
+    order: Vec<usize>,
+    /// Groups whose lease was released during the current evaluation: the others are
+    /// evaluated once more, so that the capacity freed is used at once.
+    released: BTreeSet<usize>,
     now: u64,
     out: Vec<Command>,
     #[cfg(test)]
@@ -158,10 +194,15 @@ impl Engine {
                     handoff_backoff_until: 0,
                     monitoring_suspended: false,
                     asked_before: false,
+                    check_fit: false,
+                    no_capacity_reported: false,
                 }
             })
             .collect();
         let index = model.groups.iter().enumerate().map(|(i, g)| (g.id.clone(), i)).collect();
+        let mut order: Vec<usize> = (0..model.groups.len()).collect();
+        // Stable: equal priorities keep model order.
+        order.sort_by_key(|gi| std::cmp::Reverse(model.groups[*gi].priority));
         Ok(Engine {
             me,
             model,
@@ -172,6 +213,8 @@ impl Engine {
             started_up: false,
             probes_pending,
             groups,
+            order,
+            released: BTreeSet::new(),
             now: 0,
             out: Vec::new(),
             #[cfg(test)]
@@ -213,7 +256,7 @@ impl Engine {
                     }
                 }
             }
-            self.evaluate_all();
+            self.evaluate();
         }
         std::mem::take(&mut self.out)
     }
@@ -227,7 +270,7 @@ impl Engine {
         }
         self.apply(event);
         if self.started_up && !self.self_fenced {
-            self.evaluate_all();
+            self.evaluate();
         }
         std::mem::take(&mut self.out)
     }
@@ -423,6 +466,8 @@ impl Engine {
                 rt.held_note = merge(&note.unwrap_or_else(|| LeaseNote::initial(g)), &rt.intent);
                 rt.observed_holder = Some(self.me);
                 rt.goal = Goal::Run;
+                // Adopted resources already run here: they are not moved for placement.
+                rt.check_fit = !rt.adopting;
                 rt.to_restart.clear();
                 rt.restarts.clear();
                 rt.running_since = None;
@@ -591,26 +636,170 @@ impl Engine {
         }
     }
 
-    /// Healthy eligible nodes in placement order: the operator's move target first, nodes
-    /// that failed the group last, policy order otherwise (unique, so no further ties).
-    fn candidates(&self, gi: usize, note: &LeaseNote) -> Vec<NodeId> {
-        let mut c: Vec<(bool, bool, usize, NodeId)> = self.model.groups[gi]
-            .placement
-            .eligible
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| self.node_healthy(**n))
-            .map(|(i, n)| (note.preferred != Some(*n), note.failed_on.contains(n), i, *n))
-            .collect();
-        c.sort();
-        c.into_iter().map(|(_, _, _, n)| n).collect()
+    /// Whether group `gj` occupies this node: held, being acquired, or with resources not
+    /// stopped (starting, running, failed, stopping). Exact: it is this node's own state.
+    fn occupies_here(&self, gj: usize) -> bool {
+        let rt = &self.groups[gj];
+        rt.lease != Lease::NotHeld
+            || rt.res.iter().any(|s| !matches!(s, ResourceState::Stopped | ResourceState::Unknown))
     }
 
-    fn evaluate_all(&mut self) {
-        if self.probing() {
+    /// The groups other than `except` active on node `n`: this node's own state for itself,
+    /// the observed lease holders for peers.
+    fn active_on(&self, n: NodeId, except: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.groups.len()).filter(move |&gj| {
+            gj != except
+                && if n == self.me {
+                    self.occupies_here(gj)
+                } else {
+                    self.groups[gj].lease == Lease::NotHeld && self.groups[gj].observed_holder == Some(n)
+                }
+        })
+    }
+
+    /// Why group `gi` cannot become active on node `n`, if it cannot: an anti-affine group
+    /// active there, or not enough capacity left for its demand.
+    fn unfit(&self, gi: usize, n: NodeId) -> Option<Unfit> {
+        let g = &self.model.groups[gi];
+        let cap = self.model.capacity.get(&n);
+        if g.anti_affinity.is_empty() && (cap.is_none() || g.demand.is_zero()) {
+            return None;
+        }
+        #[cfg(test)]
+        if self.is_broken(BrokenRule::IgnorePlacement) {
+            return None;
+        }
+        let mut used = Capacity::ZERO;
+        for gj in self.active_on(n, gi) {
+            let other = &self.model.groups[gj];
+            if let Some(set) = g.anti_affinity.iter().find(|s| other.anti_affinity.contains(s)) {
+                return Some(Unfit::AntiAffinity { group: other.id.clone(), set: set.clone() });
+            }
+            used += other.demand;
+        }
+        let free = cap?.saturating_sub(used);
+        if g.demand.memory_mib > free.memory_mib {
+            Some(Unfit::Memory { needed: g.demand.memory_mib, free: free.memory_mib })
+        } else if g.demand.vcpus > free.vcpus {
+            Some(Unfit::Vcpus { needed: g.demand.vcpus, free: free.vcpus })
+        } else {
+            None
+        }
+    }
+
+    /// Whether node `n` runs a group sharing an affinity set with group `gi`.
+    fn has_partner(&self, gi: usize, n: NodeId) -> bool {
+        let g = &self.model.groups[gi];
+        !g.affinity.is_empty()
+            && self.active_on(n, gi).any(|gj| self.model.groups[gj].affinity.iter().any(|s| g.affinity.contains(s)))
+    }
+
+    /// The healthy eligible nodes of group `gi`: those it fits on, best first (the operator's
+    /// move target first, nodes that failed the group last, nodes running an affinity
+    /// partner before the others, policy order otherwise: unique, so no further ties), and
+    /// those it does not fit on, with why, in policy order.
+    fn placement(&self, gi: usize, note: &LeaseNote) -> (Vec<(RankKey, NodeId)>, Unplaced) {
+        let mut fit = Vec::new();
+        let mut unfit = Vec::new();
+        for (order, n) in self.model.groups[gi].placement.eligible.iter().enumerate() {
+            if !self.node_healthy(*n) {
+                continue;
+            }
+            match self.unfit(gi, *n) {
+                Some(why) => unfit.push((*n, why)),
+                None => fit.push((
+                    RankKey {
+                        not_target: note.preferred != Some(*n),
+                        failed: note.failed_on.contains(n),
+                        no_partner: !self.has_partner(gi, *n),
+                        order,
+                    },
+                    *n,
+                )),
+            }
+        }
+        fit.sort();
+        (fit, unfit)
+    }
+
+    /// Healthy eligible nodes the group fits on, best first (see `placement`).
+    fn candidates(&self, gi: usize, note: &LeaseNote) -> Vec<NodeId> {
+        self.placement(gi, note).0.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Evaluates every group; once more if a lease was released meanwhile (its capacity
+    /// may let another group start now); then reports groups that fit nowhere.
+    fn evaluate(&mut self) {
+        self.released.clear();
+        self.evaluate_all(None);
+        let released = std::mem::take(&mut self.released);
+        if !released.is_empty() && !self.self_fenced {
+            // A group just released is not reconsidered here: its own timers start at the
+            // next event, as they would without the second pass.
+            self.evaluate_all(Some(&released));
+        }
+        self.track_no_capacity();
+    }
+
+    /// Emits `NoCapacity` when a group this node is eligible for becomes unplaceable, and
+    /// `NoCapacityResolved` when it no longer is.
+    fn track_no_capacity(&mut self) {
+        if self.probing() || !self.quorum || self.self_fenced {
+            // Nothing can be judged from here now; keep the last verdict.
             return;
         }
         for gi in 0..self.groups.len() {
+            if !self.groups[gi].eligible_here {
+                continue;
+            }
+            let blocked = self.no_capacity(gi);
+            let group = self.model.groups[gi].id.clone();
+            let rt = &mut self.groups[gi];
+            match (blocked, rt.no_capacity_reported) {
+                (Some(nodes), false) => {
+                    rt.no_capacity_reported = true;
+                    self.out.push(Command::Notify(Notice::NoCapacity { group, nodes }));
+                }
+                (None, true) => {
+                    rt.no_capacity_reported = false;
+                    self.out.push(Command::Notify(Notice::NoCapacityResolved { group }));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Why group `gi` fits on no healthy eligible node, when it should run, runs nowhere
+    /// (as far as this node knows) and some healthy eligible node exists.
+    fn no_capacity(&self, gi: usize) -> Option<Vec<(NodeId, Unfit)>> {
+        if self.occupies_here(gi) {
+            return None;
+        }
+        let note = self.effective_note(gi);
+        if note.desired != Desired::Started {
+            return None;
+        }
+        if let Some(h) = self.groups[gi].observed_holder
+            && h != self.me
+            && self.node_healthy(h)
+        {
+            return None;
+        }
+        let (fit, unfit) = self.placement(gi, &note);
+        (fit.is_empty() && !unfit.is_empty()).then_some(unfit)
+    }
+
+    /// One pass over the groups, highest priority first, so that a higher-priority group
+    /// claims this node's capacity before a lower one in the same pass.
+    fn evaluate_all(&mut self, skip: Option<&BTreeSet<usize>>) {
+        if self.probing() {
+            return;
+        }
+        for k in 0..self.order.len() {
+            let gi = self.order[k];
+            if skip.is_some_and(|s| s.contains(&gi)) {
+                continue;
+            }
             if !self.groups[gi].eligible_here {
                 continue;
             }
@@ -627,10 +816,13 @@ impl Engine {
         let now = self.now;
         let g = &self.model.groups[gi];
         let note = self.groups[gi].held_note.clone();
-        let best = self.candidates(gi, &note).first().copied();
+        let (fit, _) = self.placement(gi, &note);
         let quorum = self.quorum;
         let me = self.me;
+        let best = fit.first().copied();
+        let mine = fit.iter().find(|(_, n)| *n == me).map(|(k, _)| *k);
         let rt = &mut self.groups[gi];
+        let check_fit = std::mem::take(&mut rt.check_fit);
         if matches!(rt.goal, Goal::Run | Goal::Hold) && !quorum {
             rt.goal = Goal::Release(ReleaseReason::QuorumLost);
         }
@@ -648,11 +840,20 @@ impl Engine {
             }
             Desired::Started => {}
         }
-        if let Some(best) = best
+        if check_fit && rt.goal == Goal::Run && mine.is_none() {
+            // Granted a lease without the placement check (a reclaim), and the group does
+            // not fit here: give it to a node where it fits before starting anything.
+            rt.goal = Goal::Release(ReleaseReason::NoCapacity);
+            return;
+        }
+        if let Some((best_key, best)) = best
             && best != me
             && now >= rt.handoff_backoff_until
             && (note.preferred == Some(best)
-                || (rt.goal == Goal::Run && g.placement.failback == Failback::Auto && !note.failed_on.contains(&best)))
+                || (rt.goal == Goal::Run
+                    && g.placement.failback == Failback::Auto
+                    && !note.failed_on.contains(&best)
+                    && mine.is_none_or(|m| best_key.without_affinity() < m.without_affinity())))
         {
             rt.goal = Goal::Release(ReleaseReason::Handoff { to: best });
             return;
@@ -696,6 +897,12 @@ impl Engine {
         let candidates = self.candidates(gi, &note);
         let Some(rank) = candidates.iter().position(|n| *n == me) else {
             self.groups[gi].free_since = None;
+            if holder == Some(me) && self.node_healthy(me) && now >= self.groups[gi].next_attempt_at {
+                // The lease says we hold a group that does not fit here (a release that
+                // never reached the disk): peers wait for us, so take it back; the grant's
+                // placement check releases it to a node where it fits.
+                self.request_lease(gi);
+            }
             return;
         };
         let free = match holder {
@@ -786,6 +993,7 @@ impl Engine {
                 rt.observed_holder = None;
                 rt.observed_note = Some(rt.held_note.clone());
                 rt.free_since = None;
+                self.released.insert(gi);
                 rt.restarts.clear();
                 rt.next_attempt_at = now + retry;
                 if matches!(reason, ReleaseReason::Handoff { .. }) {
@@ -914,10 +1122,13 @@ impl Engine {
                 return NotRunningReason::WaitingForLease(h);
             }
         }
-        if self.candidates(gi, note).is_empty() {
+        let (fit, unfit) = self.placement(gi, note);
+        if !fit.is_empty() {
+            NotRunningReason::TakeoverPending
+        } else if unfit.is_empty() {
             NotRunningReason::NoEligibleNode
         } else {
-            NotRunningReason::TakeoverPending
+            NotRunningReason::NoCapacity { nodes: unfit }
         }
     }
 }

@@ -10,6 +10,11 @@
 //! Exclusivity comes from the group lease: resources start only under a lease token the
 //! engine was granted (`LeaseAcquired`), the lease is released only once every resource is
 //! stopped, and a lost lease stops the group at once. See `docs/engine.md`.
+//!
+//! Placement by node [`Capacity`], anti-affinity (both hard, checked by each node on its
+//! own state), affinity (a preference) and priority is described in `docs/placement.md`; a
+//! group that fits nowhere is reported ([`NotRunningReason::NoCapacity`],
+//! [`Notice::NoCapacity`]) and starts once room appears.
 
 #![warn(missing_docs)]
 
@@ -31,8 +36,8 @@ pub use command::{Command, Notice, ReleaseReason};
 pub use engine::Engine;
 pub use event::{Event, OperatorCommand};
 pub use model::{
-    ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy, RecoveryPolicy,
-    ResourceId, ResourceSpec, Timing,
+    Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy,
+    RecoveryPolicy, ResourceId, ResourceSpec, Timing,
 };
 pub use note::{Desired, LeaseNote, LeaseToken, StopCause};
-pub use status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus};
+pub use status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};

@@ -1,8 +1,9 @@
 //! The declarative cluster model the engine works from: nodes, failover groups, their
 //! resources, and the placement and recovery policies of each group.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::ops::{Add, AddAssign};
 
 /// A cluster node (a guest for the guest cluster, a hypervisor for the host cluster).
 ///
@@ -135,6 +136,68 @@ impl Default for RecoveryPolicy {
     }
 }
 
+/// Memory and vCPUs: what a node offers ([`ClusterModel::capacity`]) or what a group needs
+/// while it is active on a node ([`FailoverGroup::demand`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Capacity {
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+}
+
+impl Capacity {
+    /// Nothing: the demand of a group that needs no capacity.
+    pub const ZERO: Capacity = Capacity { memory_mib: 0, vcpus: 0 };
+
+    /// `memory_mib` MiB of memory and `vcpus` vCPUs.
+    pub const fn new(memory_mib: u64, vcpus: u32) -> Self {
+        Capacity { memory_mib, vcpus }
+    }
+
+    /// Whether both amounts are zero.
+    pub fn is_zero(&self) -> bool {
+        *self == Capacity::ZERO
+    }
+
+    /// `self - other`, each amount floored at zero (what is left of an overcommitted node is nothing).
+    pub fn saturating_sub(self, other: Capacity) -> Capacity {
+        Capacity {
+            memory_mib: self.memory_mib.saturating_sub(other.memory_mib),
+            vcpus: self.vcpus.saturating_sub(other.vcpus),
+        }
+    }
+
+    /// Whether `demand` fits within `self` (both amounts at most `self`'s).
+    pub fn fits(&self, demand: &Capacity) -> bool {
+        demand.memory_mib <= self.memory_mib && demand.vcpus <= self.vcpus
+    }
+}
+
+/// Saturating: sums of demands never wrap.
+impl Add for Capacity {
+    type Output = Capacity;
+
+    fn add(self, other: Capacity) -> Capacity {
+        Capacity {
+            memory_mib: self.memory_mib.saturating_add(other.memory_mib),
+            vcpus: self.vcpus.saturating_add(other.vcpus),
+        }
+    }
+}
+
+impl AddAssign for Capacity {
+    fn add_assign(&mut self, other: Capacity) {
+        *self = *self + other;
+    }
+}
+
+impl fmt::Display for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} MiB, {} vCPUs", self.memory_mib, self.vcpus)
+    }
+}
+
 /// A set of resources that runs together on one node at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverGroup {
@@ -146,6 +209,39 @@ pub struct FailoverGroup {
     pub placement: PlacementPolicy,
     /// How failures are recovered.
     pub recovery: RecoveryPolicy,
+    /// What the group takes of a node's [`ClusterModel::capacity`] while it is active there
+    /// (held, being acquired, or with resources not yet stopped). Zero: nothing.
+    pub demand: Capacity,
+    /// Higher first: when several groups compete for one node's capacity in one evaluation,
+    /// the higher priority claims it first (ties: model order). Never preempts a running group.
+    pub priority: i32,
+    /// Affinity sets: a free group prefers (after a move target) the nodes running another
+    /// group of one of these sets. A preference only; it never moves a running group.
+    pub affinity: Vec<String>,
+    /// Anti-affinity sets: the group never becomes active on a node where another group of
+    /// one of these sets is active. A hard rule, like capacity.
+    pub anti_affinity: Vec<String>,
+}
+
+impl FailoverGroup {
+    /// A group without demand, priority 0, no affinity or anti-affinity sets.
+    pub fn new(
+        id: GroupId,
+        resources: Vec<ResourceSpec>,
+        placement: PlacementPolicy,
+        recovery: RecoveryPolicy,
+    ) -> Self {
+        FailoverGroup {
+            id,
+            resources,
+            placement,
+            recovery,
+            demand: Capacity::ZERO,
+            priority: 0,
+            affinity: Vec::new(),
+            anti_affinity: Vec::new(),
+        }
+    }
 }
 
 /// Cluster-wide timing knobs of the engine, in milliseconds of the runtime's monotonic clock.
@@ -173,6 +269,15 @@ pub struct ClusterModel {
     pub groups: Vec<FailoverGroup>,
     /// Timing knobs.
     pub timing: Timing,
+    /// What each node offers to groups' demands. A node without an entry is unlimited.
+    pub capacity: BTreeMap<NodeId, Capacity>,
+}
+
+impl ClusterModel {
+    /// A model whose nodes are all unlimited.
+    pub fn new(nodes: Vec<NodeId>, groups: Vec<FailoverGroup>, timing: Timing) -> Self {
+        ClusterModel { nodes, groups, timing, capacity: BTreeMap::new() }
+    }
 }
 
 /// Why a cluster model was rejected.
@@ -257,6 +362,22 @@ pub enum ModelError {
         /// The field.
         field: &'static str,
     },
+    /// A capacity is given for a node that is not a cluster node.
+    #[error("a capacity is given for {0}, which is not a cluster node; add the node or remove its capacity")]
+    UnknownCapacityNode(NodeId),
+    /// An affinity or anti-affinity set name is empty.
+    #[error("group `{0}` lists an empty affinity or anti-affinity set name; name every set")]
+    EmptySetName(GroupId),
+    /// A group is both affine and anti-affine to the same set.
+    #[error(
+        "group `{group}` lists set `{set}` in both affinity and anti_affinity; a group cannot both seek and avoid the same set, remove it from one"
+    )]
+    AffinityConflict {
+        /// The group.
+        group: GroupId,
+        /// The set in both lists.
+        set: String,
+    },
 }
 
 impl ClusterModel {
@@ -323,6 +444,15 @@ impl ClusterModel {
             if g.recovery.failover_window_ms == 0 {
                 return Err(ModelError::ZeroWindow { group: g.id.clone(), field: "failover_window_ms" });
             }
+            if g.affinity.iter().chain(&g.anti_affinity).any(String::is_empty) {
+                return Err(ModelError::EmptySetName(g.id.clone()));
+            }
+            if let Some(set) = g.affinity.iter().find(|s| g.anti_affinity.contains(s)) {
+                return Err(ModelError::AffinityConflict { group: g.id.clone(), set: set.clone() });
+            }
+        }
+        if let Some(n) = self.capacity.keys().find(|n| !nodes.contains(*n)) {
+            return Err(ModelError::UnknownCapacityNode(*n));
         }
         Ok(())
     }

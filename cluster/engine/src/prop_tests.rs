@@ -14,7 +14,24 @@ fn two_group_model() -> ClusterModel {
     web.recovery.final_action = FinalAction::DoNothing;
     let mut db = db_group(&[1, 2]);
     db.placement.require_fencing = true;
-    ClusterModel { nodes: vec![n(1), n(2), n(3)], groups: vec![db, web], timing: Timing::default() }
+    ClusterModel::new(vec![n(1), n(2), n(3)], vec![db, web], Timing::default())
+}
+
+/// The two groups with placement rules: `1`, node 1 has room for one of them only; `2`, they
+/// are anti-affine; `3`, both; anything else, none.
+fn placed_model(rules: u8) -> ClusterModel {
+    let mut m = two_group_model();
+    if rules & 1 != 0 {
+        m.capacity.insert(n(1), Capacity::new(4_096, 4));
+        m.groups[0].demand = Capacity::new(3_072, 2);
+        m.groups[1].demand = Capacity::new(2_048, 2);
+        m.groups[1].priority = 5;
+    }
+    if rules & 2 != 0 {
+        m.groups[0].anti_affinity = vec!["apart".into()];
+        m.groups[1].anti_affinity = vec!["apart".into(), "other".into()];
+    }
+    m
 }
 
 const GROUPS: [&str; 3] = ["db", "web", "nope"];
@@ -108,9 +125,10 @@ proptest! {
 
     #[test]
     fn arbitrary_events_never_panic_nor_start_without_the_lease(
+        rules in 0u8..4,
         steps in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), 0u64..5_000), 0..400)
     ) {
-        let mut e = Engine::new(n(1), two_group_model()).unwrap();
+        let mut e = Engine::new(n(1), placed_model(rules)).unwrap();
         let mut book = LeaseBook::default();
         let mut now = 0;
         for c in e.startup(0) {
@@ -128,10 +146,11 @@ proptest! {
     }
 
     #[test]
-    fn with_a_faithful_runtime_order_and_lease_rules_hold(
+    fn with_a_faithful_runtime_order_lease_and_placement_rules_hold(
+        rules in 0u8..4,
         steps in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), 0u64..3_000), 0..400)
     ) {
-        let model = two_group_model();
+        let model = placed_model(rules);
         let mut rt = FaithfulRuntime::new(model.clone());
         let mut e = Engine::new(n(1), model).unwrap();
         let cmds = e.startup(0);
@@ -203,6 +222,7 @@ impl FaithfulRuntime {
             match &c {
                 Command::StartResource { group, resource, token } => {
                     prop_assert_eq!(self.held.get(group), Some(token), "start of {} without its lease", resource);
+                    self.check_placement(group)?;
                     let (gi, ri) = self.index(group, resource);
                     for d in &self.model.groups[gi].resources[ri].depends_on {
                         let (_, di) = self.index(group, d);
@@ -239,6 +259,33 @@ impl FaithfulRuntime {
                 _ => {}
             }
             self.pending.push(c);
+        }
+        Ok(())
+    }
+
+    /// Node 1's hard placement rules, on the truth: the groups with something running or
+    /// starting there, plus `group`, fit its capacity and are not anti-affine.
+    fn check_placement(&self, group: &GroupId) -> Result<(), TestCaseError> {
+        let mut active: BTreeSet<&GroupId> = self.running.iter().map(|(g, _)| g).collect();
+        active.extend(self.pending.iter().filter_map(|c| match c {
+            Command::StartResource { group, .. } => Some(group),
+            _ => None,
+        }));
+        active.insert(group);
+        let groups: Vec<&FailoverGroup> = self.model.groups.iter().filter(|g| active.contains(&g.id)).collect();
+        if let Some(cap) = self.model.capacity.get(&n(1)) {
+            let used = groups.iter().fold(Capacity::ZERO, |sum, g| sum + g.demand);
+            prop_assert!(cap.fits(&used), "{:?} active on node 1 need {}, over its capacity {}", active, used, cap);
+        }
+        for (i, a) in groups.iter().enumerate() {
+            for b in &groups[i + 1..] {
+                prop_assert!(
+                    !a.anti_affinity.iter().any(|s| b.anti_affinity.contains(s)),
+                    "anti-affine {} and {} active on node 1",
+                    a.id,
+                    b.id
+                );
+            }
         }
         Ok(())
     }
@@ -315,4 +362,12 @@ fn the_property_checkers_reject_what_they_guard_against() {
         reason: ReleaseReason::Stopped,
     };
     assert!(rt.accept(vec![release]).is_err(), "a release while resources run must be rejected");
+    // web starts while db runs on an anti-affine / too small node 1.
+    for rules in [1, 2] {
+        let mut rt = FaithfulRuntime::new(placed_model(rules));
+        rt.running.insert(("db".into(), 0));
+        rt.held.insert("web".into(), LeaseToken(1));
+        let start_vip = Command::StartResource { group: "web".into(), resource: "vip".into(), token: LeaseToken(1) };
+        assert!(rt.accept(vec![start_vip]).is_err(), "placement rules {rules} must be enforced by the checker");
+    }
 }

@@ -158,6 +158,11 @@ pub(crate) struct SimStats {
     pub(crate) crashes: u64,
     pub(crate) agent_restarts: u64,
     pub(crate) adoptions: u64,
+    /// Steps at which a node with a capacity ran more than one group (capacity and
+    /// anti-affinity were actually in play).
+    pub(crate) shared_nodes: u64,
+    /// Runs with a capacity model.
+    pub(crate) placed_runs: u64,
 }
 
 fn sim_model(rng: &mut Rng) -> ClusterModel {
@@ -191,34 +196,58 @@ fn sim_model(rng: &mut Rng) -> ClusterModel {
         all
     };
     let (db, web, vm) = (eligible(&[1, 2], rng), eligible(&[2, 3, 1], rng), eligible(&[3, 1, 2], rng));
-    ClusterModel {
-        nodes: (1..=size).map(NodeId).collect(),
-        groups: vec![
-            FailoverGroup {
-                id: "db".into(),
-                resources: vec![
-                    ResourceSpec::new("disk"),
-                    ResourceSpec::new("ip"),
-                    ResourceSpec::depending_on("app", &["disk"]),
-                ],
-                placement: placement(&db, Failback::Auto, flip(rng)),
-                recovery: recovery(2, FinalAction::StopEverywhere),
-            },
-            FailoverGroup {
-                id: "web".into(),
-                resources: vec![ResourceSpec::new("vip"), ResourceSpec::depending_on("nginx", &["vip"])],
-                placement: placement(&web, Failback::Manual, flip(rng)),
-                recovery: recovery(2, FinalAction::DoNothing),
-            },
-            FailoverGroup {
-                id: "vm".into(),
-                resources: vec![ResourceSpec::new("vm")],
-                placement: placement(&vm, if flip(rng) { Failback::Auto } else { Failback::Manual }, flip(rng)),
-                recovery: recovery(1, FinalAction::StopEverywhere),
-            },
+    let timing = Timing { takeover_stagger_ms: 1_000, acquire_retry_ms: 500 };
+    let mut model = ClusterModel::new(
+        (1..=size).map(NodeId).collect(),
+        vec![
+            FailoverGroup::new(
+                "db".into(),
+                vec![ResourceSpec::new("disk"), ResourceSpec::new("ip"), ResourceSpec::depending_on("app", &["disk"])],
+                placement(&db, Failback::Auto, flip(rng)),
+                recovery(2, FinalAction::StopEverywhere),
+            ),
+            FailoverGroup::new(
+                "web".into(),
+                vec![ResourceSpec::new("vip"), ResourceSpec::depending_on("nginx", &["vip"])],
+                placement(&web, Failback::Manual, flip(rng)),
+                recovery(2, FinalAction::DoNothing),
+            ),
+            FailoverGroup::new(
+                "vm".into(),
+                vec![ResourceSpec::new("vm")],
+                placement(&vm, if flip(rng) { Failback::Auto } else { Failback::Manual }, flip(rng)),
+                recovery(1, FinalAction::StopEverywhere),
+            ),
         ],
-        timing: Timing { takeover_stagger_ms: 1_000, acquire_retry_ms: 500 },
+        timing,
+    );
+    // Half the runs place by capacity and (anti-)affinity. Capped nodes hold any two of the
+    // three groups but never all three, and one pair is anti-affine, so a placement always
+    // exists once every node is up, and a greedy one always finds it (no preemption needed).
+    if rng.chance(50) {
+        let demands = [Capacity::new(1_024, 2), Capacity::new(512, 1), Capacity::new(2_048, 2)];
+        for (g, d) in model.groups.iter_mut().zip(demands) {
+            g.demand = d;
+            g.priority = rng.range(0, 2) as i32;
+        }
+        for n in 1..=size {
+            if rng.chance(60) {
+                model.capacity.insert(NodeId(n), Capacity::new(3_072, 4));
+            }
+        }
+        let (a, b) = match rng.range(0, 2) {
+            0 => (0, 1),
+            1 => (0, 2),
+            _ => (1, 2),
+        };
+        model.groups[a].anti_affinity.push("apart".into());
+        model.groups[b].anti_affinity.push("apart".into());
+        // The third group likes one of the anti-affine pair.
+        let c = 3 - a - b;
+        model.groups[c].affinity.push("near".into());
+        model.groups[if rng.chance(50) { a } else { b }].affinity.push("near".into());
     }
+    model
 }
 
 impl Sim {
@@ -254,6 +283,7 @@ impl Sim {
             .map(|_| AuthorityLease { holder: None, dead_after: None, note: None, next_token: 1 })
             .collect();
         let watch = vec![GroupWatch::default(); model.groups.len()];
+        let placed = !model.capacity.is_empty();
         let mut sim = Sim {
             rng,
             now: 0,
@@ -268,7 +298,7 @@ impl Sim {
             faults_on: true,
             opts,
             trace: Vec::new(),
-            stats: SimStats::default(),
+            stats: SimStats { placed_runs: u64::from(placed), ..SimStats::default() },
         };
         for i in 0..n {
             let at = sim.rng.range(0, 300);
@@ -867,6 +897,7 @@ impl Sim {
 
     /// Safety and ping-pong invariants, checked after every step.
     fn check(&mut self) -> Result<(), String> {
+        self.check_capacity()?;
         for gi in 0..self.model.groups.len() {
             let current = self.leases[gi].holder.map(|h| (h.0, h.2));
             let mut active = Vec::new();
@@ -912,6 +943,42 @@ impl Sim {
                     "group {} failed over {} times without a stable run; its limit is {limit}",
                     self.model.groups[gi].id, w.failovers_since_stable
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Placement's hard rules, on the truth: on every node, the groups with anything running
+    /// there fit its capacity, and no two of them share an anti-affinity set.
+    fn check_capacity(&mut self) -> Result<(), String> {
+        for node in &self.nodes {
+            if node.life == Life::Down {
+                continue;
+            }
+            let active: Vec<&FailoverGroup> = self
+                .model
+                .groups
+                .iter()
+                .enumerate()
+                .filter(|(gi, _)| node.running[*gi].iter().any(Option::is_some))
+                .map(|(_, g)| g)
+                .collect();
+            if let Some(cap) = self.model.capacity.get(&node.id) {
+                let used = active.iter().fold(Capacity::ZERO, |sum, g| sum + g.demand);
+                if !cap.fits(&used) {
+                    let ids: Vec<&GroupId> = active.iter().map(|g| &g.id).collect();
+                    return Err(format!("{} runs {ids:?} needing {used}, over its capacity {cap}", node.id));
+                }
+            }
+            for (i, a) in active.iter().enumerate() {
+                for b in &active[i + 1..] {
+                    if let Some(set) = a.anti_affinity.iter().find(|s| b.anti_affinity.contains(s)) {
+                        return Err(format!("{} runs {} and {}, anti-affine through set {set}", node.id, a.id, b.id));
+                    }
+                }
+            }
+            if active.len() > 1 && self.model.capacity.contains_key(&node.id) {
+                self.stats.shared_nodes += 1;
             }
         }
         Ok(())
@@ -980,6 +1047,8 @@ fn simulation_holds_invariants_over_many_seeds() {
                 total.crashes += s.crashes;
                 total.agent_restarts += s.agent_restarts;
                 total.adoptions += s.adoptions;
+                total.shared_nodes += s.shared_nodes;
+                total.placed_runs += s.placed_runs;
             }
             Err(e) => panic!("simulation failed for seed {seed} (rerun: TANDEM_SIM_SEED={seed}):\n{e}"),
         }
@@ -989,6 +1058,7 @@ fn simulation_holds_invariants_over_many_seeds() {
     if seeds().len() >= 100 {
         assert!(total.failovers > 0 && total.takeovers > 0 && total.fences > 0 && total.lease_lost > 0, "{total:?}");
         assert!(total.self_fences > 0 && total.crashes > 0 && total.adoptions > 0, "{total:?}");
+        assert!(total.placed_runs > 0 && total.shared_nodes > 0, "{total:?}");
     }
 }
 
@@ -999,6 +1069,7 @@ fn simulation_catches_deliberately_broken_rules() {
         (BrokenRule::StartBeforeLease, false),
         (BrokenRule::IgnoreLeaseLost, false),
         (BrokenRule::NoFailoverLimit, true),
+        (BrokenRule::IgnorePlacement, false),
     ] {
         let caught = (0..300).find_map(|seed| run_seed(seed, SimOptions { broken: Some(rule), flappy }).err());
         let Some(report) = caught else { panic!("breaking {rule:?} went unnoticed over 300 seeds") };

@@ -106,4 +106,47 @@ pub enum NotRunningReason {
     NoEligibleNode,
     /// A healthy eligible node should take it shortly.
     TakeoverPending,
+    /// Healthy eligible nodes exist, but the group fits on none of them: why, per node, in
+    /// eligible order. It starts as soon as one fits (a node joins, another group stops or
+    /// moves); nothing running is preempted for it.
+    NoCapacity {
+        /// Each healthy eligible node and why the group does not fit there.
+        nodes: Vec<(NodeId, Unfit)>,
+    },
+}
+
+/// Why a group cannot become active on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unfit {
+    /// Not enough free memory (what the group needs and what the node has left, in MiB).
+    Memory {
+        /// The group's demand.
+        needed: u64,
+        /// The node's capacity minus the demands of the groups active there.
+        free: u64,
+    },
+    /// Not enough free vCPUs.
+    Vcpus {
+        /// The group's demand.
+        needed: u32,
+        /// The node's capacity minus the demands of the groups active there.
+        free: u32,
+    },
+    /// A group of one of its anti-affinity sets is active on the node.
+    AntiAffinity {
+        /// That group.
+        group: GroupId,
+        /// The set they share.
+        set: String,
+    },
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfit::Memory { needed, free } => write!(f, "needs {needed} MiB of memory, {free} MiB free"),
+            Unfit::Vcpus { needed, free } => write!(f, "needs {needed} vCPUs, {free} free"),
+            Unfit::AntiAffinity { group, set } => write!(f, "anti-affinity set `{set}` with group `{group}`"),
+        }
+    }
 }

@@ -14,20 +14,16 @@ fn r(s: &str) -> ResourceId {
 
 /// Three resources: `disk`, `ip`, and `app` which needs `disk`.
 pub(crate) fn db_group(eligible: &[u32]) -> FailoverGroup {
-    FailoverGroup {
-        id: g("db"),
-        resources: vec![
-            ResourceSpec::new("disk"),
-            ResourceSpec::new("ip"),
-            ResourceSpec::depending_on("app", &["disk"]),
-        ],
-        placement: PlacementPolicy {
+    FailoverGroup::new(
+        g("db"),
+        vec![ResourceSpec::new("disk"), ResourceSpec::new("ip"), ResourceSpec::depending_on("app", &["disk"])],
+        PlacementPolicy {
             eligible: eligible.iter().map(|i| n(*i)).collect(),
             failback: Failback::Manual,
             start_on_cluster_start: true,
             require_fencing: false,
         },
-        recovery: RecoveryPolicy {
+        RecoveryPolicy {
             max_restarts: 1,
             restart_window_ms: 10_000,
             max_failovers: 1,
@@ -35,11 +31,11 @@ pub(crate) fn db_group(eligible: &[u32]) -> FailoverGroup {
             final_action: FinalAction::StopEverywhere,
             max_stop_attempts: 2,
         },
-    }
+    )
 }
 
 fn model(group: FailoverGroup) -> ClusterModel {
-    ClusterModel { nodes: vec![n(1), n(2), n(3)], groups: vec![group], timing: Timing::default() }
+    ClusterModel::new(vec![n(1), n(2), n(3)], vec![group], Timing::default())
 }
 
 fn start(group: &str, res: &str, t: u64) -> Command {
@@ -680,4 +676,251 @@ fn status_says_where_a_group_runs_and_why_it_waits() {
     b.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) });
     let st = b.group();
     assert_eq!((st.state, st.not_running), (GroupState::Blocked, Some(NotRunningReason::WaitingForLease(n(1)))));
+}
+
+// Placement: capacity, anti-affinity, affinity, priority.
+
+/// A one-resource group (a VM) needing `mib` MiB and `cpus` vCPUs.
+fn vm_group(name: &str, eligible: &[u32], mib: u64, cpus: u32) -> FailoverGroup {
+    let mut grp = FailoverGroup::new(
+        g(name),
+        vec![ResourceSpec::new("vm")],
+        PlacementPolicy {
+            eligible: eligible.iter().map(|i| n(*i)).collect(),
+            failback: Failback::Manual,
+            start_on_cluster_start: true,
+            require_fencing: false,
+        },
+        RecoveryPolicy::default(),
+    );
+    grp.demand = Capacity::new(mib, cpus);
+    grp
+}
+
+fn placed_model(groups: Vec<FailoverGroup>, caps: &[(u32, u64, u32)]) -> ClusterModel {
+    let mut m = ClusterModel::new(vec![n(1), n(2), n(3)], groups, Timing::default());
+    m.capacity = caps.iter().map(|(i, mib, cpus)| (n(*i), Capacity::new(*mib, *cpus))).collect();
+    m
+}
+
+fn acquire_of(group: &str) -> Command {
+    Command::AcquireLease { group: g(group) }
+}
+
+fn vm_event(group: &str, f: fn(GroupId, ResourceId) -> Event) -> Event {
+    f(g(group), r("vm"))
+}
+
+fn no_capacity(group: &str, nodes: Vec<(NodeId, Unfit)>) -> Command {
+    Command::Notify(Notice::NoCapacity { group: g(group), nodes })
+}
+
+impl Node {
+    /// Starts an engine, feeds `before` while it probes, then answers every probe with
+    /// "not running"; returns the commands emitted after the last probe answer.
+    fn booted_after(me: u32, model: ClusterModel, before: Vec<Event>) -> (Node, Vec<Command>) {
+        let mut e = Engine::new(n(me), model).unwrap();
+        let probes = e.startup(0);
+        for ev in before {
+            assert_eq!(e.handle(0, ev), vec![]);
+        }
+        let mut last = Vec::new();
+        for c in probes {
+            let Command::ProbeResource { group, resource } = c else { panic!("startup emitted {c:?}") };
+            last = e.handle(0, Event::ProbeResult { group, resource, running: false });
+        }
+        (Node { e, now: 0 }, last)
+    }
+
+    /// Brings the one-resource group `group` to Started under token `t`.
+    fn run_vm(&mut self, group: &str, t: u64) {
+        assert_eq!(
+            self.ev(Event::LeaseAcquired { group: g(group), token: LeaseToken(t), note: None }),
+            vec![start(group, "vm", t)]
+        );
+        assert_eq!(self.ev(vm_event(group, |group, resource| Event::ResourceStarted { group, resource })), vec![]);
+    }
+
+    fn status_of(&self, group: &str) -> GroupStatus {
+        self.e.status().groups.into_iter().find(|s| s.id == g(group)).unwrap()
+    }
+}
+
+#[test]
+fn a_group_that_does_not_fit_the_preferred_node_goes_to_the_next_that_fits() {
+    let m = placed_model(vec![vm_group("big", &[1, 2, 3], 4_096, 4)], &[(1, 1_024, 2), (2, 8_192, 8)]);
+    // Node 1 is preferred but too small: it never asks, whatever the time.
+    let (mut a, cmds) = Node::booted(1, m.clone());
+    assert_eq!(cmds, vec![]);
+    assert_eq!(a.at(100_000, Event::Tick), vec![]);
+    assert_eq!(a.status_of("big").not_running, Some(NotRunningReason::TakeoverPending));
+    // Node 2 is the best node that fits: rank 0, it asks at once.
+    let (_, cmds) = Node::booted(2, m.clone());
+    assert_eq!(cmds, vec![acquire_of("big")]);
+    // Node 3 (unlimited) comes next: one stagger later, and only if node 2 did not take it.
+    let (mut c, cmds) = Node::booted(3, m);
+    assert_eq!(cmds, vec![]);
+    assert_eq!(c.at(1_999, Event::Tick), vec![]);
+    assert_eq!(c.at(2_000, Event::Tick), vec![acquire_of("big")]);
+}
+
+#[test]
+fn a_group_that_fits_nowhere_is_reported_then_starts_when_a_node_joins() {
+    let m = placed_model(vec![vm_group("big", &[1, 2, 3], 4_096, 4)], &[(1, 2_048, 8), (2, 8_192, 2)]);
+    let (mut a, cmds) = Node::booted(1, m.clone());
+    assert_eq!(cmds, vec![], "node 3 (unlimited) is expected to take it");
+    let why = vec![(n(1), Unfit::Memory { needed: 4_096, free: 2_048 }), (n(2), Unfit::Vcpus { needed: 4, free: 2 })];
+    assert_eq!(a.at(100, Event::NodeLost(n(3))), vec![no_capacity("big", why.clone())]);
+    let st = a.status_of("big");
+    assert_eq!((st.state, st.not_running), (GroupState::Blocked, Some(NotRunningReason::NoCapacity { nodes: why })));
+    // Reported once, not on every tick; never started where it does not fit.
+    assert_eq!(a.at(60_000, Event::Tick), vec![]);
+    // Node 3 returns: it fits there. Node 1 says so and leaves it to node 3...
+    assert_eq!(
+        a.at(61_000, Event::NodeJoined(n(3))),
+        vec![Command::Notify(Notice::NoCapacityResolved { group: g("big") })]
+    );
+    assert_eq!(a.at(200_000, Event::Tick), vec![]);
+    // ...whose own engine takes it at rank 0 as soon as its probes are done.
+    let (_, cmds) = Node::booted(3, m);
+    assert_eq!(cmds, vec![acquire_of("big")]);
+}
+
+#[test]
+fn a_group_that_fits_nowhere_starts_as_soon_as_another_group_stops() {
+    let m = placed_model(
+        vec![vm_group("a", &[1], 4_096, 4), vm_group("b", &[1], 2_048, 2)],
+        &[(1, 4_096, 4), (2, 1, 1), (3, 1, 1)],
+    );
+    let (mut x, cmds) = Node::booted(1, m);
+    // Same priority: model order. `a` takes the whole node; `b` is reported, not dropped.
+    let why = vec![(n(1), Unfit::Memory { needed: 2_048, free: 0 })];
+    assert_eq!(cmds, vec![acquire_of("a"), no_capacity("b", why)]);
+    x.run_vm("a", 1);
+    assert_eq!(
+        x.ev(op(1, OperatorCommand::StopGroup(g("a")))),
+        vec![Command::StopResource { group: g("a"), resource: r("vm"), force: false }]
+    );
+    // The stop completes: `a` is released and, in the same step, `b` asks for its lease.
+    let cmds = x.ev(vm_event("a", |group, resource| Event::ResourceStopped { group, resource }));
+    let [Command::ReleaseLease { group, reason: ReleaseReason::Stopped, .. }, rest @ ..] = cmds.as_slice() else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!(group, &g("a"));
+    assert_eq!(rest, [acquire_of("b"), Command::Notify(Notice::NoCapacityResolved { group: g("b") })]);
+    x.run_vm("b", 2);
+}
+
+#[test]
+fn anti_affinity_keeps_two_groups_apart_even_on_the_last_healthy_node() {
+    let mut gx = vm_group("x", &[1, 2], 0, 0);
+    let mut gy = vm_group("y", &[1, 2], 0, 0);
+    gx.anti_affinity = vec!["apart".into()];
+    gy.anti_affinity = vec!["apart".into()];
+    // No capacity at all: anti-affinity alone decides.
+    let (mut a, cmds) = Node::booted(1, placed_model(vec![gx, gy], &[]));
+    // Node 1 takes x; y must go to node 2, which node 1 leaves it to.
+    assert_eq!(cmds, vec![acquire_of("x")]);
+    a.run_vm("x", 1);
+    assert_eq!(a.at(10_000, Event::Tick), vec![]);
+    // Node 2 is lost: node 1 is the only healthy node and still refuses y.
+    let why = vec![(n(1), Unfit::AntiAffinity { group: g("x"), set: "apart".into() })];
+    assert_eq!(a.at(11_000, Event::NodeLost(n(2))), vec![no_capacity("y", why.clone())]);
+    assert_eq!(a.at(100_000, Event::Tick), vec![]);
+    assert_eq!(a.status_of("y").not_running, Some(NotRunningReason::NoCapacity { nodes: why }));
+    // Once x is stopped, y may run here.
+    a.ev(op(1, OperatorCommand::StopGroup(g("x"))));
+    let cmds = a.ev(vm_event("x", |group, resource| Event::ResourceStopped { group, resource }));
+    assert!(cmds.contains(&acquire_of("y")), "{cmds:?}");
+}
+
+#[test]
+fn affinity_prefers_the_partners_node_over_policy_order() {
+    let db = || {
+        let mut grp = vm_group("db", &[2, 1], 0, 0);
+        grp.affinity = vec!["stack".into()];
+        grp
+    };
+    let app = |affinity: &[&str]| {
+        let mut grp = vm_group("app", &[1, 2], 0, 0);
+        grp.affinity = affinity.iter().map(|s| s.to_string()).collect();
+        grp
+    };
+    let db_on_2 = vec![Event::LeaseObserved { group: g("db"), holder: Some(n(2)), note: None }];
+    // Node 1 is app's first choice by policy, but db runs on node 2: node 1 waits a stagger.
+    let (mut a, cmds) = Node::booted_after(1, placed_model(vec![db(), app(&["stack"])], &[]), db_on_2.clone());
+    assert_eq!(cmds, vec![]);
+    assert_eq!(a.at(1_999, Event::Tick), vec![]);
+    assert_eq!(a.at(2_000, Event::Tick), vec![acquire_of("app")], "node 1 still takes it if node 2 does not");
+    // Node 2, which takes db, asks for app at once too.
+    let (_, cmds) = Node::booted(2, placed_model(vec![db(), app(&["stack"])], &[]));
+    assert_eq!(cmds, vec![acquire_of("db"), acquire_of("app")]);
+    // Without the shared set, policy order holds: node 1 first, node 2 waits.
+    let (_, cmds) = Node::booted_after(1, placed_model(vec![db(), app(&["other"])], &[]), db_on_2);
+    assert_eq!(cmds, vec![acquire_of("app")]);
+    let (_, cmds) = Node::booted(2, placed_model(vec![db(), app(&["other"])], &[]));
+    assert_eq!(cmds, vec![acquire_of("db")]);
+}
+
+#[test]
+fn with_room_for_one_of_two_groups_the_higher_priority_gets_it() {
+    let m = |low: i32, high: i32| {
+        let mut l = vm_group("low", &[1, 2], 4_096, 4);
+        let mut h = vm_group("high", &[1, 2], 4_096, 4);
+        l.priority = low;
+        h.priority = high;
+        // `low` comes first in the model: only priority can put `high` first.
+        placed_model(vec![l, h], &[(1, 4_096, 4), (2, 1_024, 1)])
+    };
+    let why = |free_on_1| {
+        vec![
+            (n(1), Unfit::Memory { needed: 4_096, free: free_on_1 }),
+            (n(2), Unfit::Memory { needed: 4_096, free: 1_024 }),
+        ]
+    };
+    let (_, cmds) = Node::booted(1, m(0, 10));
+    assert_eq!(cmds, vec![acquire_of("high"), no_capacity("low", why(0))]);
+    let (_, cmds) = Node::booted(1, m(10, 0));
+    assert_eq!(cmds, vec![acquire_of("low"), no_capacity("high", why(0))]);
+    // Equal priorities: model order.
+    let (_, cmds) = Node::booted(1, m(0, 0));
+    assert_eq!(cmds, vec![acquire_of("low"), no_capacity("high", why(0))]);
+}
+
+#[test]
+fn a_reclaimed_lease_that_does_not_fit_is_released_before_anything_starts() {
+    let m = placed_model(vec![vm_group("x", &[1, 2], 4_096, 4), vm_group("y", &[1, 2], 4_096, 4)], &[(1, 4_096, 4)]);
+    let mut e = Engine::new(n(1), m).unwrap();
+    let probes = e.startup(0);
+    assert_eq!(probes.len(), 2);
+    // A previous incarnation held y's lease; x still runs here.
+    assert_eq!(e.handle(0, Event::LeaseObserved { group: g("y"), holder: Some(n(1)), note: None }), vec![]);
+    assert_eq!(e.handle(0, Event::ProbeResult { group: g("x"), resource: r("vm"), running: true }), vec![]);
+    let cmds = e.handle(0, Event::ProbeResult { group: g("y"), resource: r("vm"), running: false });
+    assert_eq!(cmds, vec![acquire_of("x"), acquire_of("y")]);
+    assert_eq!(
+        e.handle(1, Event::LeaseAcquired { group: g("x"), token: LeaseToken(4), note: None }),
+        vec![Command::AdoptResource { group: g("x"), resource: r("vm"), token: LeaseToken(4) }]
+    );
+    let cmds = e.handle(2, Event::LeaseAcquired { group: g("y"), token: LeaseToken(9), note: None });
+    let [Command::ReleaseLease { group, token, reason, .. }] = cmds.as_slice() else { panic!("{cmds:?}") };
+    assert_eq!((group, *token, *reason), (&g("y"), LeaseToken(9), ReleaseReason::NoCapacity));
+    // It does not come back for it: node 2 (unlimited) is where it fits.
+    assert_eq!(e.handle(100_000, Event::Tick), vec![]);
+}
+
+#[test]
+fn capacity_and_placement_rules_are_validated() {
+    let mut m = placed_model(vec![vm_group("x", &[1], 1, 1)], &[(9, 1, 1)]);
+    assert_eq!(m.validate(), Err(ModelError::UnknownCapacityNode(n(9))));
+    m.capacity.clear();
+    m.groups[0].affinity = vec!["s".into()];
+    m.groups[0].anti_affinity = vec!["s".into()];
+    assert_eq!(m.validate(), Err(ModelError::AffinityConflict { group: g("x"), set: "s".into() }));
+    m.groups[0].anti_affinity = vec![String::new()];
+    assert_eq!(m.validate(), Err(ModelError::EmptySetName(g("x"))));
+    assert!(Capacity::new(4, 2).fits(&Capacity::new(4, 2)));
+    assert!(!Capacity::new(4, 2).fits(&Capacity::new(5, 1)));
+    assert_eq!(Capacity::new(4, 2) + Capacity::new(1, 1), Capacity::new(5, 3));
+    assert_eq!(Capacity::new(4, 2).saturating_sub(Capacity::new(5, 1)), Capacity::new(0, 1));
 }

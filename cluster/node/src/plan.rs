@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tandem_config::ClusterConfig;
 use tandem_engine::{
-    ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, NodeId, PlacementPolicy, RecoveryPolicy, ResourceSpec,
-    Timing,
+    Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, NodeId, PlacementPolicy, RecoveryPolicy,
+    ResourceSpec, Timing,
 };
 use tandem_membership::{MembershipConfig, NodeConfig};
 
@@ -97,6 +97,12 @@ impl Plan {
                         },
                         ..RecoveryPolicy::default()
                     },
+                    // An absent demand is none here; only the host agent derives one (from a
+                    // VM's domain definition).
+                    demand: g.demand.map_or(Capacity::ZERO, |c| Capacity::new(c.memory_mib, c.vcpus)),
+                    priority: g.priority,
+                    affinity: g.affinity.clone(),
+                    anti_affinity: g.anti_affinity.clone(),
                 }
             })
             .collect();
@@ -107,7 +113,12 @@ impl Plan {
             takeover_stagger_ms: timeouts.renewal_ms.max(200),
             acquire_retry_ms: timeouts.renewal_ms.max(200),
         };
-        let model = ClusterModel { nodes: config.nodes.iter().map(|n| NodeId(n.id)).collect(), groups, timing };
+        let mut model = ClusterModel::new(config.nodes.iter().map(|n| NodeId(n.id)).collect(), groups, timing);
+        model.capacity = config
+            .nodes
+            .iter()
+            .filter_map(|n| n.capacity.map(|c| (NodeId(n.id), Capacity::new(c.memory_mib, c.vcpus))))
+            .collect();
         model.validate()?;
 
         let links: Vec<String> = config.links.iter().map(|l| l.name.clone()).collect();

@@ -45,6 +45,9 @@ pub fn not_running(r: &engine::NotRunningReason, name: &dyn Fn(NodeId) -> String
         R::WaitingForLease(n) => (P::WaitingForLease, Some(*n)),
         R::NoEligibleNode => (P::NoEligibleNode, None),
         R::TakeoverPending => (P::TakeoverPending, None),
+        // Placeholder until the API has a value for it; the guest agent's plan has no
+        // capacity model, so its engine never reports this.
+        R::NoCapacity { .. } => (P::Unspecified, None),
     };
     pb::NotRunning { reason: reason as i32, node: node.map(name).unwrap_or_default() }
 }
@@ -95,6 +98,14 @@ pub fn notice(n: &engine::Notice) -> pb::event::Kind {
         }
         engine::Notice::OperatorRejected { seq, reason } => {
             pb::notice::Notice::OperatorRejected(pb::OperatorRejected { seq: *seq, reason: reason.clone() })
+        }
+        // As text until the API has messages for placement notices.
+        engine::Notice::NoCapacity { group, nodes } => {
+            let why: Vec<String> = nodes.iter().map(|(n, u)| format!("{n}: {u}")).collect();
+            pb::notice::Notice::Text(format!("{group} fits on no healthy node ({})", why.join("; ")))
+        }
+        engine::Notice::NoCapacityResolved { group } => {
+            pb::notice::Notice::Text(format!("{group} is no longer blocked by capacity"))
         }
     };
     pb::event::Kind::Notice(pb::Notice { notice: Some(notice) })

@@ -642,6 +642,18 @@ impl Driver {
                     Notice::OperatorRejected { seq, reason } => {
                         self.publish(EventKind::Operator, None, None, format!("operator command {seq} rejected: {reason}"))
                     }
+                    // Placement notices: only with a capacity model, which the guest plan has not.
+                    Notice::NoCapacity { group, nodes } => {
+                        let why: Vec<String> = nodes.iter().map(|(n, u)| format!("{n}: {u}")).collect();
+                        let text = format!("{group} fits on no healthy node ({})", why.join("; "));
+                        self.publish(EventKind::Notice, Some(&group), None, text)
+                    }
+                    Notice::NoCapacityResolved { group } => self.publish(
+                        EventKind::Notice,
+                        Some(&group),
+                        None,
+                        format!("{group} is no longer blocked by capacity"),
+                    ),
                 },
             }
         }
