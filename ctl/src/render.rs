@@ -44,11 +44,21 @@ fn failure_class(v: i32) -> String {
 
 fn not_running_text(n: &pb::NotRunning) -> String {
     let r = reason(n.reason);
-    if n.node.is_empty() { r } else { format!("{r} ({})", n.node) }
+    if !n.detail.is_empty() {
+        format!("{r}: {}", n.detail.join("; "))
+    } else if n.node.is_empty() {
+        r
+    } else {
+        format!("{r} ({})", n.node)
+    }
 }
 
 fn not_running_json(n: &pb::NotRunning) -> Value {
-    json!({ "reason": reason(n.reason), "node": (!n.node.is_empty()).then(|| n.node.clone()) })
+    let mut v = json!({ "reason": reason(n.reason), "node": (!n.node.is_empty()).then(|| n.node.clone()) });
+    if !n.detail.is_empty() {
+        v["detail"] = json!(n.detail);
+    }
+    v
 }
 
 fn probe_json(r: &pb::ProbeResult) -> Value {

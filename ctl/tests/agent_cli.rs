@@ -81,6 +81,7 @@ fn status() -> pb::GuestStatus {
                 not_running: Some(pb::NotRunning {
                     reason: pb::NotRunningReason::WaitingForFence as i32,
                     node: "beta".into(),
+                    detail: vec![],
                 }),
                 ..Default::default()
             },

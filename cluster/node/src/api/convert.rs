@@ -45,11 +45,12 @@ pub fn not_running(r: &engine::NotRunningReason, name: &dyn Fn(NodeId) -> String
         R::WaitingForLease(n) => (P::WaitingForLease, Some(*n)),
         R::NoEligibleNode => (P::NoEligibleNode, None),
         R::TakeoverPending => (P::TakeoverPending, None),
-        // Placeholder until the API has a value for it; the guest agent's plan has no
-        // capacity model, so its engine never reports this.
-        R::NoCapacity { .. } => (P::Unspecified, None),
+        R::NoCapacity { nodes } => {
+            let detail = nodes.iter().map(|(n, why)| format!("{}: {why}", name(*n))).collect();
+            return pb::NotRunning { reason: P::NoCapacity as i32, node: String::new(), detail };
+        }
     };
-    pb::NotRunning { reason: reason as i32, node: node.map(name).unwrap_or_default() }
+    pb::NotRunning { reason: reason as i32, node: node.map(name).unwrap_or_default(), detail: Vec::new() }
 }
 
 /// One group as the engine sees it; `monitors` stays empty for the runtime to fill.
