@@ -1,0 +1,1004 @@
+//! `kind = "vm"`: a whole virtual machine as the resource of a failover group.
+//!
+//! The cluster keeps one libvirt domain XML per VM (the same file on every host). A VM is
+//! defined only where it runs: [`VmResource::start`] (re)defines it from that file and
+//! boots it, [`VmResource::stop`] powers it off and undefines it, so nobody starts a stale
+//! copy on another host by hand. The domain is always addressed by its UUID, which the
+//! file must carry: names may be reused, the UUID identifies the VM on every host.
+//!
+//! [`VmResource::check`] reads the hypervisor's state and tells a crash (recover the VM)
+//! from a power-off somebody outside the cluster asked for (the guest shut itself down, an
+//! administrator ran `virsh destroy`): the hypervisor reports both as "shut off" with a
+//! reason, and the resource remembers which stops it asked for itself. The decision is
+//! the pure function [`health_of`].
+//!
+//! Every hypervisor call is bounded: a hung libvirt daemon makes an operation fail, never
+//! hang the agent.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tandem_config::{ResourceKind, VmResource as VmConfig};
+use tandem_node::resources::{
+    BoxFuture, Health, Resource, ResourceEnv, ResourceError, ResourceFactory, StartContext, check_name,
+};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::hypervisor::{
+    CrashedReason, DomainEvent, DomainState, Hypervisor, HypervisorError, PausedReason, RunningReason, ShutoffReason,
+};
+
+/// Default limit of one hypervisor call that the configuration has no timeout for
+/// (reading a state, destroy, undefine).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// While waiting for a state change, the state is re-read this often even without an
+/// event: events are lost while the connection is down, and a slow subscriber may lag.
+const STATE_REREAD: Duration = Duration::from_millis(500);
+
+/// A VM as the cluster defines it: what the host agent needs for placement and status,
+/// and the domain XML it defines on the host that runs the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDefinition {
+    /// The domain's name (`<name>`), unique on one host.
+    pub name: String,
+    /// The domain's UUID (`<uuid>`): identifies the VM on every host.
+    pub uuid: Uuid,
+    /// Maximum memory (`<memory>`), in MiB, rounded up.
+    pub memory_mib: u64,
+    /// Virtual CPUs (`<vcpu>`; 1 when absent).
+    pub vcpus: u32,
+    /// The domain XML itself, as read.
+    pub xml: String,
+}
+
+/// A VM definition is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The file cannot be read.
+    #[error("cannot read the domain XML file {path}; check that it exists on this host and that the agent may read it")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The XML is not well-formed.
+    #[error(
+        "{origin}:{line}:{column}: the domain XML is not well-formed; fix it there \
+         (`virt-xml-validate {origin} domain` checks the whole file)"
+    )]
+    Syntax {
+        /// The file (or where the text came from).
+        origin: String,
+        /// Line of the error, from 1.
+        line: u32,
+        /// Column of the error, from 1.
+        column: u32,
+        /// The parser's error.
+        #[source]
+        source: roxmltree::Error,
+    },
+    /// The root element is not `<domain>`.
+    #[error(
+        "{origin}:{line}:{column}: the root element is <{found}>, not <domain>; the file must hold one libvirt \
+         domain definition (`virsh dumpxml NAME` writes one)"
+    )]
+    NotDomain {
+        /// The file.
+        origin: String,
+        /// Line of the root element.
+        line: u32,
+        /// Column of the root element.
+        column: u32,
+        /// The root element's name.
+        found: String,
+    },
+    /// `<name>` is missing or empty.
+    #[error("{origin}: the domain has no <name>; add one (it must be unique on each host)")]
+    MissingName {
+        /// The file.
+        origin: String,
+    },
+    /// `<uuid>` is missing.
+    #[error(
+        "{origin}: the domain '{name}' has no <uuid>; add a fixed one (e.g. from `uuidgen`): the UUID identifies \
+         the VM on every host, so the file must carry it instead of letting each hypervisor invent one"
+    )]
+    MissingUuid {
+        /// The file.
+        origin: String,
+        /// The domain's name.
+        name: String,
+    },
+    /// `<uuid>` does not hold a UUID.
+    #[error("{origin}:{line}:{column}: <uuid> '{value}' is not a UUID; write one like `uuidgen` prints")]
+    BadUuid {
+        /// The file.
+        origin: String,
+        /// Line of `<uuid>`.
+        line: u32,
+        /// Column of `<uuid>`.
+        column: u32,
+        /// The text found.
+        value: String,
+        /// The parser's error.
+        #[source]
+        source: uuid::Error,
+    },
+    /// `<memory>` is missing.
+    #[error("{origin}: the domain '{name}' has no <memory>; add one, e.g. <memory unit='MiB'>1024</memory>")]
+    MissingMemory {
+        /// The file.
+        origin: String,
+        /// The domain's name.
+        name: String,
+    },
+    /// `<memory>` holds no usable size.
+    #[error("{origin}:{line}:{column}: <memory> {problem}")]
+    BadMemory {
+        /// The file.
+        origin: String,
+        /// Line of `<memory>`.
+        line: u32,
+        /// Column of `<memory>`.
+        column: u32,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+    /// `<vcpu>` holds no positive count.
+    #[error(
+        "{origin}:{line}:{column}: <vcpu> '{value}' is not a positive number of virtual CPUs; write e.g. <vcpu>2</vcpu>"
+    )]
+    BadVcpus {
+        /// The file.
+        origin: String,
+        /// Line of `<vcpu>`.
+        line: u32,
+        /// Column of `<vcpu>`.
+        column: u32,
+        /// The text found.
+        value: String,
+    },
+}
+
+impl VmDefinition {
+    /// Reads and parses the domain XML file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<VmDefinition, VmError> {
+        let path = path.as_ref();
+        let origin = path.display().to_string();
+        let xml = std::fs::read_to_string(path).map_err(|source| VmError::Read { path: origin.clone(), source })?;
+        VmDefinition::parse(&xml, &origin)
+    }
+
+    /// Parses a domain XML; `origin` (usually the file name) prefixes every error.
+    pub fn parse(xml: &str, origin: &str) -> Result<VmDefinition, VmError> {
+        let origin_s = || origin.to_string();
+        let doc = roxmltree::Document::parse(xml).map_err(|source| {
+            let pos = source.pos();
+            VmError::Syntax { origin: origin_s(), line: pos.row, column: pos.col, source }
+        })?;
+        let at = |node: roxmltree::Node<'_, '_>| {
+            let pos = doc.text_pos_at(node.range().start);
+            (pos.row, pos.col)
+        };
+        let root = doc.root_element();
+        if root.tag_name().name() != "domain" || root.tag_name().namespace().is_some() {
+            let (line, column) = at(root);
+            return Err(VmError::NotDomain { origin: origin_s(), line, column, found: root.tag_name().name().into() });
+        }
+        // libvirt's own elements carry no namespace; `<test:runstate>` and metadata do.
+        let child = |tag: &str| {
+            root.children().find(|n| n.is_element() && n.tag_name().namespace().is_none() && n.tag_name().name() == tag)
+        };
+        let text = |node: roxmltree::Node<'_, '_>| node.text().unwrap_or_default().trim().to_string();
+
+        let name = child("name").map(text).unwrap_or_default();
+        if name.is_empty() {
+            return Err(VmError::MissingName { origin: origin_s() });
+        }
+
+        let uuid_node = child("uuid").ok_or_else(|| VmError::MissingUuid { origin: origin_s(), name: name.clone() })?;
+        let value = text(uuid_node);
+        let uuid = Uuid::parse_str(&value).map_err(|source| {
+            let (line, column) = at(uuid_node);
+            VmError::BadUuid { origin: origin_s(), line, column, value: value.clone(), source }
+        })?;
+
+        let memory =
+            child("memory").ok_or_else(|| VmError::MissingMemory { origin: origin_s(), name: name.clone() })?;
+        let bad_memory = |problem: String| {
+            let (line, column) = at(memory);
+            VmError::BadMemory { origin: origin_s(), line, column, problem }
+        };
+        let amount = text(memory);
+        let amount: u64 = amount.parse().map_err(|_| {
+            bad_memory(format!("'{amount}' is not a whole number; write e.g. <memory unit='MiB'>1024</memory>"))
+        })?;
+        let unit = memory.attribute("unit").unwrap_or_default().trim();
+        let scale = unit_scale(unit).ok_or_else(|| {
+            bad_memory(format!(
+                "has unknown unit '{unit}'; use one libvirt knows: b, KiB (the default), MiB, GiB, TiB, or KB, MB, GB, TB"
+            ))
+        })?;
+        let bytes = amount
+            .checked_mul(scale)
+            .ok_or_else(|| bad_memory(format!("{amount} {unit} is larger than any host; check the amount and unit")))?;
+        if bytes == 0 {
+            return Err(bad_memory("is 0; a VM needs memory".to_string()));
+        }
+        let memory_mib = bytes.div_ceil(1 << 20);
+
+        let vcpus = match child("vcpu") {
+            None => 1,
+            Some(node) => {
+                let value = text(node);
+                match value.parse::<u32>() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        let (line, column) = at(node);
+                        return Err(VmError::BadVcpus { origin: origin_s(), line, column, value });
+                    }
+                }
+            }
+        };
+
+        Ok(VmDefinition { name, uuid, memory_mib, vcpus, xml: xml.to_string() })
+    }
+}
+
+/// Bytes per unit of a libvirt scaled integer (`virScaleInteger`): no unit means KiB here
+/// (`<memory>`'s default); the letters are case-insensitive; `KB` is 1000, `K`/`KiB` 1024.
+fn unit_scale(unit: &str) -> Option<u64> {
+    if unit.is_empty() {
+        return Some(1024);
+    }
+    let lower = unit.to_ascii_lowercase();
+    if matches!(lower.as_str(), "b" | "byte" | "bytes") {
+        return Some(1);
+    }
+    let mut chars = lower.chars();
+    let prefix = chars.next()?;
+    let base: u64 = match chars.as_str() {
+        "" | "ib" => 1024,
+        "b" => 1000,
+        _ => return None,
+    };
+    let power = match prefix {
+        'k' => 1,
+        'm' => 2,
+        'g' => 3,
+        't' => 4,
+        'p' => 5,
+        'e' => 6,
+        _ => return None,
+    };
+    Some(base.pow(power))
+}
+
+/// What a VM's state means for the cluster.
+///
+/// * `state`: the domain's state on this host, `None` when it is not defined here.
+/// * `expected_off`: this agent asked the VM to stop (or never started it here since the
+///   agent began), so a power-off is ours and not somebody else's.
+///
+/// Active states do not depend on `expected_off`: a crashed or error-paused domain holds
+/// the VM's disks and must be cleaned up whoever stopped it.
+pub fn health_of(state: Option<&DomainState>, expected_off: bool) -> Health {
+    let failed = |why: &str| Health::Failed(why.to_string());
+    let outside = |who: &str| Health::StoppedOutside(who.to_string());
+    let Some(state) = state else {
+        return if expected_off {
+            Health::Stopped
+        } else {
+            // We started it and it is gone: someone migrated or undefined it by hand. It may
+            // run elsewhere, so it must not be "recovered" (that could run it twice).
+            outside("no longer defined on this hypervisor: migrated away or undefined outside the cluster")
+        };
+    };
+    match state {
+        // A guest whose crash handler (kdump) runs reports `Running(Crashed)` even after it
+        // rebooted by itself: treating it as failed would restart it in a loop.
+        DomainState::Running(RunningReason::PostcopyFailed) => {
+            failed("post-copy migration failed; the guest's memory may be incomplete")
+        }
+        DomainState::Running(_) | DomainState::Blocked | DomainState::ShuttingDown => Health::Running,
+        // Suspended by the guest itself (S3/S4): its own decision, it wakes up again.
+        DomainState::PmSuspended => Health::Running,
+        DomainState::Paused(reason) => match reason {
+            // An administrator's pause, a migration, or a short management operation.
+            PausedReason::User
+            | PausedReason::Migration
+            | PausedReason::Postcopy
+            | PausedReason::Save
+            | PausedReason::Dump
+            | PausedReason::Snapshot
+            | PausedReason::FromSnapshot
+            | PausedReason::StartingUp
+            | PausedReason::ShuttingDown => Health::Running,
+            PausedReason::IoError => failed("paused by the hypervisor after a disk I/O error"),
+            PausedReason::Watchdog => failed("paused by its watchdog: the guest stopped responding"),
+            PausedReason::Crashed => failed("paused after the guest crashed"),
+            PausedReason::ApiError => failed("paused after a failed hypervisor API call"),
+            PausedReason::PostcopyFailed => failed("paused after a failed post-copy migration"),
+            PausedReason::Unknown => failed("paused for a reason the hypervisor does not give"),
+            PausedReason::Other(n) => Health::Failed(format!("paused for a reason this agent does not know ({n})")),
+        },
+        DomainState::Crashed(CrashedReason::Panicked) => failed("the guest kernel panicked"),
+        DomainState::Crashed(_) => failed("the guest crashed"),
+        DomainState::NoState => failed("the hypervisor reports no state for the domain"),
+        DomainState::Shutoff(_) if expected_off => Health::Stopped,
+        DomainState::Shutoff(reason) => match reason {
+            ShutoffReason::Shutdown => outside("powered off from inside the guest"),
+            ShutoffReason::Destroyed => outside("forced off through the hypervisor"),
+            ShutoffReason::Migrated => outside("migrated to another host outside the cluster"),
+            ShutoffReason::Saved => outside("saved to a file through the hypervisor"),
+            ShutoffReason::FromSnapshot => outside("reverted to a snapshot of a stopped domain through the hypervisor"),
+            ShutoffReason::Crashed => failed("the guest crashed or its emulator process died"),
+            ShutoffReason::Failed => failed("the domain failed to start"),
+            // Not an administrator's decision about this VM (e.g. the host is going down):
+            // the VM should be recovered, on another host if need be.
+            ShutoffReason::Daemon => failed("stopped by the hypervisor daemon itself (is the host shutting down?)"),
+            ShutoffReason::Unknown => failed("off, and the hypervisor does not say why"),
+            ShutoffReason::Other(n) => Health::Failed(format!("off for a reason this agent does not know ({n})")),
+        },
+    }
+}
+
+/// Whether an ACPI power-button press can reach the guest in this state (a paused or
+/// crashed guest never reacts to it).
+fn acpi_reaches(state: &DomainState) -> bool {
+    matches!(state, DomainState::Running(_) | DomainState::Blocked | DomainState::ShuttingDown)
+}
+
+/// Why an operation on the domain failed, before it becomes a [`ResourceError`].
+#[derive(Debug)]
+enum Fault {
+    /// The hypervisor refused or failed a step.
+    Hypervisor { step: &'static str, error: HypervisorError },
+    /// A step did not finish in time.
+    Timeout { step: &'static str, limit: Duration },
+    /// The domain went somewhere other than the goal.
+    Ended { why: String },
+}
+
+impl Fault {
+    fn is_state(&self) -> bool {
+        matches!(self, Fault::Hypervisor { error: HypervisorError::InvalidState { .. }, .. })
+    }
+
+    fn is_missing(&self) -> bool {
+        matches!(self, Fault::Hypervisor { error: HypervisorError::NoSuchDomain { .. }, .. })
+    }
+}
+
+/// A VM run by this host: the resource of a `kind = "vm"` failover group.
+#[derive(Debug)]
+pub struct VmResource {
+    /// `group/resource`, for errors.
+    id: String,
+    def: VmDefinition,
+    /// The UUID as the hypervisor is addressed with it.
+    key: String,
+    hv: Arc<dyn Hypervisor>,
+    start_timeout: Duration,
+    shutdown_timeout: Duration,
+    call_timeout: Duration,
+    /// This agent asked the VM to stop, or has not started it since the agent began.
+    expected_off: AtomicBool,
+}
+
+impl VmResource {
+    /// A VM resource `name` of `group` for `definition` on `hypervisor`.
+    pub fn new(
+        group: &str,
+        name: &str,
+        definition: VmDefinition,
+        config: &VmConfig,
+        hypervisor: Arc<dyn Hypervisor>,
+    ) -> VmResource {
+        VmResource {
+            id: format!("{group}/{name}"),
+            key: definition.uuid.to_string(),
+            def: definition,
+            hv: hypervisor,
+            start_timeout: config.start_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            expected_off: AtomicBool::new(true),
+        }
+    }
+
+    /// Loads the domain XML `config.domain` and builds the resource; a definition that
+    /// cannot be used is a [`ResourceError::Config`].
+    pub fn build(
+        group: &str,
+        name: &str,
+        config: &VmConfig,
+        hypervisor: Arc<dyn Hypervisor>,
+    ) -> Result<VmResource, ResourceError> {
+        let definition = VmDefinition::load(&config.domain)
+            .map_err(|e| ResourceError::config(&format!("{group}/{name}"), error_chain(&e)))?;
+        Ok(VmResource::new(group, name, definition, config, hypervisor))
+    }
+
+    /// Sets the limit of each hypervisor call the configuration has no timeout for
+    /// (default [`DEFAULT_CALL_TIMEOUT`]).
+    pub fn with_call_timeout(mut self, limit: Duration) -> VmResource {
+        self.call_timeout = limit;
+        self
+    }
+
+    /// The VM's definition (name, UUID, memory, vCPUs, XML).
+    pub fn definition(&self) -> &VmDefinition {
+        &self.def
+    }
+
+    /// Text for a fault, naming the domain and the hypervisor.
+    fn describe(&self, fault: &Fault) -> String {
+        let (name, uuid, uri) = (&self.def.name, &self.def.uuid, self.hv.uri());
+        match fault {
+            Fault::Hypervisor { step, error } => {
+                format!("{step} of domain '{name}' ({uuid}) on {uri} failed: {}", error_chain(error))
+            }
+            Fault::Timeout { step, limit } => {
+                format!("{step} of domain '{name}' ({uuid}) on {uri} did not finish within {}", human_duration(*limit))
+            }
+            Fault::Ended { why } => format!("domain '{name}' ({uuid}) on {uri} {why}"),
+        }
+    }
+
+    /// Runs one hypervisor call, failing at `until`.
+    async fn bounded<T>(
+        &self,
+        step: &'static str,
+        until: Instant,
+        limit: Duration,
+        call: crate::hypervisor::BoxFuture<'_, Result<T, HypervisorError>>,
+    ) -> Result<T, Fault> {
+        match tokio::time::timeout_at(until, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(Fault::Hypervisor { step, error }),
+            Err(_) => Err(Fault::Timeout { step, limit }),
+        }
+    }
+
+    /// One call bounded by the call timeout.
+    async fn call<T>(
+        &self,
+        step: &'static str,
+        call: crate::hypervisor::BoxFuture<'_, Result<T, HypervisorError>>,
+    ) -> Result<T, Fault> {
+        self.bounded(step, Instant::now() + self.call_timeout, self.call_timeout, call).await
+    }
+
+    /// The domain's state here; `None` when it is not defined.
+    async fn read_state(&self, until: Instant, limit: Duration) -> Result<Option<DomainState>, Fault> {
+        match self.bounded("reading the state", until, limit, self.hv.state(&self.key)).await {
+            Ok(state) => Ok(Some(state)),
+            Err(fault) if fault.is_missing() => Ok(None),
+            Err(fault) => Err(fault),
+        }
+    }
+
+    /// Waits until `goal` says the state is reached (`Ok(true)`) or never will be (`Err`),
+    /// re-reading the state on each of the domain's events and every [`STATE_REREAD`].
+    async fn wait_for(
+        &self,
+        events: &mut broadcast::Receiver<DomainEvent>,
+        step: &'static str,
+        until: Instant,
+        limit: Duration,
+        goal: impl Fn(Option<&DomainState>) -> Result<bool, String>,
+    ) -> Result<Option<DomainState>, Fault> {
+        loop {
+            let state = match self.read_state(until, limit).await {
+                Ok(state) => state,
+                // The deadline hit during the read: that is this step's timeout.
+                Err(Fault::Timeout { .. }) => return Err(Fault::Timeout { step, limit }),
+                Err(fault) => return Err(fault),
+            };
+            match goal(state.as_ref()) {
+                Ok(true) => return Ok(state),
+                Ok(false) => {}
+                Err(why) => return Err(Fault::Ended { why }),
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Err(Fault::Timeout { step, limit });
+            }
+            tokio::select! {
+                () = self.next_event(events) => {}
+                () = tokio::time::sleep_until(until.min(now + STATE_REREAD)) => {}
+            }
+        }
+    }
+
+    /// Returns on the next event about this domain, or when events were missed.
+    async fn next_event(&self, events: &mut broadcast::Receiver<DomainEvent>) {
+        loop {
+            match events.recv().await {
+                Ok(event) if event.uuid == self.def.uuid => return,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                // No more events: the periodic re-read is all that is left.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    }
+
+    async fn start_domain(&self) -> Result<(), Fault> {
+        let limit = self.start_timeout;
+        let until = Instant::now() + limit;
+        // Subscribed before acting, so that no event of this start is missed.
+        let mut events = self.hv.subscribe();
+        match self.read_state(until, limit).await? {
+            Some(state) if health_of(Some(&state), false) == Health::Running => {
+                tracing::info!(resource = %self.id, domain = %self.def.name, ?state, "the VM already runs here");
+                return Ok(());
+            }
+            Some(state) if !state.is_off() => {
+                // Crashed or paused on an error: it holds the VM's disks; start afresh.
+                tracing::warn!(resource = %self.id, domain = %self.def.name, ?state, "destroying the unhealthy domain before starting it");
+                match self.bounded("destroy", until, limit, self.hv.destroy(&self.key)).await {
+                    Err(fault) if !fault.is_state() => return Err(fault),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        // Redefined on every start: every host runs the cluster's current definition.
+        self.bounded("define", until, limit, self.hv.define(&self.def.xml)).await?;
+        match self.bounded("start", until, limit, self.hv.start(&self.key)).await {
+            // Already running (someone was quicker): the wait below sees it.
+            Err(fault) if !fault.is_state() => return Err(fault),
+            _ => {}
+        }
+        self.wait_for(&mut events, "start", until, limit, |state| match state {
+            Some(s) if s.is_running() => Ok(true),
+            Some(DomainState::Shutoff(reason)) => Err(format!("stopped while starting ({reason:?})")),
+            Some(DomainState::Crashed(_)) => Err("crashed while starting".to_string()),
+            None => Err("disappeared while starting".to_string()),
+            Some(_) => Ok(false),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Destroys the domain if it is active and waits until it is off.
+    async fn destroy_domain(&self, events: &mut broadcast::Receiver<DomainEvent>) -> Result<(), Fault> {
+        match self.call("destroy", self.hv.destroy(&self.key)).await {
+            Err(fault) if fault.is_missing() => return Ok(()),
+            // Off already.
+            Err(fault) if fault.is_state() => {}
+            Err(fault) => return Err(fault),
+            Ok(()) => {}
+        }
+        let until = Instant::now() + self.call_timeout;
+        self.wait_for(events, "destroy", until, self.call_timeout, |s| Ok(s.is_none_or(DomainState::is_off))).await?;
+        Ok(())
+    }
+
+    /// ACPI shutdown, then destroy if the guest does not power off in time.
+    async fn shut_down_domain(&self, events: &mut broadcast::Receiver<DomainEvent>) -> Result<(), Fault> {
+        match self.call("ACPI shutdown", self.hv.shutdown(&self.key)).await {
+            Err(fault) if !fault.is_state() => return Err(fault),
+            _ => {}
+        }
+        let limit = self.shutdown_timeout;
+        let until = Instant::now() + limit;
+        match self.wait_for(events, "ACPI shutdown", until, limit, |s| Ok(s.is_none_or(DomainState::is_off))).await {
+            Ok(_) => Ok(()),
+            Err(Fault::Timeout { .. }) => {
+                let after = human_duration(limit);
+                if let Err(fault) = self.destroy_domain(events).await {
+                    return Err(Fault::Ended {
+                        why: format!(
+                            "did not power off within {after} after ACPI shutdown, and destroying it failed: {}",
+                            self.describe(&fault)
+                        ),
+                    });
+                }
+                tracing::warn!(
+                    resource = %self.id,
+                    domain = %self.def.name,
+                    uri = %self.hv.uri(),
+                    "domain '{}' did not power off within {after} after ACPI shutdown; destroyed",
+                    self.def.name
+                );
+                Ok(())
+            }
+            Err(fault) => Err(fault),
+        }
+    }
+
+    async fn stop_domain(&self, force: bool) -> Result<(), Fault> {
+        let mut events = self.hv.subscribe();
+        let state = self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await?;
+        match state {
+            None => return Ok(()),
+            Some(state) if state.is_off() => {}
+            Some(_) if force => self.destroy_domain(&mut events).await?,
+            Some(state) if acpi_reaches(&state) => self.shut_down_domain(&mut events).await?,
+            Some(state) => {
+                tracing::warn!(
+                    resource = %self.id,
+                    domain = %self.def.name,
+                    ?state,
+                    "an ACPI shutdown cannot reach the guest in this state; destroying the domain"
+                );
+                self.destroy_domain(&mut events).await?;
+            }
+        }
+        self.undefine_domain().await
+    }
+
+    /// Removes the definition: a VM stays defined only where it runs.
+    async fn undefine_domain(&self) -> Result<(), Fault> {
+        match self.call("undefine", self.hv.undefine(&self.key)).await {
+            Err(fault) if fault.is_missing() => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Resource for VmResource {
+    fn kind(&self) -> &'static str {
+        "vm"
+    }
+
+    fn start<'a>(&'a self, ctx: &'a StartContext) -> BoxFuture<'a, Result<(), ResourceError>> {
+        Box::pin(async move {
+            tracing::info!(resource = %self.id, domain = %self.def.name, uuid = %self.def.uuid,
+                uri = %self.hv.uri(), token = ctx.token, "starting the VM");
+            match self.start_domain().await {
+                Ok(()) => {
+                    self.expected_off.store(false, Ordering::SeqCst);
+                    Ok(())
+                }
+                Err(fault) => {
+                    let mut reason = self.describe(&fault);
+                    // Nothing may be left running (nor defined) after a failed start.
+                    self.expected_off.store(true, Ordering::SeqCst);
+                    match self.stop_domain(true).await {
+                        Ok(()) => reason.push_str("; nothing was left running"),
+                        Err(cleanup) => {
+                            reason.push_str("; cleaning up failed too: ");
+                            reason.push_str(&self.describe(&cleanup));
+                        }
+                    }
+                    Err(ResourceError::failed("start", &self.id, reason))
+                }
+            }
+        })
+    }
+
+    fn stop(&self, force: bool) -> BoxFuture<'_, Result<(), ResourceError>> {
+        Box::pin(async move {
+            // Before anything else: a check running meanwhile must see this power-off as ours.
+            self.expected_off.store(true, Ordering::SeqCst);
+            tracing::info!(resource = %self.id, domain = %self.def.name, uri = %self.hv.uri(), force, "stopping the VM");
+            self.stop_domain(force)
+                .await
+                .map_err(|fault| ResourceError::failed("stop", &self.id, self.describe(&fault)))
+        })
+    }
+
+    fn check(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            match self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
+                Ok(state) => health_of(state.as_ref(), self.expected_off.load(Ordering::SeqCst)),
+                // Unknown is not stopped: the VM may well run.
+                Err(fault) => Health::Failed(format!("cannot tell whether the VM runs: {}", self.describe(&fault))),
+            }
+        })
+    }
+}
+
+/// The host agent's [`ResourceFactory`]: VMs on this host's hypervisor.
+#[derive(Debug, Clone)]
+pub struct HostResources {
+    hypervisor: Arc<dyn Hypervisor>,
+}
+
+impl HostResources {
+    /// Resources on `hypervisor` (the node's one connection).
+    pub fn new(hypervisor: Arc<dyn Hypervisor>) -> HostResources {
+        HostResources { hypervisor }
+    }
+
+    /// The hypervisor the resources run on.
+    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
+        &self.hypervisor
+    }
+
+    /// Builds a VM resource (the concrete type, for callers that need its definition).
+    pub fn build_vm(
+        &self,
+        group: &str,
+        spec: &tandem_config::Resource,
+        _env: &ResourceEnv,
+    ) -> Result<VmResource, ResourceError> {
+        check_name(group, spec)?;
+        match &spec.kind {
+            ResourceKind::Vm(config) => VmResource::build(group, &spec.name, config, self.hypervisor.clone()),
+            other => Err(ResourceError::config(
+                &format!("{group}/{}", spec.name),
+                format!(
+                    "kind \"{}\" runs inside a VM under the guest agent (tandem-guest); the host agent runs only \
+                     kind \"vm\"",
+                    other.name()
+                ),
+            )),
+        }
+    }
+}
+
+impl ResourceFactory for HostResources {
+    fn build(
+        &self,
+        group: &str,
+        spec: &tandem_config::Resource,
+        env: &ResourceEnv,
+    ) -> Result<Box<dyn Resource>, ResourceError> {
+        Ok(Box::new(self.build_vm(group, spec, env)?))
+    }
+}
+
+/// `120 s`, `1.5 s`, `300 ms`: how limits read in messages.
+fn human_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{} s", d.as_secs())
+    } else if d.as_secs() > 0 {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// An error with its sources, `: `-separated.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOMAIN: &str = "<domain type='test'>\n  <name>web</name>\n  <uuid>8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10</uuid>\n  \
+                          <memory unit='GiB'>2</memory>\n  <vcpu placement='static'>4</vcpu>\n</domain>\n";
+
+    #[test]
+    fn parses_name_uuid_memory_and_vcpus() {
+        let def = VmDefinition::parse(DOMAIN, "web.xml").unwrap();
+        assert_eq!(def.name, "web");
+        assert_eq!(def.uuid.to_string(), "8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10");
+        assert_eq!(def.memory_mib, 2048);
+        assert_eq!(def.vcpus, 4);
+        assert_eq!(def.xml, DOMAIN);
+    }
+
+    fn memory(unit: Option<&str>, amount: &str) -> Result<u64, VmError> {
+        let attr = unit.map(|u| format!(" unit='{u}'")).unwrap_or_default();
+        let xml = format!(
+            "<domain><name>m</name><uuid>8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10</uuid><memory{attr}>{amount}</memory></domain>"
+        );
+        VmDefinition::parse(&xml, "m.xml").map(|d| d.memory_mib)
+    }
+
+    #[test]
+    fn memory_units_follow_libvirt() {
+        for (unit, amount, mib) in [
+            (None, "1048576", 1024),
+            (Some("KiB"), "524288", 512),
+            (Some("k"), "1024", 1),
+            (Some("KB"), "1024000", 977), // 1.024e9 bytes = 976.6 MiB, rounded up
+            (Some("MiB"), "768", 768),
+            (Some("M"), "3", 3),
+            (Some("MB"), "1000", 954), // 1e9 bytes, rounded up to whole MiB
+            (Some("GiB"), "2", 2048),
+            (Some("gib"), "1", 1024),
+            (Some("G"), "4", 4096),
+            (Some("GB"), "1", 954),
+            (Some("TiB"), "1", 1024 * 1024),
+            (Some("T"), "2", 2 * 1024 * 1024),
+            (Some("TB"), "1", 953_675),
+            (Some("b"), "1048577", 2),
+            (Some("bytes"), "1048576", 1),
+        ] {
+            assert_eq!(memory(unit, amount).unwrap(), mib, "{amount} {unit:?}");
+        }
+        for (unit, amount) in [(Some("XiB"), "1"), (Some("Kx"), "1"), (None, "lots"), (None, "-5"), (None, "0")] {
+            let err = memory(unit, amount).unwrap_err();
+            assert!(matches!(err, VmError::BadMemory { .. }), "{unit:?} {amount}: {err:?}");
+            assert!(err.to_string().starts_with("m.xml:1:"), "{err}");
+        }
+        let err = memory(Some("EiB"), "100").unwrap_err();
+        assert!(err.to_string().contains("larger than any host"), "{err}");
+    }
+
+    #[test]
+    fn definition_errors_say_where_and_what_to_do() {
+        let err = VmDefinition::parse("<domain><name>x</name></domain>", "x.xml").unwrap_err();
+        assert!(matches!(err, VmError::MissingUuid { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("x.xml") && text.contains("<uuid>") && text.contains("every host"), "{text}");
+
+        let err = VmDefinition::parse("<domain>\n  <name>x</name>\n  <uuid>1</uuid>\n</domain>", "x.xml").unwrap_err();
+        assert!(err.to_string().starts_with("x.xml:3:3: <uuid> '1' is not a UUID"), "{err}");
+
+        let err = VmDefinition::parse("<domain>\n<name>x</name>\n<memory unit=GiB>1</memory>\n</domain>", "x.xml")
+            .unwrap_err();
+        assert!(matches!(err, VmError::Syntax { line: 3, .. }), "{err:?}");
+        assert!(err.to_string().starts_with("x.xml:3:"), "{err}");
+
+        let err = VmDefinition::parse("<node/>", "n.xml").unwrap_err();
+        assert!(err.to_string().starts_with("n.xml:1:1: the root element is <node>"), "{err}");
+
+        let err = VmDefinition::parse("<domain><uuid>8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10</uuid></domain>", "x.xml")
+            .unwrap_err();
+        assert!(matches!(err, VmError::MissingName { .. }), "{err:?}");
+
+        let err = VmDefinition::parse(
+            "<domain><name>x</name><uuid>8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10</uuid></domain>",
+            "x.xml",
+        )
+        .unwrap_err();
+        assert!(matches!(err, VmError::MissingMemory { .. }), "{err:?}");
+
+        for vcpu in ["0", "two", ""] {
+            let xml = format!(
+                "<domain><name>x</name><uuid>8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10</uuid><memory>1024</memory>\
+                 <vcpu>{vcpu}</vcpu></domain>"
+            );
+            let err = VmDefinition::parse(&xml, "x.xml").unwrap_err();
+            assert!(matches!(err, VmError::BadVcpus { .. }), "{vcpu}: {err:?}");
+        }
+        let xml =
+            "<domain><name>x</name><uuid>8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10</uuid><memory>1024</memory></domain>";
+        assert_eq!(VmDefinition::parse(xml, "x.xml").unwrap().vcpus, 1);
+    }
+
+    #[test]
+    fn a_missing_file_is_a_read_error_naming_it() {
+        let err = VmDefinition::load("/nonexistent/tandem/web.xml").unwrap_err();
+        assert!(matches!(err, VmError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("/nonexistent/tandem/web.xml"), "{err}");
+    }
+
+    fn is_stopped_outside(h: &Health, who: &str) -> bool {
+        matches!(h, Health::StoppedOutside(w) if w.contains(who))
+    }
+
+    #[test]
+    fn classification_of_active_states_ignores_who_asked_to_stop() {
+        use DomainState as S;
+        let running = [
+            S::Running(RunningReason::Booted),
+            S::Running(RunningReason::Unknown),
+            S::Running(RunningReason::Migrated),
+            S::Running(RunningReason::Restored),
+            S::Running(RunningReason::FromSnapshot),
+            S::Running(RunningReason::Unpaused),
+            S::Running(RunningReason::MigrationCanceled),
+            S::Running(RunningReason::SaveCanceled),
+            S::Running(RunningReason::Wakeup),
+            S::Running(RunningReason::Crashed),
+            S::Running(RunningReason::Postcopy),
+            S::Running(RunningReason::Other(99)),
+            S::Blocked,
+            S::ShuttingDown,
+            S::PmSuspended,
+            S::Paused(PausedReason::User),
+            S::Paused(PausedReason::Migration),
+            S::Paused(PausedReason::Postcopy),
+            S::Paused(PausedReason::Save),
+            S::Paused(PausedReason::Dump),
+            S::Paused(PausedReason::Snapshot),
+            S::Paused(PausedReason::FromSnapshot),
+            S::Paused(PausedReason::StartingUp),
+            S::Paused(PausedReason::ShuttingDown),
+        ];
+        let failed = [
+            (S::Running(RunningReason::PostcopyFailed), "post-copy"),
+            (S::Paused(PausedReason::IoError), "I/O error"),
+            (S::Paused(PausedReason::Watchdog), "watchdog"),
+            (S::Paused(PausedReason::Crashed), "crashed"),
+            (S::Paused(PausedReason::ApiError), "API call"),
+            (S::Paused(PausedReason::PostcopyFailed), "post-copy"),
+            (S::Paused(PausedReason::Unknown), "does not give"),
+            (S::Paused(PausedReason::Other(42)), "42"),
+            (S::Crashed(CrashedReason::Panicked), "panicked"),
+            (S::Crashed(CrashedReason::Unknown), "crashed"),
+            (S::Crashed(CrashedReason::Other(3)), "crashed"),
+            (S::NoState, "no state"),
+        ];
+        for expected_off in [false, true] {
+            for state in &running {
+                assert_eq!(health_of(Some(state), expected_off), Health::Running, "{state:?} {expected_off}");
+            }
+            for (state, why) in &failed {
+                let health = health_of(Some(state), expected_off);
+                assert!(
+                    matches!(&health, Health::Failed(w) if w.contains(why)),
+                    "{state:?} {expected_off}: {health:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn classification_of_off_states_depends_on_who_asked() {
+        use ShutoffReason as R;
+        let all = [
+            R::Unknown,
+            R::Shutdown,
+            R::Destroyed,
+            R::Crashed,
+            R::Migrated,
+            R::Saved,
+            R::Failed,
+            R::FromSnapshot,
+            R::Daemon,
+            R::Other(17),
+        ];
+        // Ours (or never started here): whatever the reason, it is simply stopped.
+        for reason in all {
+            assert_eq!(health_of(Some(&DomainState::Shutoff(reason)), true), Health::Stopped, "{reason:?}");
+        }
+        assert_eq!(health_of(None, true), Health::Stopped);
+
+        // Not ours: who did it decides.
+        let off = |r| health_of(Some(&DomainState::Shutoff(r)), false);
+        assert_eq!(off(R::Shutdown), Health::StoppedOutside("powered off from inside the guest".into()));
+        assert_eq!(off(R::Destroyed), Health::StoppedOutside("forced off through the hypervisor".into()));
+        assert!(is_stopped_outside(&off(R::Migrated), "migrated"));
+        assert!(is_stopped_outside(&off(R::Saved), "saved"));
+        assert!(is_stopped_outside(&off(R::FromSnapshot), "snapshot"));
+        assert!(is_stopped_outside(&health_of(None, false), "no longer defined"));
+        for (reason, why) in [
+            (R::Crashed, "crashed"),
+            (R::Failed, "failed to start"),
+            (R::Daemon, "daemon"),
+            (R::Unknown, "does not say"),
+            (R::Other(17), "17"),
+        ] {
+            let health = off(reason);
+            assert!(matches!(&health, Health::Failed(w) if w.contains(why)), "{reason:?}: {health:?}");
+        }
+        // Every failure cause of the hypervisor layer is a failure here too.
+        for reason in all {
+            if reason.stop_cause().is_failure() {
+                assert!(matches!(off(reason), Health::Failed(_)), "{reason:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn acpi_is_used_only_where_the_guest_can_react() {
+        assert!(acpi_reaches(&DomainState::Running(RunningReason::Booted)));
+        assert!(acpi_reaches(&DomainState::ShuttingDown));
+        assert!(!acpi_reaches(&DomainState::Paused(PausedReason::User)));
+        assert!(!acpi_reaches(&DomainState::Crashed(CrashedReason::Panicked)));
+        assert!(!acpi_reaches(&DomainState::PmSuspended));
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(Duration::from_secs(120)), "120 s");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(human_duration(Duration::from_millis(300)), "300 ms");
+    }
+}

@@ -1,0 +1,519 @@
+//! The `kind = "vm"` resource against libvirt's real test driver.
+//!
+//! Every test has its own simulated hypervisor: a host file without domains in a temporary
+//! directory, reached as `test:///<that file>` (each connection gets a private copy). The
+//! assertions read libvirt's own view of the domains, not the resource's.
+//!
+//! The one fake is [`IgnoresAcpi`]: the real adapter with `shutdown` swallowed, because the
+//! test driver powers a guest off instantly on ACPI and a guest that ignores the power
+//! button cannot be had otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_config::{DiskResource, ResourceKind, VmResource as VmConfig};
+use tandem_host::hypervisor::libvirt::{LibvirtHypervisor, LibvirtOptions};
+use tandem_host::hypervisor::{
+    BoxFuture, ConnectionState, DomainEvent, DomainInfo, DomainState, EventKind, EventReason, HostCapacity, Hypervisor,
+    HypervisorError, MigrationMode, RunningReason, ShutoffReason,
+};
+use tandem_host::vm::{HostResources, VmDefinition, VmResource};
+use tandem_node::resources::{Health, Resource, ResourceEnv, ResourceError, ResourceFactory, StartContext};
+use tandem_testkit::{ChildGuard, require_program};
+use tokio::sync::broadcast;
+
+const UUID: &str = "7a3c1f52-9b4e-4d21-8c6a-5e0f2b9d8a41";
+/// Generous bound for anything the test driver does (it answers in milliseconds).
+const BOUND: Duration = Duration::from_secs(20);
+
+/// A simulated hypervisor host: a host file with no domains.
+struct TestHost {
+    dir: tempfile::TempDir,
+    uri: String,
+}
+
+impl TestHost {
+    fn new() -> TestHost {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("host.xml");
+        std::fs::write(&path, HOST_XML).expect("write host file");
+        let uri = format!("test://{}", path.display());
+        TestHost { dir, uri }
+    }
+
+    async fn connect(&self) -> Arc<LibvirtHypervisor> {
+        Arc::new(LibvirtHypervisor::connect(&self.uri).await.expect("connect to the test driver"))
+    }
+
+    /// Writes a domain XML file and returns its path.
+    fn domain_file(&self, file: &str, xml: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, xml).expect("write domain file");
+        path
+    }
+}
+
+const HOST_XML: &str = r#"<node>
+  <cpu>
+    <nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads>
+    <active>2</active><mhz>2000</mhz><model>i686</model>
+  </cpu>
+  <memory>8388608</memory>
+</node>
+"#;
+
+fn domain_xml(name: &str, memory: &str) -> String {
+    format!(
+        "<domain type='test'>\n  <name>{name}</name>\n  <uuid>{UUID}</uuid>\n  {memory}\n  <vcpu>2</vcpu>\n  \
+         <os><type arch='i686'>hvm</type></os>\n</domain>\n"
+    )
+}
+
+fn vm_config(domain: PathBuf, shutdown_timeout: Duration) -> VmConfig {
+    VmConfig { domain, start_timeout: BOUND, shutdown_timeout }
+}
+
+fn spec(name: &str, kind: ResourceKind) -> tandem_config::Resource {
+    tandem_config::Resource { name: name.to_string(), depends_on: Vec::new(), kind }
+}
+
+fn ctx() -> StartContext {
+    StartContext { group: "web".into(), resource: "vm".into(), token: 7 }
+}
+
+/// A VM resource `web/vm` for domain `web` (512 MiB) on `hv`, built through the factory.
+fn web_vm(host: &TestHost, hv: Arc<dyn Hypervisor>, shutdown_timeout: Duration) -> VmResource {
+    let file = host.domain_file("web.xml", &domain_xml("web", "<memory unit='MiB'>512</memory>"));
+    let factory = HostResources::new(hv);
+    let spec = spec("vm", ResourceKind::Vm(vm_config(file, shutdown_timeout)));
+    factory.build_vm("web", &spec, &ResourceEnv::new("host-a")).expect("build the VM resource")
+}
+
+/// Names of the domains the hypervisor has, running or defined.
+async fn domains(hv: &dyn Hypervisor) -> Vec<DomainInfo> {
+    hv.list_domains().await.expect("list domains")
+}
+
+fn is_missing<T: std::fmt::Debug>(result: Result<T, HypervisorError>) -> bool {
+    matches!(result, Err(HypervisorError::NoSuchDomain { .. }))
+}
+
+/// Events of the VM up to and including the first one `stop` accepts; fails after BOUND.
+/// libvirt delivers events from its own thread, so events of earlier operations may still
+/// arrive after a subscription: they are collected, not mistaken for the one awaited.
+async fn events_until(
+    rx: &mut broadcast::Receiver<DomainEvent>,
+    stop: impl Fn(&DomainEvent) -> bool,
+) -> Vec<DomainEvent> {
+    let wait = async {
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv().await {
+                Ok(event) if event.uuid.to_string() == UUID || stop(&event) => {
+                    let done = stop(&event);
+                    seen.push(event);
+                    if done {
+                        return seen;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("event channel failed: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(BOUND, wait).await.expect("the awaited event")
+}
+
+/// The first `Stopped` event of the VM and whether its definition was removed after it.
+async fn how_it_stopped(rx: &mut broadcast::Receiver<DomainEvent>) -> (EventReason, bool) {
+    let stopped = events_until(rx, |e| e.kind == EventKind::Stopped).await.pop().unwrap();
+    let undefined = events_until(rx, |e| e.kind == EventKind::Undefined).await;
+    (stopped.reason, undefined.len() == 1)
+}
+
+/// Events of the VM that happened before now: defines a marker domain and collects the
+/// VM's events until the marker's (events are delivered in order).
+async fn events_so_far(hv: &dyn Hypervisor, rx: &mut broadcast::Receiver<DomainEvent>) -> Vec<DomainEvent> {
+    let marker = "0badc0de-0000-4000-8000-000000000001";
+    hv.define(&format!(
+        "<domain type='test'><name>marker</name><uuid>{marker}</uuid><memory>1024</memory>\
+         <os><type arch='i686'>hvm</type></os></domain>"
+    ))
+    .await
+    .expect("define the marker");
+    let mut seen = events_until(rx, |e| e.uuid.to_string() == marker).await;
+    seen.pop();
+    hv.undefine(marker).await.expect("undefine the marker");
+    seen
+}
+
+#[tokio::test]
+async fn start_runs_the_vm_once_and_stop_powers_it_off_and_undefines_it() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let vm = web_vm(&host, hv.clone(), BOUND);
+    assert_eq!(vm.kind(), "vm");
+    let def = vm.definition();
+    assert_eq!((def.name.as_str(), def.uuid.to_string().as_str(), def.memory_mib, def.vcpus), ("web", UUID, 512, 2));
+
+    assert_eq!(vm.check().await, Health::Stopped, "nothing is defined yet");
+
+    let mut events = hv.subscribe();
+    vm.start(&ctx()).await.expect("start");
+    let kinds: Vec<_> = events_so_far(hv.as_ref(), &mut events).await.iter().map(|e| (e.kind, e.reason)).collect();
+    assert_eq!(kinds, [(EventKind::Defined, EventReason::Added), (EventKind::Started, EventReason::Booted)]);
+    let info = hv.domain_info(UUID).await.expect("the domain exists after start");
+    assert_eq!(info.name, "web");
+    assert_eq!(info.state, DomainState::Running(RunningReason::Booted));
+    assert_eq!(info.max_memory_kib, 512 * 1024);
+    assert!(info.persistent);
+    assert_eq!(vm.check().await, Health::Running);
+
+    // Starting a running VM changes nothing: still one domain, still the same boot.
+    vm.start(&ctx()).await.expect("start again");
+    assert_eq!(domains(hv.as_ref()).await.len(), 1);
+    let acted = events_so_far(hv.as_ref(), &mut events).await;
+    assert!(acted.is_empty(), "the second start acted: {acted:?}");
+    assert_eq!(vm.check().await, Health::Running);
+
+    vm.stop(false).await.expect("stop");
+    // A clean ACPI power-off (not a destroy), then the definition went away.
+    assert_eq!(how_it_stopped(&mut events).await, (EventReason::Shutdown, true), "not ACPI, or not undefined");
+    assert!(is_missing(hv.domain_info(UUID).await), "the domain is still defined");
+    assert!(domains(hv.as_ref()).await.is_empty());
+    assert_eq!(vm.check().await, Health::Stopped);
+
+    vm.stop(false).await.expect("stopping a stopped VM succeeds");
+    vm.stop(true).await.expect("force-stopping a stopped VM succeeds");
+}
+
+#[tokio::test]
+async fn start_replaces_a_stale_definition_with_the_clusters() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    // Somebody left an older definition (same UUID, 128 MiB) defined here.
+    hv.define(&domain_xml("web", "<memory unit='MiB'>128</memory>")).await.expect("define the stale copy");
+    let vm = web_vm(&host, hv.clone(), BOUND);
+
+    vm.start(&ctx()).await.expect("start");
+    let info = hv.domain_info(UUID).await.unwrap();
+    assert!(info.state.is_running());
+    assert_eq!(info.max_memory_kib, 512 * 1024, "the cluster's definition was not applied");
+    vm.stop(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn force_stop_destroys_at_once_and_undefines() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let vm = web_vm(&host, hv.clone(), BOUND);
+    vm.start(&ctx()).await.expect("start");
+
+    let mut events = hv.subscribe();
+    vm.stop(true).await.expect("force stop");
+    assert_eq!(how_it_stopped(&mut events).await, (EventReason::Destroyed, true), "not destroyed, or not undefined");
+    assert!(is_missing(hv.domain_info(UUID).await));
+    assert_eq!(vm.check().await, Health::Stopped);
+}
+
+#[tokio::test]
+async fn stops_outside_the_cluster_are_told_from_the_agents_own() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let vm = web_vm(&host, hv.clone(), BOUND);
+
+    // The guest powers itself off.
+    vm.start(&ctx()).await.unwrap();
+    hv.shutdown(UUID).await.unwrap();
+    assert_eq!(hv.state(UUID).await.unwrap(), DomainState::Shutoff(ShutoffReason::Shutdown));
+    assert_eq!(vm.check().await, Health::StoppedOutside("powered off from inside the guest".into()));
+    // The agent's stop of an off VM cleans up, and from then on it is simply stopped.
+    vm.stop(false).await.unwrap();
+    assert!(is_missing(hv.domain_info(UUID).await));
+    assert_eq!(vm.check().await, Health::Stopped);
+
+    // An administrator's `virsh destroy`.
+    vm.start(&ctx()).await.unwrap();
+    hv.destroy(UUID).await.unwrap();
+    assert_eq!(vm.check().await, Health::StoppedOutside("forced off through the hypervisor".into()));
+    vm.stop(false).await.unwrap();
+    assert_eq!(vm.check().await, Health::Stopped);
+
+    // A crash is a failure, not a stop.
+    vm.start(&ctx()).await.unwrap();
+    hv.crash_dump(UUID, host.dir.path().join("web.core").to_str().unwrap()).await.unwrap();
+    assert_eq!(hv.state(UUID).await.unwrap(), DomainState::Shutoff(ShutoffReason::Crashed));
+    let health = vm.check().await;
+    assert!(matches!(&health, Health::Failed(why) if why.contains("crashed")), "{health:?}");
+
+    // Restarting after the crash works (the crashed definition is replaced) and clears it.
+    vm.start(&ctx()).await.unwrap();
+    assert_eq!(vm.check().await, Health::Running);
+
+    // Undefined and destroyed by hand while the agent runs it: gone, maybe elsewhere.
+    hv.undefine(UUID).await.unwrap();
+    hv.destroy(UUID).await.unwrap();
+    let health = vm.check().await;
+    assert!(matches!(&health, Health::StoppedOutside(who) if who.contains("no longer defined")), "{health:?}");
+}
+
+#[tokio::test]
+async fn definition_errors_name_the_file_and_the_problem() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let factory = HostResources::new(hv.clone());
+    let env = ResourceEnv::new("host-a");
+    let build = |file: &str, xml: &str| {
+        let path = host.domain_file(file, xml);
+        let spec = spec("vm", ResourceKind::Vm(vm_config(path, BOUND)));
+        factory.build("web", &spec, &env).map(drop)
+    };
+
+    let err = build("no-uuid.xml", "<domain type='test'><name>web</name><memory>1024</memory></domain>").unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ResourceError::Config { .. }), "{err:?}");
+    assert!(text.contains("web/vm") && text.contains("no-uuid.xml") && text.contains("no <uuid>"), "{text}");
+
+    let err =
+        build("broken.xml", "<domain type='test'>\n  <name>web</name>\n  <uuid>x</uuid\n</domain>\n<").unwrap_err();
+    let text = err.to_string();
+    let file = host.dir.path().join("broken.xml");
+    assert!(text.contains(&format!("{}:4:1:", file.display())), "no line:column in: {text}");
+    assert!(text.contains("not well-formed"), "{text}");
+
+    let err = factory
+        .build("web", &spec("vm", ResourceKind::Vm(vm_config(host.dir.path().join("absent.xml"), BOUND))), &env)
+        .map(drop)
+        .unwrap_err();
+    assert!(err.to_string().contains("absent.xml") && err.to_string().contains("cannot read"), "{err}");
+
+    // Other kinds belong to the guest agent.
+    let disk =
+        DiskResource { device: None, mountpoint: None, fstype: None, fsck: true, directory: Some("/srv".into()) };
+    let err = factory.build("web", &spec("data", ResourceKind::Disk(disk)), &env).map(drop).unwrap_err();
+    assert!(matches!(err, ResourceError::Config { .. }), "{err:?}");
+    assert!(err.to_string().contains("\"disk\"") && err.to_string().contains("tandem-guest"), "{err}");
+
+    // Names that cannot be directory names are refused before anything else.
+    let path = host.domain_file("ok.xml", &domain_xml("web", "<memory>1024</memory>"));
+    let err = factory.build("web", &spec("../vm", ResourceKind::Vm(vm_config(path, BOUND))), &env).map(drop);
+    assert!(matches!(err, Err(ResourceError::Config { .. })), "{err:?}");
+
+    // Units and counts, from a file.
+    for (memory, mib) in [
+        ("<memory>2097152</memory>", 2048),
+        ("<memory unit='KiB'>1048576</memory>", 1024),
+        ("<memory unit='MiB'>3000</memory>", 3000),
+        ("<memory unit='GiB'>4</memory>", 4096),
+    ] {
+        let def = VmDefinition::load(host.domain_file("units.xml", &domain_xml("web", memory))).unwrap();
+        assert_eq!((def.memory_mib, def.vcpus), (mib, 2), "{memory}");
+    }
+}
+
+#[tokio::test]
+async fn a_definition_the_hypervisor_rejects_fails_the_start_and_leaves_nothing() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    // Well-formed, with name, UUID and memory, but with a typo only libvirt knows about.
+    let xml = format!(
+        "<domain type='test'><name>web</name><uuid>{UUID}</uuid><memory>65536</memory>\
+         <on_poweroff>explode</on_poweroff><os><type arch='i686'>hvm</type></os></domain>"
+    );
+    let file = host.domain_file("web.xml", &xml);
+    let vm = HostResources::new(hv.clone())
+        .build_vm("web", &spec("vm", ResourceKind::Vm(vm_config(file, BOUND))), &ResourceEnv::new("host-a"))
+        .expect("the file itself is fine");
+
+    let err = vm.start(&ctx()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ResourceError::Failed { op: "start", .. }), "{err:?}");
+    assert!(text.contains("define of domain 'web'") && text.contains(&host.uri), "{text}");
+    assert!(text.contains("on_poweroff"), "libvirt's own reason is missing: {text}");
+    assert!(text.contains("nothing was left running"), "{text}");
+    assert!(domains(hv.as_ref()).await.is_empty(), "something was left defined or running");
+    assert_eq!(vm.check().await, Health::Stopped);
+}
+
+/// The real adapter, except that the guest ignores the ACPI power button.
+#[derive(Debug)]
+struct IgnoresAcpi {
+    inner: Arc<LibvirtHypervisor>,
+    presses: AtomicUsize,
+}
+
+impl Hypervisor for IgnoresAcpi {
+    fn uri(&self) -> &str {
+        self.inner.uri()
+    }
+    fn list_domains(&self) -> BoxFuture<'_, Result<Vec<DomainInfo>, HypervisorError>> {
+        self.inner.list_domains()
+    }
+    fn domain_info<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<DomainInfo, HypervisorError>> {
+        self.inner.domain_info(domain)
+    }
+    fn define<'a>(&'a self, xml: &'a str) -> BoxFuture<'a, Result<DomainInfo, HypervisorError>> {
+        self.inner.define(xml)
+    }
+    fn undefine<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.undefine(domain)
+    }
+    fn start<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.start(domain)
+    }
+    fn shutdown<'a>(&'a self, _domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        self.presses.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+    fn destroy<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.destroy(domain)
+    }
+    fn state<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<DomainState, HypervisorError>> {
+        self.inner.state(domain)
+    }
+    fn domain_xml<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<String, HypervisorError>> {
+        self.inner.domain_xml(domain)
+    }
+    fn migrate<'a>(
+        &'a self,
+        domain: &'a str,
+        dest_uri: &'a str,
+        mode: MigrationMode,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.migrate(domain, dest_uri, mode)
+    }
+    fn capacity(&self) -> BoxFuture<'_, Result<HostCapacity, HypervisorError>> {
+        self.inner.capacity()
+    }
+    fn subscribe(&self) -> broadcast::Receiver<DomainEvent> {
+        self.inner.subscribe()
+    }
+}
+
+/// Log output captured in memory, to check what the agent tells the administrator.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// Single-threaded runtime: the log subscriber below is set for this thread only.
+#[tokio::test(flavor = "current_thread")]
+async fn a_guest_that_ignores_acpi_is_destroyed_after_the_shutdown_timeout() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt().with_writer(logs.clone()).with_ansi(false).finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let host = TestHost::new();
+    let real = host.connect().await;
+    let hv = Arc::new(IgnoresAcpi { inner: real.clone(), presses: AtomicUsize::new(0) });
+    let timeout = Duration::from_millis(600);
+    let vm = web_vm(&host, hv.clone(), timeout);
+    vm.start(&ctx()).await.expect("start");
+
+    let mut events = real.subscribe();
+    let began = Instant::now();
+    vm.stop(false).await.expect("stop escalates instead of failing");
+    let took = began.elapsed();
+
+    assert_eq!(hv.presses.load(Ordering::SeqCst), 1, "the power button was not pressed first");
+    assert!(took >= timeout, "destroyed after {took:?}, before the {timeout:?} grace");
+    assert!(took < timeout + BOUND, "stop took {took:?}");
+    assert_eq!(how_it_stopped(&mut events).await, (EventReason::Destroyed, true), "not destroyed, or not undefined");
+    assert!(is_missing(real.domain_info(UUID).await), "the domain is still defined");
+    assert_eq!(vm.check().await, Health::Stopped);
+
+    let logs = logs.text();
+    let warning = logs.lines().find(|l| l.contains("WARN")).unwrap_or_else(|| panic!("no warning logged:\n{logs}"));
+    assert!(
+        warning.contains("domain 'web' did not power off within 600 ms after ACPI shutdown; destroyed"),
+        "{warning}"
+    );
+}
+
+/// A private libvirt daemon serving only the built-in test driver (as in libvirt_reconnect).
+fn start_libvirtd(dir: &Path) -> ChildGuard {
+    let libvirtd = require_program("libvirtd", "libvirt-daemon", &[]);
+    let run = dir.join("run");
+    let empty = dir.join("no-drivers");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::create_dir_all(&empty).unwrap();
+    let conf = dir.join("libvirtd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "unix_sock_dir = \"{}\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
+             unix_sock_rw_perms = \"0700\"\nlog_outputs = \"3:file:{}\"\n",
+            run.display(),
+            dir.join("libvirtd.log").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(libvirtd);
+    cmd.arg("-f").arg(&conf).arg("-p").arg(dir.join("libvirtd.pid"));
+    cmd.env("LIBVIRT_DRIVER_DIR", &empty);
+    cmd.stdout(std::fs::File::create(dir.join("libvirtd.out")).unwrap());
+    cmd.stderr(std::fs::File::create(dir.join("libvirtd.err")).unwrap());
+    let guard = ChildGuard::spawn("libvirtd", cmd);
+    let socket = run.join("libvirt-sock");
+    let deadline = Instant::now() + BOUND;
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "libvirtd did not create {} in time", socket.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    guard
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_hypervisor_is_a_failure_not_a_stop() {
+    let host = TestHost::new();
+    let socket = host.dir.path().join("run").join("libvirt-sock");
+    let uri = format!("test+unix://{}?socket={}", host.dir.path().join("host.xml").display(), socket.display());
+    let mut daemon = start_libvirtd(host.dir.path());
+    let options = LibvirtOptions {
+        keepalive_interval: Duration::from_secs(1),
+        reconnect_min: Duration::from_secs(5),
+        reconnect_max: Duration::from_secs(5),
+        ..LibvirtOptions::default()
+    };
+    let hv = Arc::new(LibvirtHypervisor::connect_with(&uri, options).await.expect("connect through libvirtd"));
+    let vm = web_vm(&host, hv.clone(), BOUND);
+    vm.start(&ctx()).await.expect("start");
+    assert_eq!(vm.check().await, Health::Running);
+
+    let mut connection = hv.connection_state();
+    daemon.kill();
+    tokio::time::timeout(BOUND, connection.wait_for(|s| matches!(s, ConnectionState::Reconnecting { .. })))
+        .await
+        .expect("the loss is noticed")
+        .unwrap();
+
+    let health = vm.check().await;
+    let Health::Failed(why) = &health else { panic!("a lost hypervisor reads as {health:?}") };
+    assert!(why.contains("cannot tell whether the VM runs") && why.contains("'web'") && why.contains(&uri), "{why}");
+
+    let err = vm.stop(false).await.unwrap_err();
+    assert!(err.to_string().contains(&uri) && err.to_string().contains("'web'"), "{err}");
+}
