@@ -8,5 +8,6 @@
 
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod hypervisor;
 pub mod vm;

@@ -1,0 +1,197 @@
+//! What a host cluster configuration must hold beyond what `tandem-config` checks: every
+//! host names its hypervisor, every failover group is one VM, and every VM's domain XML
+//! loads and carries a UUID no other VM uses.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use tandem_config::{ClusterConfig, ResourceKind};
+
+use crate::vm::{VmDefinition, VmError};
+
+/// One HA VM of the cluster: its group and its definition.
+#[derive(Debug, Clone)]
+pub struct HaVm {
+    /// The failover group (named like the VM in the configuration).
+    pub group: String,
+    /// The group's only resource (`kind = "vm"`).
+    pub resource: String,
+    /// The domain XML file.
+    pub path: PathBuf,
+    /// What the XML defines.
+    pub definition: VmDefinition,
+}
+
+/// The host cluster as this agent runs it.
+#[derive(Debug, Clone)]
+pub struct HostCluster {
+    /// Every HA VM, in configuration order.
+    pub vms: Vec<HaVm>,
+    /// Each host's hypervisor URI, by host name.
+    pub hypervisors: BTreeMap<String, String>,
+}
+
+/// A host cluster configuration the host agent cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum HostClusterError {
+    /// A host has no `hypervisor`.
+    #[error(
+        "node `{0}` has no `hypervisor`: a host agent needs its libvirt URI (`hypervisor = \"qemu:///system\"`, or \
+         `test:///<absolute path>` for the test driver)"
+    )]
+    NoHypervisor(String),
+    /// A group is not exactly one VM.
+    #[error(
+        "group `{group}` must hold exactly one resource of kind \"vm\" (it has {found}); a host agent runs one VM per group"
+    )]
+    NotOneVm {
+        /// The group.
+        group: String,
+        /// What it holds (`2 resources`, `a resource of kind "exec"`…).
+        found: String,
+    },
+    /// A domain XML file is unusable.
+    #[error("group `{group}`, resource `{resource}`")]
+    Definition {
+        /// The group.
+        group: String,
+        /// The resource.
+        resource: String,
+        /// Why.
+        #[source]
+        source: VmError,
+    },
+    /// Two VMs share a UUID or a domain name.
+    #[error("groups `{first}` and `{second}` define the same domain {what} `{value}`; every HA VM needs its own")]
+    Duplicate {
+        /// The first group.
+        first: String,
+        /// The second group.
+        second: String,
+        /// `UUID` or `name`.
+        what: &'static str,
+        /// The shared value.
+        value: String,
+    },
+    /// The configuration has no groups.
+    #[error("the configuration defines no [[group]]: a host cluster needs at least one HA VM")]
+    NoVms,
+}
+
+impl HostCluster {
+    /// Checks `config` for a host agent and loads every VM's domain XML. Every problem is
+    /// reported, not only the first.
+    pub fn new(config: &ClusterConfig) -> Result<HostCluster, Vec<HostClusterError>> {
+        let mut errors = Vec::new();
+        let mut hypervisors = BTreeMap::new();
+        for n in &config.nodes {
+            match &n.hypervisor {
+                Some(uri) => {
+                    hypervisors.insert(n.name.clone(), uri.clone());
+                }
+                None => errors.push(HostClusterError::NoHypervisor(n.name.clone())),
+            }
+        }
+        if config.groups.is_empty() {
+            errors.push(HostClusterError::NoVms);
+        }
+        let mut vms: Vec<HaVm> = Vec::new();
+        for g in &config.groups {
+            let vm = match g.resources.as_slice() {
+                [r] => match &r.kind {
+                    ResourceKind::Vm(vm) => Some((r, vm)),
+                    other => {
+                        errors.push(HostClusterError::NotOneVm {
+                            group: g.name.clone(),
+                            found: format!("a resource of kind \"{}\"", other.name()),
+                        });
+                        None
+                    }
+                },
+                rs => {
+                    errors.push(HostClusterError::NotOneVm {
+                        group: g.name.clone(),
+                        found: format!("{} resources", rs.len()),
+                    });
+                    None
+                }
+            };
+            let Some((r, spec)) = vm else { continue };
+            match VmDefinition::load(&spec.domain) {
+                Ok(definition) => {
+                    for other in &vms {
+                        let dup = if other.definition.uuid == definition.uuid {
+                            Some(("UUID", definition.uuid.to_string()))
+                        } else if other.definition.name == definition.name {
+                            Some(("name", definition.name.clone()))
+                        } else {
+                            None
+                        };
+                        if let Some((what, value)) = dup {
+                            errors.push(HostClusterError::Duplicate {
+                                first: other.group.clone(),
+                                second: g.name.clone(),
+                                what,
+                                value,
+                            });
+                        }
+                    }
+                    vms.push(HaVm {
+                        group: g.name.clone(),
+                        resource: r.name.clone(),
+                        path: spec.domain.clone(),
+                        definition,
+                    });
+                }
+                Err(source) => errors.push(HostClusterError::Definition {
+                    group: g.name.clone(),
+                    resource: r.name.clone(),
+                    source,
+                }),
+            }
+        }
+        if errors.is_empty() { Ok(HostCluster { vms, hypervisors }) } else { Err(errors) }
+    }
+}
+
+/// Fills each group's `demand` from its VM's definition (memory and vCPUs) where the
+/// configuration gives none, so that placement counts what the VMs really use.
+pub fn with_vm_demands(mut config: ClusterConfig, cluster: &HostCluster) -> ClusterConfig {
+    for g in &mut config.groups {
+        if g.demand.is_none()
+            && let Some(vm) = cluster.vms.iter().find(|v| v.group == g.name)
+        {
+            g.demand =
+                Some(tandem_config::Capacity { memory_mib: vm.definition.memory_mib, vcpus: vm.definition.vcpus });
+        }
+    }
+    config
+}
+
+/// The hosts, for the HostAgent API.
+pub fn host_facts(config: &ClusterConfig) -> Vec<crate::api::HostFacts> {
+    config
+        .nodes
+        .iter()
+        .map(|n| crate::api::HostFacts {
+            name: n.name.clone(),
+            id: n.id,
+            capacity: n.capacity.map(|c| (c.memory_mib, c.vcpus)),
+        })
+        .collect()
+}
+
+/// The HA VMs, for the HostAgent API.
+pub fn vm_facts(cluster: &HostCluster) -> Vec<crate::api::VmFacts> {
+    cluster
+        .vms
+        .iter()
+        .map(|v| crate::api::VmFacts {
+            group: v.group.clone(),
+            domain: v.definition.name.clone(),
+            uuid: v.definition.uuid.to_string(),
+            memory_mib: v.definition.memory_mib,
+            vcpus: v.definition.vcpus,
+        })
+        .collect()
+}

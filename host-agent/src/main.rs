@@ -1,0 +1,196 @@
+//! `tandem-host`: the host agent.
+//!
+//! * `tandem-host --config FILE [--node NAME]` runs the agent on one hypervisor host.
+//! * `tandem-host validate --config FILE` checks a configuration and exits.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tandem_host::cluster::{HostCluster, HostClusterError};
+use tandem_host::hypervisor::Hypervisor;
+use tandem_host::hypervisor::libvirt::LibvirtHypervisor;
+use tandem_node::agent::{self, AgentOptions};
+use tandem_node::runtime::Exit;
+
+/// Exit status when the configuration is invalid.
+const EXIT_CONFIG: u8 = 78;
+/// Exit status after self-fencing (a stop failed too often).
+const EXIT_SELF_FENCED: u8 = 75;
+/// Exit status after the host lease was lost (every VM here was destroyed).
+const EXIT_LEASE_LOST: u8 = 76;
+
+#[derive(Parser, Debug)]
+#[command(name = "tandem-host", version, about = "Tandem's host agent: HA VMs failed over between hypervisors")]
+struct Cli {
+    /// The cluster configuration (TOML).
+    #[arg(long, short, global = true, env = "TANDEM_CONFIG", default_value = "/etc/tandem/host.toml")]
+    config: PathBuf,
+    /// This host's name in the configuration (default: the host name).
+    #[arg(long, env = "TANDEM_NODE")]
+    node: Option<String>,
+    /// Directory on a cgroup2 mount where group cgroups are created (default: found).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check the configuration: every problem with file:line:column and the field, then
+    /// what a host agent needs (hypervisor URIs, one VM per group, domain XML files).
+    Validate {
+        /// Print the normalized configuration as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fencing guard (started by the agent itself).
+    #[command(hide = true)]
+    Guard,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Guard) => {
+            // The guard must not depend on anything the agent does: no runtime, no logging setup.
+            return match tandem_lease::guard::run_guard_on_stdin() {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tandem-guard: {e}");
+                    ExitCode::from(70)
+                }
+            };
+        }
+        Some(Cmd::Validate { json }) => return validate(&cli.config, json),
+        None => {}
+    }
+    init_logging(cli.log_json);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tandem-host: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { b.json().init() } else { b.init() }
+}
+
+fn print_host_errors(path: &Path, errors: &[HostClusterError]) {
+    for e in errors {
+        let mut line = format!("{}: error: {e}", path.display());
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            line += &format!(": {s}");
+            source = s.source();
+        }
+        eprintln!("{line}");
+    }
+}
+
+fn validate(path: &Path, json: bool) -> ExitCode {
+    let checked = match tandem_config::check(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for w in &checked.warnings {
+        eprintln!("{w}");
+    }
+    let cluster = match HostCluster::new(&checked.config) {
+        Ok(c) => c,
+        Err(errors) => {
+            print_host_errors(path, &errors);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checked.config).expect("the configuration serialises"));
+    } else {
+        let c = &checked.config;
+        println!("{}: ok: cluster `{}`, {} hosts, {} HA VMs", path.display(), c.cluster.name, c.nodes.len(), cluster.vms.len());
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = match tandem_config::load(&cli.config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let cluster = match HostCluster::new(&config) {
+        Ok(c) => c,
+        Err(errors) => {
+            print_host_errors(&cli.config, &errors);
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let node = match cli.node {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("cannot read the host name; pass --node")?
+            .trim()
+            .to_string(),
+    };
+    let Some(uri) = cluster.hypervisors.get(&node).cloned() else {
+        eprintln!("{}: error: no [[node]] named `{node}`; pass --node with one of the configured hosts", cli.config.display());
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
+    let config = tandem_host::cluster::with_vm_demands(config, &cluster);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    rt.block_on(async move {
+        let hypervisor: Arc<dyn Hypervisor> = Arc::new(
+            LibvirtHypervisor::connect(&uri).await.with_context(|| format!("cannot open the hypervisor {uri}"))?,
+        );
+        tracing::info!("hypervisor {uri} connected");
+        let opts = AgentOptions {
+            node,
+            guard_program: std::env::current_exe().context("cannot find this program's path for the guard")?,
+            guard_args: vec!["guard".into()],
+            cgroup_root: cli.cgroup_root,
+            resources: Arc::new(tandem_host::vm::HostResources::new(hypervisor.clone())),
+            api_extensions: vec![tandem_host::api::host_api(
+                hypervisor.clone(),
+                tandem_host::cluster::host_facts(&config),
+                tandem_host::cluster::vm_facts(&cluster),
+            )],
+        };
+        let agent = agent::start(config, opts).await?;
+        let handle = agent.handle.clone();
+        let mut task = agent.task;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let exit = tokio::select! {
+            exit = &mut task => exit?,
+            _ = tokio::signal::ctrl_c() => { handle.shutdown().await; task.await? }
+            _ = term.recv() => { handle.shutdown().await; task.await? }
+        };
+        Ok(match exit {
+            Exit::Shutdown => ExitCode::SUCCESS,
+            Exit::SelfFenced(why) => {
+                tracing::error!("self-fenced: {why}");
+                ExitCode::from(EXIT_SELF_FENCED)
+            }
+            Exit::LeaseLost(why) => {
+                tracing::error!("host lease lost: {why}; every VM here was destroyed");
+                ExitCode::from(EXIT_LEASE_LOST)
+            }
+        })
+    })
+}
