@@ -3,8 +3,10 @@
 //! or move their services before the host goes down).
 //!
 //! This crate currently holds the hypervisor layer: the [`hypervisor::Hypervisor`] trait and
-//! its libvirt adapter, [`hypervisor::libvirt::LibvirtHypervisor`].
+//! its libvirt adapter, [`hypervisor::libvirt::LibvirtHypervisor`], and the host agent's own gRPC
+//! service ([`api`], `tandem.v1.HostAgent`).
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod hypervisor;
