@@ -1,5 +1,7 @@
-//! The verbs that talk to a guest agent over its gRPC API: `status`,
-//! `group`, `monitor`, `events`, `shutdown-prepare` (docs/api.md).
+//! The verbs that talk to an agent over its gRPC API: `status`, `group`,
+//! `monitor`, `events`, `shutdown-prepare` (docs/api.md), which both agents
+//! serve, and the host agent's `hosts`, `vms`, `vm`, `domains`
+//! (docs/host-agent.md).
 //!
 //! Exit status: 0 ok, 1 rejected by the agent (or not safe to power off),
 //! 64 usage error, 69 agent unreachable (or stopped answering).
@@ -14,6 +16,7 @@ use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use pb::guest_agent_client::GuestAgentClient;
+use pb::host_agent_client::HostAgentClient;
 
 use crate::render;
 
@@ -95,6 +98,29 @@ pub enum MonitorVerb {
     },
 }
 
+/// `tandemctl vm …` (host agent).
+#[derive(Debug, Subcommand)]
+pub enum VmVerb {
+    /// Run the VM on its best host (clears a move pin).
+    Start {
+        /// The VM (its name in the cluster, or its domain name).
+        vm: String,
+    },
+    /// Stop the VM everywhere.
+    Stop {
+        /// The VM (its name in the cluster, or its domain name).
+        vm: String,
+    },
+    /// Run the VM on another host and pin it there.
+    Move {
+        /// The VM (its name in the cluster, or its domain name).
+        vm: String,
+        /// The target host.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+    },
+}
+
 /// An API verb with its options.
 #[derive(Debug)]
 pub enum Verb {
@@ -115,6 +141,23 @@ pub enum Verb {
     /// `shutdown-prepare [--json]`.
     ShutdownPrepare {
         /// One JSON object per line.
+        json: bool,
+    },
+    /// `hosts [--json]` (host agent).
+    Hosts {
+        /// JSON instead of a table.
+        json: bool,
+    },
+    /// `vms [--json]` (host agent).
+    Vms {
+        /// JSON instead of a table.
+        json: bool,
+    },
+    /// `vm …` (host agent).
+    Vm(VmVerb),
+    /// `domains [--json]` (host agent).
+    Domains {
+        /// JSON instead of a table.
         json: bool,
     },
 }
@@ -155,6 +198,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 struct Agent {
     client: GuestAgentClient<Channel>,
+    host: HostAgentClient<Channel>,
     url: String,
     timeout: Duration,
     plaintext: bool,
@@ -212,7 +256,13 @@ impl Agent {
                 });
             }
         };
-        Ok(Agent { client: GuestAgentClient::new(channel), url, timeout, plaintext: !https })
+        Ok(Agent {
+            client: GuestAgentClient::new(channel.clone()),
+            host: HostAgentClient::new(channel),
+            url,
+            timeout,
+            plaintext: !https,
+        })
     }
 
     /// What a failed call means for the user, and its exit code.
@@ -250,6 +300,31 @@ impl Agent {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(self.failure(status)),
+            Err(_) => Err(Failure {
+                code: EXIT_UNREACHABLE,
+                message: format!("the agent at {} did not answer within {:.1} s", self.url, self.timeout.as_secs_f64()),
+            }),
+        }
+    }
+}
+
+impl Agent {
+    /// Runs one call of the host API under the call timeout; an agent without it (a guest
+    /// agent) is told apart from other refusals.
+    async fn host_call<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Err(status)) if status.code() == Code::Unimplemented => Err(Failure {
+                code: EXIT_REJECTED,
+                message: format!(
+                    "the agent at {} does not serve the host API (tandem.v1.HostAgent): is it a guest agent? \
+                     `tandemctl status` works with both",
+                    self.url
+                ),
+            }),
+            Ok(r) => self.call(async { r }).await,
             Err(_) => Err(Failure {
                 code: EXIT_UNREACHABLE,
                 message: format!("the agent at {} did not answer within {:.1} s", self.url, self.timeout.as_secs_f64()),
@@ -366,6 +441,50 @@ async fn run_async(conn: &Connection, verb: Verb) -> Result<u8, Failure> {
                     Err(status) => return Err(agent.failure(status)),
                 }
             }
+        }
+        Verb::Hosts { json } | Verb::Vms { json } => {
+            let hosts = matches!(verb, Verb::Hosts { .. });
+            let mut c = agent.host.clone();
+            let status = agent.host_call(c.get_cluster_status(pb::GetClusterStatusRequest {})).await?;
+            let text = match (hosts, json) {
+                (true, true) => {
+                    format!("{}\n", serde_json::to_string_pretty(&render::hosts_json(&status)).expect("JSON"))
+                }
+                (true, false) => render::hosts_text(&status),
+                (false, true) => {
+                    format!("{}\n", serde_json::to_string_pretty(&render::vms_json(&status)).expect("JSON"))
+                }
+                (false, false) => render::vms_text(&status),
+            };
+            print!("{text}");
+            Ok(EXIT_OK)
+        }
+        Verb::Vm(v) => {
+            let mut c = agent.host.clone();
+            let (what, ack) = match v {
+                VmVerb::Start { vm } => {
+                    (format!("start of VM {vm}"), agent.host_call(c.start_vm(pb::VmRequest { vm })).await?)
+                }
+                VmVerb::Stop { vm } => {
+                    (format!("stop of VM {vm}"), agent.host_call(c.stop_vm(pb::VmRequest { vm })).await?)
+                }
+                VmVerb::Move { vm, to } => (
+                    format!("move of VM {vm} to {to}"),
+                    agent.host_call(c.move_vm(pb::MoveVmRequest { vm, to_host: to })).await?,
+                ),
+            };
+            println!("accepted: {what} (command #{}); `tandemctl events` shows it happen", ack.seq);
+            Ok(EXIT_OK)
+        }
+        Verb::Domains { json } => {
+            let mut c = agent.host.clone();
+            let list = agent.host_call(c.list_domains(pb::ListDomainsRequest {})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&render::domains_json(&list)).expect("JSON"));
+            } else {
+                print!("{}", render::domains_text(&list));
+            }
+            Ok(EXIT_OK)
         }
         Verb::ShutdownPrepare { json } => {
             let c = &mut agent.client;

@@ -55,12 +55,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Host agent: every host of the cluster, its state and the capacity its HA VMs use.
+    #[command(after_help = AGENT_EXIT)]
+    Hosts {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Host agent: every HA VM, where it runs, and why not when it does not; VMs that fit nowhere.
+    #[command(after_help = AGENT_EXIT)]
+    Vms {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Host agent: start, stop or move an HA VM.
+    #[command(subcommand, after_help = AGENT_EXIT)]
+    Vm(agent::VmVerb),
+    /// Host agent: the domains this host's hypervisor has, HA or not (its own view).
+    #[command(after_help = AGENT_EXIT)]
+    Domains {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 const AGENT_EXIT: &str = "Exit status: 0 ok, 1 rejected by the agent, 64 usage, 69 agent unreachable.";
 
 /// The subcommands that talk to an agent.
-const AGENT_VERBS: [&str; 5] = ["status", "group", "monitor", "events", "shutdown-prepare"];
+const AGENT_VERBS: [&str; 9] =
+    ["status", "group", "monitor", "events", "shutdown-prepare", "hosts", "vms", "vm", "domains"];
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -95,5 +120,9 @@ fn main() -> ExitCode {
         Command::Monitor(m) => agent::run(cli.connection, agent::Verb::Monitor(m)),
         Command::Events { json } => agent::run(cli.connection, agent::Verb::Events { json }),
         Command::ShutdownPrepare { json } => agent::run(cli.connection, agent::Verb::ShutdownPrepare { json }),
+        Command::Hosts { json } => agent::run(cli.connection, agent::Verb::Hosts { json }),
+        Command::Vms { json } => agent::run(cli.connection, agent::Verb::Vms { json }),
+        Command::Vm(v) => agent::run(cli.connection, agent::Verb::Vm(v)),
+        Command::Domains { json } => agent::run(cli.connection, agent::Verb::Domains { json }),
     }
 }

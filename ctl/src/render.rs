@@ -406,6 +406,194 @@ pub fn progress_text(p: &pb::ShutdownProgress) -> String {
     }
 }
 
+// ---------------------------------------------------------------- host agent
+
+fn host_state(v: i32) -> String {
+    name(v, pb::HostState::as_str_name, "HOST_STATE_")
+}
+fn vm_state(v: i32) -> String {
+    name(v, pb::VmState::as_str_name, "VM_STATE_")
+}
+fn domain_state(v: i32) -> String {
+    name(v, pb::DomainState::as_str_name, "DOMAIN_STATE_")
+}
+
+/// The first line of `hosts` and `vms`: who answered, with a warning when its lease expired.
+fn cluster_header(out: &mut String, s: &pb::HostClusterStatus) {
+    let _ = writeln!(out, "cluster as seen by {}  quorum: {}", s.host, if s.quorum { "yes" } else { "NO" });
+    if !s.lease_valid {
+        let _ = writeln!(out, "WARNING: {}'s host lease has expired; this view may be out of date", s.host);
+    }
+}
+
+/// `used/capacity`, or `used/-` without a configured capacity.
+fn used_of<T: std::fmt::Display>(used: T, capacity: Option<T>) -> String {
+    match capacity {
+        Some(c) => format!("{used}/{c}"),
+        None => format!("{used}/-"),
+    }
+}
+
+/// `GetClusterStatus`'s hosts as JSON.
+pub fn hosts_json(s: &pb::HostClusterStatus) -> Value {
+    json!({
+        "host": s.host,
+        "lease_valid": s.lease_valid,
+        "quorum": s.quorum,
+        "hosts": s.hosts.iter().map(|h| json!({
+            "name": h.name,
+            "id": h.id,
+            "state": host_state(h.state),
+            "capacity": h.capacity.as_ref().map(|c| json!({ "memory_mib": c.memory_mib, "vcpus": c.vcpus })),
+            "used_memory_mib": h.used_memory_mib,
+            "used_vcpus": h.used_vcpus,
+            "vm_count": h.vm_count,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `GetClusterStatus`'s hosts for people.
+pub fn hosts_text(s: &pb::HostClusterStatus) -> String {
+    let mut out = String::new();
+    cluster_header(&mut out, s);
+    if s.hosts.is_empty() {
+        out.push_str("no hosts\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = s
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                h.id.to_string(),
+                host_state(h.state),
+                h.vm_count.to_string(),
+                used_of(h.used_memory_mib, h.capacity.as_ref().map(|c| c.memory_mib)),
+                used_of(h.used_vcpus, h.capacity.as_ref().map(|c| c.vcpus)),
+            ]
+        })
+        .collect();
+    table(&mut out, &["HOST", "ID", "STATE", "VMS", "MEMORY MiB", "VCPUS"], &rows);
+    out
+}
+
+/// `GetClusterStatus`'s VMs and placement problems as JSON.
+pub fn vms_json(s: &pb::HostClusterStatus) -> Value {
+    json!({
+        "host": s.host,
+        "lease_valid": s.lease_valid,
+        "quorum": s.quorum,
+        "vms": s.vms.iter().map(|v| json!({
+            "name": v.name,
+            "domain": v.domain,
+            "uuid": v.uuid,
+            "host": (!v.host.is_empty()).then(|| v.host.clone()),
+            "state": vm_state(v.state),
+            "fencing_token": v.fencing_token,
+            "not_running": v.not_running.as_ref().map(not_running_json),
+            "not_running_text": (!v.not_running_text.is_empty()).then(|| v.not_running_text.clone()),
+            "restarts": v.restarts,
+            "failovers": v.failovers,
+            "failed_on": v.failed_on,
+            "memory_mib": v.memory_mib,
+            "vcpus": v.vcpus,
+        })).collect::<Vec<_>>(),
+        "problems": s.problems.iter().map(|p| json!({ "vm": p.vm, "reason": p.reason })).collect::<Vec<_>>(),
+    })
+}
+
+/// `GetClusterStatus`'s VMs and placement problems for people.
+pub fn vms_text(s: &pb::HostClusterStatus) -> String {
+    let mut out = String::new();
+    cluster_header(&mut out, s);
+    if s.vms.is_empty() {
+        out.push_str("no HA VMs\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .vms
+            .iter()
+            .map(|v| {
+                let mut why = v.not_running_text.clone();
+                if !v.failed_on.is_empty() {
+                    if !why.is_empty() {
+                        why.push_str("; ");
+                    }
+                    let _ = write!(why, "failed on {}", v.failed_on.join(", "));
+                }
+                vec![
+                    v.name.clone(),
+                    vm_state(v.state),
+                    if v.host.is_empty() { "-".into() } else { v.host.clone() },
+                    v.fencing_token.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    v.restarts.to_string(),
+                    v.failovers.to_string(),
+                    v.memory_mib.to_string(),
+                    v.vcpus.to_string(),
+                    why,
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["VM", "STATE", "HOST", "TOKEN", "RESTARTS", "FAILOVERS", "MEMORY MiB", "VCPUS", "WHY"],
+            &rows,
+        );
+    }
+    if !s.problems.is_empty() {
+        out.push_str("placement problems:\n");
+        for p in &s.problems {
+            let _ = writeln!(out, "  {}: {}", p.vm, p.reason);
+        }
+    }
+    out
+}
+
+/// `ListDomains` as JSON.
+pub fn domains_json(l: &pb::DomainList) -> Value {
+    json!({
+        "host": l.host,
+        "uri": l.uri,
+        "domains": l.domains.iter().map(|d| json!({
+            "name": d.name,
+            "uuid": d.uuid,
+            "state": domain_state(d.state),
+            "reason": (!d.reason.is_empty()).then(|| d.reason.clone()),
+            "memory_mib": d.memory_mib,
+            "max_memory_mib": d.max_memory_mib,
+            "vcpus": d.vcpus,
+            "persistent": d.persistent,
+            "ha": d.ha,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `ListDomains` for people.
+pub fn domains_text(l: &pb::DomainList) -> String {
+    let mut out = format!("domains of {} ({})\n", l.host, l.uri);
+    if l.domains.is_empty() {
+        out.push_str("no domains\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = l
+        .domains
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                domain_state(d.state),
+                if d.reason.is_empty() { "-".into() } else { d.reason.clone() },
+                format!("{}/{}", d.memory_mib, d.max_memory_mib),
+                d.vcpus.to_string(),
+                if d.ha { "yes".into() } else { "no".into() },
+                d.uuid.clone(),
+            ]
+        })
+        .collect();
+    table(&mut out, &["NAME", "STATE", "REASON", "MEMORY MiB", "VCPUS", "HA", "UUID"], &rows);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +604,8 @@ mod tests {
         assert_eq!(reason(pb::NotRunningReason::WaitingForFence as i32), "waiting-for-fence");
         assert_eq!(probe_status(pb::ProbeStatus::Critical as i32), "CRITICAL");
         assert_eq!(group_state(99), "unknown(99)");
+        assert_eq!(host_state(pb::HostState::Self_ as i32), "self");
+        assert_eq!(domain_state(pb::DomainState::PmSuspended as i32), "pm-suspended");
     }
 
     #[test]

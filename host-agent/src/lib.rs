@@ -3,11 +3,15 @@
 //! or move their services before the host goes down).
 //!
 //! This crate holds the hypervisor layer (the [`hypervisor::Hypervisor`] trait and its
-//! libvirt adapter, [`hypervisor::libvirt::LibvirtHypervisor`]) and the VM resource that
-//! the node runtime drives ([`vm::VmResource`], built by [`vm::HostResources`]).
+//! libvirt adapter, [`hypervisor::libvirt::LibvirtHypervisor`]), the VM resource that the
+//! node runtime drives ([`vm::VmResource`], built by [`vm::HostResources`]), the checks of a
+//! host cluster configuration ([`cluster`]) and the host agent's own gRPC service ([`api`],
+//! `tandem.v1.HostAgent`). The `tandem-host` binary puts them on the node runtime
+//! (`tandem-node`).
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod cluster;
 pub mod hypervisor;
 pub mod vm;

@@ -122,7 +122,13 @@ fn validate(path: &Path, json: bool) -> ExitCode {
         println!("{}", serde_json::to_string_pretty(&checked.config).expect("the configuration serialises"));
     } else {
         let c = &checked.config;
-        println!("{}: ok: cluster `{}`, {} hosts, {} HA VMs", path.display(), c.cluster.name, c.nodes.len(), cluster.vms.len());
+        println!(
+            "{}: ok: cluster `{}`, {} hosts, {} HA VMs",
+            path.display(),
+            c.cluster.name,
+            c.nodes.len(),
+            cluster.vms.len()
+        );
     }
     ExitCode::SUCCESS
 }
@@ -150,7 +156,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .to_string(),
     };
     let Some(uri) = cluster.hypervisors.get(&node).cloned() else {
-        eprintln!("{}: error: no [[node]] named `{node}`; pass --node with one of the configured hosts", cli.config.display());
+        eprintln!(
+            "{}: error: no [[node]] named `{node}`; pass --node with one of the configured hosts",
+            cli.config.display()
+        );
         return Ok(ExitCode::from(EXIT_CONFIG));
     };
     let config = tandem_host::cluster::with_vm_demands(config, &cluster);

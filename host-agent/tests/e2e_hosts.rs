@@ -111,10 +111,10 @@ impl Cluster {
             std::fs::write(
                 &xml,
                 format!(
-                    "<domain type='test'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  <memory unit='MiB'>{mem}</memory>\n  \
+                    "<domain type='test'>\n  <name>{name}</name>\n  <uuid>00000000-0000-4000-8000-{n:012}</uuid>\n  <memory unit='MiB'>{mem}</memory>\n  \
                      <vcpu>{vcpus}</vcpu>\n  <os><type arch='i686'>hvm</type></os>\n</domain>\n",
                     name = vm.name,
-                    uuid = format!("00000000-0000-4000-8000-{:012}", i + 1),
+                    n = i + 1,
                     mem = vm.memory_mib,
                     vcpus = vm.vcpus,
                 ),
@@ -195,7 +195,8 @@ impl Cluster {
                 ev.rounds += 1;
                 for (vm, on) in &round {
                     if on.len() > 1 {
-                        ev.duplicates.push(format!("round {}: {vm} running on {on:?}", ev.rounds));
+                        let round = ev.rounds;
+                        ev.duplicates.push(format!("round {round}: {vm} running on {on:?}"));
                     }
                 }
                 ev.last = round;
@@ -223,11 +224,7 @@ impl Cluster {
             if self.vms.iter().all(|v| placed.contains_key(v)) && where_ok(&placed) {
                 return placed;
             }
-            assert!(
-                start.elapsed() < limit,
-                "not every VM ran within {limit:?}: {placed:?}; logs:\n{}",
-                self.logs()
-            );
+            assert!(start.elapsed() < limit, "not every VM ran within {limit:?}: {placed:?}; logs:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
