@@ -278,10 +278,8 @@ fn placement_problem(v: &pb::VmStatus, hosts: &[pb::HostStatus]) -> Option<pb::P
         ),
         _ => false,
     };
-    if !wants_to_run || !v.host.is_empty() {
-        return None;
-    }
-    // The engine's own verdict (capacity, anti-affinity, eligible hosts) when it gave one.
+    // The engine's own verdict (capacity, anti-affinity, eligible hosts) when it gave one;
+    // the VM may still be listed on the lost host whose lease nobody could take over.
     if let Some(n) = &v.not_running
         && n.reason() == R::NoCapacity
     {
@@ -289,6 +287,9 @@ fn placement_problem(v: &pb::VmStatus, hosts: &[pb::HostStatus]) -> Option<pb::P
             vm: v.name.clone(),
             reason: format!("needs {} MiB and {} vCPUs; {}", v.memory_mib, v.vcpus, n.detail.join("; ")),
         });
+    }
+    if !wants_to_run || !v.host.is_empty() {
+        return None;
     }
     let mut why = Vec::new();
     for h in hosts {

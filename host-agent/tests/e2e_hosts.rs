@@ -364,34 +364,48 @@ fn a_paused_host_destroys_its_vms_on_resume_before_anything_else() {
 
 #[test]
 fn vms_that_fit_nowhere_are_reported_and_start_when_a_host_returns() {
-    // Each host holds three 1 GiB VMs; six VMs fill two hosts of three.
-    let vms: Vec<VmSpec> = (1..=6)
-        .map(|i| vm(&format!("big{i}"), 1024, 1, if i <= 3 { &["h1", "h2", "h3"] } else { &["h2", "h1", "h3"] }))
-        .collect();
-    let c = Cluster::new(3, &vms, Some((3 * 1024, 8)));
+    // Each host holds two 1 GiB VMs; six VMs fill the cluster.
+    let order = [["h1", "h2", "h3"], ["h2", "h3", "h1"], ["h3", "h1", "h2"]];
+    let vms: Vec<VmSpec> = (1..=6).map(|i| vm(&format!("big{i}"), 1024, 1, &order[(i - 1) % 3])).collect();
+    let c = Cluster::new(3, &vms, Some((2 * 1024, 8)));
     let w = c.watch();
-    let mut hosts: Vec<Host> = c.hosts.iter().take(2).map(|h| c.start(h)).collect();
-    c.wait_all_running(&w, Duration::from_secs(60), |_| true);
+    let mut hosts: Vec<Host> = c.hosts.iter().map(|h| c.start(h)).collect();
+    let placed = c.wait_all_running(&w, Duration::from_secs(60), |_| true);
+    for h in &c.hosts {
+        assert_eq!(placed.values().filter(|p| *p == h).count(), 2, "two VMs per host: {placed:?}");
+    }
+    let on_h1: BTreeSet<String> = placed.iter().filter(|(_, h)| *h == "h1").map(|(v, _)| v.clone()).collect();
 
-    // h1 dies: its three VMs have nowhere to go (h2 is full, h3 is down).
+    // h1 dies: its two VMs have nowhere to go (h2 and h3 are full).
     hosts[0].agent.kill();
     let start = Instant::now();
-    let unplaced = loop {
+    loop {
         let s = c.status("h2");
         let blocked: BTreeSet<String> = s.problems.iter().map(|p| p.vm.clone()).collect();
-        if blocked.len() == 3 {
-            break blocked;
+        if blocked == on_h1 {
+            assert!(
+                s.problems.iter().all(|p| p.reason.contains("h2") && p.reason.contains("h3")),
+                "the problem names why each host cannot take it: {:?}",
+                s.problems
+            );
+            break;
         }
         assert!(start.elapsed() < TAKEOVER_LIMIT, "no placement problem reported: {s:?}; logs:\n{}", c.logs());
         std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(unplaced, ["big1", "big2", "big3"].iter().map(|s| s.to_string()).collect());
+    }
+    // Nothing was squeezed in: the survivors still run two VMs each.
+    std::thread::sleep(Duration::from_secs(2));
+    {
+        let ev = w.evidence.lock().unwrap();
+        let running: Vec<&String> = ev.last.keys().collect();
+        assert_eq!(running.len(), 4, "only the survivors' VMs run: {:?}", ev.last);
+    }
 
-    // h3 comes up: they start there.
-    let _h3 = c.start("h3");
-    let after = c.wait_all_running(&w, TAKEOVER_LIMIT, |p| p.values().all(|h| h != "h1"));
-    for v in ["big1", "big2", "big3"] {
-        assert_eq!(after.get(v).map(String::as_str), Some("h3"), "{v}; logs:\n{}", c.logs());
+    // h1 comes back: they start there.
+    hosts[0] = c.start("h1");
+    let after = c.wait_all_running(&w, TAKEOVER_LIMIT, |_| true);
+    for v in &on_h1 {
+        assert_eq!(after.get(v).map(String::as_str), Some("h1"), "{v}; logs:\n{}", c.logs());
     }
     w.assert_never_two(&c);
 }

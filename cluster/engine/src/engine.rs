@@ -396,9 +396,12 @@ impl Engine {
             Event::LeaseObserved { group, holder, note } => {
                 let Some((gi, _)) = self.locate(&group, None) else { return };
                 if let Some(h) = holder
+                    && self.groups[gi].observed_holder != Some(h)
                     && let Some(p) = self.peers.get_mut(&h)
                 {
-                    // A node seen holding a lease has a live lease layer again.
+                    // A node seen taking a lease has a live lease layer again. A lease it
+                    // still names from before its death says nothing (no one has taken it
+                    // over yet, e.g. for want of capacity).
                     p.lease_dead = false;
                 }
                 let rt = &mut self.groups[gi];
@@ -426,6 +429,12 @@ impl Engine {
                     for rt in &mut self.groups {
                         if rt.observed_holder == Some(n) {
                             rt.next_attempt_at = now;
+                            // The takeover stagger counts from here: every candidate tried
+                            // (and was refused) while the lease was alive, so without this the
+                            // first to see it dead would win, not the most preferred.
+                            if rt.free_since.is_some() {
+                                rt.free_since = Some(now);
+                            }
                         }
                     }
                 }

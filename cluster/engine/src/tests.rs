@@ -362,6 +362,22 @@ fn takeover_without_fencing_lets_the_lease_layer_decide() {
 }
 
 #[test]
+fn the_stagger_restarts_when_the_lost_holder_s_lease_is_seen_dead() {
+    // Node 3 ranks second for db after node 1 is lost. It tried early (refused by the lease
+    // layer); once node 1's lease is dead it must give node 2 its stagger again, or the first
+    // node to notice would win instead of the preferred one.
+    let (mut c, _) = Node::booted(3, model(db_group(&[1, 2, 3])));
+    c.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    c.at(150, Event::NodeJoined(n(2)));
+    assert_eq!(c.at(200, Event::NodeLost(n(1))), vec![]);
+    assert_eq!(c.at(2_200, Event::Tick), vec![acquire()]);
+    assert_eq!(c.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) }), vec![]);
+    assert_eq!(c.at(5_000, Event::PeerFenced(n(1))), vec![]);
+    assert_eq!(c.at(6_999, Event::Tick), vec![]);
+    assert_eq!(c.at(7_000, Event::Tick), vec![acquire()]);
+}
+
+#[test]
 fn quorum_loss_stops_and_releases_and_blocks_acquisition() {
     let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
     a.run_db(7);
