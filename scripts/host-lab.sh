@@ -18,6 +18,10 @@ chmod 755 "$LAB"
 CG=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)/tandem-host-lab-$$
 HOSTS="h1 h2 h3"
 cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ]; then
+    for h in $HOSTS; do [ -f "$LAB/$h.log" ] && { echo "--- $h's log (last lines)"; tail -n 15 "$LAB/$h.log"; }; done
+  fi
   for h in $HOSTS; do [ -d "$CG/$h" ] && echo 1 >"$CG/$h/cgroup.kill" 2>/dev/null || true; done
   [ -n "${EVENTS_PID:-}" ] && kill "$EVENTS_PID" 2>/dev/null || true
   sleep 0.5
@@ -52,7 +56,8 @@ head -c 32 /dev/urandom | base64 >"$LAB/cluster.key"
 
 start_host() {  # the agent and its guard live in the host's cgroup, so one write kills the whole "host"
   mkdir -p "$CG/$1"
-  ip netns exec "tlab-$1" sh -c "echo \$\$ > $CG/$1/cgroup.procs; exec env TANDEM_NODE=$1 $HOST --config $LAB/host.toml --cgroup-root $CG/$1/groups" \
+  # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup tree.
+  sh -c "echo \$\$ > $CG/$1/cgroup.procs; exec nsenter --net=/run/netns/tlab-$1 env TANDEM_NODE=$1 $HOST --config $LAB/host.toml --cgroup-root $CG/$1/groups" \
     2>"$LAB/$1.log" &
   disown
 }

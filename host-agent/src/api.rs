@@ -233,8 +233,7 @@ fn vm_status(facts: &VmFacts, group: Option<&pb::GroupStatus>) -> pb::VmStatus {
         pb::GroupState::Unspecified => pb::VmState::Unspecified,
     } as i32;
     v.host = g.location.clone();
-    // The node status does not carry lease tokens yet; see docs/host-agent.md.
-    v.fencing_token = None;
+    v.fencing_token = g.fencing_token;
     v.not_running = g.not_running.clone();
     v.not_running_text = g.not_running.as_ref().map(|n| not_running_text(&v.name, n)).unwrap_or_default();
     v.restarts = g.restarts;

@@ -327,6 +327,12 @@ fn a_killed_host_s_vms_restart_on_the_survivors_by_preference() {
     }
     std::thread::sleep(Duration::from_secs(2));
     w.assert_never_two(&c);
+    // The status shows each VM's fencing token: 1 where it first started, 2 where it moved.
+    let s = c.status("h2");
+    for v in &s.vms {
+        let moved = ten_vms().iter().any(|t| t.name == v.name && t.hosts[0] == "h1");
+        assert_eq!(v.fencing_token, Some(if moved { 2 } else { 1 }), "{}: {v:?}", v.name);
+    }
     drop(hosts);
 }
 

@@ -71,6 +71,9 @@ fn control_error(e: RequestError) -> ControlError {
 fn status(plan: &Plan, st: &AgentStatus) -> pb::GuestStatus {
     let name = |n: NodeId| plan.name_of(n);
     let mut out = convert::cluster_status(&st.cluster, &name);
+    for g in &mut out.groups {
+        g.fencing_token = st.tokens.get(&tandem_engine::GroupId(g.name.clone())).copied();
+    }
     out.nodes = plan
         .names
         .iter()

@@ -70,6 +70,8 @@ pub fn group_status(g: &engine::GroupStatus, name: &dyn Fn(NodeId) -> String) ->
             .map(|r| pb::ResourceStatus { name: r.id.0.clone(), state: resource_state(r.state) as i32 })
             .collect(),
         monitors: Vec::new(),
+        // Filled in by the caller, who reads the lease area.
+        fencing_token: None,
     }
 }
 

@@ -55,6 +55,8 @@ pub struct LeaseClient {
     stop: Arc<AtomicBool>,
     /// Whether this node contends for (and keeps) the quorum tie-break lease.
     tie_break: Arc<AtomicBool>,
+    /// The last fencing token the observer read for each group's lease, for status.
+    tokens: Arc<std::sync::Mutex<BTreeMap<GroupId, u64>>>,
 }
 
 impl std::fmt::Debug for Op {
@@ -107,6 +109,11 @@ impl LeaseClient {
     /// How long the host lease stays valid, in ms; `None` once lost.
     pub(crate) fn valid_for_ms(&self) -> Option<u64> {
         self.lease.valid_until().map(|v| v.since(monotonic_now()))
+    }
+
+    /// The last fencing token observed on each group's lease (the holder's, while held).
+    pub(crate) fn tokens(&self) -> BTreeMap<GroupId, u64> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -220,16 +227,20 @@ pub(crate) fn start(
     }
 
     // Observation.
+    let tokens = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     {
         let (lease, stop, tx, contend) = (lease.clone(), stop.clone(), tx.clone(), tie_break.clone());
-        let (groups, nodes, me) = (cfg.groups.clone(), cfg.nodes.clone(), cfg.me);
+        let (groups, nodes, me, tokens) = (cfg.groups.clone(), cfg.nodes.clone(), cfg.me, tokens.clone());
         std::thread::Builder::new()
             .name("lease-observer".into())
-            .spawn(move || observe(&lease, &stop, &contend, &groups, &nodes, me, &hooks, &tx))
+            .spawn(move || {
+                let seen = Observed { groups: &groups, nodes: &nodes, me, tokens: &tokens };
+                observe(&lease, &stop, &contend, &seen, &hooks, &tx)
+            })
             .expect("spawning a thread");
     }
 
-    Ok(LeaseClient { ops: ops_tx, lease, stop, tie_break })
+    Ok(LeaseClient { ops: ops_tx, lease, stop, tie_break, tokens })
 }
 
 fn decode_note(tx: &mpsc::UnboundedSender<Input>, group: &GroupId, value: Option<Vec<u8>>) -> Option<LeaseNote> {
@@ -305,17 +316,23 @@ fn operations(lease: &HostLease, ops: std_mpsc::Receiver<Op>, tx: &mpsc::Unbound
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the observer watches, and where it leaves the tokens it reads.
+struct Observed<'a> {
+    groups: &'a [GroupId],
+    nodes: &'a [NodeId],
+    me: NodeId,
+    tokens: &'a std::sync::Mutex<BTreeMap<GroupId, u64>>,
+}
+
 fn observe(
     lease: &HostLease,
     stop: &AtomicBool,
     contend: &AtomicBool,
-    groups: &[GroupId],
-    nodes: &[NodeId],
-    me: NodeId,
+    seen: &Observed<'_>,
     hooks: &MembershipHooks,
     tx: &mpsc::UnboundedSender<Input>,
 ) {
+    let Observed { groups, nodes, me, tokens } = *seen;
     let period = Duration::from_millis(lease.timeouts().poll_interval_ms().max(100));
     let mut dead: BTreeSet<NodeId> = BTreeSet::new();
     let mut last_alive: BTreeMap<NodeId, bool> = BTreeMap::new();
@@ -349,6 +366,9 @@ fn observe(
                 Ok(obs) => {
                     let note = decode_note(tx, group, obs.value_bytes().map(<[u8]>::to_vec));
                     let holder = obs.holder.as_ref().map(|h| NodeId(h.host_id));
+                    if let Some(t) = obs.last_token {
+                        tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(group.clone(), t.0);
+                    }
                     let _ = tx.send(Input::Engine(Event::LeaseObserved { group: group.clone(), holder, note }));
                 }
                 Err(e) => tracing::warn!(target: "tandem_node", "cannot read the lease of {group}: {e}"),

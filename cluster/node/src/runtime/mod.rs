@@ -116,6 +116,8 @@ pub struct AgentStatus {
     pub monitors: Vec<monitors::MonitorStatus>,
     /// Remaining validity of this node's host lease, in ms (None: not held).
     pub lease_valid_ms: Option<u64>,
+    /// The last fencing token read on each group's lease.
+    pub tokens: std::collections::BTreeMap<GroupId, u64>,
 }
 
 /// A handle to a running agent, for the API and for tests.
@@ -355,6 +357,7 @@ impl Driver {
                     links: self.parts.plan.membership.links.clone(),
                     monitors: self.parts.monitors.status(),
                     lease_valid_ms: self.parts.leases.valid_for_ms(),
+                    tokens: self.parts.leases.tokens(),
                 });
             }
             Input::Publish(ev) => {
