@@ -192,7 +192,7 @@ impl Evidence {
     /// did not move.
     pub fn moved(&self, vm: &str, from: &str, since: Instant) -> Result<Move, String> {
         let shows = |s: &&Sample| s.sent >= since && s.running.as_ref().is_some_and(|r| r.iter().any(|v| v == vm));
-        let last_on_from = self.samples.iter().filter(shows).filter(|s| s.host == from).next_back();
+        let last_on_from = self.samples.iter().filter(shows).rfind(|s| s.host == from);
         let Some(first) = self.samples.iter().filter(shows).find(|s| s.host != from) else {
             return Err(format!("{vm} never ran anywhere but {from} after the cut"));
         };
