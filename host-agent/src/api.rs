@@ -6,7 +6,8 @@
 //! ([`VmFacts`], one failover group each). Any host agent answers for the whole cluster.
 //! `ListDomains` is the exception: it is this host's hypervisor's own view, and it is
 //! refused while this host's lease has expired (a host that was paused must not report
-//! VMs as if it still held them).
+//! VMs as if it still held them). `DumpVm` acts on this host's hypervisor too, and only
+//! on a VM that runs there: elsewhere it names the host that runs it.
 //!
 //! ```no_run
 //! # fn demo(hypervisor: std::sync::Arc<dyn tandem_host::hypervisor::Hypervisor>) {
