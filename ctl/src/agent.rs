@@ -119,6 +119,16 @@ pub enum VmVerb {
         #[arg(long, value_name = "HOST")]
         to: String,
     },
+    /// Write the guest's memory to FILE on the host and stop it as crashed, for diagnosing
+    /// a hung guest; the cluster then recovers it like any crash. Ask the agent of the host
+    /// that runs the VM; raise --timeout for a large guest (the host keeps writing).
+    Dump {
+        /// The VM (its name in the cluster, or its domain name).
+        vm: String,
+        /// Absolute path of the dump file on the host that runs the VM.
+        #[arg(long, value_name = "FILE")]
+        path: String,
+    },
 }
 
 /// An API verb with its options.
@@ -462,6 +472,15 @@ async fn run_async(conn: &Connection, verb: Verb) -> Result<u8, Failure> {
         Verb::Vm(v) => {
             let mut c = agent.host.clone();
             let (what, ack) = match v {
+                VmVerb::Dump { vm, path } => {
+                    let done = agent.host_call(c.dump_vm(pb::DumpVmRequest { vm: vm.clone(), path })).await?;
+                    println!(
+                        "dumped: VM {vm} (domain {}) on {} to {}; it stopped as crashed and the cluster recovers \
+                         it (`tandemctl vms` shows where)",
+                        done.domain, done.host, done.path
+                    );
+                    return Ok(EXIT_OK);
+                }
                 VmVerb::Start { vm } => {
                     (format!("start of VM {vm}"), agent.host_call(c.start_vm(pb::VmRequest { vm })).await?)
                 }

@@ -21,10 +21,12 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 const DB_UUID: &str = "11111111-1111-4111-8111-111111111111";
 
-/// hv1 (this host) runs db; hv2 is lost; big is blocked and fits nowhere.
+/// hv1 (this host) runs db (unless `db_on` says otherwise); hv2 is lost; big is blocked
+/// and fits nowhere.
 struct Fake {
     accepted: Mutex<Vec<OperatorRequest>>,
     events: broadcast::Sender<pb::Event>,
+    db_on: Mutex<String>,
 }
 
 impl Control for Fake {
@@ -36,6 +38,7 @@ impl Control for Fake {
             local,
             links: vec![],
         };
+        let db_on = self.db_on.lock().unwrap().clone();
         Box::pin(async move {
             Ok(pb::GuestStatus {
                 node: "hv1".into(),
@@ -46,7 +49,7 @@ impl Control for Fake {
                     pb::GroupStatus {
                         name: "db".into(),
                         state: pb::GroupState::Started as i32,
-                        location: "hv1".into(),
+                        location: db_on,
                         restarts: 1,
                         ..Default::default()
                     },
@@ -95,14 +98,18 @@ struct Agent {
     lease: Arc<AtomicBool>,
     stop: Option<oneshot::Sender<()>>,
     rt: Option<tokio::runtime::Runtime>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Agent {
     /// With the host service when `host_api`, else only the node API (as a guest agent).
     fn start(settings: ApiSettings, host_api: bool) -> Agent {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let fake = Arc::new(Fake { accepted: Mutex::new(Vec::new()), events: broadcast::channel(16).0 });
+        let fake = Arc::new(Fake {
+            accepted: Mutex::new(Vec::new()),
+            events: broadcast::channel(16).0,
+            db_on: Mutex::new("hv1".into()),
+        });
         let lease = Arc::new(AtomicBool::new(true));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("host.xml");
@@ -153,7 +160,7 @@ impl Agent {
         rt.spawn(bound.serve(async move {
             let _ = rx.await;
         }));
-        Agent { addr, fake, lease, stop: Some(tx), rt: Some(rt), _dir: dir }
+        Agent { addr, fake, lease, stop: Some(tx), rt: Some(rt), dir }
     }
 
     fn plain(host_api: bool) -> Agent {
@@ -289,6 +296,55 @@ fn vm_commands_and_their_exit_codes() {
 }
 
 #[test]
+fn vm_dump_writes_the_guest_s_memory_and_is_refused_where_the_vm_does_not_run() {
+    let agent = Agent::plain(true);
+    let url = agent.url();
+    let core = agent.dir.path().join("db.core");
+    let (code, out, err) = run(tandemctl(&url).args(["vm", "dump", "db", "--path"]).arg(&core));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "dumped: VM db (domain db-vm) on hv1 to {}; it stopped as crashed and the cluster recovers it \
+             (`tandemctl vms` shows where)",
+            core.display()
+        )
+    );
+    assert!(std::fs::metadata(&core).is_ok_and(|m| m.len() > 0), "no dump at {}", core.display());
+    // The hypervisor's own view: stopped as crashed, not by anyone's request.
+    let (code, out, err) = run(tandemctl(&url).args(["domains", "--json"]));
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["domains"][0]["state"].as_str(), v["domains"][0]["reason"].as_str()),
+        (Some("shutoff"), Some("crashed"))
+    );
+    // A dump is no operator command of the node: nothing was queued.
+    assert!(agent.fake.accepted.lock().unwrap().is_empty());
+
+    // Not running here any more: refused (the node still places it here) …
+    let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db-vm", "--path", "/tmp/never.core"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("(not possible now): VM db is not running on hv1"), "{err}");
+    // … and once the cluster runs it on another host, the refusal names that host.
+    *agent.fake.db_on.lock().unwrap() = "hv2".into();
+    let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db", "--path", "/tmp/never.core"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("VM db runs on hv2, not on hv1; send the dump to hv2's agent"), "{err}");
+    assert!(!std::path::Path::new("/tmp/never.core").exists());
+
+    // Bad arguments: a relative path is refused by the agent, a missing one by tandemctl.
+    let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db", "--path", "db.core"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("(invalid argument): DumpVm: `path` \"db.core\" is not an absolute path"), "{err}");
+    let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db"]));
+    assert_eq!(code, Some(64), "{err}");
+    let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "nope", "--path", "/tmp/x.core"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no VM named \"nope\""), "{err}");
+}
+
+#[test]
 fn domains_human_json_and_an_expired_lease() {
     let agent = Agent::plain(true);
     let (code, out, err) = run(tandemctl(&agent.url()).arg("domains"));
@@ -358,6 +414,11 @@ fn roles_over_mutual_tls() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("permission denied") && err.contains("StopVm needs role operator"), "{err}");
     assert!(agent.fake.accepted.lock().unwrap().is_empty());
+    let mut c = tandemctl(&url);
+    with_cert(&mut c);
+    let (code, _, err) = run(c.args(["vm", "dump", "db", "--path", "/tmp/denied.core"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("permission denied") && err.contains("DumpVm needs role operator"), "{err}");
 
     let (code, _, err) = run(tandemctl(&url).arg("--ca").arg(&pki.ca_cert).arg("hosts"));
     assert_eq!(code, Some(1), "{err}");

@@ -6,7 +6,8 @@
 //! ([`VmFacts`], one failover group each). Any host agent answers for the whole cluster.
 //! `ListDomains` is the exception: it is this host's hypervisor's own view, and it is
 //! refused while this host's lease has expired (a host that was paused must not report
-//! VMs as if it still held them).
+//! VMs as if it still held them). `DumpVm` acts on this host's hypervisor too, and only
+//! on a VM that runs there: elsewhere it names the host that runs it.
 //!
 //! ```no_run
 //! # fn demo(hypervisor: std::sync::Arc<dyn tandem_host::hypervisor::Hypervisor>) {
@@ -94,6 +95,57 @@ pub enum HostApiError {
     /// The hypervisor could not answer (`UNAVAILABLE`).
     #[error("this host's hypervisor could not list its domains: {0}")]
     Hypervisor(String),
+    /// A dump names no file, or a relative one (`INVALID_ARGUMENT`).
+    #[error("DumpVm: `path` {0:?} is not an absolute path; give the file to write on the host, e.g. /var/tmp/VM.core")]
+    DumpPath(String),
+    /// The VM runs on another host (`FAILED_PRECONDITION`).
+    #[error("VM {vm} runs on {host}, not on {me}; send the dump to {host}'s agent (tandemctl --endpoint)")]
+    RunsElsewhere {
+        /// The VM.
+        vm: String,
+        /// Where it runs.
+        host: String,
+        /// The answering host.
+        me: String,
+    },
+    /// The VM does not run here and, as far as this host knows, nowhere else
+    /// (`FAILED_PRECONDITION`).
+    #[error("VM {vm} is not running on {me} ({state}) nor anywhere else this host knows of; there is nothing to dump")]
+    NotRunning {
+        /// The VM.
+        vm: String,
+        /// The answering host.
+        me: String,
+        /// Its domain's state here, in words.
+        state: String,
+    },
+    /// The hypervisor refused or failed the dump (`INTERNAL`, `FAILED_PRECONDITION` when
+    /// the domain's state did not allow it, `UNIMPLEMENTED` when the backend cannot dump).
+    #[error("the dump of VM {vm} to {path} failed: {detail}")]
+    DumpFailed {
+        /// The VM.
+        vm: String,
+        /// The file.
+        path: String,
+        /// The hypervisor's error with its causes.
+        detail: String,
+        /// The gRPC code that fits the hypervisor's error.
+        code: tonic::Code,
+    },
+    /// The dump did not finish in time (`DEADLINE_EXCEEDED`).
+    #[error(
+        "the dump of VM {vm} to {path} did not finish within {} s; the hypervisor may still be writing it \
+         (`virsh domjobinfo` shows it); the VM is recovered once it stops",
+        limit.as_secs()
+    )]
+    DumpTimeout {
+        /// The VM.
+        vm: String,
+        /// The file.
+        path: String,
+        /// The bound.
+        limit: std::time::Duration,
+    },
 }
 
 impl From<HostApiError> for Status {
@@ -102,10 +154,18 @@ impl From<HostApiError> for Status {
             HostApiError::NoVm { .. } | HostApiError::NoHost => tonic::Code::InvalidArgument,
             HostApiError::UnknownVm(_) | HostApiError::UnknownHost(_) => tonic::Code::NotFound,
             HostApiError::LeaseExpired | HostApiError::Hypervisor(_) => tonic::Code::Unavailable,
+            HostApiError::DumpPath(_) => tonic::Code::InvalidArgument,
+            HostApiError::RunsElsewhere { .. } | HostApiError::NotRunning { .. } => tonic::Code::FailedPrecondition,
+            HostApiError::DumpFailed { code, .. } => *code,
+            HostApiError::DumpTimeout { .. } => tonic::Code::DeadlineExceeded,
         };
         Status::new(code, e.to_string())
     }
 }
+
+/// How long `DumpVm` waits for the hypervisor to write a guest's memory: a large guest
+/// on slow storage takes minutes; a dump that takes longer is reported, not waited for.
+pub const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The `HostAgent` service as an extension of the node API: hand it to the node with
 /// `AgentOptions::api_extensions`. `hosts` and `vms` are the cluster's hosts and HA VMs.
@@ -397,6 +457,11 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send +
 impl HostAgentService {
     /// The VM's group: by group name first, then by domain name.
     fn group_of(&self, call: &'static str, vm: &str) -> Result<String, HostApiError> {
+        self.vm_of(call, vm).map(|v| v.group.clone())
+    }
+
+    /// The VM: by group name first, then by domain name.
+    fn vm_of(&self, call: &'static str, vm: &str) -> Result<&VmFacts, HostApiError> {
         if vm.trim().is_empty() {
             return Err(HostApiError::NoVm { call });
         }
@@ -404,8 +469,60 @@ impl HostAgentService {
             .iter()
             .find(|v| v.group == vm)
             .or_else(|| self.vms.iter().find(|v| v.domain == vm))
-            .map(|v| v.group.clone())
             .ok_or_else(|| HostApiError::UnknownVm(vm.to_string()))
+    }
+
+    /// `DumpVm` once authorized: checks that the VM runs on this host's hypervisor, then
+    /// dumps it within [`DUMP_TIMEOUT`].
+    async fn dump(&self, vm: &str, path: &str) -> Result<pb::DumpVmReply, Status> {
+        let facts = self.vm_of("DumpVm", vm)?.clone();
+        if !path.starts_with('/') {
+            return Err(HostApiError::DumpPath(path.to_string()).into());
+        }
+        if !(self.lease_valid)() {
+            return Err(HostApiError::LeaseExpired.into());
+        }
+        // This hypervisor's own view decides: the cluster status may lag behind it.
+        let here = match self.hypervisor.domain_info(&facts.uuid).await {
+            Ok(info) => Some(info.state),
+            Err(HypervisorError::NoSuchDomain { .. }) => None,
+            Err(e) => return Err(HostApiError::Hypervisor(with_causes(&e)).into()),
+        };
+        if !matches!(here, Some(DomainState::Running(_))) {
+            let status = self.control.status().await?;
+            let elsewhere = status
+                .groups
+                .iter()
+                .find(|g| g.name == facts.group && !g.location.is_empty() && g.location != self.me)
+                .map(|g| g.location.clone());
+            return Err(match elsewhere {
+                Some(host) => HostApiError::RunsElsewhere { vm: facts.group, host, me: self.me.clone() },
+                None => HostApiError::NotRunning {
+                    vm: facts.group,
+                    me: self.me.clone(),
+                    state: here.map_or_else(|| "not defined here".to_string(), |s| format!("{s:?}")),
+                },
+            }
+            .into());
+        }
+        info!(vm = %facts.group, domain = %facts.domain, path, "dumping the VM's memory; it stops as crashed");
+        let failed = |e: HypervisorError| {
+            let code = match &e {
+                HypervisorError::InvalidState { .. } => tonic::Code::FailedPrecondition,
+                HypervisorError::Unsupported { .. } => tonic::Code::Unimplemented,
+                HypervisorError::Disconnected { .. } | HypervisorError::Connect { .. } => tonic::Code::Unavailable,
+                _ => tonic::Code::Internal,
+            };
+            HostApiError::DumpFailed { vm: facts.group.clone(), path: path.to_string(), detail: with_causes(&e), code }
+        };
+        match tokio::time::timeout(DUMP_TIMEOUT, self.hypervisor.crash_dump(&facts.uuid, path)).await {
+            Ok(Ok(())) => Ok(pb::DumpVmReply { host: self.me.clone(), domain: facts.domain, path: path.to_string() }),
+            Ok(Err(e)) => Err(failed(e).into()),
+            Err(_) => {
+                Err(HostApiError::DumpTimeout { vm: facts.group.clone(), path: path.to_string(), limit: DUMP_TIMEOUT }
+                    .into())
+            }
+        }
     }
 
     async fn operator(&self, request: OperatorRequest) -> Result<Response<pb::OperatorAck>, Status> {
@@ -462,6 +579,15 @@ impl HostAgent for HostAgentService {
             return Err(HostApiError::UnknownHost(to_host).into());
         }
         self.operator(OperatorRequest { group, action: OperatorAction::Move { to: to_host } }).await
+    }
+
+    async fn dump_vm(&self, req: Request<pb::DumpVmRequest>) -> Result<Response<pb::DumpVmReply>, Status> {
+        self.access.authorize(&req, ApiRole::Operator, "DumpVm")?;
+        if self.stop.is_cancelled() {
+            return Err(ControlError::ShuttingDown.into());
+        }
+        let pb::DumpVmRequest { vm, path } = req.into_inner();
+        Ok(Response::new(self.dump(&vm, &path).await?))
     }
 
     type WatchEventsStream = EventStream;

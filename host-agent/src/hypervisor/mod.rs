@@ -147,6 +147,23 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Lifecycle events of all domains, in the order the hypervisor reported them. A
     /// receiver that falls behind gets `Lagged` and must re-read the domains' states.
     fn subscribe(&self) -> broadcast::Receiver<DomainEvent>;
+
+    /// Writes a running domain's memory to `path` on the hypervisor host, then stops it as
+    /// crashed (`virsh dump --crash`): for diagnosing a hung guest. The domain ends shut off
+    /// with the reason "crashed", which the cluster recovers like any crash.
+    ///
+    /// The default implementation reports [`HypervisorError::Unsupported`]: a backend that
+    /// cannot dump memory says so instead of stopping the guest without a dump.
+    fn crash_dump<'a>(&'a self, domain: &'a str, path: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let _ = (domain, path);
+        Box::pin(async move {
+            Err(HypervisorError::Unsupported {
+                op: "crash dump",
+                uri: self.uri().to_string(),
+                source: "this hypervisor backend cannot write a domain's memory to a file".into(),
+            })
+        })
+    }
 }
 
 /// A hypervisor operation failed.

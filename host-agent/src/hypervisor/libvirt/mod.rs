@@ -126,17 +126,6 @@ impl LibvirtHypervisor {
         self.shared.connection.subscribe()
     }
 
-    /// Writes the guest's memory to `path` on the hypervisor host and then stops it as
-    /// crashed (`virsh dump --crash`): for diagnosing a hung guest before restarting it.
-    pub async fn crash_dump(&self, domain: &str, path: &str) -> Result<(), HypervisorError> {
-        let path = path.to_string();
-        self.on_domain("crash dump", domain, move |dom| {
-            dom.core_dump(&path, sys::VIR_DUMP_CRASH)?;
-            Ok(())
-        })
-        .await
-    }
-
     /// Closes the connection and waits until it is closed. Dropping the hypervisor does
     /// the same in the background.
     pub async fn close(self) {
@@ -355,6 +344,14 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn subscribe(&self) -> broadcast::Receiver<DomainEvent> {
         self.shared.events.subscribe()
+    }
+
+    fn crash_dump<'a>(&'a self, domain: &'a str, path: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let path = path.to_string();
+        Box::pin(self.on_domain("crash dump", domain, move |dom| {
+            dom.core_dump(&path, sys::VIR_DUMP_CRASH)?;
+            Ok(())
+        }))
     }
 }
 
