@@ -404,8 +404,19 @@ impl Engine {
                     // over yet, e.g. for want of capacity).
                     p.lease_dead = false;
                 }
+                let now = self.now;
+                let me = self.me;
                 let rt = &mut self.groups[gi];
                 if rt.lease == Lease::NotHeld {
+                    if holder.is_none() && rt.observed_holder.is_some_and(|h| h != me) {
+                        // A lost holder released the lease (it stopped the group itself,
+                        // e.g. on quorum loss): like a lease seen dead, ask again now and let
+                        // the stagger count from here so the preferred node goes first.
+                        rt.next_attempt_at = now;
+                        if rt.free_since.is_some() {
+                            rt.free_since = Some(now);
+                        }
+                    }
                     rt.observed_holder = holder;
                     if note.is_some() {
                         rt.observed_note = note;

@@ -378,6 +378,21 @@ fn the_stagger_restarts_when_the_lost_holder_s_lease_is_seen_dead() {
 }
 
 #[test]
+fn the_stagger_restarts_when_a_lost_holder_s_release_is_seen() {
+    // Node 1 is cut off, loses quorum and releases db itself; node 3 (second choice) must
+    // still give node 2 its head start from the moment the release is seen.
+    let (mut c, _) = Node::booted(3, model(db_group(&[1, 2, 3])));
+    c.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    c.at(150, Event::NodeJoined(n(2)));
+    assert_eq!(c.at(200, Event::NodeLost(n(1))), vec![]);
+    assert_eq!(c.at(2_200, Event::Tick), vec![acquire()]);
+    assert_eq!(c.ev(Event::LeaseAcquireFailed { group: g("db"), holder: Some(n(1)) }), vec![]);
+    assert_eq!(c.at(5_000, Event::LeaseObserved { group: g("db"), holder: None, note: None }), vec![]);
+    assert_eq!(c.at(6_999, Event::Tick), vec![]);
+    assert_eq!(c.at(7_000, Event::Tick), vec![acquire()]);
+}
+
+#[test]
 fn quorum_loss_stops_and_releases_and_blocks_acquisition() {
     let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
     a.run_db(7);
