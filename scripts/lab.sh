@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Tandem's main job on one machine, for now: set up a fresh Debian 12
-# machine (packages, release build), then
-#  1. start a real PostgreSQL and nginx on loopback in a temporary directory
+# Tandem's main job on one machine: set up a fresh Debian 12 machine
+# (packages, release build), then
+#  1. the host cluster (scripts/host-lab.sh): three tandem-host agents, each in
+#     its own network namespace on its own libvirt test-driver hypervisor, six
+#     HA VMs (examples/lab/); crash a host and watch its VMs come back on the
+#     others, with the failover timeline;
+#  2. start a real PostgreSQL and nginx on loopback in a temporary directory
 #     and watch them with `tandemctl probe`; halfway through, nginx is stopped
 #     and started again so you see a failure being detected and cleared;
-#  2. start a two-node guest cluster (two tandem-guest agents on loopback
+#  3. start a two-node guest cluster (two tandem-guest agents on loopback
 #     addresses, each "node" in a cgroup of its own, a lease file as the shared
 #     disk) running an application that writes its fencing token, crash the
 #     active node and watch the group come back on the other one.
 # Everything is removed on exit.
 #
-#   ROUNDS=20 bash scripts/lab.sh      # more rounds
+#   ROUNDS=20 bash scripts/lab.sh      # more probe rounds
+#   KEEP=1 bash scripts/host-lab.sh    # only the host cluster, left running
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-10}
@@ -20,10 +25,14 @@ command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolcha
 
 echo "== installing Debian packages"
 bash .ci/install-deps
-echo "== building tandemctl (release)"
-cargo build --release --locked -q -p tandemctl -p tandem-guest
+echo "== building tandemctl, tandem-host and tandem-guest (release)"
+cargo build --release --locked -q -p tandemctl -p tandem-host -p tandem-guest
 CTL=$PWD/target/release/tandemctl
 GUEST=$PWD/target/release/tandem-guest
+
+echo "== part 1: a three-host cluster with six HA VMs"
+HOST=$PWD/target/release/tandem-host CTL=$CTL bash scripts/host-lab.sh
+echo "== part 2: application probes"
 
 LAB=$(mktemp -d /tmp/tandem-lab.XXXXXX)
 chmod 755 "$LAB"
@@ -82,7 +91,7 @@ for i in $(seq 1 "$ROUNDS"); do
 done
 
 echo
-echo "== part 2: a two-node guest cluster"
+echo "== part 3: a two-node guest cluster"
 CG=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
 [ -n "$CG" ] || { echo "no cgroup2 mount: skipping the guest cluster part" >&2; exit 0; }
 CG="$CG/tandem-lab-$$"

@@ -357,9 +357,19 @@ impl HostLease {
     /// [`HostLease::observe_hosts`]), and the resource's value block.
     /// Reading takes nothing: any member may observe a resource it does not hold.
     pub fn observe_resource(&self, name: &str) -> Result<ResourceObservation, LeaseError> {
+        let hosts = self.observe_hosts()?;
+        self.observe_resource_with(name, &hosts)
+    }
+
+    /// [`HostLease::observe_resource`] with host observations already made this round
+    /// (an observer of many resources reads the host slots once, not once per resource).
+    pub fn observe_resource_with(
+        &self,
+        name: &str,
+        hosts: &[HostObservation],
+    ) -> Result<ResourceObservation, LeaseError> {
         let cluster_id = self.header().cluster_id;
         let dump = Lockspace::inspect(&*self.disk, &cluster_id, name)?;
-        let hosts = self.observe_hosts()?;
         let Some(dump) = dump else {
             return Ok(ResourceObservation { name: name.to_string(), last_token: None, holder: None, value: Ok(None) });
         };

@@ -246,13 +246,14 @@ impl Cluster {
         std::fs::create_dir_all(&cg_root).unwrap();
         std::fs::write(dir.path().join("key"), "0123456789abcdef0123456789abcdef\n").unwrap();
         let lease = dir.path().join("lease");
-        std::fs::File::create(&lease).unwrap().set_len(4 << 20).unwrap();
+        std::fs::File::create(&lease).unwrap().set_len(((vms.len() as u64 + 64) * 64) << 10).unwrap();
         let disk = FileDisk::open(&lease).unwrap();
         Lockspace::init(
             &disk,
             &AreaParams {
                 host_slots: 8,
-                resource_slots: 64,
+                // Every VM's lease plus the quorum tie-break, with room to spare.
+                resource_slots: (vms.len() as u32 + 1).max(64),
                 timeouts: Timeouts::from_renewal_ms(RENEWAL_MS),
                 ..AreaParams::new("hosts")
             },

@@ -338,7 +338,8 @@ fn observe(
     let mut last_alive: BTreeMap<NodeId, bool> = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) {
         // Peers' host leases, judged on our own clock.
-        match lease.observe_hosts() {
+        let observed = lease.observe_hosts();
+        match &observed {
             Ok(hosts) => {
                 for n in nodes.iter().filter(|n| **n != me) {
                     // A slot never seen (beyond the area) is treated as alive: never assume
@@ -362,7 +363,12 @@ fn observe(
         }
         // Every group's lease: holder and note.
         for group in groups {
-            match lease.observe_resource(&group_lease(group)) {
+            // The holders' liveness comes from this round's host observations.
+            let obs = match &observed {
+                Ok(hosts) => lease.observe_resource_with(&group_lease(group), hosts),
+                Err(_) => lease.observe_resource(&group_lease(group)),
+            };
+            match obs {
                 Ok(obs) => {
                     let note = decode_note(tx, group, obs.value_bytes().map(<[u8]>::to_vec));
                     let holder = obs.holder.as_ref().map(|h| NodeId(h.host_id));

@@ -1,0 +1,125 @@
+//! Host-cluster failover benchmark: real `tandem-host` agents on loopback, each on its own
+//! libvirt test-driver hypervisor, N HA VMs spread evenly; one host is killed.
+//!
+//! Measures, from outside the agents:
+//! * the time from the kill until every VM of the dead host runs elsewhere (each
+//!   hypervisor's own view, sampled), against the lease takeover time alone (the same
+//!   kill with one VM: what the leases cost, not the VMs);
+//! * `GetClusterStatus` latency, p50 and p99 over many calls;
+//! * each agent's CPU share and RSS while idle.
+//!
+//! `cargo bench -p tandem-host --bench host_failover` (defaults: 4 hosts, 100 VMs);
+//! `-- --hosts H --vms N` to change; `-- --quick` for 3 hosts and 30 VMs.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cluster, vm};
+use tandem_proto::v1 as pb;
+
+fn arg(name: &str) -> Option<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+/// CPU ticks (utime + stime) and RSS in KiB of `pid`.
+fn cpu_and_rss(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (ticks, rss)
+}
+
+/// Starts `hosts` hosts with `n` VMs (VM i prefers host i mod hosts, then the next ones),
+/// waits until all run, kills the first host and returns (seconds until its VMs ran
+/// elsewhere, how many it had, the cluster and the surviving hosts).
+fn failover(hosts: usize, n: usize) -> (f64, usize, Cluster, Vec<common::Host>) {
+    let names: Vec<String> = (1..=hosts).map(|i| format!("h{i}")).collect();
+    let vms: Vec<common::VmSpec> = (0..n)
+        .map(|i| {
+            let order: Vec<&str> = (0..hosts).map(|k| names[(i + k) % hosts].as_str()).collect();
+            vm(&format!("vm{i:04}"), 64, 1, &order)
+        })
+        .collect();
+    let c = Cluster::new(hosts, &vms, None);
+    let w = c.watch();
+    let mut agents: Vec<common::Host> = names.iter().map(|h| c.start(h)).collect();
+    let placed = c.wait_all_running(&w, Duration::from_secs(300), |p| {
+        vms.iter().all(|v| p.get(&v.name).map(String::as_str) == Some(v.hosts[0].as_str()))
+    });
+    let on_h1 = placed.values().filter(|h| *h == "h1").count();
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = Instant::now();
+    agents[0].agent.kill();
+    c.wait_all_running(&w, Duration::from_secs(300), |p| p.values().all(|h| h != "h1"));
+    let took = killed.elapsed().as_secs_f64();
+    w.assert_never_two(&c);
+    drop(w);
+    agents.remove(0);
+    (took, on_h1, c, agents)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let hosts = arg("--hosts").unwrap_or(if quick { 3 } else { 4 });
+    let n = arg("--vms").unwrap_or(if quick { 30 } else { 100 });
+
+    let (base, _, c1, a1) = failover(hosts, 1);
+    drop(a1);
+    drop(c1);
+    println!("baseline: a host with 1 VM killed -> running elsewhere in {base:.2} s (lease takeover alone)");
+
+    let (took, moved, c, survivors) = failover(hosts, n);
+    println!(
+        "{n} VMs on {hosts} hosts: the killed host's {moved} VMs ran elsewhere {took:.2} s after the kill \
+         ({:.2} s beyond the 1-VM baseline)",
+        took - base
+    );
+
+    // Status latency, asked of a survivor.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut lat: Vec<f64> = rt.block_on(async {
+        let mut client = pb::host_agent_client::HostAgentClient::connect(c.url("h2")).await.unwrap();
+        let mut out = Vec::new();
+        for _ in 0..500 {
+            let t = Instant::now();
+            client.get_cluster_status(pb::GetClusterStatusRequest {}).await.unwrap();
+            out.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        out
+    });
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "GetClusterStatus ({n} VMs): p50 {:.2} ms, p99 {:.2} ms over {} calls",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100],
+        lat.len()
+    );
+
+    // Idle cost of each surviving agent over 10 s.
+    let tick = 100.0; // USER_HZ on Linux
+    let before: Vec<(u64, u64)> = survivors.iter().map(|h| cpu_and_rss(h.agent.pid())).collect();
+    let window = 10.0;
+    std::thread::sleep(Duration::from_secs_f64(window));
+    for (h, (t0, _)) in survivors.iter().zip(before) {
+        let (t1, rss) = cpu_and_rss(h.agent.pid());
+        println!(
+            "idle agent (pid {}): {:.2} % of a core, RSS {:.1} MiB",
+            h.agent.pid(),
+            (t1 - t0) as f64 / tick / window * 100.0,
+            rss as f64 / 1024.0
+        );
+    }
+}
