@@ -12,7 +12,6 @@
 //! `-- --hosts H --vms N` to change; `-- --quick` for 3 hosts and 30 VMs.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant};
