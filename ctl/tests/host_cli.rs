@@ -337,6 +337,10 @@ fn vm_dump_writes_the_guest_s_memory_and_is_refused_where_the_vm_does_not_run() 
     let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db", "--path", "db.core"]));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("(invalid argument): DumpVm: `path` \"db.core\" is not an absolute path"), "{err}");
+    // Nothing is ever overwritten: the first dump's file is there now.
+    let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db", "--path"]).arg(&core));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the file must not exist yet"), "{err}");
     let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db"]));
     assert_eq!(code, Some(64), "{err}");
     let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "nope", "--path", "/tmp/x.core"]));

@@ -98,6 +98,12 @@ pub enum HostApiError {
     /// A dump names no file, or a relative one (`INVALID_ARGUMENT`).
     #[error("DumpVm: `path` {0:?} is not an absolute path; give the file to write on the host, e.g. /var/tmp/VM.core")]
     DumpPath(String),
+    /// The dump path exists already, has `..`, or its directory does not exist.
+    #[error(
+        "will not dump to {0}: the file must not exist yet (nothing is overwritten), the path must not contain \
+         `..`, and its directory must exist on this host"
+    )]
+    DumpTarget(String),
     /// The VM runs on another host (`FAILED_PRECONDITION`).
     #[error("VM {vm} runs on {host}, not on {me}; send the dump to {host}'s agent (tandemctl --endpoint)")]
     RunsElsewhere {
@@ -154,7 +160,7 @@ impl From<HostApiError> for Status {
             HostApiError::NoVm { .. } | HostApiError::NoHost => tonic::Code::InvalidArgument,
             HostApiError::UnknownVm(_) | HostApiError::UnknownHost(_) => tonic::Code::NotFound,
             HostApiError::LeaseExpired | HostApiError::Hypervisor(_) => tonic::Code::Unavailable,
-            HostApiError::DumpPath(_) => tonic::Code::InvalidArgument,
+            HostApiError::DumpPath(_) | HostApiError::DumpTarget(_) => tonic::Code::InvalidArgument,
             HostApiError::RunsElsewhere { .. } | HostApiError::NotRunning { .. } => tonic::Code::FailedPrecondition,
             HostApiError::DumpFailed { code, .. } => *code,
             HostApiError::DumpTimeout { .. } => tonic::Code::DeadlineExceeded,
@@ -478,6 +484,15 @@ impl HostAgentService {
         let facts = self.vm_of("DumpVm", vm)?.clone();
         if !path.starts_with('/') {
             return Err(HostApiError::DumpPath(path.to_string()).into());
+        }
+        // libvirt writes the dump as root: never over an existing file (an operator role must
+        // not become "overwrite any file on the host"), and only into an existing directory.
+        let p = std::path::Path::new(path);
+        if p.components().any(|c| c == std::path::Component::ParentDir)
+            || std::fs::symlink_metadata(p).is_ok()
+            || !p.parent().is_some_and(|d| d.is_dir())
+        {
+            return Err(HostApiError::DumpTarget(path.to_string()).into());
         }
         if !(self.lease_valid)() {
             return Err(HostApiError::LeaseExpired.into());

@@ -73,6 +73,19 @@ pub enum HostClusterError {
         /// The shared value.
         value: String,
     },
+    /// A VM needs more than any host it may run on offers.
+    #[error(
+        "group `{group}` needs {memory_mib} MiB and {vcpus} vCPUs (its domain XML, or `demand`), more than the \
+         `capacity` of every host in its `nodes`: it could never run; give it less or a host more"
+    )]
+    FitsNowhere {
+        /// The group.
+        group: String,
+        /// Its memory demand.
+        memory_mib: u64,
+        /// Its vCPU demand.
+        vcpus: u32,
+    },
     /// The configuration has no groups.
     #[error("the configuration defines no [[group]]: a host cluster needs at least one HA VM")]
     NoVms,
@@ -148,6 +161,21 @@ impl HostCluster {
                     resource: r.name.clone(),
                     source,
                 }),
+            }
+        }
+        // Placement would leave a VM that fits on no eligible host blocked forever: say so now
+        // (the configuration check cannot, the demand comes from the domain XML).
+        for vm in &vms {
+            let Some(g) = config.groups.iter().find(|g| g.name == vm.group) else { continue };
+            let (memory_mib, vcpus) = match g.demand {
+                Some(d) => (d.memory_mib, d.vcpus),
+                None => (vm.definition.memory_mib, vm.definition.vcpus),
+            };
+            let fits_somewhere = g.nodes.iter().any(|n| {
+                config.node(n).is_none_or(|n| n.capacity.is_none_or(|c| c.memory_mib >= memory_mib && c.vcpus >= vcpus))
+            });
+            if !fits_somewhere {
+                errors.push(HostClusterError::FitsNowhere { group: g.name.clone(), memory_mib, vcpus });
             }
         }
         if errors.is_empty() { Ok(HostCluster { vms, hypervisors }) } else { Err(errors) }

@@ -635,7 +635,14 @@ impl VmResource {
                 self.destroy_domain(&mut events).await?;
             }
         }
-        self.undefine_domain().await
+        // The VM is off here: a definition that cannot be removed (NVRAM, a managed-save
+        // image, snapshots) is worth a warning, never a failed stop — a failed stop escalates
+        // to self-fencing, which must not happen over a leftover definition.
+        if let Err(fault) = self.undefine_domain().await {
+            tracing::warn!(resource = %self.id, domain = %self.def.name, uri = %self.hv.uri(),
+                "the VM is off but its definition could not be removed: {}", self.describe(&fault));
+        }
+        Ok(())
     }
 
     /// Removes the definition: a VM stays defined only where it runs.
@@ -687,6 +694,12 @@ impl Resource for VmResource {
                 .await
                 .map_err(|fault| ResourceError::failed("stop", &self.id, self.describe(&fault)))
         })
+    }
+
+    fn adopted(&self) {
+        // Found running after an agent restart: it runs here as if we had started it, so a
+        // later power-off from outside or a migration away is not mistaken for our own stop.
+        self.expected_off.store(false, Ordering::SeqCst);
     }
 
     fn check(&self) -> BoxFuture<'_, Health> {

@@ -152,9 +152,12 @@ fn a_crashed_vm_restarts_in_place_up_to_its_limit_then_moves() {
     assert_eq!(vm_status("h1").restarts, 0);
 
     // Only the host that runs it may dump it; the others name that host.
-    let refused = c.dump("h2", "crashy", &c.path("never.core").display().to_string()).unwrap_err();
+    // (h2 may need an observation round to learn where crashy runs.)
+    let refused = c.wait("h2 to name h1 as crashy's host", Duration::from_secs(10), || {
+        let e = c.dump("h2", "crashy", &c.path("never.core").display().to_string()).unwrap_err();
+        e.message().contains("runs on h1, not on h2").then_some(e)
+    });
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("runs on h1, not on h2"), "{refused:?}");
     assert!(!c.path("never.core").exists());
 
     // Two crashes: each time a new start on the same host.
@@ -195,9 +198,11 @@ fn a_crashed_vm_restarts_in_place_up_to_its_limit_then_moves() {
     assert!(v.failed_on.contains(&"h1".to_string()), "h1 gave it up because of failures: {v:?}");
     assert!(v.failovers >= 1, "{v:?}");
     // Now h1 refuses a dump and names h2.
-    let refused = c.dump("h1", "crashy", &c.path("never.core").display().to_string()).unwrap_err();
+    let refused = c.wait("h1 to name h2 as crashy's host", Duration::from_secs(10), || {
+        let e = c.dump("h1", "crashy", &c.path("never.core").display().to_string()).unwrap_err();
+        e.message().contains("runs on h2, not on h1").then_some(e)
+    });
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("runs on h2, not on h1"), "{refused:?}");
     std::thread::sleep(Duration::from_secs(1));
     w.assert_never_two(&c);
 }

@@ -435,19 +435,28 @@ impl Engine {
             }
             Event::PeerFenced(n) => {
                 if let Some(p) = self.peers.get_mut(&n) {
+                    let newly_dead = !p.lease_dead;
                     p.lease_dead = true;
                     let now = self.now;
                     for rt in &mut self.groups {
                         if rt.observed_holder == Some(n) {
                             rt.next_attempt_at = now;
-                            // The takeover stagger counts from here: every candidate tried
-                            // (and was refused) while the lease was alive, so without this the
-                            // first to see it dead would win, not the most preferred.
-                            if rt.free_since.is_some() {
+                            // The takeover stagger counts from the moment the lease is seen
+                            // dead: every candidate tried (and was refused) while it was
+                            // alive, so otherwise the first to notice would win, not the most
+                            // preferred. Only on that edge: the observer repeats the verdict
+                            // every round, and a stagger restarted each time would never let
+                            // a lower-ranked node act when the first one cannot.
+                            if newly_dead && rt.free_since.is_some() {
                                 rt.free_since = Some(now);
                             }
                         }
                     }
+                }
+            }
+            Event::PeerLeaseAlive(n) => {
+                if let Some(p) = self.peers.get_mut(&n) {
+                    p.lease_dead = false;
                 }
             }
             Event::FenceConfirmed(n) => {
@@ -942,8 +951,11 @@ impl Engine {
                     }
                     p.fence_confirmed
                 } else {
-                    // The lease layer refuses until the lost holder's lease is dead.
-                    true
+                    // The lease layer refuses until the lost holder's lease is dead: the
+                    // first candidate asks at once (it gets the lease the moment the lease
+                    // layer agrees); the others wait until they see the lease dead, so that a
+                    // refused early attempt cannot let a less preferred node win the race.
+                    rank == 0 || p.lease_dead
                 }
             }
         };

@@ -93,6 +93,9 @@ pub enum Event {
     /// The lease layer found the node's host lease dead (it stopped renewing). Triggers an
     /// immediate takeover attempt; not enough for groups that require outside fencing.
     PeerFenced(NodeId),
+    /// The lease layer sees the node's host lease renewed again after it was found dead (the
+    /// node restarted and rejoined the lockspace).
+    PeerLeaseAlive(NodeId),
     /// Answer to `RequestFence`: the node was fenced from outside (powered off, killed).
     FenceConfirmed(NodeId),
     /// Membership: this node's partition lost quorum. Every local group stops.

@@ -1,4 +1,4 @@
-//! The guest agent's gRPC API (`tandem.v1.GuestAgent`, see docs/api.md).
+//! The node API (`tandem.v1.GuestAgent`, served by both agents; see docs/api.md).
 //!
 //! The API layer owns transport, security and request validation; what the
 //! calls *do* belongs to the runtime, behind the [`Control`] trait. The
@@ -6,8 +6,8 @@
 //! gRPC reflection on the same port.
 //!
 //! ```no_run
-//! # async fn demo(config: tandem_config::ClusterConfig, control: std::sync::Arc<dyn tandem_guest::api::Control>) {
-//! use tandem_guest::api::ApiServer;
+//! # async fn demo(config: tandem_config::ClusterConfig, control: std::sync::Arc<dyn tandem_node::api::Control>) {
+//! use tandem_node::api::ApiServer;
 //! let server = ApiServer::new(&config.api, control).unwrap();
 //! let bound = server.bind().await.unwrap();
 //! println!("API on {}", bound.local_addr());

@@ -130,6 +130,9 @@ pub trait Resource: Send + Sync + std::fmt::Debug {
     /// Checks the resource here: used by the startup probe (is it already running?) and as
     /// the resource's built-in monitor.
     fn check(&self) -> BoxFuture<'_, Health>;
+    /// The startup probe found the resource running and the node adopted it under its lease:
+    /// from now on it runs here as if this agent had started it.
+    fn adopted(&self) {}
 }
 
 /// Why a resource operation failed.

@@ -57,6 +57,13 @@ impl ResourceTable {
         }
     }
 
+    /// Tells the resource it was adopted (see [`crate::resources::Resource::adopted`]).
+    pub(crate) fn adopted(&self, group: &GroupId, resource: &ResourceId) {
+        if let Some(slot) = self.slot(group, resource) {
+            slot.resource.adopted();
+        }
+    }
+
     fn slot(&self, group: &GroupId, resource: &ResourceId) -> Option<Arc<Slot>> {
         self.slots.get(&(group.clone(), resource.clone())).cloned()
     }

@@ -354,8 +354,9 @@ fn observe(
                     if !alive {
                         dead.insert(*n);
                         let _ = tx.send(Input::Engine(Event::PeerFenced(*n)));
-                    } else {
-                        dead.remove(n);
+                    } else if dead.remove(n) {
+                        // Renewed again: the peer rejoined the lockspace (a restart).
+                        let _ = tx.send(Input::Engine(Event::PeerLeaseAlive(*n)));
                     }
                 }
             }

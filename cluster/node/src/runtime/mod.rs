@@ -520,6 +520,12 @@ impl Driver {
                     format!("host lease of {} is dead", self.parts.plan.name_of(*n)),
                 );
             }
+            Event::PeerLeaseAlive(n) if self.lease_dead.remove(n) => self.publish(
+                EventKind::Lease,
+                None,
+                None,
+                format!("host lease of {} is renewed again", self.parts.plan.name_of(*n)),
+            ),
             Event::FenceConfirmed(n) => {
                 self.publish(EventKind::Fence, None, None, format!("{} was fenced", self.parts.plan.name_of(*n)))
             }
@@ -597,6 +603,7 @@ impl Driver {
                 }
                 Command::AdoptResource { group, resource, token } => {
                     self.publish(EventKind::Resource, Some(&group), Some(&resource), format!("adopted running {group}/{resource} under token {}", token.0));
+                    self.parts.resources.adopted(&group, &resource);
                     self.parts.monitors.resource_started(&group, &resource);
                 }
                 Command::StopResource { group, resource, force } => {
