@@ -19,7 +19,7 @@ use tandem_node::runtime::Exit;
 const EXIT_CONFIG: u8 = 78;
 /// Exit status after self-fencing (a stop failed too often).
 const EXIT_SELF_FENCED: u8 = 75;
-/// Exit status after the host lease was lost (every VM here was destroyed).
+/// Exit status after the host lease was lost (the VMs here were force-stopped).
 const EXIT_LEASE_LOST: u8 = 76;
 
 #[derive(Parser, Debug)]
@@ -197,7 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(EXIT_SELF_FENCED)
             }
             Exit::LeaseLost(why) => {
-                tracing::error!("host lease lost: {why}; every VM here was destroyed");
+                tracing::error!("host lease lost: {why}; the VMs here were force-stopped (destroyed); any that could not be is logged above");
                 ExitCode::from(EXIT_LEASE_LOST)
             }
         })
