@@ -9,14 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tandem_guest::agent::{self, AgentOptions};
-use tandem_guest::runtime::Exit;
-
-/// Exit status when the configuration is invalid.
-const EXIT_CONFIG: u8 = 78;
-/// Exit status after self-fencing (a stop failed too often).
-const EXIT_SELF_FENCED: u8 = 75;
-/// Exit status after the host lease was lost (groups were stopped).
-const EXIT_LEASE_LOST: u8 = 76;
+use tandem_guest::runtime::EXIT_CONFIG;
 
 #[derive(Parser, Debug)]
 #[command(name = "tandem-guest", version, about = "Tandem's guest agent: failover groups with disk-fencing leases")]
@@ -120,10 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let node = match cli.node {
         Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("cannot read the host name; pass --node")?
-            .trim()
-            .to_string(),
+        None => agent::default_node_name().context("cannot read the host name; pass --node")?,
     };
     let opts = AgentOptions {
         node,
@@ -136,24 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     rt.block_on(async move {
         let agent = agent::start(config, opts).await?;
-        let handle = agent.handle.clone();
-        let mut task = agent.task;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let exit = tokio::select! {
-            exit = &mut task => exit?,
-            _ = tokio::signal::ctrl_c() => { handle.shutdown().await; task.await? }
-            _ = term.recv() => { handle.shutdown().await; task.await? }
-        };
-        Ok(match exit {
-            Exit::Shutdown => ExitCode::SUCCESS,
-            Exit::SelfFenced(why) => {
-                tracing::error!("self-fenced: {why}");
-                ExitCode::from(EXIT_SELF_FENCED)
-            }
-            Exit::LeaseLost(why) => {
-                tracing::error!("host lease lost: {why}; every group was stopped");
-                ExitCode::from(EXIT_LEASE_LOST)
-            }
-        })
+        let exit = agent::run_until_stopped(agent).await?;
+        Ok(ExitCode::from(exit.status()))
     })
 }

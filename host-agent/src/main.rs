@@ -13,14 +13,7 @@ use tandem_host::cluster::{HostCluster, HostClusterError};
 use tandem_host::hypervisor::Hypervisor;
 use tandem_host::hypervisor::libvirt::LibvirtHypervisor;
 use tandem_node::agent::{self, AgentOptions};
-use tandem_node::runtime::Exit;
-
-/// Exit status when the configuration is invalid.
-const EXIT_CONFIG: u8 = 78;
-/// Exit status after self-fencing (a stop failed too often).
-const EXIT_SELF_FENCED: u8 = 75;
-/// Exit status after the host lease was lost (the VMs here were force-stopped).
-const EXIT_LEASE_LOST: u8 = 76;
+use tandem_node::runtime::EXIT_CONFIG;
 
 #[derive(Parser, Debug)]
 #[command(name = "tandem-host", version, about = "Tandem's host agent: HA VMs failed over between hypervisors")]
@@ -150,10 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let node = match cli.node {
         Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("cannot read the host name; pass --node")?
-            .trim()
-            .to_string(),
+        None => agent::default_node_name().context("cannot read the host name; pass --node")?,
     };
     let Some(uri) = cluster.hypervisors.get(&node).cloned() else {
         eprintln!(
@@ -182,24 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )],
         };
         let agent = agent::start(config, opts).await?;
-        let handle = agent.handle.clone();
-        let mut task = agent.task;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let exit = tokio::select! {
-            exit = &mut task => exit?,
-            _ = tokio::signal::ctrl_c() => { handle.shutdown().await; task.await? }
-            _ = term.recv() => { handle.shutdown().await; task.await? }
-        };
-        Ok(match exit {
-            Exit::Shutdown => ExitCode::SUCCESS,
-            Exit::SelfFenced(why) => {
-                tracing::error!("self-fenced: {why}");
-                ExitCode::from(EXIT_SELF_FENCED)
-            }
-            Exit::LeaseLost(why) => {
-                tracing::error!("host lease lost: {why}; the VMs here were force-stopped (destroyed); any that could not be is logged above");
-                ExitCode::from(EXIT_LEASE_LOST)
-            }
-        })
+        let exit = agent::run_until_stopped(agent).await?;
+        Ok(ExitCode::from(exit.status()))
     })
 }

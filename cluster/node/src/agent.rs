@@ -378,3 +378,43 @@ fn describe(plan: &Plan, ev: &MembershipEvent) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// This node's name when none is given: the kernel's host name.
+pub fn default_node_name() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string())
+}
+
+/// Runs a started agent until it ends by itself or SIGTERM/SIGINT asks for an orderly stop
+/// (every group here stopped, leases released), and logs why it ended.
+pub async fn run_until_stopped(agent: Agent) -> Result<Exit, RunError> {
+    let handle = agent.handle.clone();
+    let mut task = agent.task;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signals)?;
+    let exit = tokio::select! {
+        exit = &mut task => exit,
+        _ = tokio::signal::ctrl_c() => { handle.shutdown().await; task.await }
+        _ = term.recv() => { handle.shutdown().await; task.await }
+    }
+    .map_err(RunError::Panicked)?;
+    match &exit {
+        Exit::Shutdown => {}
+        Exit::SelfFenced(why) => tracing::error!(target: "tandem_node", "self-fenced: {why}"),
+        Exit::LeaseLost(why) => tracing::error!(
+            target: "tandem_node",
+            "host lease lost: {why}; every resource here was force-stopped (any that could not be is logged above)"
+        ),
+    }
+    Ok(exit)
+}
+
+/// Why [`run_until_stopped`] could not run the agent to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The signal handlers could not be installed.
+    #[error("cannot watch for SIGTERM")]
+    Signals(#[source] std::io::Error),
+    /// The engine task panicked (a bug).
+    #[error("the agent's engine task failed; this is a bug in Tandem, please report it")]
+    Panicked(#[source] tokio::task::JoinError),
+}

@@ -191,6 +191,25 @@ pub enum Exit {
     LeaseLost(String),
 }
 
+impl Exit {
+    /// The process exit status both agents use for it: 0, 75 (self-fenced) or 76 (host
+    /// lease lost). 78 is for a bad configuration, before any of this.
+    pub fn status(&self) -> u8 {
+        match self {
+            Exit::Shutdown => 0,
+            Exit::SelfFenced(_) => EXIT_SELF_FENCED,
+            Exit::LeaseLost(_) => EXIT_LEASE_LOST,
+        }
+    }
+}
+
+/// Exit status when the configuration is invalid.
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit status after self-fencing (a stop failed too often).
+pub const EXIT_SELF_FENCED: u8 = 75;
+/// Exit status after the host lease was lost.
+pub const EXIT_LEASE_LOST: u8 = 76;
+
 pub(crate) fn channel() -> (AgentHandle, mpsc::UnboundedReceiver<Input>, mpsc::UnboundedSender<Input>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (events, _) = broadcast::channel(1024);
