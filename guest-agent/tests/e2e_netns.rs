@@ -32,6 +32,7 @@ use common::NetnsPair;
 use tandem_lease::{AreaParams, FileDisk, Lockspace, Timeouts};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::guest_agent_client::GuestAgentClient;
+use tandem_testkit::netns::{self, ip, iptables};
 use tandem_testkit::{ChildGuard, require_program, run_ok};
 
 const RENEWAL_MS: u64 = 300;
@@ -114,20 +115,9 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         for ns in [&self.sw, &self.n1, &self.n2, &self.cl] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            netns::delete(ns);
         }
     }
-}
-
-fn ip(args: &[&str]) -> String {
-    run_ok(&format!("ip {}", args.join(" ")), Command::new("ip").args(args))
-}
-
-fn iptables(ns: &str, args: &[&str]) {
-    run_ok(
-        &format!("iptables {} in {ns}", args.join(" ")),
-        Command::new("ip").args(["netns", "exec", ns, "iptables", "-w"]).args(args),
-    );
 }
 
 /// A two-node cluster in namespaces: configuration, lease area, node cgroups.
@@ -196,19 +186,11 @@ impl Lab {
         std::fs::create_dir_all(&cgroup).unwrap();
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{node}.log"))).unwrap();
-        // `tini -s` is the node's init: it adopts and reaps at once every orphan below it (a
-        // daemon whose parent exited, like the postmaster `pg_ctl` leaves behind), as
-        // systemd does in a VM. Without it orphans go to this machine's PID 1, which reaps
-        // only every ~2 s; a daemon killed just before has then left a zombie whose pid still
-        // "runs", and PostgreSQL refuses to start over its pid file (docs/guest-agent.md,
-        // "End-to-end tests in network namespaces").
-        let mut cmd = Command::new(require_program("nsenter", "util-linux", &[]));
-        cmd.arg(format!("--net=/run/netns/{}", self.net.of(node)))
-            .arg("--")
-            .arg(require_program("tini", "tini", &[]))
-            .args(["-s", "--"])
-            .arg(env!("CARGO_BIN_EXE_tandem-guest"))
-            .arg("--config")
+        // Under `tini -s` (see netns::node_command): the postmaster `pg_ctl` leaves behind
+        // must be reaped at once, or PostgreSQL refuses to start over its pid file
+        // (docs/guest-agent.md, "End-to-end tests in network namespaces").
+        let mut cmd = netns::node_command(self.net.of(node), env!("CARGO_BIN_EXE_tandem-guest"));
+        cmd.arg("--config")
             .arg(self.path("tandem.toml"))
             .arg("--cgroup-root")
             .arg(cgroup.join("groups"))

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use tandem_lease::{AreaParams, FileDisk, Lockspace, Timeouts};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::host_agent_client::HostAgentClient;
-use tandem_testkit::{ChildGuard, free_port, require_program, run_ok};
+use tandem_testkit::netns::{self, ip, iptables};
+use tandem_testkit::{ChildGuard, free_port, require_program};
 
 pub const RENEWAL_MS: u64 = 300;
 
@@ -103,20 +104,9 @@ impl HostNet {
 impl Drop for HostNet {
     fn drop(&mut self) {
         for ns in std::iter::once(&self.sw).chain(&self.hosts) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            netns::delete(ns);
         }
     }
-}
-
-fn ip(args: &[&str]) -> String {
-    run_ok(&format!("ip {}", args.join(" ")), Command::new("ip").args(args))
-}
-
-fn iptables(ns: &str, args: &[&str]) {
-    run_ok(
-        &format!("iptables {} in {ns}", args.join(" ")),
-        Command::new("ip").args(["netns", "exec", ns, "iptables", "-w"]).args(args),
-    );
 }
 
 /// `h3` -> 2.
@@ -349,17 +339,7 @@ impl Cluster {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{name}.log"))).unwrap();
         let mut cmd = match &self.net {
-            // `nsenter --net`, not `ip netns exec`: the latter remounts /sys for the
-            // namespace, which hides the cgroup2 mount the agent needs.
-            Some(net) => {
-                let mut c = Command::new(require_program("nsenter", "util-linux", &[]));
-                c.arg(format!("--net=/run/netns/{}", net.of(name)))
-                    .arg("--")
-                    .arg(require_program("tini", "tini", &[]))
-                    .args(["-s", "--"])
-                    .arg(env!("CARGO_BIN_EXE_tandem-host"));
-                c
-            }
+            Some(net) => netns::node_command(net.of(name), env!("CARGO_BIN_EXE_tandem-host")),
             None => Command::new(env!("CARGO_BIN_EXE_tandem-host")),
         };
         cmd.arg("--config")

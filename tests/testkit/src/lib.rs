@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub mod certs;
 pub mod dovecot;
 pub mod hostile;
+pub mod netns;
 pub mod nginx;
 pub mod postgres;
 pub mod smtpd;
