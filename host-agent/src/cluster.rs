@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use tandem_config::{ClusterConfig, ResourceKind};
 
-use crate::vm::{VmDefinition, VmError};
+use crate::vm::{Attachment, VmDefinition, VmError};
 
 /// One HA VM of the cluster: its group and its definition.
 #[derive(Debug, Clone)]
@@ -20,6 +20,9 @@ pub struct HaVm {
     pub path: PathBuf,
     /// What the XML defines.
     pub definition: VmDefinition,
+    /// The `[[network]]`s its interfaces attach to, sorted: when one fails on a host, the VM
+    /// must run elsewhere.
+    pub networks: Vec<String>,
 }
 
 /// The host cluster as this agent runs it.
@@ -149,11 +152,13 @@ impl HostCluster {
                             });
                         }
                     }
+                    let networks = networks_of(&definition, &config.networks);
                     vms.push(HaVm {
                         group: g.name.clone(),
                         resource: r.name.clone(),
                         path: spec.domain.clone(),
                         definition,
+                        networks,
                     });
                 }
                 Err(source) => errors.push(HostClusterError::Definition {
@@ -180,6 +185,23 @@ impl HostCluster {
         }
         if errors.is_empty() { Ok(HostCluster { vms, hypervisors }) } else { Err(errors) }
     }
+}
+
+/// The watched networks a VM's interfaces attach to.
+pub fn networks_of(vm: &VmDefinition, networks: &[tandem_config::Network]) -> Vec<String> {
+    let mut out: Vec<String> = networks
+        .iter()
+        .filter(|n| {
+            vm.attachments.iter().any(|a| match a {
+                Attachment::Bridge(b) => n.bridge.as_deref() == Some(b.as_str()),
+                Attachment::Network(v) => n.libvirt_network.as_deref() == Some(v.as_str()),
+            })
+        })
+        .map(|n| n.name.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Fills each group's `demand` from its VM's definition (memory and vCPUs) where the
@@ -222,4 +244,38 @@ pub fn vm_facts(cluster: &HostCluster) -> Vec<crate::api::VmFacts> {
             vcpus: v.definition.vcpus,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn net(name: &str, bridge: Option<&str>, libvirt: Option<&str>) -> tandem_config::Network {
+        tandem_config::Network {
+            name: name.into(),
+            bridge: bridge.map(Into::into),
+            libvirt_network: libvirt.map(Into::into),
+            interfaces: vec!["eth1".into()],
+            ping_targets: Vec::new(),
+            hold: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_vm_uses_the_networks_its_interfaces_attach_to() {
+        let xml = "<domain type='test'><name>v</name><uuid>8f1b6a34-0d5e-4c3b-9a51-2e7f4b8c9d10</uuid>\
+                   <memory unit='MiB'>64</memory><devices><interface type='bridge'><source bridge='br-a'/>\
+                   </interface><interface type='network'><source network='lan'/></interface>\
+                   <interface type='bridge'><source bridge='br-other'/></interface></devices></domain>";
+        let vm = VmDefinition::parse(xml, "v.xml").unwrap();
+        let nets = [
+            net("storage", Some("br-a"), None),
+            net("front", None, Some("lan")),
+            net("unused", Some("br-z"), Some("other")),
+        ];
+        assert_eq!(networks_of(&vm, &nets), vec!["front".to_string(), "storage".to_string()]);
+        assert!(networks_of(&vm, &[]).is_empty());
+    }
 }

@@ -14,4 +14,5 @@
 pub mod api;
 pub mod cluster;
 pub mod hypervisor;
+pub mod nic;
 pub mod vm;

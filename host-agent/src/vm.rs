@@ -52,8 +52,20 @@ pub struct VmDefinition {
     pub memory_mib: u64,
     /// Virtual CPUs (`<vcpu>`; 1 when absent).
     pub vcpus: u32,
+    /// What its network interfaces attach to on the host, in XML order.
+    pub attachments: Vec<Attachment>,
     /// The domain XML itself, as read.
     pub xml: String,
+}
+
+/// What one `<interface>` of a domain attaches to on the host (the kinds a `[[network]]`
+/// can watch; others, like `user` or `direct`, are not listed).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Attachment {
+    /// `<interface type='bridge'><source bridge='NAME'/>`.
+    Bridge(String),
+    /// `<interface type='network'><source network='NAME'/>`.
+    Network(String),
 }
 
 /// A VM definition is unusable.
@@ -248,7 +260,22 @@ impl VmDefinition {
             }
         };
 
-        Ok(VmDefinition { name, uuid, memory_mib, vcpus, xml: xml.to_string() })
+        let mut attachments = Vec::new();
+        let devices = child("devices").into_iter().flat_map(|d| d.children());
+        for nic in devices.filter(|n| n.is_element() && n.tag_name().namespace().is_none()) {
+            if nic.tag_name().name() != "interface" {
+                continue;
+            }
+            let source = nic.children().find(|n| n.is_element() && n.tag_name().name() == "source");
+            let attached = match (nic.attribute("type"), source) {
+                (Some("bridge"), Some(src)) => src.attribute("bridge").map(|b| Attachment::Bridge(b.to_string())),
+                (Some("network"), Some(src)) => src.attribute("network").map(|n| Attachment::Network(n.to_string())),
+                _ => None,
+            };
+            attachments.extend(attached);
+        }
+
+        Ok(VmDefinition { name, uuid, memory_mib, vcpus, attachments, xml: xml.to_string() })
     }
 }
 
@@ -801,6 +828,20 @@ mod tests {
         assert_eq!(def.memory_mib, 2048);
         assert_eq!(def.vcpus, 4);
         assert_eq!(def.xml, DOMAIN);
+        assert!(def.attachments.is_empty());
+    }
+
+    #[test]
+    fn lists_what_interfaces_attach_to() {
+        let xml = DOMAIN.replace(
+            "</domain>",
+            "<devices><disk type='file'/><interface type='bridge'><mac address='52:54:00:00:00:01'/>\
+             <source bridge='br-a'/></interface><interface type='network'><source network='default'/></interface>\
+             <interface type='user'/><interface type='direct'><source dev='eth0' mode='bridge'/></interface>\
+             </devices></domain>",
+        );
+        let def = VmDefinition::parse(&xml, "web.xml").unwrap();
+        assert_eq!(def.attachments, vec![Attachment::Bridge("br-a".into()), Attachment::Network("default".into())]);
     }
 
     fn memory(unit: Option<&str>, amount: &str) -> Result<u64, VmError> {

@@ -83,6 +83,7 @@ struct Decoded {
     lease: Option<Option<LeaseSettings>>,
     groups: Vec<DecodedGroup>,
     api: Option<ApiSettings>,
+    networks: Vec<Option<Network>>,
 }
 
 struct DecodedGroup {
@@ -107,7 +108,7 @@ struct LeaseFields {
     host_dead_timeout: Option<Duration>,
 }
 
-const SECTIONS: &str = "cluster, node, link, lease, group, api";
+const SECTIONS: &str = "cluster, node, link, lease, group, api, network";
 
 impl<'s> Checker<'s> {
     fn finish_err(&mut self) -> ConfigErrors {
@@ -275,7 +276,7 @@ impl<'s> Checker<'s> {
     fn run(&mut self) -> Option<ClusterConfig> {
         let decoded = self.decode_all();
         self.validate(&decoded);
-        let Decoded { cluster, nodes, links, lease, groups, api } = decoded;
+        let Decoded { cluster, nodes, links, lease, groups, api, networks } = decoded;
         let mut groups_out = Vec::new();
         for g in groups {
             let mut header = g.header?;
@@ -290,6 +291,7 @@ impl<'s> Checker<'s> {
             lease: lease?,
             groups: groups_out,
             api: api?,
+            networks: networks.into_iter().collect::<Option<_>>()?,
         })
     }
 
@@ -304,6 +306,7 @@ impl<'s> Checker<'s> {
                     "nodes" => " (write [[node]])",
                     "links" => " (write [[link]])",
                     "groups" => " (write [[group]])",
+                    "networks" => " (write [[network]])",
                     _ => "",
                 };
                 self.error_at_key(
@@ -337,7 +340,8 @@ impl<'s> Checker<'s> {
             Some(v) => self.decode::<ApiSettings>(&v),
             None => Some(ApiSettings::default()),
         };
-        Decoded { cluster, nodes, links, lease, groups, api }
+        let networks = self.elements(&[K("network")]).iter().map(|v| self.decode::<Network>(v)).collect();
+        Decoded { cluster, nodes, links, lease, groups, api, networks }
     }
 
     /// Removes `key` from a table value, returning the rest and the removed value.
@@ -557,6 +561,64 @@ impl<'s> Checker<'s> {
         self.validate_lease(d);
         self.validate_groups(d);
         self.validate_api(d);
+        self.validate_networks(d);
+    }
+
+    fn validate_networks(&mut self, d: &Decoded) {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut bridges: HashMap<String, usize> = HashMap::new();
+        for (i, n) in d.networks.iter().enumerate() {
+            let Some(n) = n else { continue };
+            self.check_name(&[K("network"), I(i), K("name")], "network", &n.name);
+            if let Some(first) = seen.insert(n.name.clone(), i) {
+                self.error(
+                    ProblemKind::Duplicate,
+                    &[K("network"), I(i), K("name")],
+                    format!(
+                        "duplicate network name {:?} (also [[network]] #{}); give each network its own name",
+                        n.name,
+                        first + 1
+                    ),
+                );
+            }
+            if n.bridge.is_none() && n.libvirt_network.is_none() {
+                self.error(
+                    ProblemKind::Type,
+                    &[K("network"), I(i)],
+                    "a network needs `bridge` or `libvirt_network`: that is how its VMs are found in their domain XML"
+                        .into(),
+                );
+            }
+            if let Some(b) = &n.bridge {
+                if !is_interface_name(b) {
+                    self.error(ProblemKind::InvalidValue, &[K("network"), I(i), K("bridge")], interface_problem(b));
+                } else if let Some(first) = bridges.insert(b.clone(), i) {
+                    self.error(
+                        ProblemKind::Duplicate,
+                        &[K("network"), I(i), K("bridge")],
+                        format!("bridge {b:?} is already [[network]] #{}'s; one network per bridge", first + 1),
+                    );
+                }
+            }
+            if n.bridge.is_none() && n.interfaces.is_empty() && n.libvirt_network.is_some() {
+                self.error(
+                    ProblemKind::Empty,
+                    &[K("network"), I(i)],
+                    "name the host `interfaces` behind this libvirt network (e.g. `interfaces = [\"eth1\"]`): \
+                     without them its link state cannot be watched"
+                        .into(),
+                );
+            }
+            for (j, ifname) in n.interfaces.iter().enumerate() {
+                if !is_interface_name(ifname) {
+                    self.error(
+                        ProblemKind::InvalidValue,
+                        &[K("network"), I(i), K("interfaces"), I(j)],
+                        interface_problem(ifname),
+                    );
+                }
+            }
+        }
     }
 
     fn validate_api(&mut self, d: &Decoded) {
@@ -1364,6 +1426,22 @@ fn join_names(names: &BTreeSet<String>) -> String {
     } else {
         names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// What the kernel accepts as an interface name (`dev_valid_name`): 1..=15 bytes, not `.`
+/// or `..`, no `/`, `:` or whitespace.
+fn is_interface_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+fn interface_problem(s: &str) -> String {
+    format!(
+        "{s:?} is not an interface name: use 1..=15 characters without '/', ':' or spaces (as `ip link` shows them)"
+    )
 }
 
 fn is_uuid(s: &str) -> bool {

@@ -44,6 +44,10 @@ pub struct ClusterConfig {
     #[serde(default, skip_serializing_if = "ApiSettings::is_default")]
     #[schemars(default)]
     pub api: ApiSettings,
+    /// Host agents: the networks VMs attach to, watched on every host (`[[network]]`).
+    /// A VM attached to a network that fails on its host moves to a host where it works.
+    #[serde(rename = "network", default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<Network>,
 }
 
 impl ClusterConfig {
@@ -365,6 +369,53 @@ fn default_heartbeat_timeout() -> Duration {
 }
 fn default_heartbeat_timeout_text() -> &'static str {
     "5s"
+}
+
+/// `[[network]]` (host agents): a network VMs attach to, watched on every host. VMs are
+/// matched to it by their domain XML's `<interface>`s: `<source bridge=…>` equal to
+/// `bridge`, or `<source network=…>` equal to `libvirt_network`.
+///
+/// The network is healthy on a host while at least one of `interfaces` is up with a
+/// carrier and, when `ping_targets` are given, at least one of them answers. A change
+/// counts only once it has lasted `hold` (a flapping link is damped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Unique network name (shown in status and events).
+    pub name: String,
+    /// The host bridge VMs attach to (`<interface type='bridge'><source bridge='br0'/>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The libvirt network VMs attach to (`<interface type='network'><source network='lan'/>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_network: Option<String>,
+    /// The host interfaces that carry the network (NICs, bonds, the bridge itself), with the
+    /// same names on every host. Absent: the bridge alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
+    /// Addresses (`"ADDRESS:PORT"`, checked with a TCP connect: an answer or a refusal both
+    /// count) that must be reachable for the network to count as working, e.g. its gateway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub ping_targets: Vec<std::net::SocketAddr>,
+    /// How long a change of the network's state must last before it counts.
+    #[serde(default = "default_network_hold", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_network_hold_text")]
+    pub hold: Duration,
+}
+
+impl Network {
+    /// The interfaces whose link state counts: `interfaces`, or the bridge alone.
+    pub fn watched_interfaces(&self) -> Vec<String> {
+        if self.interfaces.is_empty() { self.bridge.iter().cloned().collect() } else { self.interfaces.clone() }
+    }
+}
+
+fn default_network_hold() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_network_hold_text() -> &'static str {
+    "2s"
 }
 
 /// `[lease]`: the shared lease area that guards shared disks.

@@ -804,3 +804,58 @@ fn a_set_no_other_group_names_is_a_warning() {
     );
     assert!(c.warnings[0].message.contains("\"db-pair\""), "{}", c.warnings[0].message);
 }
+
+#[test]
+fn networks_parse_with_defaults() {
+    let src = format!(
+        "{BASE}\n[[network]]\nname = \"storage\"\nbridge = \"br-st\"\n\n[[network]]\nname = \"lan\"\n\
+         libvirt_network = \"default\"\ninterfaces = [\"bond0\", \"eth1\"]\nping_targets = [\"10.0.0.254:53\"]\n\
+         hold = \"500ms\"\n"
+    );
+    let c = tandem_config::check_str(&src, "n.toml").unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let n = &c.config.networks;
+    assert_eq!(n.len(), 2);
+    assert_eq!(n[0].hold, std::time::Duration::from_secs(2));
+    assert_eq!(n[0].watched_interfaces(), vec!["br-st".to_string()]);
+    assert_eq!(n[1].watched_interfaces(), vec!["bond0".to_string(), "eth1".to_string()]);
+    assert_eq!(n[1].hold, std::time::Duration::from_millis(500));
+    assert_eq!(n[1].ping_targets.len(), 1);
+}
+
+#[test]
+fn network_errors_name_the_field() {
+    // Line 22 is the first line after BASE's last one.
+    let src = format!("{BASE}\n[[network]]\nname = \"lan\"\n");
+    let (line, _, field, kind, msg) = only(&src);
+    assert_eq!((line, field.as_str(), kind), (22, "network \"lan\"", ProblemKind::Type));
+    assert!(msg.contains("`bridge` or `libvirt_network`"), "{msg}");
+
+    let src = format!("{BASE}\n[[network]]\nname = \"lan\"\nlibvirt_network = \"default\"\n");
+    let (_, _, field, kind, msg) = only(&src);
+    assert_eq!((field.as_str(), kind), ("network \"lan\"", ProblemKind::Empty));
+    assert!(msg.contains("interfaces"), "{msg}");
+
+    let src = format!("{BASE}\n[[network]]\nname = \"lan\"\nbridge = \"br0\"\ninterfaces = [\"eth0\", \"a/b\"]\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (25, 23, "network \"lan\".interfaces[1]", ProblemKind::InvalidValue));
+    assert!(msg.contains("\"a/b\" is not an interface name"), "{msg}");
+
+    let src = format!(
+        "{BASE}\n[[network]]\nname = \"lan\"\nbridge = \"br0\"\n\n[[network]]\nname = \"lan\"\nbridge = \"br0\"\n"
+    );
+    let e = errors_of(&src);
+    let s = summary(&e);
+    assert_eq!(s.len(), 2, "{e}");
+    assert_eq!((s[0].2.as_str(), s[0].3), ("network \"lan\".name", ProblemKind::Duplicate));
+    assert_eq!((s[1].2.as_str(), s[1].3), ("network \"lan\".bridge", ProblemKind::Duplicate));
+
+    let src = format!("{BASE}\n[[network]]\nname = \"lan\"\nbridge = \"br0\"\nhold = \"soon\"\n");
+    let (line, _, field, kind, _) = only(&src);
+    assert_eq!((line, field.as_str(), kind), (25, "network \"lan\".hold", ProblemKind::Type));
+
+    let src = format!("{BASE}\n[networks]\n");
+    let (_, _, _, kind, msg) = only(&src);
+    assert_eq!(kind, ProblemKind::UnknownField);
+    assert!(msg.contains("write [[network]]"), "{msg}");
+}
