@@ -32,6 +32,55 @@ use crate::hypervisor::{
     CrashedReason, DomainEvent, DomainState, Hypervisor, HypervisorError, PausedReason, RunningReason, ShutoffReason,
 };
 
+/// What a VM's guest agent answered when asked to prepare for a planned stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestPrepared {
+    /// No guest agent is linked for this VM: it is shut down without asking.
+    NoGuest,
+    /// The guest agent reported every group stopped or moved away; the text says what it did.
+    Ready(String),
+    /// It did not report ready (it reported blockers, its link dropped, or the time ran
+    /// out); the text says which. The VM is shut down all the same.
+    NotReady(String),
+}
+
+/// The guest agents linked to this host, as a VM resource asks them before a planned stop.
+pub trait GuestShutdown: Send + Sync + std::fmt::Debug {
+    /// Asks the guest agent of VM `uuid`, if one is linked, to stop or move its application
+    /// groups (`PrepareShutdown`); resolves with its answer, within `limit`.
+    fn prepare(&self, uuid: &str, limit: Duration) -> BoxFuture<'_, GuestPrepared>;
+}
+
+/// One step of a VM's stop, as it happens (maintenance progress follows these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmActivity {
+    /// The VM's failover group.
+    pub group: String,
+    /// What happened.
+    pub step: VmStep,
+    /// In words.
+    pub detail: String,
+}
+
+/// The steps of [`VmActivity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmStep {
+    /// The guest agent was asked to prepare.
+    GuestPreparing,
+    /// It reported ready.
+    GuestReady,
+    /// It did not report ready.
+    GuestNotReady,
+    /// No guest agent is linked.
+    NoGuest,
+    /// ACPI shutdown sent.
+    ShuttingDown,
+    /// Destroyed: forced stop, a state ACPI cannot reach, or the shutdown timeout passed.
+    Destroyed,
+    /// Off and undefined here.
+    Stopped,
+}
+
 /// Default limit of one hypervisor call that the configuration has no timeout for
 /// (reading a state, destroy, undefine).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -418,6 +467,10 @@ pub struct VmResource {
     call_timeout: Duration,
     /// This agent asked the VM to stop, or has not started it since the agent began.
     expected_off: AtomicBool,
+    group: String,
+    prepare_timeout: Duration,
+    guests: Option<Arc<dyn GuestShutdown>>,
+    activity: Option<broadcast::Sender<VmActivity>>,
 }
 
 impl VmResource {
@@ -438,6 +491,57 @@ impl VmResource {
             shutdown_timeout: config.shutdown_timeout,
             call_timeout: DEFAULT_CALL_TIMEOUT,
             expected_off: AtomicBool::new(true),
+            group: group.to_string(),
+            prepare_timeout: config.prepare_timeout,
+            guests: None,
+            activity: None,
+        }
+    }
+
+    /// Asks the VM's guest agent through `guests` before every planned stop, and reports
+    /// each step of a stop on `activity`.
+    pub fn with_guests(
+        mut self,
+        guests: Option<Arc<dyn GuestShutdown>>,
+        activity: Option<broadcast::Sender<VmActivity>>,
+    ) -> VmResource {
+        self.guests = guests;
+        self.activity = activity;
+        self
+    }
+
+    fn report(&self, step: VmStep, detail: impl Into<String>) {
+        if let Some(tx) = &self.activity {
+            // No subscriber (no maintenance under way) is fine.
+            let _ = tx.send(VmActivity { group: self.group.clone(), step, detail: detail.into() });
+        }
+    }
+
+    /// A planned stop of a running VM asks its guest agent first, so that the guest's
+    /// application groups move to their peers before the VM goes down; whatever it answers,
+    /// the VM is shut down afterwards.
+    async fn prepare_guest(&self) {
+        let Some(guests) = &self.guests else { return };
+        self.report(VmStep::GuestPreparing, "asking the guest agent to stop or move its groups");
+        let limit = self.prepare_timeout;
+        let answer = match tokio::time::timeout(limit + Duration::from_secs(1), guests.prepare(&self.key, limit)).await
+        {
+            Ok(answer) => answer,
+            Err(_) => GuestPrepared::NotReady(format!("no answer within {}", human_duration(limit))),
+        };
+        match answer {
+            GuestPrepared::NoGuest => {
+                self.report(VmStep::NoGuest, "no guest agent linked: shutting down without asking")
+            }
+            GuestPrepared::Ready(what) => {
+                tracing::info!(resource = %self.id, domain = %self.def.name, "guest agent ready for shutdown: {what}");
+                self.report(VmStep::GuestReady, what);
+            }
+            GuestPrepared::NotReady(why) => {
+                tracing::warn!(resource = %self.id, domain = %self.def.name,
+                    "guest agent not ready for shutdown ({why}); shutting the VM down all the same");
+                self.report(VmStep::GuestNotReady, why);
+            }
         }
     }
 
@@ -613,6 +717,10 @@ impl VmResource {
 
     /// ACPI shutdown, then destroy if the guest does not power off in time.
     async fn shut_down_domain(&self, events: &mut broadcast::Receiver<DomainEvent>) -> Result<(), Fault> {
+        self.report(
+            VmStep::ShuttingDown,
+            format!("ACPI shutdown (destroyed after {})", human_duration(self.shutdown_timeout)),
+        );
         match self.call("ACPI shutdown", self.hv.shutdown(&self.key)).await {
             Err(fault) if !fault.is_state() => return Err(fault),
             _ => {}
@@ -638,6 +746,7 @@ impl VmResource {
                     "domain '{}' did not power off within {after} after ACPI shutdown; destroyed",
                     self.def.name
                 );
+                self.report(VmStep::Destroyed, format!("did not power off within {after} after ACPI shutdown"));
                 Ok(())
             }
             Err(fault) => Err(fault),
@@ -650,8 +759,14 @@ impl VmResource {
         match state {
             None => return Ok(()),
             Some(state) if state.is_off() => {}
-            Some(_) if force => self.destroy_domain(&mut events).await?,
-            Some(state) if acpi_reaches(&state) => self.shut_down_domain(&mut events).await?,
+            Some(_) if force => {
+                self.destroy_domain(&mut events).await?;
+                self.report(VmStep::Destroyed, "forced stop");
+            }
+            Some(state) if acpi_reaches(&state) => {
+                self.prepare_guest().await;
+                self.shut_down_domain(&mut events).await?
+            }
             Some(state) => {
                 tracing::warn!(
                     resource = %self.id,
@@ -660,6 +775,7 @@ impl VmResource {
                     "an ACPI shutdown cannot reach the guest in this state; destroying the domain"
                 );
                 self.destroy_domain(&mut events).await?;
+                self.report(VmStep::Destroyed, format!("an ACPI shutdown cannot reach the guest ({state:?})"));
             }
         }
         // The VM is off here: a definition that cannot be removed (NVRAM, a managed-save
@@ -669,6 +785,7 @@ impl VmResource {
             tracing::warn!(resource = %self.id, domain = %self.def.name, uri = %self.hv.uri(),
                 "the VM is off but its definition could not be removed: {}", self.describe(&fault));
         }
+        self.report(VmStep::Stopped, "off");
         Ok(())
     }
 
@@ -744,12 +861,25 @@ impl Resource for VmResource {
 #[derive(Debug, Clone)]
 pub struct HostResources {
     hypervisor: Arc<dyn Hypervisor>,
+    guests: Option<Arc<dyn GuestShutdown>>,
+    activity: broadcast::Sender<VmActivity>,
 }
 
 impl HostResources {
     /// Resources on `hypervisor` (the node's one connection).
     pub fn new(hypervisor: Arc<dyn Hypervisor>) -> HostResources {
-        HostResources { hypervisor }
+        HostResources { hypervisor, guests: None, activity: broadcast::channel(1024).0 }
+    }
+
+    /// VMs built from now on ask their guest agents through `guests` before a planned stop.
+    pub fn with_guests(mut self, guests: Arc<dyn GuestShutdown>) -> HostResources {
+        self.guests = Some(guests);
+        self
+    }
+
+    /// The steps of every VM stop on this host, as they happen.
+    pub fn activity(&self) -> broadcast::Sender<VmActivity> {
+        self.activity.clone()
     }
 
     /// The hypervisor the resources run on.
@@ -766,7 +896,8 @@ impl HostResources {
     ) -> Result<VmResource, ResourceError> {
         check_name(group, spec)?;
         match &spec.kind {
-            ResourceKind::Vm(config) => VmResource::build(group, &spec.name, config, self.hypervisor.clone()),
+            ResourceKind::Vm(config) => Ok(VmResource::build(group, &spec.name, config, self.hypervisor.clone())?
+                .with_guests(self.guests.clone(), Some(self.activity.clone()))),
             other => Err(ResourceError::config(
                 &format!("{group}/{}", spec.name),
                 format!(

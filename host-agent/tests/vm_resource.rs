@@ -4,9 +4,11 @@
 //! directory, reached as `test:///<that file>` (each connection gets a private copy). The
 //! assertions read libvirt's own view of the domains, not the resource's.
 //!
-//! The one fake is [`IgnoresAcpi`]: the real adapter with `shutdown` swallowed, because the
+//! Two fakes: [`IgnoresAcpi`], the real adapter with `shutdown` swallowed, because the
 //! test driver powers a guest off instantly on ACPI and a guest that ignores the power
-//! button cannot be had otherwise.
+//! button cannot be had otherwise; and [`ScriptedGuest`], a guest agent behind the
+//! `GuestShutdown` trait for the order of a planned stop (the real guest link has its own
+//! tests with the real binaries).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,7 +22,7 @@ use tandem_host::hypervisor::{
     BoxFuture, ConnectionState, DomainEvent, DomainInfo, DomainState, EventKind, EventReason, HostCapacity, Hypervisor,
     HypervisorError, MigrationMode, RunningReason, ShutoffReason,
 };
-use tandem_host::vm::{HostResources, VmDefinition, VmResource};
+use tandem_host::vm::{GuestPrepared, GuestShutdown, HostResources, VmActivity, VmDefinition, VmResource, VmStep};
 use tandem_node::resources::{Health, Resource, ResourceEnv, ResourceError, ResourceFactory, StartContext};
 use tandem_testkit::{ChildGuard, require_program};
 use tokio::sync::broadcast;
@@ -73,7 +75,7 @@ fn domain_xml(name: &str, memory: &str) -> String {
 }
 
 fn vm_config(domain: PathBuf, shutdown_timeout: Duration) -> VmConfig {
-    VmConfig { domain, start_timeout: BOUND, shutdown_timeout }
+    VmConfig { domain, start_timeout: BOUND, shutdown_timeout, prepare_timeout: BOUND }
 }
 
 fn spec(name: &str, kind: ResourceKind) -> tandem_config::Resource {
@@ -516,4 +518,94 @@ async fn a_lost_hypervisor_is_a_failure_not_a_stop() {
 
     let err = vm.stop(false).await.unwrap_err();
     assert!(err.to_string().contains(&uri) && err.to_string().contains("'web'"), "{err}");
+}
+
+/// A guest agent stand-in behind the `GuestShutdown` trait: answers with `answer` after
+/// `delay`, and records which VM it was asked about and with what limit.
+#[derive(Debug)]
+struct ScriptedGuest {
+    answer: GuestPrepared,
+    delay: Duration,
+    asked: std::sync::Mutex<Vec<(String, Duration)>>,
+}
+
+impl GuestShutdown for ScriptedGuest {
+    fn prepare(&self, uuid: &str, limit: Duration) -> tandem_node::resources::BoxFuture<'_, GuestPrepared> {
+        self.asked.lock().unwrap().push((uuid.to_string(), limit));
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.answer.clone()
+        })
+    }
+}
+
+async fn steps_of(rx: &mut broadcast::Receiver<VmActivity>) -> Vec<(VmStep, String)> {
+    let mut out = Vec::new();
+    while let Ok(a) = rx.try_recv() {
+        assert_eq!(a.group, "web");
+        out.push((a.step, a.detail));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_planned_stop_asks_the_guest_first_and_a_forced_one_does_not() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let file = host.domain_file("web.xml", &domain_xml("web", "<memory unit='MiB'>512</memory>"));
+    let guest = Arc::new(ScriptedGuest {
+        answer: GuestPrepared::Ready("1 group moved".into()),
+        delay: Duration::from_millis(300),
+        asked: Default::default(),
+    });
+    let factory = HostResources::new(hv.clone()).with_guests(guest.clone());
+    let mut activity = factory.activity().subscribe();
+    let mut config = vm_config(file, BOUND);
+    config.prepare_timeout = Duration::from_secs(7);
+    let vm = factory.build_vm("web", &spec("vm", ResourceKind::Vm(config)), &ResourceEnv::new("h")).unwrap();
+
+    vm.start(&ctx()).await.expect("start");
+    let mut events = hv.subscribe();
+    vm.stop(false).await.expect("stop");
+    assert_eq!(*guest.asked.lock().unwrap(), [(UUID.to_string(), Duration::from_secs(7))]);
+    assert_eq!(how_it_stopped(&mut events).await, (EventReason::Shutdown, true), "ACPI after the guest's answer");
+    let steps: Vec<VmStep> = steps_of(&mut activity).await.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, [VmStep::GuestPreparing, VmStep::GuestReady, VmStep::ShuttingDown, VmStep::Stopped]);
+
+    // A forced stop (the lease is gone) never waits for the guest.
+    vm.start(&ctx()).await.expect("start again");
+    vm.stop(true).await.expect("forced stop");
+    assert_eq!(guest.asked.lock().unwrap().len(), 1, "the guest was asked before a forced stop");
+    let steps: Vec<VmStep> = steps_of(&mut activity).await.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, [VmStep::Destroyed, VmStep::Stopped]);
+    // Nothing runs, nothing asked, when the VM is already off.
+    vm.stop(false).await.expect("stop a stopped VM");
+    assert_eq!(guest.asked.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_guest_that_does_not_answer_in_time_delays_the_shutdown_by_its_timeout_only() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let file = host.domain_file("web.xml", &domain_xml("web", "<memory unit='MiB'>512</memory>"));
+    let guest = Arc::new(ScriptedGuest {
+        answer: GuestPrepared::Ready("too late".into()),
+        delay: Duration::from_secs(3600),
+        asked: Default::default(),
+    });
+    let factory = HostResources::new(hv.clone()).with_guests(guest.clone());
+    let mut activity = factory.activity().subscribe();
+    let mut config = vm_config(file, BOUND);
+    config.prepare_timeout = Duration::from_millis(500);
+    let vm = factory.build_vm("web", &spec("vm", ResourceKind::Vm(config)), &ResourceEnv::new("h")).unwrap();
+    vm.start(&ctx()).await.expect("start");
+    let t = std::time::Instant::now();
+    vm.stop(false).await.expect("stop");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(10), "the stop waited {took:?} for a guest that never answers");
+    let steps = steps_of(&mut activity).await;
+    assert_eq!(steps[1].0, VmStep::GuestNotReady, "{steps:?}");
+    assert!(steps[1].1.contains("no answer within"), "{steps:?}");
+    assert_eq!(steps.last().unwrap().0, VmStep::Stopped, "{steps:?}");
+    assert!(is_missing(hv.domain_info(UUID).await), "the VM was not shut down");
 }

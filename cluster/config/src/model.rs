@@ -791,6 +791,19 @@ pub struct VmResource {
     #[serde(default = "default_vm_shutdown_timeout", with = "duration")]
     #[schemars(with = "DurationSchema", default = "default_vm_shutdown_timeout_text")]
     pub shutdown_timeout: Duration,
+    /// Before a planned stop (operator stop or move, host maintenance), how long the VM's
+    /// linked guest agent may take to stop or move its application groups; the VM is shut
+    /// down when it reports ready or when this has passed (and the agent says which).
+    #[serde(default = "default_vm_prepare_timeout", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_vm_prepare_timeout_text")]
+    pub prepare_timeout: Duration,
+}
+
+fn default_vm_prepare_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_vm_prepare_timeout_text() -> &'static str {
+    "120s"
 }
 
 fn default_vm_start_timeout() -> Duration {
