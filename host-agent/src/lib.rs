@@ -14,5 +14,6 @@
 pub mod api;
 pub mod cluster;
 pub mod hypervisor;
+pub mod maintenance;
 pub mod nic;
 pub mod vm;

@@ -1,0 +1,405 @@
+//! Planned maintenance of a host (`tandem.v1.HostMaintenance`, docs/host-agent.md).
+//!
+//! Entering maintenance puts the node in standby (the engine's `StandbyMode`): it takes no
+//! VM any more and gives up the ones it runs, without counting anything as a failure:
+//! `failover` moves each VM to another host, `shutdown` parks it until maintenance ends.
+//! Each VM's stop asks its linked guest agent to move or stop its application groups
+//! first, then shuts the VM down (ACPI, destroyed only after its shutdown timeout); the
+//! VM resource reports those steps as [`VmActivity`]. This module only watches: it turns
+//! the activity and the node's status into per-VM progress, and ends with a verdict on
+//! whether the host may be powered off, checked against the hypervisor's own view.
+//!
+//! The progress derivation ([`Tracker`]) is pure, so its rules are unit-tested.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tandem_node::api::pb;
+
+use crate::vm::{VmActivity, VmStep};
+
+/// What an operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Move every VM to another host.
+    Failover,
+    /// Shut every VM down and keep it stopped until maintenance ends.
+    Shutdown,
+    /// Live-migrate where possible (not built: handled as `Failover`, and said so).
+    Migrate,
+}
+
+impl Policy {
+    /// From the API's enum; UNSPECIFIED is `Failover`.
+    pub fn from_pb(p: pb::MaintenancePolicy) -> Policy {
+        match p {
+            pb::MaintenancePolicy::Shutdown => Policy::Shutdown,
+            pb::MaintenancePolicy::Migrate => Policy::Migrate,
+            pb::MaintenancePolicy::Failover | pb::MaintenancePolicy::Unspecified => Policy::Failover,
+        }
+    }
+
+    /// The policy's name as operators write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Failover => "failover",
+            Policy::Shutdown => "shutdown",
+            Policy::Migrate => "migrate",
+        }
+    }
+}
+
+/// Whether a group occupies `host`: running, starting or stopping there.
+fn occupies(g: &pb::GroupStatus, host: &str) -> bool {
+    g.location == host
+        && matches!(
+            pb::GroupState::try_from(g.state).unwrap_or_default(),
+            pb::GroupState::Started | pb::GroupState::Starting | pb::GroupState::Stopping
+        )
+}
+
+/// What was last said about one VM.
+#[derive(Debug, Clone, Default)]
+struct VmTrack {
+    step: Option<pb::MaintenanceStep>,
+    detail: String,
+    host: String,
+}
+
+/// Which way the tracker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// EnterMaintenance.
+    Enter(Policy),
+    /// ExitMaintenance.
+    Exit,
+}
+
+/// Turns activity and status snapshots into progress messages (pure: time comes in as
+/// milliseconds since the call began).
+#[derive(Debug)]
+pub struct Tracker {
+    me: String,
+    direction: Direction,
+    vms: BTreeMap<String, VmTrack>,
+    /// When the host was first seen holding no VM (enter) or every VM settled (exit).
+    settled_since: Option<u64>,
+}
+
+/// How long, once the host holds no VM, the stream waits for the VMs that left to show up
+/// on their new hosts before it ends (their starts elsewhere are reported if they come
+/// within it; the verdict does not depend on them).
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+impl Tracker {
+    /// A tracker for `me`, tracking `vms`: for Enter, the VMs that occupy the host when
+    /// maintenance begins; for Exit, the VMs that are parked (not running anywhere).
+    pub fn new(me: &str, direction: Direction, vms: impl IntoIterator<Item = String>) -> Tracker {
+        Tracker {
+            me: me.to_string(),
+            direction,
+            vms: vms.into_iter().map(|v| (v, VmTrack::default())).collect(),
+            settled_since: None,
+        }
+    }
+
+    /// The VMs tracked.
+    pub fn vms(&self) -> impl Iterator<Item = &String> {
+        self.vms.keys()
+    }
+
+    fn say(
+        &mut self,
+        vm: &str,
+        step: pb::MaintenanceStep,
+        host: &str,
+        detail: String,
+        at_ms: u64,
+    ) -> Option<pb::MaintenanceProgress> {
+        let t = self.vms.get_mut(vm)?;
+        if t.step == Some(step) && t.host == host && t.detail == detail {
+            return None;
+        }
+        *t = VmTrack { step: Some(step), detail: detail.clone(), host: host.to_string() };
+        Some(pb::MaintenanceProgress {
+            progress: Some(pb::maintenance_progress::Progress::Vm(pb::MaintenanceVmProgress {
+                vm: vm.to_string(),
+                step: step as i32,
+                host: host.to_string(),
+                detail,
+                elapsed_ms: at_ms,
+            })),
+        })
+    }
+
+    /// The first messages: each VM pending, and a note where the policy cannot be followed.
+    pub fn begin(&mut self, at_ms: u64) -> Vec<pb::MaintenanceProgress> {
+        let vms: Vec<String> = self.vms.keys().cloned().collect();
+        let mut out = Vec::new();
+        for vm in vms {
+            let (step, detail) = match self.direction {
+                Direction::Enter(Policy::Migrate) => (
+                    pb::MaintenanceStep::Note,
+                    "live migration is not built yet: moving it with a clean shutdown and a start elsewhere"
+                        .to_string(),
+                ),
+                Direction::Enter(p) => (pb::MaintenanceStep::Pending, format!("will leave ({} policy)", p.name())),
+                Direction::Exit => (pb::MaintenanceStep::Pending, "parked; starts again".to_string()),
+            };
+            out.extend(self.say(&vm, step, &self.me.clone(), detail, at_ms));
+        }
+        out
+    }
+
+    /// A step of a VM's stop on this host.
+    pub fn activity(&mut self, a: &VmActivity, at_ms: u64) -> Option<pb::MaintenanceProgress> {
+        let step = match a.step {
+            VmStep::GuestPreparing => pb::MaintenanceStep::GuestPreparing,
+            VmStep::GuestReady => pb::MaintenanceStep::GuestReady,
+            VmStep::GuestNotReady => pb::MaintenanceStep::GuestNotReady,
+            VmStep::NoGuest => pb::MaintenanceStep::NoGuest,
+            VmStep::ShuttingDown => pb::MaintenanceStep::ShuttingDown,
+            VmStep::Destroyed => pb::MaintenanceStep::Destroyed,
+            VmStep::Stopped => pb::MaintenanceStep::Stopped,
+        };
+        let me = self.me.clone();
+        self.say(&a.group, step, &me, a.detail.clone(), at_ms)
+    }
+
+    /// What the node's status shows about the tracked VMs now.
+    pub fn status(&mut self, st: &pb::GuestStatus, at_ms: u64) -> Vec<pb::MaintenanceProgress> {
+        let mut out = Vec::new();
+        for g in &st.groups {
+            if !self.vms.contains_key(&g.name) || occupies(g, &self.me) && self.direction != Direction::Exit {
+                continue;
+            }
+            let state = pb::GroupState::try_from(g.state).unwrap_or_default();
+            let text = g.not_running.as_ref().map(|n| crate::api::not_running_text(&g.name, n)).unwrap_or_default();
+            let said = match (self.direction, state) {
+                (Direction::Enter(_), pb::GroupState::Started) => {
+                    Some((pb::MaintenanceStep::RunningElsewhere, g.location.clone(), String::new()))
+                }
+                (Direction::Enter(Policy::Shutdown), pb::GroupState::Stopped) => {
+                    Some((pb::MaintenanceStep::Parked, String::new(), "stays stopped until maintenance ends".into()))
+                }
+                (Direction::Enter(_), pb::GroupState::Blocked | pb::GroupState::Failed | pb::GroupState::Stopped) => {
+                    Some((pb::MaintenanceStep::Blocked, String::new(), text))
+                }
+                (Direction::Exit, pb::GroupState::Started) => {
+                    Some((pb::MaintenanceStep::Returned, g.location.clone(), String::new()))
+                }
+                (Direction::Exit, pb::GroupState::Blocked | pb::GroupState::Failed) => {
+                    Some((pb::MaintenanceStep::Blocked, String::new(), text))
+                }
+                _ => None,
+            };
+            if let Some((step, host, detail)) = said {
+                out.extend(self.say(&g.name, step, &host, detail, at_ms));
+            }
+        }
+        out
+    }
+
+    /// The VMs that still occupy this host, with their state, per the node's status.
+    pub fn still_here(&self, st: &pb::GuestStatus) -> Vec<String> {
+        st.groups
+            .iter()
+            .filter(|g| occupies(g, &self.me))
+            .map(|g| {
+                let state = pb::GroupState::try_from(g.state).unwrap_or_default();
+                let last = self.vms.get(&g.name).and_then(|t| t.step).map(|s| {
+                    format!(" (last step: {})", s.as_str_name().trim_start_matches("MAINTENANCE_STEP_").to_lowercase())
+                });
+                let state = state.as_str_name().trim_start_matches("GROUP_STATE_").to_lowercase();
+                format!("{}: {state} here{}", g.name, last.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// Whether every tracked VM reached a final step for this direction.
+    fn all_settled(&self) -> bool {
+        self.vms.values().all(|t| match self.direction {
+            Direction::Enter(_) => matches!(
+                t.step,
+                Some(
+                    pb::MaintenanceStep::RunningElsewhere | pb::MaintenanceStep::Parked | pb::MaintenanceStep::Blocked
+                )
+            ),
+            Direction::Exit => matches!(t.step, Some(pb::MaintenanceStep::Returned | pb::MaintenanceStep::Blocked)),
+        })
+    }
+
+    /// The final message once the call is over: for Enter, once the host holds no VM
+    /// (per the status and per `active_domains`, the HA VMs the hypervisor reports active
+    /// here) and every VM settled or [`SETTLE`] passed; for Exit, once every parked VM runs
+    /// again or is blocked. `None` while it is not over.
+    pub fn done(&mut self, st: &pb::GuestStatus, active_domains: &[String], at_ms: u64) -> Option<pb::MaintenanceDone> {
+        let host = self.me.clone();
+        match self.direction {
+            Direction::Enter(_) => {
+                let here = self.still_here(st);
+                if !here.is_empty() || !active_domains.is_empty() {
+                    self.settled_since = None;
+                    return None;
+                }
+                let since = *self.settled_since.get_or_insert(at_ms);
+                if !self.all_settled() && at_ms.saturating_sub(since) < SETTLE.as_millis() as u64 {
+                    return None;
+                }
+                Some(pb::MaintenanceDone {
+                    summary: format!("host {host} holds no running HA VM and may be powered off"),
+                    host,
+                    complete: true,
+                    blockers: Vec::new(),
+                    elapsed_ms: at_ms,
+                })
+            }
+            Direction::Exit => {
+                if !self.all_settled() {
+                    return None;
+                }
+                let blocked: Vec<String> = self
+                    .vms
+                    .iter()
+                    .filter(|(_, t)| t.step == Some(pb::MaintenanceStep::Blocked))
+                    .map(|(vm, t)| format!("{vm}: {}", t.detail))
+                    .collect();
+                let summary = if blocked.is_empty() {
+                    format!("host {host} is out of maintenance; every VM it parked runs again")
+                } else {
+                    format!("host {host} is out of maintenance; {} parked VM(s) cannot run", blocked.len())
+                };
+                Some(pb::MaintenanceDone {
+                    host,
+                    complete: blocked.is_empty(),
+                    blockers: blocked,
+                    summary,
+                    elapsed_ms: at_ms,
+                })
+            }
+        }
+    }
+
+    /// The final message when the call gives up after its limit.
+    pub fn gave_up(&self, st: &pb::GuestStatus, active_domains: &[String], at_ms: u64) -> pb::MaintenanceDone {
+        let mut blockers = self.still_here(st);
+        for d in active_domains {
+            if !blockers.iter().any(|b| b.starts_with(&format!("{d}:"))) {
+                blockers.push(format!("{d}: still active on the hypervisor"));
+            }
+        }
+        if let Direction::Exit = self.direction {
+            for (vm, t) in &self.vms {
+                if !matches!(t.step, Some(pb::MaintenanceStep::Returned)) {
+                    blockers.push(format!("{vm}: not running yet"));
+                }
+            }
+        }
+        pb::MaintenanceDone {
+            host: self.me.clone(),
+            complete: false,
+            summary: format!("host {}: maintenance step not complete; see blockers", self.me),
+            blockers,
+            elapsed_ms: at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(name: &str, state: pb::GroupState, location: &str) -> pb::GroupStatus {
+        pb::GroupStatus { name: name.into(), state: state as i32, location: location.into(), ..Default::default() }
+    }
+
+    fn status(groups: Vec<pb::GroupStatus>) -> pb::GuestStatus {
+        pb::GuestStatus { node: "h1".into(), groups, ..Default::default() }
+    }
+
+    fn steps(p: &[pb::MaintenanceProgress]) -> Vec<(String, pb::MaintenanceStep, String)> {
+        p.iter()
+            .filter_map(|m| match &m.progress {
+                Some(pb::maintenance_progress::Progress::Vm(v)) => Some((v.vm.clone(), v.step(), v.host.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn failover_reports_each_step_once_and_ends_when_the_host_is_empty() {
+        let mut t = Tracker::new("h1", Direction::Enter(Policy::Failover), ["a".to_string(), "b".to_string()]);
+        let begin = t.begin(0);
+        assert_eq!(steps(&begin).iter().map(|s| s.1).collect::<Vec<_>>(), [pb::MaintenanceStep::Pending; 2]);
+        let a = VmActivity { group: "a".into(), step: VmStep::GuestReady, detail: "1 group moved".into() };
+        assert!(t.activity(&a, 5).is_some());
+        assert!(t.activity(&a, 6).is_none(), "the same step twice is said once");
+        let not_tracked = VmActivity { group: "z".into(), step: VmStep::Stopped, detail: String::new() };
+        assert!(t.activity(&not_tracked, 6).is_none());
+
+        let st = status(vec![group("a", pb::GroupState::Started, "h2"), group("b", pb::GroupState::Stopping, "h1")]);
+        let p = t.status(&st, 10);
+        assert_eq!(steps(&p), [("a".into(), pb::MaintenanceStep::RunningElsewhere, "h2".into())]);
+        assert!(t.done(&st, &[], 10).is_none(), "b still stops here");
+        assert_eq!(t.still_here(&st), ["b: stopping here (last step: pending)".to_string()]);
+
+        let st = status(vec![group("a", pb::GroupState::Started, "h2"), group("b", pb::GroupState::Started, "h3")]);
+        assert!(t.done(&st, &["b".into()], 20).is_none(), "the hypervisor still runs b here");
+        t.status(&st, 20);
+        let done = t.done(&st, &[], 30).expect("done");
+        assert!(done.complete);
+        assert_eq!(done.summary, "host h1 holds no running HA VM and may be powered off");
+    }
+
+    #[test]
+    fn shutdown_parks_and_an_unsettled_vm_delays_the_end_by_settle_at_most() {
+        let mut t = Tracker::new("h1", Direction::Enter(Policy::Shutdown), ["a".to_string(), "b".to_string()]);
+        t.begin(0);
+        let st = status(vec![group("a", pb::GroupState::Stopped, ""), group("b", pb::GroupState::Starting, "h2")]);
+        let p = t.status(&st, 10);
+        assert_eq!(steps(&p), [("a".into(), pb::MaintenanceStep::Parked, String::new())]);
+        assert!(t.done(&st, &[], 10).is_none(), "b has not settled yet");
+        let done = t.done(&st, &[], 10 + SETTLE.as_millis() as u64).expect("done after SETTLE");
+        assert!(done.complete, "the host is empty: b starting elsewhere does not block power-off");
+    }
+
+    #[test]
+    fn migrate_says_it_moves_with_a_shutdown() {
+        let mut t = Tracker::new("h1", Direction::Enter(Policy::Migrate), ["a".to_string()]);
+        let p = t.begin(0);
+        assert_eq!(steps(&p)[0].1, pb::MaintenanceStep::Note);
+        let Some(pb::maintenance_progress::Progress::Vm(v)) = &p[0].progress else { panic!() };
+        assert!(v.detail.contains("live migration is not built"), "{}", v.detail);
+    }
+
+    #[test]
+    fn exit_ends_when_every_parked_vm_runs_or_is_blocked() {
+        let mut t = Tracker::new("h1", Direction::Exit, ["a".to_string(), "b".to_string()]);
+        t.begin(0);
+        let st = status(vec![group("a", pb::GroupState::Started, "h1"), group("b", pb::GroupState::Stopped, "")]);
+        t.status(&st, 10);
+        assert!(t.done(&st, &[], 10).is_none());
+        let mut blocked = group("b", pb::GroupState::Blocked, "");
+        blocked.not_running = Some(pb::NotRunning {
+            reason: pb::NotRunningReason::NoCapacity as i32,
+            node: String::new(),
+            detail: vec!["h1: needs 4096 MiB, 1024 free".into()],
+        });
+        let st = status(vec![group("a", pb::GroupState::Started, "h1"), blocked]);
+        let p = t.status(&st, 20);
+        assert_eq!(steps(&p)[0].1, pb::MaintenanceStep::Blocked);
+        let done = t.done(&st, &[], 20).expect("done");
+        assert!(!done.complete);
+        assert_eq!(done.blockers.len(), 1);
+        assert!(done.blockers[0].starts_with("b: "), "{:?}", done.blockers);
+    }
+
+    #[test]
+    fn giving_up_lists_what_is_still_here() {
+        let t = Tracker::new("h1", Direction::Enter(Policy::Failover), ["a".to_string()]);
+        let st = status(vec![group("a", pb::GroupState::Stopping, "h1")]);
+        let d = t.gave_up(&st, &["a".into(), "x".into()], 99);
+        assert!(!d.complete);
+        assert_eq!(d.blockers, ["a: stopping here".to_string(), "x: still active on the hypervisor".to_string()]);
+    }
+}
