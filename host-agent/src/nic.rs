@@ -232,6 +232,25 @@ impl NicMonitor {
     }
 }
 
+/// Which VMs may not run on this host given the networks' health: for each VM (by group),
+/// the reason it may not (naming every failed network it uses), or `None` when all its
+/// networks work. Networks not read yet count as working: only a failure seen vetoes.
+pub fn vetoes(
+    vm_networks: &BTreeMap<String, Vec<String>>,
+    health: &BTreeMap<String, NetworkHealth>,
+) -> BTreeMap<String, Option<String>> {
+    vm_networks
+        .iter()
+        .map(|(group, nets)| {
+            let failed: Vec<String> = nets
+                .iter()
+                .filter_map(|n| health.get(n).filter(|h| !h.healthy).map(|h| format!("network {n} is down ({})", h.detail)))
+                .collect();
+            (group.clone(), (!failed.is_empty()).then(|| failed.join("; ")))
+        })
+        .collect()
+}
+
 fn ping_interval(hold: Duration) -> Duration {
     (hold / 2).clamp(Duration::from_millis(250), Duration::from_secs(5))
 }
@@ -412,6 +431,27 @@ mod tests {
             ping_targets: Vec::new(),
             hold: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn only_vms_on_a_failed_network_are_vetoed() {
+        let vms: BTreeMap<String, Vec<String>> = [
+            ("web".to_string(), vec!["front".to_string()]),
+            ("db".to_string(), vec!["back".to_string(), "front".to_string()]),
+            ("batch".to_string(), vec!["back".to_string()]),
+            ("lonely".to_string(), vec![]),
+        ]
+        .into();
+        let h = |n: &str, healthy: bool| {
+            (n.to_string(), NetworkHealth { network: n.into(), healthy, detail: format!("{n}-detail") })
+        };
+        let health: BTreeMap<String, NetworkHealth> = [h("front", false), h("back", true)].into();
+        let v = vetoes(&vms, &health);
+        assert_eq!(v["web"].as_deref(), Some("network front is down (front-detail)"));
+        assert_eq!(v["db"].as_deref(), Some("network front is down (front-detail)"));
+        assert_eq!(v["batch"], None);
+        assert_eq!(v["lonely"], None);
+        assert!(vetoes(&vms, &BTreeMap::new()).values().all(Option::is_none), "unknown counts as working");
     }
 
     #[test]
