@@ -244,7 +244,9 @@ pub fn vetoes(
         .map(|(group, nets)| {
             let failed: Vec<String> = nets
                 .iter()
-                .filter_map(|n| health.get(n).filter(|h| !h.healthy).map(|h| format!("network {n} is down ({})", h.detail)))
+                .filter_map(|n| {
+                    health.get(n).filter(|h| !h.healthy).map(|h| format!("network {n} is down ({})", h.detail))
+                })
                 .collect();
             (group.clone(), (!failed.is_empty()).then(|| failed.join("; ")))
         })

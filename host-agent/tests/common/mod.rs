@@ -25,6 +25,8 @@ use tandem_proto::v1::host_agent_client::HostAgentClient;
 use tandem_testkit::netns::{self, ip, iptables};
 use tandem_testkit::{ChildGuard, free_port, require_program};
 
+pub mod guests;
+
 pub const RENEWAL_MS: u64 = 300;
 
 /// One HA VM: name, memory (MiB), vCPUs, preferred hosts in order, and extra `[[group]]`
@@ -35,6 +37,10 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub hosts: Vec<String>,
     pub group_extra: String,
+    /// XML inside the domain's `<devices>` (e.g. `<interface>`s).
+    pub devices: String,
+    /// Extra lines of the VM resource (e.g. `link_key_file = "…"`).
+    pub resource_extra: String,
 }
 
 pub fn vm(name: &str, memory_mib: u64, vcpus: u32, hosts: &[&str]) -> VmSpec {
@@ -44,6 +50,8 @@ pub fn vm(name: &str, memory_mib: u64, vcpus: u32, hosts: &[&str]) -> VmSpec {
         vcpus,
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
         group_extra: String::new(),
+        devices: String::new(),
+        resource_extra: String::new(),
     }
 }
 
@@ -82,6 +90,21 @@ impl HostNet {
         net
     }
 
+    /// The switch's namespace (bridge `br0`).
+    pub fn switch(&self) -> &str {
+        &self.sw
+    }
+
+    /// Plugs namespace `ns` into the switch as `eth0` with address `addr` (/24).
+    pub fn plug(&self, ns: &str, port: &str, addr: &str) {
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &self.sw]);
+        ip(&["-n", &self.sw, "link", "set", port, "master", "br0"]);
+        ip(&["-n", &self.sw, "link", "set", port, "up"]);
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip(&["-n", ns, "link", "set", "eth0", "up"]);
+    }
+
     /// The namespace of host `hN`.
     pub fn of(&self, host: &str) -> &str {
         &self.hosts[host_index(host)]
@@ -109,20 +132,25 @@ impl Drop for HostNet {
     }
 }
 
+/// The UUID of the `i`-th VM (from 0) of a [`Cluster`].
+pub fn vm_uuid(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{:012}", i + 1)
+}
+
 /// `h3` -> 2.
 fn host_index(host: &str) -> usize {
     host[1..].parse::<usize>().unwrap_or_else(|_| panic!("not a host name: {host}")) - 1
 }
 
 /// Moves the calling thread into the network namespace whose file is `ns`.
-fn enter(ns: &std::fs::File) {
+pub fn enter(ns: &std::fs::File) {
     use std::os::fd::AsRawFd;
     // SAFETY: setns(2) on a file we own; it changes only this thread's network namespace.
     let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
-fn open_ns(ns: &str) -> std::fs::File {
+pub fn open_ns(ns: &str) -> std::fs::File {
     let path = format!("/run/netns/{ns}");
     std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"))
 }
@@ -219,15 +247,21 @@ impl Cluster {
     /// Every host on a loopback address. `capacity` (memory MiB, vCPUs) applies to every
     /// host when given.
     pub fn new(hosts: usize, vms: &[VmSpec], capacity: Option<(u64, u32)>) -> Cluster {
-        Cluster::build(hosts, vms, capacity, None)
+        Cluster::build(hosts, vms, capacity, None, "")
     }
 
     /// Every host in a network namespace of its own, on one bridge (see [`HostNet`]).
     pub fn in_netns(hosts: usize, vms: &[VmSpec]) -> Cluster {
-        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)))
+        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)), "")
     }
 
-    fn build(hosts: usize, vms: &[VmSpec], capacity: Option<(u64, u32)>, net: Option<HostNet>) -> Cluster {
+    /// [`Cluster::in_netns`] with `extra` appended to the configuration (top-level tables
+    /// such as `[guest_link]` or `[[network]]`; `{dir}` is replaced by the test directory).
+    pub fn in_netns_with(hosts: usize, vms: &[VmSpec], extra: &str) -> Cluster {
+        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)), extra)
+    }
+
+    fn build(hosts: usize, vms: &[VmSpec], capacity: Option<(u64, u32)>, net: Option<HostNet>, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let cg_root = tandem_lease::cgroup::cgroup2_mount()
             .expect("a cgroup2 mount (the e2e tests put each host in a cgroup)")
@@ -295,23 +329,26 @@ impl Cluster {
             std::fs::write(
                 &xml,
                 format!(
-                    "<domain type='test'>\n  <name>{name}</name>\n  <uuid>00000000-0000-4000-8000-{n:012}</uuid>\n  <memory unit='MiB'>{mem}</memory>\n  \
-                     <vcpu>{vcpus}</vcpu>\n  <os><type arch='i686'>hvm</type></os>\n</domain>\n",
+                    "<domain type='test'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  <memory unit='MiB'>{mem}</memory>\n  \
+                     <vcpu>{vcpus}</vcpu>\n  <os><type arch='i686'>hvm</type></os>\n  <devices>{devices}</devices>\n</domain>\n",
                     name = vm.name,
-                    n = i + 1,
+                    uuid = vm_uuid(i),
                     mem = vm.memory_mib,
                     vcpus = vm.vcpus,
+                    devices = vm.devices,
                 ),
             )
             .unwrap();
             toml += &format!(
-                "[[group]]\nname = \"{name}\"\nnodes = [{list}]\n{extra}\n[[group.resource]]\nname = \"vm\"\nkind = \"vm\"\ndomain = \"{xml}\"\n\n",
+                "[[group]]\nname = \"{name}\"\nnodes = [{list}]\n{extra}\n[[group.resource]]\nname = \"vm\"\nkind = \"vm\"\ndomain = \"{xml}\"\n{res}\n\n",
                 name = vm.name,
                 list = vm.hosts.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
                 extra = vm.group_extra,
                 xml = xml.display(),
+                res = vm.resource_extra.replace("{dir}", &cluster.dir.path().display().to_string()),
             );
         }
+        toml += &extra.replace("{dir}", &cluster.dir.path().display().to_string());
         std::fs::write(cluster.path("host.toml"), toml).unwrap();
         cluster
     }
