@@ -105,6 +105,21 @@ impl HostNet {
         ip(&["-n", ns, "link", "set", "eth0", "up"]);
     }
 
+    /// Gives every host a bridge `br` for VMs, with one port whose far end (`<br>-sw`, the
+    /// "switch") stays in the host's namespace: taking the far end down is a pulled cable.
+    pub fn vm_bridge(&self, br: &str) {
+        let far = format!("{br}-sw");
+        let port = format!("{br}-p");
+        for ns in &self.hosts {
+            ip(&["-n", ns, "link", "add", br, "type", "bridge"]);
+            ip(&["-n", ns, "link", "add", &port, "type", "veth", "peer", "name", &far]);
+            ip(&["-n", ns, "link", "set", &port, "master", br]);
+            for dev in [far.as_str(), port.as_str(), br] {
+                ip(&["-n", ns, "link", "set", dev, "up"]);
+            }
+        }
+    }
+
     /// The namespace of host `hN`.
     pub fn of(&self, host: &str) -> &str {
         &self.hosts[host_index(host)]
