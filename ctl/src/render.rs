@@ -549,6 +549,27 @@ pub fn vms_text(s: &pb::HostClusterStatus) -> String {
     out
 }
 
+/// The answer of `SuspendVm` (`suspended` true) or `ResumeVm`, as JSON or for people.
+pub fn vm_pause(vm: &str, suspended: bool, r: &pb::VmStateReply, json: bool) -> String {
+    if json {
+        let v = json!({
+            "vm": vm,
+            "host": r.host,
+            "domain": r.domain,
+            "state": domain_state(r.state),
+            "reason": (!r.reason.is_empty()).then(|| r.reason.clone()),
+        });
+        return serde_json::to_string_pretty(&v).expect("JSON");
+    }
+    let reason = if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) };
+    let what = if suspended {
+        "suspended; the cluster leaves it paused (no failover); `tandemctl vm resume` lets it run"
+    } else {
+        "resumed"
+    };
+    format!("{what}: VM {vm} (domain {}) on {} is now {}{reason}", r.domain, r.host, domain_state(r.state))
+}
+
 /// `ListDomains` as JSON.
 pub fn domains_json(l: &pb::DomainList) -> Value {
     json!({

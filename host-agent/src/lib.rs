@@ -13,5 +13,6 @@
 
 pub mod api;
 pub mod cluster;
+pub mod fence;
 pub mod hypervisor;
 pub mod vm;

@@ -28,6 +28,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::fence::FenceMarks;
 use crate::hypervisor::{
     CrashedReason, DomainEvent, DomainState, Hypervisor, HypervisorError, PausedReason, RunningReason, ShutoffReason,
 };
@@ -350,6 +351,19 @@ pub fn health_of(state: Option<&DomainState>, expected_off: bool) -> Health {
     }
 }
 
+/// [`health_of`] for a VM that a guest's fence request may have powered off: `fenced` is
+/// the fence mark ([`crate::fence::FenceMarks`]). A fenced VM shows as "shut off,
+/// destroyed", like an administrator's `virsh destroy`; with the mark it is a failure the
+/// cluster recovers (the guest cluster found the VM stalled), not a stop outside the cluster.
+pub fn health_with_fence(state: Option<&DomainState>, expected_off: bool, fenced: Option<&str>) -> Health {
+    match (state, fenced) {
+        (Some(DomainState::Shutoff(ShutoffReason::Destroyed)), Some(why)) if !expected_off => {
+            Health::Failed(why.to_string())
+        }
+        _ => health_of(state, expected_off),
+    }
+}
+
 /// Whether an ACPI power-button press can reach the guest in this state (a paused or
 /// crashed guest never reacts to it).
 fn acpi_reaches(state: &DomainState) -> bool {
@@ -391,6 +405,8 @@ pub struct VmResource {
     call_timeout: Duration,
     /// This agent asked the VM to stop, or has not started it since the agent began.
     expected_off: AtomicBool,
+    /// VMs powered off by guests' fence requests (see [`health_with_fence`]).
+    fence_marks: Option<FenceMarks>,
 }
 
 impl VmResource {
@@ -411,7 +427,15 @@ impl VmResource {
             shutdown_timeout: config.shutdown_timeout,
             call_timeout: DEFAULT_CALL_TIMEOUT,
             expected_off: AtomicBool::new(true),
+            fence_marks: None,
         }
+    }
+
+    /// Reads the fence marks of this host's fencer: a VM a guest fenced is reported failed
+    /// (and recovered), not stopped outside the cluster.
+    pub fn with_fence_marks(mut self, marks: FenceMarks) -> VmResource {
+        self.fence_marks = Some(marks);
+        self
     }
 
     /// Loads the domain XML `config.domain` and builds the resource; a definition that
@@ -663,6 +687,10 @@ impl Resource for VmResource {
         Box::pin(async move {
             tracing::info!(resource = %self.id, domain = %self.def.name, uuid = %self.def.uuid,
                 uri = %self.hv.uri(), token = ctx.token, "starting the VM");
+            // A fence mark is about the run that was fenced, not about this one.
+            if let Some(m) = &self.fence_marks {
+                m.clear(&self.def.uuid);
+            }
             match self.start_domain().await {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
@@ -705,7 +733,10 @@ impl Resource for VmResource {
     fn check(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             match self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
-                Ok(state) => health_of(state.as_ref(), self.expected_off.load(Ordering::SeqCst)),
+                Ok(state) => {
+                    let fenced = self.fence_marks.as_ref().and_then(|m| m.get(&self.def.uuid));
+                    health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
+                }
                 // Unknown is not stopped: the VM may well run.
                 Err(fault) => Health::Failed(format!("cannot tell whether the VM runs: {}", self.describe(&fault))),
             }
@@ -717,12 +748,20 @@ impl Resource for VmResource {
 #[derive(Debug, Clone)]
 pub struct HostResources {
     hypervisor: Arc<dyn Hypervisor>,
+    fence_marks: Option<FenceMarks>,
 }
 
 impl HostResources {
     /// Resources on `hypervisor` (the node's one connection).
     pub fn new(hypervisor: Arc<dyn Hypervisor>) -> HostResources {
-        HostResources { hypervisor }
+        HostResources { hypervisor, fence_marks: None }
+    }
+
+    /// VM resources that read the fence marks of this host's fencer
+    /// ([`crate::fence::VmFencer::marks`]).
+    pub fn with_fence_marks(mut self, marks: FenceMarks) -> HostResources {
+        self.fence_marks = Some(marks);
+        self
     }
 
     /// The hypervisor the resources run on.
@@ -739,7 +778,13 @@ impl HostResources {
     ) -> Result<VmResource, ResourceError> {
         check_name(group, spec)?;
         match &spec.kind {
-            ResourceKind::Vm(config) => VmResource::build(group, &spec.name, config, self.hypervisor.clone()),
+            ResourceKind::Vm(config) => {
+                let vm = VmResource::build(group, &spec.name, config, self.hypervisor.clone())?;
+                Ok(match &self.fence_marks {
+                    Some(m) => vm.with_fence_marks(m.clone()),
+                    None => vm,
+                })
+            }
             other => Err(ResourceError::config(
                 &format!("{group}/{}", spec.name),
                 format!(
@@ -997,6 +1042,21 @@ mod tests {
                 assert!(matches!(off(reason), Health::Failed(_)), "{reason:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_fenced_vm_is_a_failure_not_a_stop_outside() {
+        let destroyed = DomainState::Shutoff(ShutoffReason::Destroyed);
+        let why = "powered off by a fence request of VM pg2 (guest cluster pg)";
+        assert_eq!(health_with_fence(Some(&destroyed), false, Some(why)), Health::Failed(why.into()));
+        // Without the mark it is an administrator's destroy.
+        assert!(is_stopped_outside(&health_with_fence(Some(&destroyed), false, None), "forced off"));
+        // Our own stop stays ours; other states are not affected by a mark.
+        assert_eq!(health_with_fence(Some(&destroyed), true, Some(why)), Health::Stopped);
+        let shutdown = DomainState::Shutoff(ShutoffReason::Shutdown);
+        assert!(is_stopped_outside(&health_with_fence(Some(&shutdown), false, Some(why)), "inside the guest"));
+        let paused = DomainState::Paused(PausedReason::User);
+        assert_eq!(health_with_fence(Some(&paused), false, Some(why)), Health::Running);
     }
 
     #[test]
