@@ -812,3 +812,433 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{
+        BoxFuture as HvFuture, DomainEvent, DomainInfo, HostCapacity, MigrationMode, PausedReason, RunningReason,
+        ShutoffReason,
+    };
+    use tandem_node::api::{ControlError, OperatorAck, OperatorRequest};
+    use tokio::sync::mpsc;
+
+    const PG1: &str = "00000000-0000-4000-8000-000000000001";
+    const PG2: &str = "00000000-0000-4000-8000-000000000002";
+    const WEB: &str = "00000000-0000-4000-8000-000000000003";
+    const LONE: &str = "00000000-0000-4000-8000-000000000004";
+
+    fn vms() -> Vec<FenceableVm> {
+        let vm = |group: &str, uuid: &str, gc: Option<&str>| FenceableVm {
+            group: group.into(),
+            domain: format!("{group}-dom"),
+            uuid: Uuid::parse_str(uuid).unwrap(),
+            guest_cluster: gc.map(str::to_string),
+        };
+        vec![
+            vm("pg1", PG1, Some("pg")),
+            vm("pg2", PG2, Some("pg")),
+            vm("web", WEB, Some("www")),
+            vm("lone", LONE, None),
+        ]
+    }
+
+    // ------------------------------------------------------------ authorization
+
+    #[test]
+    fn only_peers_of_one_guest_cluster_may_fence_each_other() {
+        let vms = vms();
+        let (a, t) = authorize(&vms, PG1, PG2).unwrap();
+        assert_eq!((a.group.as_str(), t.group.as_str()), ("pg1", "pg2"));
+        // Case and spaces of the UUID text do not matter.
+        assert!(authorize(&vms, &PG2.to_uppercase(), &format!(" {PG1} ")).is_ok());
+
+        let e = authorize(&vms, WEB, PG2).unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(e.to_string().contains("VM web (guest cluster www) may not fence VM pg2 (guest cluster pg)"), "{e}");
+        // No guest cluster on either side: nobody may.
+        let e = authorize(&vms, LONE, PG2).unwrap_err();
+        assert!(e.to_string().contains("(guest cluster none)"), "{e}");
+        assert!(matches!(authorize(&vms, PG1, LONE), Err(FenceError::OtherGuestCluster { .. })));
+
+        let e = authorize(&vms, PG1, PG1).unwrap_err();
+        assert!(matches!(e, FenceError::SelfFence(ref v) if v == "pg1"), "{e:?}");
+        assert_eq!(e.code(), Code::PermissionDenied);
+
+        let stranger = "00000000-0000-4000-8000-0000000000ff";
+        assert!(matches!(authorize(&vms, stranger, PG2), Err(FenceError::UnknownAsker { .. })));
+        assert!(matches!(authorize(&vms, "not-a-uuid", PG2), Err(FenceError::UnknownAsker { .. })));
+        let e = authorize(&vms, PG1, stranger).unwrap_err();
+        assert!(matches!(e, FenceError::UnknownTarget { .. }) && e.code() == Code::PermissionDenied, "{e:?}");
+        let e = authorize(&vms, PG1, "pg2").unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+
+    // ------------------------------------------------------------ where it runs
+
+    fn node(name: &str, state: pb::NodeState, local: bool) -> pb::NodeStatus {
+        pb::NodeStatus { name: name.into(), id: 0, state: state as i32, local, links: vec![] }
+    }
+
+    fn status(group: pb::GroupStatus) -> pb::GuestStatus {
+        pb::GuestStatus {
+            node: "h1".into(),
+            node_id: 1,
+            quorum: true,
+            nodes: vec![
+                node("h1", pb::NodeState::Up, true),
+                node("h2", pb::NodeState::Up, false),
+                node("h3", pb::NodeState::Down, false),
+            ],
+            groups: vec![group],
+            ..Default::default()
+        }
+    }
+
+    fn group(state: pb::GroupState, location: &str, reason: Option<pb::NotRunningReason>) -> pb::GroupStatus {
+        pb::GroupStatus {
+            name: "pg2".into(),
+            state: state as i32,
+            location: location.into(),
+            not_running: reason.map(|r| pb::NotRunning { reason: r as i32, node: location.into(), detail: vec![] }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_decision_table() {
+        use pb::GroupState as G;
+        use pb::NotRunningReason as R;
+        let at = |g| locate(&status(g), "pg2");
+        assert_eq!(at(group(G::Started, "h1", None)), Location::Here);
+        assert_eq!(at(group(G::Starting, "h1", None)), Location::Here);
+        assert_eq!(at(group(G::Stopping, "h1", None)), Location::Here);
+        assert_eq!(at(group(G::Failed, "h1", None)), Location::Here);
+        assert_eq!(at(group(G::Started, "h2", None)), Location::Peer("h2".into()));
+        // A lost holder whose lease the engine saw dead: the takeover reasons.
+        for r in [R::TakeoverPending, R::NoEligibleNode, R::NoCapacity] {
+            assert_eq!(at(group(G::Blocked, "h3", Some(r))), Location::DeadHost("h3".into()), "{r:?}");
+        }
+        // A lost holder whose lease is alive (partitioned or stalled), or not fenced yet.
+        for (r, says) in [(R::WaitingForLease, "host lease is alive"), (R::WaitingForFence, "not fenced yet")] {
+            match at(group(G::Blocked, "h3", Some(r))) {
+                Location::Unknown(why) => assert!(why.contains(says) && why.contains("h3"), "{why}"),
+                other => panic!("{r:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(at(group(G::Blocked, "h3", Some(R::NoQuorum))), Location::Unknown(_)));
+        // A holder nobody has heard of at all.
+        assert!(matches!(at(group(G::Blocked, "h9", Some(R::TakeoverPending))), Location::DeadHost(_)));
+        assert!(matches!(at(group(G::Started, "h9", None)), Location::Unknown(_)));
+        // Held by nobody.
+        for (s, r) in [
+            (G::Stopped, Some(R::OperatorStopped)),
+            (G::Failed, Some(R::FailoverLimitReached)),
+            (G::Blocked, Some(R::NoEligibleNode)),
+        ] {
+            assert_eq!(at(group(s, "", r)), Location::NotHeld, "{s:?}");
+        }
+        assert!(matches!(at(group(G::Started, "", None)), Location::Unknown(_)));
+        // This host cannot judge: probing, self-fenced, or the group unknown.
+        let mut s = status(group(G::Started, "h1", None));
+        s.probing = true;
+        assert!(matches!(locate(&s, "pg2"), Location::Unknown(w) if w.contains("probing")));
+        let mut s = status(group(G::Started, "h1", None));
+        s.self_fenced = true;
+        assert!(matches!(locate(&s, "pg2"), Location::Unknown(w) if w.contains("self-fenced")));
+        assert!(matches!(locate(&status(group(G::Started, "h1", None)), "other"), Location::Unknown(_)));
+    }
+
+    // ------------------------------------------------------------ the whole request, on fakes
+
+    /// One domain, `pg2`, on a hypervisor that changes state as asked.
+    #[derive(Debug)]
+    struct FakeHv {
+        state: Mutex<Option<DomainState>>,
+        destroys: Mutex<u32>,
+    }
+
+    impl FakeHv {
+        fn with(state: Option<DomainState>) -> Arc<FakeHv> {
+            Arc::new(FakeHv { state: Mutex::new(state), destroys: Mutex::new(0) })
+        }
+        fn state_now(&self) -> Option<DomainState> {
+            *self.state.lock().unwrap()
+        }
+        fn missing(&self, domain: &str) -> HypervisorError {
+            HypervisorError::NoSuchDomain { uri: "fake://".into(), domain: domain.into() }
+        }
+    }
+
+    impl Hypervisor for FakeHv {
+        fn uri(&self) -> &str {
+            "fake://"
+        }
+        fn list_domains(&self) -> HvFuture<'_, Result<Vec<DomainInfo>, HypervisorError>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+        fn domain_info<'a>(&'a self, d: &'a str) -> HvFuture<'a, Result<DomainInfo, HypervisorError>> {
+            Box::pin(async move { Err(self.missing(d)) })
+        }
+        fn define<'a>(&'a self, _: &'a str) -> HvFuture<'a, Result<DomainInfo, HypervisorError>> {
+            Box::pin(async move { Err(self.missing("define")) })
+        }
+        fn undefine<'a>(&'a self, _: &'a str) -> HvFuture<'a, Result<(), HypervisorError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn start<'a>(&'a self, _: &'a str) -> HvFuture<'a, Result<(), HypervisorError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn shutdown<'a>(&'a self, _: &'a str) -> HvFuture<'a, Result<(), HypervisorError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn destroy<'a>(&'a self, d: &'a str) -> HvFuture<'a, Result<(), HypervisorError>> {
+            Box::pin(async move {
+                let mut s = self.state.lock().unwrap();
+                match *s {
+                    None => Err(self.missing(d)),
+                    Some(x) if x.is_off() => Err(HypervisorError::InvalidState {
+                        op: "destroy",
+                        domain: d.into(),
+                        uri: "fake://".into(),
+                        source: "the domain is not running".into(),
+                    }),
+                    Some(_) => {
+                        *s = Some(DomainState::Shutoff(ShutoffReason::Destroyed));
+                        *self.destroys.lock().unwrap() += 1;
+                        Ok(())
+                    }
+                }
+            })
+        }
+        fn state<'a>(&'a self, d: &'a str) -> HvFuture<'a, Result<DomainState, HypervisorError>> {
+            Box::pin(async move { self.state_now().ok_or_else(|| self.missing(d)) })
+        }
+        fn domain_xml<'a>(&'a self, d: &'a str) -> HvFuture<'a, Result<String, HypervisorError>> {
+            Box::pin(async move { Err(self.missing(d)) })
+        }
+        fn migrate<'a>(
+            &'a self,
+            d: &'a str,
+            _: &'a str,
+            _: MigrationMode,
+        ) -> HvFuture<'a, Result<(), HypervisorError>> {
+            Box::pin(async move { Err(self.missing(d)) })
+        }
+        fn capacity(&self) -> HvFuture<'_, Result<HostCapacity, HypervisorError>> {
+            Box::pin(async {
+                Ok(HostCapacity { total_memory_kib: 1 << 20, free_memory_kib: None, cpus: 1, cpu_mhz: 0 })
+            })
+        }
+        fn subscribe(&self) -> broadcast::Receiver<DomainEvent> {
+            broadcast::channel(1).1
+        }
+    }
+
+    struct FakeNode(pb::GuestStatus);
+
+    impl Control for FakeNode {
+        fn status(&self) -> BoxFuture<'_, Result<pb::GuestStatus, ControlError>> {
+            Box::pin(async move { Ok(self.0.clone()) })
+        }
+        fn operator(&self, _: OperatorRequest) -> BoxFuture<'_, Result<OperatorAck, ControlError>> {
+            Box::pin(async { Err(ControlError::Internal("not in this test".into())) })
+        }
+        fn deliver(&self, _: u64, _: OperatorRequest) -> BoxFuture<'_, Result<(), ControlError>> {
+            Box::pin(async { Err(ControlError::Internal("not in this test".into())) })
+        }
+        fn prepare_shutdown(&self) -> BoxFuture<'_, Result<mpsc::Receiver<pb::ShutdownProgress>, ControlError>> {
+            Box::pin(async { Err(ControlError::Internal("not in this test".into())) })
+        }
+        fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
+            broadcast::channel(1).1
+        }
+    }
+
+    /// Records what is forwarded and answers POWERED_OFF from the host it was sent to.
+    #[derive(Debug, Default)]
+    struct FakePeers(Mutex<Vec<(String, String, u32)>>);
+
+    impl FenceForwarding for FakePeers {
+        fn forward<'a>(
+            &'a self,
+            host: &'a str,
+            asker: &'a str,
+            request: FenceVmRequest,
+            timeout: Duration,
+        ) -> BoxFuture<'a, Result<FenceVmResponse, Status>> {
+            Box::pin(async move {
+                assert!(timeout <= Duration::from_millis(request.timeout_ms.into()) + Duration::from_millis(1));
+                self.0.lock().unwrap().push((host.to_string(), asker.to_string(), request.timeout_ms));
+                Ok(FenceVmResponse {
+                    outcome: FenceVmOutcome::PoweredOff as i32,
+                    hypervisor: host.to_string(),
+                    detail: "fake".into(),
+                })
+            })
+        }
+    }
+
+    struct Setup {
+        fencer: VmFencer,
+        hv: Arc<FakeHv>,
+        peers: Arc<FakePeers>,
+        events: broadcast::Receiver<pb::Event>,
+    }
+
+    /// h1's fencer: h2 is a peer, h3 lost; h3 self-fences its VMs away only if `h3_stops`.
+    fn setup(g: pb::GroupStatus, here: Option<DomainState>, h3_stops: bool, lease_valid: bool) -> Setup {
+        let hv = FakeHv::with(here);
+        let peers = Arc::new(FakePeers::default());
+        let hosts = [("h1", true), ("h2", true), ("h3", h3_stops)]
+            .into_iter()
+            .map(|(n, stops)| (n.to_string(), FenceHost { name: n.into(), api: None, self_fence_stops_vms: stops }))
+            .collect();
+        let fencer = VmFencer::from_parts("h1", vms(), hosts, hv.clone(), peers.clone());
+        let events = fencer.subscribe();
+        fencer.bind(Arc::new(FakeNode(status(g))), Arc::new(move || lease_valid));
+        Setup { fencer, hv, peers, events }
+    }
+
+    fn request(target: &str) -> FenceVmRequest {
+        FenceVmRequest {
+            vm_uuid: target.into(),
+            cluster: "pg".into(),
+            node_name: "pg-b".into(),
+            node_id: 2,
+            timeout_ms: 5000,
+        }
+    }
+
+    fn notice(rx: &mut broadcast::Receiver<pb::Event>) -> String {
+        match rx.try_recv().expect("an event").kind {
+            Some(pb::event::Kind::Notice(pb::Notice { notice: Some(pb::notice::Notice::Text(t)) })) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const RUNNING: DomainState = DomainState::Running(RunningReason::Booted);
+
+    #[tokio::test]
+    async fn here_the_vm_is_destroyed_confirmed_off_and_marked_as_fenced() {
+        use pb::GroupState as G;
+        let mut s = setup(group(G::Started, "h1", None), Some(RUNNING), true, true);
+        let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+        assert_eq!((r.outcome(), r.hypervisor.as_str()), (FenceVmOutcome::PoweredOff, "h1"));
+        assert_eq!(s.hv.state_now(), Some(DomainState::Shutoff(ShutoffReason::Destroyed)));
+        let mark = s.fencer.marks().get(&Uuid::parse_str(PG2).unwrap()).expect("marked");
+        assert!(mark.contains("fence request of VM pg1 (guest cluster pg)"), "{mark}");
+        let text = notice(&mut s.events);
+        assert!(text.contains("pg2") && text.contains("asked by VM pg1") && text.contains("PoweredOff"), "{text}");
+
+        // Again: already off, nothing destroyed twice, the mark stays (it was fenced).
+        let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+        assert_eq!(r.outcome(), FenceVmOutcome::AlreadyOff);
+        assert_eq!(*s.hv.destroys.lock().unwrap(), 1);
+        assert!(s.fencer.marks().get(&Uuid::parse_str(PG2).unwrap()).is_some());
+
+        // A paused VM is destroyed too (a stalled guest is exactly what is fenced).
+        let s = setup(group(G::Started, "h1", None), Some(DomainState::Paused(PausedReason::User)), true, true);
+        let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+        assert_eq!(r.outcome(), FenceVmOutcome::PoweredOff);
+    }
+
+    #[tokio::test]
+    async fn already_off_here_leaves_no_mark() {
+        let s = setup(
+            group(pb::GroupState::Stopping, "h1", None),
+            Some(DomainState::Shutoff(ShutoffReason::Shutdown)),
+            true,
+            true,
+        );
+        let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+        assert_eq!(r.outcome(), FenceVmOutcome::AlreadyOff);
+        assert!(s.fencer.marks().get(&Uuid::parse_str(PG2).unwrap()).is_none());
+        assert_eq!(*s.hv.destroys.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn on_a_live_peer_it_is_forwarded_once_with_the_asker_and_a_bounded_timeout() {
+        let s = setup(group(pb::GroupState::Started, "h2", None), None, true, true);
+        let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+        assert_eq!((r.outcome(), r.hypervisor.as_str()), (FenceVmOutcome::PoweredOff, "h2"));
+        let sent = s.peers.0.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1);
+        assert_eq!((sent[0].0.as_str(), sent[0].1.as_str()), ("h2", PG1));
+        assert!(sent[0].2 > 0 && sent[0].2 <= 4500, "timeout {} within 90% of 5000 ms", sent[0].2);
+
+        // A forwarded request that finds the VM elsewhere is not forwarded again.
+        let e = s.fencer.fence_forwarded("h3", PG1, request(PG2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("h3 forwarded") && e.message().contains("sees it on h2"), "{e}");
+        assert_eq!(s.peers.0.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dead_host_answers_off_only_when_its_self_fence_stops_its_vms() {
+        let g = || group(pb::GroupState::Blocked, "h3", Some(pb::NotRunningReason::TakeoverPending));
+        let s = setup(g(), None, true, true);
+        let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+        assert_eq!((r.outcome(), r.hypervisor.as_str()), (FenceVmOutcome::AlreadyOff, "h3"));
+        assert!(r.detail.contains("host lease is dead"), "{}", r.detail);
+
+        let s = setup(g(), None, false, true);
+        let e = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(
+            e.message().contains("host h3 is dead but its QEMU processes are not fenced by Tandem"),
+            "{}",
+            e.message()
+        );
+        assert!(s.peers.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_silent_holder_with_a_live_lease_is_never_a_success() {
+        let g = group(pb::GroupState::Blocked, "h3", Some(pb::NotRunningReason::WaitingForLease));
+        let mut s = setup(g, None, true, true);
+        let e = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("host lease is alive"), "{}", e.message());
+        assert!(notice(&mut s.events).contains("not confirmed"));
+    }
+
+    #[tokio::test]
+    async fn not_held_anywhere_is_already_off_once_this_hypervisor_agrees() {
+        let g = || group(pb::GroupState::Stopped, "", Some(pb::NotRunningReason::OperatorStopped));
+        for here in [None, Some(DomainState::Shutoff(ShutoffReason::Destroyed))] {
+            let s = setup(g(), here, true, true);
+            let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+            assert_eq!(r.outcome(), FenceVmOutcome::AlreadyOff, "{here:?}");
+        }
+        // Running here although nobody holds its lease: powered off, not reported off.
+        let s = setup(g(), Some(RUNNING), true, true);
+        let r = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap();
+        assert_eq!(r.outcome(), FenceVmOutcome::PoweredOff);
+        assert!(s.hv.state_now().unwrap().is_off());
+    }
+
+    #[tokio::test]
+    async fn refusals_touch_nothing_and_are_published() {
+        let mut s = setup(group(pb::GroupState::Started, "h1", None), Some(RUNNING), true, true);
+        let e = s.fencer.fence_vm(WEB, request(PG2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(notice(&mut s.events).contains("refused"));
+        let e = s.fencer.fence_vm(PG2, request(PG2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(e.message().contains("fence itself"), "{}", e.message());
+        assert_eq!(s.hv.state_now(), Some(RUNNING));
+
+        // A host whose lease expired answers nothing.
+        let s = setup(group(pb::GroupState::Started, "h1", None), Some(RUNNING), true, false);
+        let e = s.fencer.fence_vm(PG1, request(PG2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert_eq!(s.hv.state_now(), Some(RUNNING));
+
+        // Nor does a fencer not yet bound to its node.
+        let unbound =
+            VmFencer::from_parts("h1", vms(), BTreeMap::new(), FakeHv::with(None), Arc::new(FakePeers::default()));
+        let e = unbound.fence_vm(PG1, request(PG2)).await.unwrap_err();
+        assert!(e.code() == Code::Unavailable && e.message().contains("starting"), "{e}");
+    }
+}
