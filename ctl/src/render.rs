@@ -630,6 +630,27 @@ mod tests {
     }
 
     #[test]
+    fn pause_answers_name_host_state_and_reason() {
+        let r = pb::VmStateReply {
+            host: "hv1".into(),
+            domain: "db-vm".into(),
+            state: pb::DomainState::Paused as i32,
+            reason: "user".into(),
+        };
+        assert_eq!(
+            vm_pause("db", true, &r, false),
+            "suspended; the cluster leaves it paused (no failover); `tandemctl vm resume` lets it run: VM db \
+             (domain db-vm) on hv1 is now paused (user)"
+        );
+        let v: Value = serde_json::from_str(&vm_pause("db", true, &r, true)).unwrap();
+        assert_eq!(v, json!({"vm": "db", "host": "hv1", "domain": "db-vm", "state": "paused", "reason": "user"}));
+        let r = pb::VmStateReply { state: pb::DomainState::Running as i32, reason: String::new(), ..r };
+        assert_eq!(vm_pause("db", false, &r, false), "resumed: VM db (domain db-vm) on hv1 is now running");
+        let v: Value = serde_json::from_str(&vm_pause("db", false, &r, true)).unwrap();
+        assert_eq!(v["reason"], Value::Null);
+    }
+
+    #[test]
     fn clock_is_utc_time_of_day() {
         assert_eq!(clock(86_400_000 + 3_723_004), "01:02:03.004");
     }
