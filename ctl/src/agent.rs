@@ -129,6 +129,23 @@ pub enum VmVerb {
         #[arg(long, value_name = "FILE")]
         path: String,
     },
+    /// Pause the VM's vCPUs (its memory is kept). A paused VM is not treated as failed and
+    /// is started nowhere else. Ask the agent of the host that runs the VM.
+    Suspend {
+        /// The VM (its name in the cluster, or its domain name).
+        vm: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a paused VM run again. Ask the agent of the host that runs the VM.
+    Resume {
+        /// The VM (its name in the cluster, or its domain name).
+        vm: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// An API verb with its options.
@@ -479,6 +496,16 @@ async fn run_async(conn: &Connection, verb: Verb) -> Result<u8, Failure> {
                          it (`tandemctl vms` shows where)",
                         done.domain, done.host, done.path
                     );
+                    return Ok(EXIT_OK);
+                }
+                VmVerb::Suspend { vm, json } => {
+                    let done = agent.host_call(c.suspend_vm(pb::VmRequest { vm: vm.clone() })).await?;
+                    println!("{}", render::vm_pause(&vm, true, &done, json));
+                    return Ok(EXIT_OK);
+                }
+                VmVerb::Resume { vm, json } => {
+                    let done = agent.host_call(c.resume_vm(pb::VmRequest { vm: vm.clone() })).await?;
+                    println!("{}", render::vm_pause(&vm, false, &done, json));
                     return Ok(EXIT_OK);
                 }
                 VmVerb::Start { vm } => {

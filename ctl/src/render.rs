@@ -549,6 +549,27 @@ pub fn vms_text(s: &pb::HostClusterStatus) -> String {
     out
 }
 
+/// The answer of `SuspendVm` (`suspended` true) or `ResumeVm`, as JSON or for people.
+pub fn vm_pause(vm: &str, suspended: bool, r: &pb::VmStateReply, json: bool) -> String {
+    if json {
+        let v = json!({
+            "vm": vm,
+            "host": r.host,
+            "domain": r.domain,
+            "state": domain_state(r.state),
+            "reason": (!r.reason.is_empty()).then(|| r.reason.clone()),
+        });
+        return serde_json::to_string_pretty(&v).expect("JSON");
+    }
+    let reason = if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) };
+    let what = if suspended {
+        "suspended; the cluster leaves it paused (no failover); `tandemctl vm resume` lets it run"
+    } else {
+        "resumed"
+    };
+    format!("{what}: VM {vm} (domain {}) on {} is now {}{reason}", r.domain, r.host, domain_state(r.state))
+}
+
 /// `ListDomains` as JSON.
 pub fn domains_json(l: &pb::DomainList) -> Value {
     json!({
@@ -606,6 +627,27 @@ mod tests {
         assert_eq!(group_state(99), "unknown(99)");
         assert_eq!(host_state(pb::HostState::Self_ as i32), "self");
         assert_eq!(domain_state(pb::DomainState::PmSuspended as i32), "pm-suspended");
+    }
+
+    #[test]
+    fn pause_answers_name_host_state_and_reason() {
+        let r = pb::VmStateReply {
+            host: "hv1".into(),
+            domain: "db-vm".into(),
+            state: pb::DomainState::Paused as i32,
+            reason: "user".into(),
+        };
+        assert_eq!(
+            vm_pause("db", true, &r, false),
+            "suspended; the cluster leaves it paused (no failover); `tandemctl vm resume` lets it run: VM db \
+             (domain db-vm) on hv1 is now paused (user)"
+        );
+        let v: Value = serde_json::from_str(&vm_pause("db", true, &r, true)).unwrap();
+        assert_eq!(v, json!({"vm": "db", "host": "hv1", "domain": "db-vm", "state": "paused", "reason": "user"}));
+        let r = pb::VmStateReply { state: pb::DomainState::Running as i32, reason: String::new(), ..r };
+        assert_eq!(vm_pause("db", false, &r, false), "resumed: VM db (domain db-vm) on hv1 is now running");
+        let v: Value = serde_json::from_str(&vm_pause("db", false, &r, true)).unwrap();
+        assert_eq!(v["reason"], Value::Null);
     }
 
     #[test]

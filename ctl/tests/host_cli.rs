@@ -330,7 +330,7 @@ fn vm_dump_writes_the_guest_s_memory_and_is_refused_where_the_vm_does_not_run() 
     *agent.fake.db_on.lock().unwrap() = "hv2".into();
     let (code, _, err) = run(tandemctl(&url).args(["vm", "dump", "db", "--path", "/tmp/never.core"]));
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("VM db runs on hv2, not on hv1; send the dump to hv2's agent"), "{err}");
+    assert!(err.contains("VM db runs on hv2, not on hv1; send the request to hv2's agent"), "{err}");
     assert!(!std::path::Path::new("/tmp/never.core").exists());
 
     // Bad arguments: a relative path is refused by the agent, a missing one by tandemctl.

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::fence::{ASKER_METADATA, FORWARDED_BY_METADATA, VmFencer};
 use crate::hypervisor::{DomainInfo, DomainState, Hypervisor, HypervisorError};
 
 use pb::host_agent_server::{HostAgent, HostAgentServer};
@@ -105,7 +106,7 @@ pub enum HostApiError {
     )]
     DumpTarget(String),
     /// The VM runs on another host (`FAILED_PRECONDITION`).
-    #[error("VM {vm} runs on {host}, not on {me}; send the dump to {host}'s agent (tandemctl --endpoint)")]
+    #[error("VM {vm} runs on {host}, not on {me}; send the request to {host}'s agent (tandemctl --endpoint)")]
     RunsElsewhere {
         /// The VM.
         vm: String,
@@ -116,7 +117,9 @@ pub enum HostApiError {
     },
     /// The VM does not run here and, as far as this host knows, nowhere else
     /// (`FAILED_PRECONDITION`).
-    #[error("VM {vm} is not running on {me} ({state}) nor anywhere else this host knows of; there is nothing to dump")]
+    #[error(
+        "VM {vm} is not running on {me} ({state}) nor anywhere else this host knows of; there is nothing to act on"
+    )]
     NotRunning {
         /// The VM.
         vm: String,
@@ -133,6 +136,22 @@ pub enum HostApiError {
         vm: String,
         /// The file.
         path: String,
+        /// The hypervisor's error with its causes.
+        detail: String,
+        /// The gRPC code that fits the hypervisor's error.
+        code: tonic::Code,
+    },
+    /// The hypervisor refused or failed a suspend or resume (`FAILED_PRECONDITION` when
+    /// the domain's state did not allow it, `UNIMPLEMENTED` when the backend cannot,
+    /// `INTERNAL` otherwise).
+    #[error("{call} of VM {vm} on {me} failed: {detail}")]
+    PauseFailed {
+        /// The call.
+        call: &'static str,
+        /// The VM.
+        vm: String,
+        /// The answering host.
+        me: String,
         /// The hypervisor's error with its causes.
         detail: String,
         /// The gRPC code that fits the hypervisor's error.
@@ -162,7 +181,7 @@ impl From<HostApiError> for Status {
             HostApiError::LeaseExpired | HostApiError::Hypervisor(_) => tonic::Code::Unavailable,
             HostApiError::DumpPath(_) | HostApiError::DumpTarget(_) => tonic::Code::InvalidArgument,
             HostApiError::RunsElsewhere { .. } | HostApiError::NotRunning { .. } => tonic::Code::FailedPrecondition,
-            HostApiError::DumpFailed { code, .. } => *code,
+            HostApiError::DumpFailed { code, .. } | HostApiError::PauseFailed { code, .. } => *code,
             HostApiError::DumpTimeout { .. } => tonic::Code::DeadlineExceeded,
         };
         Status::new(code, e.to_string())
@@ -175,15 +194,41 @@ pub const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600
 
 /// The `HostAgent` service as an extension of the node API: hand it to the node with
 /// `AgentOptions::api_extensions`. `hosts` and `vms` are the cluster's hosts and HA VMs.
+/// `FenceVm` answers `UNIMPLEMENTED` (see [`host_api_with_fencer`]).
 pub fn host_api(hypervisor: Arc<dyn Hypervisor>, hosts: Vec<HostFacts>, vms: Vec<VmFacts>) -> ApiExtension {
+    extension(hypervisor, hosts, vms, None)
+}
+
+/// [`host_api`] with guest fencing: `FenceVm` is answered by `fencer`, which is bound to
+/// the running node when the API starts ([`VmFencer::bind`]), and `WatchEvents` carries
+/// its events too.
+pub fn host_api_with_fencer(
+    hypervisor: Arc<dyn Hypervisor>,
+    hosts: Vec<HostFacts>,
+    vms: Vec<VmFacts>,
+    fencer: VmFencer,
+) -> ApiExtension {
+    extension(hypervisor, hosts, vms, Some(fencer))
+}
+
+fn extension(
+    hypervisor: Arc<dyn Hypervisor>,
+    hosts: Vec<HostFacts>,
+    vms: Vec<VmFacts>,
+    fencer: Option<VmFencer>,
+) -> ApiExtension {
     Arc::new(move |ctx: &ApiContext| {
-        host_service(
+        if let Some(f) = &fencer {
+            f.bind(ctx.control.clone(), ctx.lease_valid.clone());
+        }
+        service(
             ctx.plan.my_name.clone(),
             ctx.control.clone(),
             ctx.lease_valid.clone(),
             hypervisor.clone(),
             hosts.clone(),
             vms.clone(),
+            fencer.clone(),
         )
     })
 }
@@ -199,8 +244,20 @@ pub fn host_service(
     hosts: Vec<HostFacts>,
     vms: Vec<VmFacts>,
 ) -> ExtraService {
+    service(me, control, lease_valid, hypervisor, hosts, vms, None)
+}
+
+fn service(
+    me: String,
+    control: Arc<dyn Control>,
+    lease_valid: Arc<dyn Fn() -> bool + Send + Sync>,
+    hypervisor: Arc<dyn Hypervisor>,
+    hosts: Vec<HostFacts>,
+    vms: Vec<VmFacts>,
+    fencer: Option<VmFencer>,
+) -> ExtraService {
     Box::new(move |routes, access, stop| {
-        let service = HostAgentService { me, control, lease_valid, hypervisor, hosts, vms, access, stop };
+        let service = HostAgentService { me, control, lease_valid, hypervisor, hosts, vms, access, stop, fencer };
         routes.add_service(HostAgentServer::new(service));
     })
 }
@@ -456,6 +513,7 @@ struct HostAgentService {
     vms: Vec<VmFacts>,
     access: Arc<Access>,
     stop: CancellationToken,
+    fencer: Option<VmFencer>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
@@ -494,32 +552,7 @@ impl HostAgentService {
         {
             return Err(HostApiError::DumpTarget(path.to_string()).into());
         }
-        if !(self.lease_valid)() {
-            return Err(HostApiError::LeaseExpired.into());
-        }
-        // This hypervisor's own view decides: the cluster status may lag behind it.
-        let here = match self.hypervisor.domain_info(&facts.uuid).await {
-            Ok(info) => Some(info.state),
-            Err(HypervisorError::NoSuchDomain { .. }) => None,
-            Err(e) => return Err(HostApiError::Hypervisor(with_causes(&e)).into()),
-        };
-        if !matches!(here, Some(DomainState::Running(_))) {
-            let status = self.control.status().await?;
-            let elsewhere = status
-                .groups
-                .iter()
-                .find(|g| g.name == facts.group && !g.location.is_empty() && g.location != self.me)
-                .map(|g| g.location.clone());
-            return Err(match elsewhere {
-                Some(host) => HostApiError::RunsElsewhere { vm: facts.group, host, me: self.me.clone() },
-                None => HostApiError::NotRunning {
-                    vm: facts.group,
-                    me: self.me.clone(),
-                    state: here.map_or_else(|| "not defined here".to_string(), |s| format!("{s:?}")),
-                },
-            }
-            .into());
-        }
+        self.must_run_here(&facts, |s| matches!(s, DomainState::Running(_))).await?;
         info!(vm = %facts.group, domain = %facts.domain, path, "dumping the VM's memory; it stops as crashed");
         let failed = |e: HypervisorError| {
             let code = match &e {
@@ -538,6 +571,67 @@ impl HostAgentService {
                     .into())
             }
         }
+    }
+
+    /// Succeeds when this host's lease is valid and the VM's domain here is in a state
+    /// `acceptable` takes; else names the host that runs it, or says it runs nowhere.
+    async fn must_run_here(&self, facts: &VmFacts, acceptable: impl Fn(&DomainState) -> bool) -> Result<(), Status> {
+        if !(self.lease_valid)() {
+            return Err(HostApiError::LeaseExpired.into());
+        }
+        // This hypervisor's own view decides: the cluster status may lag behind it.
+        let here = match self.hypervisor.domain_info(&facts.uuid).await {
+            Ok(info) => Some(info.state),
+            Err(HypervisorError::NoSuchDomain { .. }) => None,
+            Err(e) => return Err(HostApiError::Hypervisor(with_causes(&e)).into()),
+        };
+        if here.as_ref().is_some_and(acceptable) {
+            return Ok(());
+        }
+        let status = self.control.status().await?;
+        let elsewhere = status
+            .groups
+            .iter()
+            .find(|g| g.name == facts.group && !g.location.is_empty() && g.location != self.me)
+            .map(|g| g.location.clone());
+        Err(match elsewhere {
+            Some(host) => HostApiError::RunsElsewhere { vm: facts.group.clone(), host, me: self.me.clone() },
+            None => HostApiError::NotRunning {
+                vm: facts.group.clone(),
+                me: self.me.clone(),
+                state: here.map_or_else(|| "not defined here".to_string(), |s| format!("{s:?}")),
+            },
+        }
+        .into())
+    }
+
+    /// `SuspendVm` / `ResumeVm` once authorized: on this host only, then the state the
+    /// hypervisor reports afterwards.
+    async fn pause(&self, call: &'static str, vm: &str, suspend: bool) -> Result<pb::VmStateReply, Status> {
+        let facts = self.vm_of(call, vm)?.clone();
+        // A paused VM counts as "runs here" for both: suspending it again is refused by the
+        // hypervisor with a clear state error, not as "runs nowhere".
+        self.must_run_here(&facts, |s| s.is_running() || matches!(s, DomainState::Paused(_))).await?;
+        let result = if suspend {
+            self.hypervisor.suspend(&facts.uuid).await
+        } else {
+            self.hypervisor.resume(&facts.uuid).await
+        };
+        if let Err(e) = result {
+            let code = match &e {
+                HypervisorError::InvalidState { .. } => tonic::Code::FailedPrecondition,
+                HypervisorError::Unsupported { .. } => tonic::Code::Unimplemented,
+                HypervisorError::Disconnected { .. } | HypervisorError::Connect { .. } => tonic::Code::Unavailable,
+                _ => tonic::Code::Internal,
+            };
+            let detail = with_causes(&e);
+            return Err(HostApiError::PauseFailed { call, vm: facts.group, me: self.me.clone(), detail, code }.into());
+        }
+        let info =
+            self.hypervisor.domain_info(&facts.uuid).await.map_err(|e| HostApiError::Hypervisor(with_causes(&e)))?;
+        info!(vm = %facts.group, domain = %facts.domain, state = ?info.state, "{call}: done");
+        let (state, reason) = domain_state(&info.state);
+        Ok(pb::VmStateReply { host: self.me.clone(), domain: info.name, state: state as i32, reason })
     }
 
     async fn operator(&self, request: OperatorRequest) -> Result<Response<pb::OperatorAck>, Status> {
@@ -605,6 +699,45 @@ impl HostAgent for HostAgentService {
         Ok(Response::new(self.dump(&vm, &path).await?))
     }
 
+    async fn suspend_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::VmStateReply>, Status> {
+        self.access.authorize(&req, ApiRole::Operator, "SuspendVm")?;
+        if self.stop.is_cancelled() {
+            return Err(ControlError::ShuttingDown.into());
+        }
+        Ok(Response::new(self.pause("SuspendVm", &req.into_inner().vm, true).await?))
+    }
+
+    async fn resume_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::VmStateReply>, Status> {
+        self.access.authorize(&req, ApiRole::Operator, "ResumeVm")?;
+        if self.stop.is_cancelled() {
+            return Err(ControlError::ShuttingDown.into());
+        }
+        Ok(Response::new(self.pause("ResumeVm", &req.into_inner().vm, false).await?))
+    }
+
+    async fn fence_vm(&self, req: Request<pb::FenceVmRequest>) -> Result<Response<pb::FenceVmResponse>, Status> {
+        self.access.authorize(&req, ApiRole::Peer, "FenceVm")?;
+        if self.stop.is_cancelled() {
+            return Err(ControlError::ShuttingDown.into());
+        }
+        let Some(fencer) = &self.fencer else {
+            return Err(Status::unimplemented("this HostAgent server has no guest fencer"));
+        };
+        let text = |key: &str| req.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let Some(asker) = text(ASKER_METADATA) else {
+            return Err(Status::invalid_argument(format!(
+                "FenceVm: metadata `{ASKER_METADATA}` (the asking guest's VM UUID) is missing"
+            )));
+        };
+        let forwarded_by = text(FORWARDED_BY_METADATA);
+        let request = req.into_inner();
+        let answer = match forwarded_by {
+            Some(from) => fencer.fence_forwarded(&from, &asker, request).await?,
+            None => fencer.fence_vm(&asker, request).await?,
+        };
+        Ok(Response::new(answer))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(
@@ -615,7 +748,8 @@ impl HostAgent for HostAgentService {
         if self.stop.is_cancelled() {
             return Err(ControlError::ShuttingDown.into());
         }
-        Ok(Response::new(watch(self.control.subscribe(), self.stop.clone())))
+        let fences = self.fencer.as_ref().map(VmFencer::subscribe);
+        Ok(Response::new(watch(self.control.subscribe(), fences, self.stop.clone())))
     }
 
     async fn list_domains(&self, req: Request<pb::ListDomainsRequest>) -> Result<Response<pb::DomainList>, Status> {
@@ -637,24 +771,43 @@ impl HostAgent for HostAgentService {
     }
 }
 
-/// The node's events: a lag becomes one `Lagged` event and the stream goes on; the node
-/// closing its sender or the server stopping ends the stream with `UNAVAILABLE`.
-fn watch(rx: broadcast::Receiver<pb::Event>, stop: CancellationToken) -> EventStream {
-    Box::pin(futures::stream::unfold(Some((rx, stop)), |state| async move {
-        let (mut rx, stop) = state?;
-        let next = tokio::select! {
-            biased;
-            _ = stop.cancelled() => {
-                return Some((Err(Status::unavailable("the agent's API is shutting down; the stream ends here")), None));
-            }
-            r = rx.recv() => r,
-        };
-        match next {
-            Ok(event) => Some((Ok(event), Some((rx, stop)))),
-            Err(RecvError::Lagged(n)) => Some((Ok(lagged_event(n)), Some((rx, stop)))),
-            Err(RecvError::Closed) => {
-                Some((Err(Status::unavailable("the agent stopped publishing events (it is shutting down)")), None))
-            }
+/// The node's events, and the fencer's when there is one: a lag becomes one `Lagged` event
+/// and the stream goes on; the node closing its sender or the server stopping ends the
+/// stream with `UNAVAILABLE`.
+fn watch(
+    rx: broadcast::Receiver<pb::Event>,
+    fences: Option<broadcast::Receiver<pb::Event>>,
+    stop: CancellationToken,
+) -> EventStream {
+    Box::pin(futures::stream::unfold(Some((rx, fences, stop)), |state| async move {
+        let (mut rx, mut fences, stop) = state?;
+        loop {
+            let from_fences = async {
+                match fences.as_mut() {
+                    Some(f) => f.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (next, fenced) = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    return Some((Err(Status::unavailable("the agent's API is shutting down; the stream ends here")), None));
+                }
+                r = rx.recv() => (r, false),
+                r = from_fences => (r, true),
+            };
+            return match next {
+                Ok(event) => Some((Ok(event), Some((rx, fences, stop)))),
+                Err(RecvError::Lagged(n)) => Some((Ok(lagged_event(n)), Some((rx, fences, stop)))),
+                // The fencer is gone (never while the service holds it): follow the node only.
+                Err(RecvError::Closed) if fenced => {
+                    fences = None;
+                    continue;
+                }
+                Err(RecvError::Closed) => {
+                    Some((Err(Status::unavailable("the agent stopped publishing events (it is shutting down)")), None))
+                }
+            };
         }
     }))
 }

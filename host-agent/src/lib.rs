@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod fence;
 pub mod hypervisor;
 pub mod maintenance;
 pub mod nic;

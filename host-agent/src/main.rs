@@ -159,16 +159,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             LibvirtHypervisor::connect(&uri).await.with_context(|| format!("cannot open the hypervisor {uri}"))?,
         );
         tracing::info!("hypervisor {uri} connected");
+        // Guest fencing: the fencer marks what it powers off, so that the VM resources report
+        // a fenced VM as failed (and the cluster recovers it) rather than stopped by hand.
+        let fencer = tandem_host::fence::VmFencer::new(&node, &config, &cluster, hypervisor.clone());
+        let resources = tandem_host::vm::HostResources::new(hypervisor.clone()).with_fence_marks(fencer.marks());
         let opts = AgentOptions {
             node,
             guard_program: std::env::current_exe().context("cannot find this program's path for the guard")?,
             guard_args: vec!["guard".into()],
             cgroup_root: cli.cgroup_root,
-            resources: Arc::new(tandem_host::vm::HostResources::new(hypervisor.clone())),
-            api_extensions: vec![tandem_host::api::host_api(
+            resources: Arc::new(resources),
+            api_extensions: vec![tandem_host::api::host_api_with_fencer(
                 hypervisor.clone(),
                 tandem_host::cluster::host_facts(&config),
                 tandem_host::cluster::vm_facts(&cluster),
+                fencer,
             )],
         };
         let agent = agent::start(config, opts).await?;

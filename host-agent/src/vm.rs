@@ -28,6 +28,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::fence::FenceMarks;
 use crate::hypervisor::{
     CrashedReason, DomainEvent, DomainState, Hypervisor, HypervisorError, PausedReason, RunningReason, ShutoffReason,
 };
@@ -426,6 +427,19 @@ pub fn health_of(state: Option<&DomainState>, expected_off: bool) -> Health {
     }
 }
 
+/// [`health_of`] for a VM that a guest's fence request may have powered off: `fenced` is
+/// the fence mark ([`crate::fence::FenceMarks`]). A fenced VM shows as "shut off,
+/// destroyed", like an administrator's `virsh destroy`; with the mark it is a failure the
+/// cluster recovers (the guest cluster found the VM stalled), not a stop outside the cluster.
+pub fn health_with_fence(state: Option<&DomainState>, expected_off: bool, fenced: Option<&str>) -> Health {
+    match (state, fenced) {
+        (Some(DomainState::Shutoff(ShutoffReason::Destroyed)), Some(why)) if !expected_off => {
+            Health::Failed(why.to_string())
+        }
+        _ => health_of(state, expected_off),
+    }
+}
+
 /// Whether an ACPI power-button press can reach the guest in this state (a paused or
 /// crashed guest never reacts to it).
 fn acpi_reaches(state: &DomainState) -> bool {
@@ -471,6 +485,8 @@ pub struct VmResource {
     prepare_timeout: Duration,
     guests: Option<Arc<dyn GuestShutdown>>,
     activity: Option<broadcast::Sender<VmActivity>>,
+    /// VMs powered off by guests' fence requests (see [`health_with_fence`]).
+    fence_marks: Option<FenceMarks>,
 }
 
 impl VmResource {
@@ -495,6 +511,7 @@ impl VmResource {
             prepare_timeout: config.prepare_timeout,
             guests: None,
             activity: None,
+            fence_marks: None,
         }
     }
 
@@ -543,6 +560,13 @@ impl VmResource {
                 self.report(VmStep::GuestNotReady, why);
             }
         }
+    }
+
+    /// Reads the fence marks of this host's fencer: a VM a guest fenced is reported failed
+    /// (and recovered), not stopped outside the cluster.
+    pub fn with_fence_marks(mut self, marks: FenceMarks) -> VmResource {
+        self.fence_marks = Some(marks);
+        self
     }
 
     /// Loads the domain XML `config.domain` and builds the resource; a definition that
@@ -807,6 +831,10 @@ impl Resource for VmResource {
         Box::pin(async move {
             tracing::info!(resource = %self.id, domain = %self.def.name, uuid = %self.def.uuid,
                 uri = %self.hv.uri(), token = ctx.token, "starting the VM");
+            // A fence mark is about the run that was fenced, not about this one.
+            if let Some(m) = &self.fence_marks {
+                m.clear(&self.def.uuid);
+            }
             match self.start_domain().await {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
@@ -849,7 +877,10 @@ impl Resource for VmResource {
     fn check(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             match self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
-                Ok(state) => health_of(state.as_ref(), self.expected_off.load(Ordering::SeqCst)),
+                Ok(state) => {
+                    let fenced = self.fence_marks.as_ref().and_then(|m| m.get(&self.def.uuid));
+                    health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
+                }
                 // Unknown is not stopped: the VM may well run.
                 Err(fault) => Health::Failed(format!("cannot tell whether the VM runs: {}", self.describe(&fault))),
             }
@@ -863,12 +894,13 @@ pub struct HostResources {
     hypervisor: Arc<dyn Hypervisor>,
     guests: Option<Arc<dyn GuestShutdown>>,
     activity: broadcast::Sender<VmActivity>,
+    fence_marks: Option<FenceMarks>,
 }
 
 impl HostResources {
     /// Resources on `hypervisor` (the node's one connection).
     pub fn new(hypervisor: Arc<dyn Hypervisor>) -> HostResources {
-        HostResources { hypervisor, guests: None, activity: broadcast::channel(1024).0 }
+        HostResources { hypervisor, guests: None, activity: broadcast::channel(1024).0, fence_marks: None }
     }
 
     /// VMs built from now on ask their guest agents through `guests` before a planned stop.
@@ -880,6 +912,13 @@ impl HostResources {
     /// The steps of every VM stop on this host, as they happen.
     pub fn activity(&self) -> broadcast::Sender<VmActivity> {
         self.activity.clone()
+    }
+
+    /// VM resources that read the fence marks of this host's fencer
+    /// ([`crate::fence::VmFencer::marks`]).
+    pub fn with_fence_marks(mut self, marks: FenceMarks) -> HostResources {
+        self.fence_marks = Some(marks);
+        self
     }
 
     /// The hypervisor the resources run on.
@@ -896,8 +935,14 @@ impl HostResources {
     ) -> Result<VmResource, ResourceError> {
         check_name(group, spec)?;
         match &spec.kind {
-            ResourceKind::Vm(config) => Ok(VmResource::build(group, &spec.name, config, self.hypervisor.clone())?
-                .with_guests(self.guests.clone(), Some(self.activity.clone()))),
+            ResourceKind::Vm(config) => {
+                let vm = VmResource::build(group, &spec.name, config, self.hypervisor.clone())?
+                    .with_guests(self.guests.clone(), Some(self.activity.clone()));
+                Ok(match &self.fence_marks {
+                    Some(m) => vm.with_fence_marks(m.clone()),
+                    None => vm,
+                })
+            }
             other => Err(ResourceError::config(
                 &format!("{group}/{}", spec.name),
                 format!(
@@ -1169,6 +1214,21 @@ mod tests {
                 assert!(matches!(off(reason), Health::Failed(_)), "{reason:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_fenced_vm_is_a_failure_not_a_stop_outside() {
+        let destroyed = DomainState::Shutoff(ShutoffReason::Destroyed);
+        let why = "powered off by a fence request of VM pg2 (guest cluster pg)";
+        assert_eq!(health_with_fence(Some(&destroyed), false, Some(why)), Health::Failed(why.into()));
+        // Without the mark it is an administrator's destroy.
+        assert!(is_stopped_outside(&health_with_fence(Some(&destroyed), false, None), "forced off"));
+        // Our own stop stays ours; other states are not affected by a mark.
+        assert_eq!(health_with_fence(Some(&destroyed), true, Some(why)), Health::Stopped);
+        let shutdown = DomainState::Shutoff(ShutoffReason::Shutdown);
+        assert!(is_stopped_outside(&health_with_fence(Some(&shutdown), false, Some(why)), "inside the guest"));
+        let paused = DomainState::Paused(PausedReason::User);
+        assert_eq!(health_with_fence(Some(&paused), false, Some(why)), Health::Running);
     }
 
     #[test]

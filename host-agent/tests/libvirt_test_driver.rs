@@ -339,3 +339,53 @@ fn a_hung_libvirt_call_does_not_block_the_runtime() {
     acceptor.join().unwrap();
     runtime.shutdown_timeout(Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn suspend_and_resume_pause_and_unpause_a_running_domain() {
+    use tandem_host::hypervisor::PausedReason;
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let mut events = hv.subscribe();
+
+    hv.suspend("alpha").await.expect("suspend");
+    assert_eq!(hv.state("alpha").await.unwrap(), DomainState::Paused(PausedReason::User));
+    let e = next_event(&mut events, "alpha").await;
+    assert_eq!(e.kind, EventKind::Suspended, "{e:?}");
+    // A paused domain holds its memory: it is neither running nor off.
+    let paused = hv.state(ALPHA_UUID).await.unwrap();
+    assert!(!paused.is_running() && !paused.is_off(), "{paused:?}");
+
+    let again = hv.suspend("alpha").await.unwrap_err();
+    assert!(matches!(again, HypervisorError::InvalidState { op: "suspend", .. }), "{again:?}");
+    assert!(format!("{again} {:?}", std::error::Error::source(&again)).contains("already paused"), "{again:?}");
+
+    hv.resume(ALPHA_UUID).await.expect("resume");
+    assert_eq!(hv.state("alpha").await.unwrap(), DomainState::Running(RunningReason::Unpaused));
+    let e = next_event(&mut events, "alpha").await;
+    assert_eq!(e.kind, EventKind::Resumed, "{e:?}");
+
+    let again = hv.resume("alpha").await.unwrap_err();
+    assert!(matches!(again, HypervisorError::InvalidState { op: "resume", .. }), "{again:?}");
+    // An off domain can be neither.
+    assert!(matches!(hv.suspend("beta").await.unwrap_err(), HypervisorError::InvalidState { .. }));
+    assert!(matches!(hv.resume("beta").await.unwrap_err(), HypervisorError::InvalidState { .. }));
+    assert!(matches!(hv.suspend("gamma").await.unwrap_err(), HypervisorError::NoSuchDomain { .. }));
+    // The test driver's domains live in this process: a dead agent means dead VMs.
+    assert!(hv.self_fence_stops_vms());
+    assert!(!tandem_host::hypervisor::self_fence_stops_vms("qemu:///system"));
+}
+
+#[tokio::test]
+async fn a_paused_domain_is_destroyed_and_then_reported_shut_off_as_destroyed() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    hv.suspend("alpha").await.expect("suspend");
+    // What a fence does: destroy (a paused guest cannot react to anything gentler), then
+    // confirm from the hypervisor's own state.
+    hv.destroy("alpha").await.expect("destroy a paused domain");
+    let state = hv.state("alpha").await.unwrap();
+    assert_eq!(state, DomainState::Shutoff(ShutoffReason::Destroyed));
+    assert_eq!(state.stop_cause(), Some(StopCause::Destroyed));
+    let again = hv.destroy("alpha").await.unwrap_err();
+    assert!(matches!(again, HypervisorError::InvalidState { op: "destroy", .. }), "{again:?}");
+}

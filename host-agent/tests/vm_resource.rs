@@ -75,7 +75,7 @@ fn domain_xml(name: &str, memory: &str) -> String {
 }
 
 fn vm_config(domain: PathBuf, shutdown_timeout: Duration) -> VmConfig {
-    VmConfig { domain, start_timeout: BOUND, shutdown_timeout, prepare_timeout: BOUND }
+    VmConfig { domain, start_timeout: BOUND, shutdown_timeout, prepare_timeout: BOUND, guest_cluster: None }
 }
 
 fn spec(name: &str, kind: ResourceKind) -> tandem_config::Resource {

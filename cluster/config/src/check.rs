@@ -1234,6 +1234,9 @@ impl<'s> Checker<'s> {
                 }
                 ResourceKind::Vm(vm) => {
                     self.check_absolute(&rp("domain"), "domain", &vm.domain);
+                    if let Some(gc) = &vm.guest_cluster {
+                        self.check_name(&rp("guest_cluster"), "guest cluster", gc);
+                    }
                     for (k, v) in [("start_timeout", vm.start_timeout), ("shutdown_timeout", vm.shutdown_timeout)] {
                         self.check_positive(&rp(k), v);
                     }

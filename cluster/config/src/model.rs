@@ -797,6 +797,11 @@ pub struct VmResource {
     #[serde(default = "default_vm_prepare_timeout", with = "duration")]
     #[schemars(with = "DurationSchema", default = "default_vm_prepare_timeout_text")]
     pub prepare_timeout: Duration,
+    /// The guest cluster (its `[cluster] name`) whose guest agent runs in this VM. Only VMs
+    /// of the same guest cluster may have each other powered off by the host cluster
+    /// (`fence = { kind = "host-cluster" }` in the guest cluster). Absent: nobody may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cluster: Option<String>,
 }
 
 fn default_vm_prepare_timeout() -> Duration {

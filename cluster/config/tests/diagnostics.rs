@@ -859,3 +859,28 @@ fn network_errors_name_the_field() {
     assert_eq!(kind, ProblemKind::UnknownField);
     assert!(msg.contains("write [[network]]"), "{msg}");
 }
+
+#[test]
+fn a_vm_s_guest_cluster_is_a_name_located_like_any_field() {
+    let vm = |gc: &str| {
+        format!(
+            "{BASE}\n[[group]]\nname = \"pg1\"\nnodes = [\"a\", \"b\"]\n\n[[group.resource]]\nname = \"vm\"\nkind = \"vm\"\n\
+             domain = \"/etc/tandem/pg1.xml\"\nguest_cluster = {gc}\n"
+        )
+    };
+    let f = write(&vm("\"pg\""));
+    let c = tandem_config::load(f.path()).unwrap();
+    match &c.groups[0].resources[0].kind {
+        tandem_config::ResourceKind::Vm(v) => assert_eq!(v.guest_cluster.as_deref(), Some("pg")),
+        other => panic!("{other:?}"),
+    }
+    let src = vm("\"pg cluster\"");
+    let line = src.lines().position(|l| l.starts_with("guest_cluster")).unwrap() + 1;
+    let (l, col, field, kind, msg) = only(&src);
+    assert_eq!((l, col, kind), (line, 17, ProblemKind::InvalidValue), "{msg}");
+    assert_eq!(field, "group \"pg1\".resource \"vm\".guest_cluster");
+    assert!(msg.contains("invalid guest cluster name \"pg cluster\""), "{msg}");
+    let (l, _, field, kind, _) = only(&vm("7"));
+    assert_eq!((l, kind), (line, ProblemKind::Type));
+    assert!(field.ends_with("guest_cluster"), "{field}");
+}

@@ -164,6 +164,57 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
             })
         })
     }
+
+    /// Pauses a running domain's vCPUs; its memory is kept (`virsh suspend`). The domain
+    /// then reports `Paused(User)`. [`HypervisorError::InvalidState`] when it is not running.
+    ///
+    /// The default implementation reports [`HypervisorError::Unsupported`].
+    fn suspend<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let _ = domain;
+        Box::pin(async move {
+            Err(HypervisorError::Unsupported {
+                op: "suspend",
+                uri: self.uri().to_string(),
+                source: "this hypervisor backend cannot pause a domain".into(),
+            })
+        })
+    }
+
+    /// Lets a paused domain run again (`virsh resume`). [`HypervisorError::InvalidState`]
+    /// when it is not paused.
+    ///
+    /// The default implementation reports [`HypervisorError::Unsupported`].
+    fn resume<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let _ = domain;
+        Box::pin(async move {
+            Err(HypervisorError::Unsupported {
+                op: "resume",
+                uri: self.uri().to_string(),
+                source: "this hypervisor backend cannot resume a domain".into(),
+            })
+        })
+    }
+
+    /// Whether this host's VMs are certainly stopped once its agent self-fenced (see
+    /// [`self_fence_stops_vms`], the rule for a URI). The default is the safe answer, false.
+    fn self_fence_stops_vms(&self) -> bool {
+        false
+    }
+}
+
+/// Whether a host's VMs are certainly stopped once that host's agent has self-fenced (its
+/// host lease is dead), for the hypervisor at `uri`. This is the rule a host agent uses
+/// before it answers a guest's fence request for a VM of a dead host with "off":
+///
+/// * `test://…` (the libvirt test driver): the domains live inside the agent's own
+///   process, so a host whose lease is dead (agent killed by its fencing guard, or never
+///   running again before it destroys them) runs none of them: **true**.
+/// * anything else (`qemu:///system`, remote URIs…): the self-fence guard kills the
+///   agent's process groups and cgroups, but not the QEMU processes, which libvirt runs in
+///   machine scopes of their own (docs/host-agent.md, "Limits"): a dead agent may leave
+///   its VMs running, so **false** until that gap is closed.
+pub fn self_fence_stops_vms(uri: &str) -> bool {
+    uri.starts_with("test://")
 }
 
 /// A hypervisor operation failed.

@@ -478,6 +478,56 @@ impl Cluster {
         })
     }
 
+    /// The UUID of the domain of `vm` (the `n`-th VM has `00000000-0000-4000-8000-<n>`).
+    pub fn uuid_of(&self, vm: &str) -> String {
+        let i = self.vms.iter().position(|v| v == vm).unwrap_or_else(|| panic!("no VM {vm}")) + 1;
+        format!("00000000-0000-4000-8000-{i:012}")
+    }
+
+    /// `FenceVm` sent to `host` as a first hop for the guest whose VM is `asker` (the way
+    /// a host agent passes on what its guest link received): power `target` off.
+    pub fn fence(&self, host: &str, asker: &str, target: &str) -> Result<pb::FenceVmResponse, tonic::Status> {
+        let (asker, target) = (self.uuid_of(asker), self.uuid_of(target));
+        self.on_host(host, move |url| {
+            Box::pin(async move {
+                let mut c =
+                    HostAgentClient::connect(url).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let mut req = tonic::Request::new(pb::FenceVmRequest {
+                    vm_uuid: target,
+                    cluster: "pg".into(),
+                    node_name: "test".into(),
+                    node_id: 0,
+                    timeout_ms: 20_000,
+                });
+                req.metadata_mut().insert(tandem_host::fence::ASKER_METADATA, asker.parse().unwrap());
+                c.fence_vm(req).await.map(|r| r.into_inner())
+            })
+        })
+    }
+
+    /// `SuspendVm` (`suspend`) or `ResumeVm` sent to `host`.
+    pub fn pause(&self, host: &str, vm: &str, suspend: bool) -> Result<pb::VmStateReply, tonic::Status> {
+        let vm = vm.to_string();
+        self.on_host(host, move |url| {
+            Box::pin(async move {
+                let mut c =
+                    HostAgentClient::connect(url).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let req = pb::VmRequest { vm };
+                if suspend { c.suspend_vm(req).await } else { c.resume_vm(req).await }.map(|r| r.into_inner())
+            })
+        })
+    }
+
+    /// `host`'s hypervisor's own view (`ListDomains`).
+    pub fn domains(&self, host: &str) -> pb::DomainList {
+        self.on_host(host, |url| {
+            Box::pin(async move {
+                let mut c = HostAgentClient::connect(url.clone()).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+                c.list_domains(pb::ListDomainsRequest {}).await.unwrap_or_else(|e| panic!("{url}: {e}")).into_inner()
+            })
+        })
+    }
+
     /// Samples every host's own hypervisor view until dropped.
     pub fn watch(&self) -> Watcher {
         let evidence = Arc::new(Mutex::new(Evidence::default()));

@@ -56,6 +56,17 @@ pub async fn connect(
     settings: &ApiSettings,
     timeout: Duration,
 ) -> Result<GuestAgentClient<Channel>, PeerError> {
+    Ok(GuestAgentClient::new(channel(node, addr, settings, timeout).await?))
+}
+
+/// The connection [`connect`] makes, for a client of another service on the peer's API
+/// listener (the host agents' `HostAgent`): same TLS identity, checks and timeouts.
+pub async fn channel(
+    node: &str,
+    addr: SocketAddr,
+    settings: &ApiSettings,
+    timeout: Duration,
+) -> Result<Channel, PeerError> {
     let tls_err = |source| PeerError::Tls { node: node.to_string(), source };
     let scheme = if settings.tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
@@ -74,9 +85,7 @@ pub async fn connect(
         }
         endpoint = endpoint.tls_config(tls).map_err(|e| tls_err(ApiError::Tls(e)))?;
     }
-    let channel =
-        endpoint.connect().await.map_err(|source| PeerError::Connect { node: node.to_string(), addr, source })?;
-    Ok(GuestAgentClient::new(channel))
+    endpoint.connect().await.map_err(|source| PeerError::Connect { node: node.to_string(), addr, source })
 }
 
 /// Forwards one operator command with its cluster-wide sequence number.

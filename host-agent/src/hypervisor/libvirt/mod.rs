@@ -353,6 +353,32 @@ impl Hypervisor for LibvirtHypervisor {
             Ok(())
         }))
     }
+
+    fn suspend<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        Box::pin(self.on_domain("suspend", domain, |dom| {
+            match domain_state(dom)? {
+                s if s.is_running() => {}
+                DomainState::Paused(_) => return Err(Failure::State("the domain is already paused")),
+                _ => return Err(Failure::State("the domain is not running")),
+            }
+            dom.suspend()?;
+            Ok(())
+        }))
+    }
+
+    fn resume<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        Box::pin(self.on_domain("resume", domain, |dom| {
+            if !matches!(domain_state(dom)?, DomainState::Paused(_)) {
+                return Err(Failure::State("the domain is not paused"));
+            }
+            dom.resume()?;
+            Ok(())
+        }))
+    }
+
+    fn self_fence_stops_vms(&self) -> bool {
+        super::self_fence_stops_vms(&self.shared.uri)
+    }
 }
 
 impl Shared {
