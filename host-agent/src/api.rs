@@ -42,6 +42,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::hypervisor::{DomainInfo, DomainState, Hypervisor, HypervisorError};
+use crate::link::LinkRegistry;
 
 use pb::host_agent_server::{HostAgent, HostAgentServer};
 
@@ -176,15 +177,28 @@ pub const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600
 /// The `HostAgent` service as an extension of the node API: hand it to the node with
 /// `AgentOptions::api_extensions`. `hosts` and `vms` are the cluster's hosts and HA VMs.
 pub fn host_api(hypervisor: Arc<dyn Hypervisor>, hosts: Vec<HostFacts>, vms: Vec<VmFacts>) -> ApiExtension {
+    host_api_linked(hypervisor, hosts, vms, None)
+}
+
+/// Like [`host_api`], with the guests' links: `GetClusterStatus` shows each VM's guest
+/// link, and link up/down events are published on the node's event feed.
+pub fn host_api_linked(
+    hypervisor: Arc<dyn Hypervisor>,
+    hosts: Vec<HostFacts>,
+    vms: Vec<VmFacts>,
+    links: Option<Arc<LinkRegistry>>,
+) -> ApiExtension {
     Arc::new(move |ctx: &ApiContext| {
-        host_service(
-            ctx.plan.my_name.clone(),
-            ctx.control.clone(),
-            ctx.lease_valid.clone(),
-            hypervisor.clone(),
-            hosts.clone(),
-            vms.clone(),
-        )
+        if let Some(links) = &links {
+            let control = ctx.control.clone();
+            links.set_event_sink(Arc::new(move |kind| control.publish(kind)));
+        }
+        let (me, control, lease_valid) = (ctx.plan.my_name.clone(), ctx.control.clone(), ctx.lease_valid.clone());
+        let (hypervisor, hosts, vms, links) = (hypervisor.clone(), hosts.clone(), vms.clone(), links.clone());
+        Box::new(move |routes, access, stop| {
+            let service = HostAgentService { me, control, lease_valid, hypervisor, hosts, vms, access, stop, links };
+            routes.add_service(HostAgentServer::new(service));
+        })
     })
 }
 
@@ -200,7 +214,7 @@ pub fn host_service(
     vms: Vec<VmFacts>,
 ) -> ExtraService {
     Box::new(move |routes, access, stop| {
-        let service = HostAgentService { me, control, lease_valid, hypervisor, hosts, vms, access, stop };
+        let service = HostAgentService { me, control, lease_valid, hypervisor, hosts, vms, access, stop, links: None };
         routes.add_service(HostAgentServer::new(service));
     })
 }
@@ -249,6 +263,18 @@ pub fn cluster_status(
         hosts: host_status,
         vms: vm_status,
         problems,
+    }
+}
+
+/// Fills each VM's `guest` from this host's links: for VMs that run here or whose guest is
+/// linked here (elsewhere this host cannot know; that host's own answer shows it).
+pub fn add_guest_links(status: &mut pb::HostClusterStatus, links: &LinkRegistry) {
+    let me = status.host.clone();
+    for v in &mut status.vms {
+        let Some(view) = links.view(&v.uuid) else { continue };
+        if view.connected || v.host == me {
+            v.guest = Some(view);
+        }
     }
 }
 
@@ -456,6 +482,7 @@ struct HostAgentService {
     vms: Vec<VmFacts>,
     access: Arc<Access>,
     stop: CancellationToken,
+    links: Option<Arc<LinkRegistry>>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
@@ -572,7 +599,11 @@ impl HostAgent for HostAgentService {
         let status = self.control.status().await?;
         // Read after the status: a lease lost while the status was gathered shows.
         let lease_valid = (self.lease_valid)();
-        Ok(Response::new(cluster_status(&status, &self.hosts, &self.vms, lease_valid)))
+        let mut out = cluster_status(&status, &self.hosts, &self.vms, lease_valid);
+        if let Some(links) = &self.links {
+            add_guest_links(&mut out, links);
+        }
+        Ok(Response::new(out))
     }
 
     async fn start_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::OperatorAck>, Status> {

@@ -6,7 +6,8 @@
 //! libvirt adapter, [`hypervisor::libvirt::LibvirtHypervisor`]), the VM resource that the
 //! node runtime drives ([`vm::VmResource`], built by [`vm::HostResources`]), the checks of a
 //! host cluster configuration ([`cluster`]) and the host agent's own gRPC service ([`api`],
-//! `tandem.v1.HostAgent`). The `tandem-host` binary puts them on the node runtime
+//! `tandem.v1.HostAgent`), and the host side of the host–guest link ([`link`]). The
+//! `tandem-host` binary puts them on the node runtime
 //! (`tandem-node`).
 
 #![warn(missing_docs)]
@@ -14,4 +15,5 @@
 pub mod api;
 pub mod cluster;
 pub mod hypervisor;
+pub mod link;
 pub mod vm;

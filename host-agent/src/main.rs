@@ -93,6 +93,16 @@ fn print_host_errors(path: &Path, errors: &[HostClusterError]) {
     }
 }
 
+fn print_host_errors_any(path: &Path, e: &dyn std::error::Error) {
+    let mut line = format!("{}: error: {e}", path.display());
+    let mut source = e.source();
+    while let Some(s) = source {
+        line += &format!(": {s}");
+        source = s.source();
+    }
+    eprintln!("{line}");
+}
+
 fn validate(path: &Path, json: bool) -> ExitCode {
     let checked = match tandem_config::check(path) {
         Ok(c) => c,
@@ -153,26 +163,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_CONFIG));
     };
     let config = tandem_host::cluster::with_vm_demands(config, &cluster);
+    let links = match tandem_host::link::linked_vms(&config, &cluster) {
+        Ok(vms) => tandem_host::link::LinkRegistry::new(node.clone(), vms),
+        Err(e) => {
+            print_host_errors_any(&cli.config, &e);
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     rt.block_on(async move {
         let hypervisor: Arc<dyn Hypervisor> = Arc::new(
             LibvirtHypervisor::connect(&uri).await.with_context(|| format!("cannot open the hypervisor {uri}"))?,
         );
         tracing::info!("hypervisor {uri} connected");
+        let stop_links = tokio_util::sync::CancellationToken::new();
+        tandem_host::link::serve(links.clone(), config.guest_link.as_ref(), stop_links.clone()).await?;
         let opts = AgentOptions {
             node,
             guard_program: std::env::current_exe().context("cannot find this program's path for the guard")?,
             guard_args: vec!["guard".into()],
             cgroup_root: cli.cgroup_root,
-            resources: Arc::new(tandem_host::vm::HostResources::new(hypervisor.clone())),
-            api_extensions: vec![tandem_host::api::host_api(
+            resources: Arc::new(
+                tandem_host::vm::HostResources::new(hypervisor.clone()).with_guest_links(links.clone()),
+            ),
+            api_extensions: vec![tandem_host::api::host_api_linked(
                 hypervisor.clone(),
                 tandem_host::cluster::host_facts(&config),
                 tandem_host::cluster::vm_facts(&cluster),
+                Some(links),
             )],
+            host_cluster: None,
         };
         let agent = agent::start(config, opts).await?;
         let exit = agent::run_until_stopped(agent).await?;
+        stop_links.cancel();
         Ok(ExitCode::from(exit.status()))
     })
 }

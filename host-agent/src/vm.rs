@@ -391,6 +391,10 @@ pub struct VmResource {
     call_timeout: Duration,
     /// This agent asked the VM to stop, or has not started it since the agent began.
     expected_off: AtomicBool,
+    /// The guest-heartbeat policy: the guest links and `guest_heartbeat_timeout`.
+    guest_watch: Option<(Arc<crate::link::LinkRegistry>, Duration)>,
+    /// When this agent last started (or adopted) the VM: only heartbeats since count.
+    running_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl VmResource {
@@ -411,7 +415,33 @@ impl VmResource {
             shutdown_timeout: config.shutdown_timeout,
             call_timeout: DEFAULT_CALL_TIMEOUT,
             expected_off: AtomicBool::new(true),
+            guest_watch: None,
+            running_since: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Resets the VM (its check reports a failure) when its linked guest's heartbeats stop
+    /// for `timeout` while it runs (`guest_heartbeat_timeout`; see
+    /// [`crate::link::heartbeat_expired`]).
+    pub fn with_guest_heartbeat(mut self, links: Arc<crate::link::LinkRegistry>, timeout: Duration) -> VmResource {
+        self.guest_watch = Some((links, timeout));
+        self
+    }
+
+    /// The guest-heartbeat verdict: why the VM must be reset, if it must.
+    fn guest_silence(&self) -> Option<String> {
+        let (links, timeout) = self.guest_watch.as_ref()?;
+        let since = (*self.running_since.lock().expect("not poisoned"))?;
+        let key = self.def.uuid.to_string();
+        let silent =
+            crate::link::heartbeat_expired(*timeout, since, links.last_heartbeat(&key), std::time::Instant::now())?;
+        let text = format!(
+            "the guest agent's heartbeats stopped {} ago (guest_heartbeat_timeout {}): resetting the VM",
+            human_duration(silent),
+            human_duration(*timeout)
+        );
+        tracing::warn!(resource = %self.id, domain = %self.def.name, "{text}");
+        Some(text)
     }
 
     /// Loads the domain XML `config.domain` and builds the resource; a definition that
@@ -666,6 +696,7 @@ impl Resource for VmResource {
             match self.start_domain().await {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
+                    *self.running_since.lock().expect("not poisoned") = Some(std::time::Instant::now());
                     Ok(())
                 }
                 Err(fault) => {
@@ -700,12 +731,16 @@ impl Resource for VmResource {
         // Found running after an agent restart: it runs here as if we had started it, so a
         // later power-off from outside or a migration away is not mistaken for our own stop.
         self.expected_off.store(false, Ordering::SeqCst);
+        *self.running_since.lock().expect("not poisoned") = Some(std::time::Instant::now());
     }
 
     fn check(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             match self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
-                Ok(state) => health_of(state.as_ref(), self.expected_off.load(Ordering::SeqCst)),
+                Ok(state) => match health_of(state.as_ref(), self.expected_off.load(Ordering::SeqCst)) {
+                    Health::Running => self.guest_silence().map_or(Health::Running, Health::Failed),
+                    other => other,
+                },
                 // Unknown is not stopped: the VM may well run.
                 Err(fault) => Health::Failed(format!("cannot tell whether the VM runs: {}", self.describe(&fault))),
             }
@@ -717,12 +752,19 @@ impl Resource for VmResource {
 #[derive(Debug, Clone)]
 pub struct HostResources {
     hypervisor: Arc<dyn Hypervisor>,
+    links: Option<Arc<crate::link::LinkRegistry>>,
 }
 
 impl HostResources {
     /// Resources on `hypervisor` (the node's one connection).
     pub fn new(hypervisor: Arc<dyn Hypervisor>) -> HostResources {
-        HostResources { hypervisor }
+        HostResources { hypervisor, links: None }
+    }
+
+    /// VMs with a `guest_heartbeat_timeout` are reset when their guests fall silent on these links.
+    pub fn with_guest_links(mut self, links: Arc<crate::link::LinkRegistry>) -> HostResources {
+        self.links = Some(links);
+        self
     }
 
     /// The hypervisor the resources run on.
@@ -739,7 +781,13 @@ impl HostResources {
     ) -> Result<VmResource, ResourceError> {
         check_name(group, spec)?;
         match &spec.kind {
-            ResourceKind::Vm(config) => VmResource::build(group, &spec.name, config, self.hypervisor.clone()),
+            ResourceKind::Vm(config) => {
+                let vm = VmResource::build(group, &spec.name, config, self.hypervisor.clone())?;
+                Ok(match (&self.links, config.guest_heartbeat_timeout) {
+                    (Some(links), Some(timeout)) => vm.with_guest_heartbeat(links.clone(), timeout),
+                    _ => vm,
+                })
+            }
             other => Err(ResourceError::config(
                 &format!("{group}/{}", spec.name),
                 format!(

@@ -73,7 +73,15 @@ fn domain_xml(name: &str, memory: &str) -> String {
 }
 
 fn vm_config(domain: PathBuf, shutdown_timeout: Duration) -> VmConfig {
-    VmConfig { domain, start_timeout: BOUND, shutdown_timeout }
+    VmConfig {
+        domain,
+        start_timeout: BOUND,
+        shutdown_timeout,
+        link_key_file: None,
+        guest_cluster: None,
+        vsock_uds: None,
+        guest_heartbeat_timeout: None,
+    }
 }
 
 fn spec(name: &str, kind: ResourceKind) -> tandem_config::Resource {

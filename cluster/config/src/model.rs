@@ -321,7 +321,11 @@ impl FromStr for LinkAddress {
             }
             "unix" => {
                 let p = PathBuf::from(rest);
-                if p.is_absolute() { Ok(LinkAddress::Unix(p)) } else { Err(format!("{s:?}: the path must be absolute; {hint}")) }
+                if p.is_absolute() {
+                    Ok(LinkAddress::Unix(p))
+                } else {
+                    Err(format!("{s:?}: the path must be absolute; {hint}"))
+                }
             }
             other => Err(format!("unknown transport {other:?}; {hint}")),
         }

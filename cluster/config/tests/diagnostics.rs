@@ -457,8 +457,8 @@ fn fence_tables_are_checked_field_by_field() {
     let (line, col, field, kind, _) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (15, 41, "node \"a\".fence.timeout", ProblemKind::UnknownField));
 
-    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"host-cluster\", vm_uuid = \"not-a-uuid\" }\n")
-        + HOST_LINK;
+    let src =
+        BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"host-cluster\", vm_uuid = \"not-a-uuid\" }\n") + HOST_LINK;
     let (line, col, field, kind, _) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (15, 44, "node \"a\".fence.vm_uuid", ProblemKind::InvalidValue));
 
@@ -812,8 +812,10 @@ fn a_set_no_other_group_names_is_a_warning() {
 
 #[test]
 fn host_cluster_fencing_needs_the_host_link() {
-    let src =
-        BASE.replace("id = 2\n", "id = 2\nfence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }\n");
+    let src = BASE.replace(
+        "id = 2\n",
+        "id = 2\nfence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }\n",
+    );
     let (line, col, field, kind, msg) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (20, 19, "node \"b\".fence.kind", ProblemKind::InvalidValue));
     assert!(msg.contains("add [host_link]"), "{msg}");
@@ -843,7 +845,9 @@ fn host_link_fields_are_checked() {
     );
     let e = errors_of(&src);
     assert!(e.errors[0].message.contains("vsock:CID:PORT"), "{e}");
-    let src = format!("{BASE}\n[host_link]\naddress = \"unix:relative\"\nkey_file = \"/k\"\nvm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"\n");
+    let src = format!(
+        "{BASE}\n[host_link]\naddress = \"unix:relative\"\nkey_file = \"/k\"\nvm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"\n"
+    );
     let (line, col, field, _, msg) = only(&src);
     assert_eq!((line, col, field.as_str()), (23, 11, "host_link.address"));
     assert!(msg.contains("must be absolute"), "{msg}");
@@ -861,8 +865,9 @@ fn vm_link_fields_are_checked() {
             "{BASE}\n[[group]]\nname = \"web\"\nnodes = [\"a\", \"b\"]\n\n[[group.resource]]\nname = \"vm\"\nkind = \"vm\"\ndomain = \"/etc/tandem/web.xml\"\n{extra}"
         )
     };
-    let src = vm("link_key_file = \"web.key\"\nguest_cluster = \"bad name\"\nvsock_uds = \"/run/web.vsock\"\nguest_heartbeat_timeout = \"0s\"\n")
-        + "\n[guest_link]\nlisten = \"10.0.0.1:0\"\nvsock_port = 0\n";
+    let src = vm(
+        "link_key_file = \"web.key\"\nguest_cluster = \"bad name\"\nvsock_uds = \"/run/web.vsock\"\nguest_heartbeat_timeout = \"0s\"\n",
+    ) + "\n[guest_link]\nlisten = \"10.0.0.1:0\"\nvsock_port = 0\n";
     let s = summary(&errors_of(&src));
     assert_eq!(
         s,
@@ -884,7 +889,11 @@ fn vm_link_fields_are_checked() {
     assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
     assert!(c.warnings[0].message.contains("nowhere to link to"), "{}", c.warnings[0]);
     // A good one.
-    let f = write(&(vm("link_key_file = \"/etc/tandem/web.key\"\nguest_cluster = \"pg\"\nvsock_uds = \"/run/web.vsock\"\nguest_heartbeat_timeout = \"30s\"\n") + "\n[guest_link]\nlisten = \"10.0.0.1:7702\"\n"));
+    let f = write(
+        &(vm(
+            "link_key_file = \"/etc/tandem/web.key\"\nguest_cluster = \"pg\"\nvsock_uds = \"/run/web.vsock\"\nguest_heartbeat_timeout = \"30s\"\n",
+        ) + "\n[guest_link]\nlisten = \"10.0.0.1:7702\"\n"),
+    );
     let c = tandem_config::check(f.path()).unwrap();
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let g = c.config.guest_link.unwrap();

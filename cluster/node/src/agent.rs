@@ -136,7 +136,10 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("node", &self.plan.my_name).field("api_addr", &self.api_addr).finish_non_exhaustive()
+        f.debug_struct("Agent")
+            .field("node", &self.plan.my_name)
+            .field("api_addr", &self.api_addr)
+            .finish_non_exhaustive()
     }
 }
 

@@ -260,7 +260,10 @@ fn summarize(status: &pb::GuestStatus) -> pb::GuestSummary {
                 name: g.name.clone(),
                 state: g.state,
                 active_here: g.location == status.node
-                    && matches!(g.state(), pb::GroupState::Started | pb::GroupState::Starting | pb::GroupState::Stopping),
+                    && matches!(
+                        g.state(),
+                        pb::GroupState::Started | pb::GroupState::Starting | pb::GroupState::Stopping
+                    ),
                 fencing_token: g.fencing_token,
             })
             .collect(),
@@ -320,7 +323,9 @@ impl HostClusterFencing for LinkFencing {
             let _guard = PendingGuard { shared: &self.shared, id };
             tx.send(up(Up::FenceRequest(pb::LinkFenceRequest { request_id: id, request: Some(request) })))
                 .await
-                .map_err(|_| failed(format!("the link to host agent {} dropped before the request was sent", host.host)))?;
+                .map_err(|_| {
+                    failed(format!("the link to host agent {} dropped before the request was sent", host.host))
+                })?;
             match answer_rx.await {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(detail)) => Err(failed(format!("host agent {}: {detail}", host.host))),
@@ -345,7 +350,11 @@ mod tests {
             node: "a".into(),
         });
         assert_eq!(link.linked(), None);
-        let e = link.fencing().fence_vm(pb::FenceVmRequest { vm_uuid: "x".into(), ..Default::default() }).await.unwrap_err();
+        let e = link
+            .fencing()
+            .fence_vm(pb::FenceVmRequest { vm_uuid: "x".into(), ..Default::default() })
+            .await
+            .unwrap_err();
         assert!(matches!(e, HostFenceError::Request { .. }), "{e}");
         assert!(e.to_string().contains("link to this node's host agent is down"), "{e}");
         assert!(!e.is_permanent());
