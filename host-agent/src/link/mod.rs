@@ -468,3 +468,6 @@ mod tests {
         assert_eq!(heartbeat_expired(timeout, t0, Some(t0 + s(10)), t0 + s(100)), Some(s(90)));
     }
 }
+
+#[cfg(test)]
+mod handshake_tests;
