@@ -830,7 +830,9 @@ fn host_cluster_fencing_needs_the_host_link() {
 
 #[test]
 fn host_link_fields_are_checked() {
-    let src = format!("{BASE}\n[host_link]\naddress = \"vsock:two:7702\"\nkey_file = \"/k\"\nvm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"\n");
+    let src = format!(
+        "{BASE}\n[host_link]\naddress = \"vsock:two:7702\"\nkey_file = \"/k\"\nvm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"\n"
+    );
     let (line, col, field, kind, msg) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (23, 11, "host_link.address", ProblemKind::Type));
     assert!(msg.contains("vsock:CID:PORT"), "{msg}");

@@ -446,14 +446,12 @@ async fn the_retry_driver_reports_every_failure_until_confirmed() {
 
 #[tokio::test]
 async fn host_cluster_and_lease_only_never_report_success() {
-    let cfg = config(
-        &format!(
-            "{}{}{}",
-            node("a", 1, "fence = { kind = \"lease-watchdog-only\" }"),
-            node("b", 2, "fence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }"),
-            node("c", 3, ""),
-        ) + "\n[host_link]\naddress = \"vsock:2:7702\"\nkey_file = \"/etc/tandem/link.key\"\n",
-    );
+    let cfg = config(&format!(
+        "{}{}{}\n[host_link]\naddress = \"vsock:2:7702\"\nkey_file = \"/etc/tandem/link.key\"\n",
+        node("a", 1, "fence = { kind = \"lease-watchdog-only\" }"),
+        node("b", 2, "fence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }"),
+        node("c", 3, ""),
+    ));
     let fencer = Fencer::from_config(&cfg).unwrap();
     let mut seen = Vec::new();
     let e = fencer
