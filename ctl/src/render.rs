@@ -498,9 +498,49 @@ pub fn vms_json(s: &pb::HostClusterStatus) -> Value {
             "failed_on": v.failed_on,
             "memory_mib": v.memory_mib,
             "vcpus": v.vcpus,
+            "guest": v.guest.as_ref().map(guest_link_json),
         })).collect::<Vec<_>>(),
         "problems": s.problems.iter().map(|p| json!({ "vm": p.vm, "reason": p.reason })).collect::<Vec<_>>(),
     })
+}
+
+/// A VM's guest link as JSON.
+fn guest_link_json(g: &pb::GuestLink) -> Value {
+    json!({
+        "connected": g.connected,
+        "ever_linked": g.ever_linked,
+        "transport": (!g.transport.is_empty()).then(|| g.transport.clone()),
+        "peer": (!g.peer.is_empty()).then(|| g.peer.clone()),
+        "node_name": (!g.node_name.is_empty()).then(|| g.node_name.clone()),
+        "guest_cluster": (!g.guest_cluster.is_empty()).then(|| g.guest_cluster.clone()),
+        "heartbeat_age_ms": g.heartbeat_age_ms,
+        "since_ms": g.since_ms,
+        "groups": g.groups.iter().map(|x| json!({
+            "name": x.name,
+            "state": group_state(x.state),
+            "active_here": x.active_here,
+            "fencing_token": x.fencing_token,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A VM's guest link in a few words: "linked (n1, 2 groups active)", "link lost 12s ago",
+/// "no link".
+pub fn guest_link_text(g: &pb::GuestLink) -> String {
+    if g.connected {
+        let active = g.groups.iter().filter(|x| x.active_here).count();
+        let groups = if active == 1 { "1 group active".to_string() } else { format!("{active} groups active") };
+        let mut text = format!("linked ({}, {groups})", g.node_name);
+        // Heartbeats are expected about every second: say so when they are late.
+        if g.heartbeat_age_ms >= 5000 {
+            let _ = write!(text, ", silent {}s", g.heartbeat_age_ms / 1000);
+        }
+        text
+    } else if g.ever_linked {
+        format!("link lost {}s ago", g.since_ms / 1000)
+    } else {
+        "no link".into()
+    }
 }
 
 /// `GetClusterStatus`'s VMs and placement problems for people.
@@ -530,13 +570,14 @@ pub fn vms_text(s: &pb::HostClusterStatus) -> String {
                     v.failovers.to_string(),
                     v.memory_mib.to_string(),
                     v.vcpus.to_string(),
+                    v.guest.as_ref().map(guest_link_text).unwrap_or_else(|| "-".into()),
                     why,
                 ]
             })
             .collect();
         table(
             &mut out,
-            &["VM", "STATE", "HOST", "TOKEN", "RESTARTS", "FAILOVERS", "MEMORY MiB", "VCPUS", "WHY"],
+            &["VM", "STATE", "HOST", "TOKEN", "RESTARTS", "FAILOVERS", "MEMORY MiB", "VCPUS", "GUEST", "WHY"],
             &rows,
         );
     }
@@ -648,6 +689,30 @@ mod tests {
         assert_eq!(vm_pause("db", false, &r, false), "resumed: VM db (domain db-vm) on hv1 is now running");
         let v: Value = serde_json::from_str(&vm_pause("db", false, &r, true)).unwrap();
         assert_eq!(v["reason"], Value::Null);
+    }
+
+    #[test]
+    fn guest_links_read_in_a_few_words() {
+        let group = |name: &str, active_here| pb::GuestGroupSummary {
+            name: name.into(),
+            state: pb::GroupState::Started as i32,
+            active_here,
+            fencing_token: None,
+        };
+        let linked = pb::GuestLink {
+            connected: true,
+            ever_linked: true,
+            node_name: "n1".into(),
+            heartbeat_age_ms: 800,
+            groups: vec![group("a", true), group("b", true), group("c", false)],
+            ..Default::default()
+        };
+        assert_eq!(guest_link_text(&linked), "linked (n1, 2 groups active)");
+        let silent = pb::GuestLink { heartbeat_age_ms: 7200, ..linked.clone() };
+        assert_eq!(guest_link_text(&silent), "linked (n1, 2 groups active), silent 7s");
+        let lost = pb::GuestLink { connected: false, since_ms: 12_400, ..linked };
+        assert_eq!(guest_link_text(&lost), "link lost 12s ago");
+        assert_eq!(guest_link_text(&pb::GuestLink::default()), "no link");
     }
 
     #[test]

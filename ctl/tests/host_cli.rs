@@ -237,9 +237,10 @@ fn vms_human_and_json_with_placement_problems() {
     let agent = Agent::plain(true);
     let (code, out, err) = run(tandemctl(&agent.url()).arg("vms"));
     assert_eq!(code, Some(0), "{out}{err}");
-    assert_eq!(words(line(&out, "db ")), ["db", "running", "hv1", "-", "1", "0", "1024", "2"]);
+    // The last column before WHY is the guest link: none served here.
+    assert_eq!(words(line(&out, "db ")), ["db", "running", "hv1", "-", "1", "0", "1024", "2", "-"]);
     let big = line(&out, "big ");
-    assert_eq!(words(big)[..8], ["big", "blocked", "-", "-", "0", "0", "8192", "2"]);
+    assert_eq!(words(big)[..9], ["big", "blocked", "-", "-", "0", "0", "8192", "2", "-"]);
     assert!(big.ends_with("no host it may run on is up; failed on hv2"), "{big}");
     let problems = out.split("placement problems:\n").nth(1).unwrap_or_else(|| panic!("no problems:\n{out}"));
     assert_eq!(problems, "  big: needs 8192 MiB and 2 vCPUs; hv1: 3072 MiB and 2 vCPUs free; hv2: lost\n");
@@ -250,6 +251,7 @@ fn vms_human_and_json_with_placement_problems() {
     assert_eq!(v["vms"][0]["host"], "hv1");
     assert_eq!(v["vms"][0]["uuid"], DB_UUID);
     assert_eq!(v["vms"][0]["not_running"], serde_json::Value::Null);
+    assert_eq!(v["vms"][0]["guest"], serde_json::Value::Null);
     assert_eq!(v["vms"][1]["host"], serde_json::Value::Null);
     assert_eq!(v["vms"][1]["state"], "blocked");
     assert_eq!(v["vms"][1]["not_running"], json!({ "reason": "no-eligible-node", "node": null }));

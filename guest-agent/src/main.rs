@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tandem_guest::agent::{self, AgentOptions};
 use tandem_guest::runtime::EXIT_CONFIG;
+use tandem_node::link::{GuestLink, GuestLinkConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "tandem-guest", version, about = "Tandem's guest agent: failover groups with disk-fencing leases")]
@@ -103,6 +104,30 @@ fn validate(path: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
+/// The host link of `[host_link]`, for this node: `None` without the section, or on a node
+/// with no VM UUID (a physical server of the cluster).
+fn host_link(config: &tandem_config::ClusterConfig, node: &str) -> anyhow::Result<Option<GuestLink>> {
+    let Some(settings) = &config.host_link else { return Ok(None) };
+    let own_fence = config.node(node).and_then(|n| match &n.fence {
+        Some(tandem_config::FenceMethod::HostCluster(h)) => Some(h.vm_uuid.clone()),
+        _ => None,
+    });
+    let Some(vm_uuid) = settings.vm_uuid.clone().or(own_fence) else {
+        tracing::info!("[host_link]: node {node} has no VM UUID (no vm_uuid, no host-cluster fence): no host link");
+        return Ok(None);
+    };
+    let key = tandem_node::link::proof::read_key(&settings.key_file)
+        .with_context(|| format!("[host_link] key_file {}", settings.key_file.display()))?;
+    Ok(Some(GuestLink::new(GuestLinkConfig {
+        address: settings.address.clone(),
+        vm_uuid,
+        key,
+        heartbeat_interval: settings.heartbeat_interval,
+        cluster: config.cluster.name.clone(),
+        node: node.to_string(),
+    })))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = match tandem_config::load(&cli.config) {
         Ok(c) => c,
@@ -115,6 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(n) => n,
         None => agent::default_node_name().context("cannot read the host name; pass --node")?,
     };
+    let link = host_link(&config, &node)?;
     let opts = AgentOptions {
         node,
         guard_program: std::env::current_exe().context("cannot find this program's path for the guard")?,
@@ -122,10 +148,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cgroup_root: cli.cgroup_root,
         resources: std::sync::Arc::new(tandem_guest::resources::GuestResources),
         api_extensions: Vec::new(),
+        host_cluster: link.as_ref().map(|l| l.fencing()),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     rt.block_on(async move {
         let agent = agent::start(config, opts).await?;
+        let _link = link.map(|l| l.spawn(agent.control.clone()));
         let exit = agent::run_until_stopped(agent).await?;
         Ok(ExitCode::from(exit.status()))
     })

@@ -43,6 +43,7 @@ use tracing::info;
 
 use crate::fence::{ASKER_METADATA, FORWARDED_BY_METADATA, VmFencer};
 use crate::hypervisor::{DomainInfo, DomainState, Hypervisor, HypervisorError};
+use crate::link::LinkRegistry;
 
 use pb::host_agent_server::{HostAgent, HostAgentServer};
 
@@ -196,7 +197,7 @@ pub const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600
 /// `AgentOptions::api_extensions`. `hosts` and `vms` are the cluster's hosts and HA VMs.
 /// `FenceVm` answers `UNIMPLEMENTED` (see [`host_api_with_fencer`]).
 pub fn host_api(hypervisor: Arc<dyn Hypervisor>, hosts: Vec<HostFacts>, vms: Vec<VmFacts>) -> ApiExtension {
-    extension(hypervisor, hosts, vms, None)
+    extension(hypervisor, hosts, vms, None, None)
 }
 
 /// [`host_api`] with guest fencing: `FenceVm` is answered by `fencer`, which is bound to
@@ -208,7 +209,29 @@ pub fn host_api_with_fencer(
     vms: Vec<VmFacts>,
     fencer: VmFencer,
 ) -> ApiExtension {
-    extension(hypervisor, hosts, vms, Some(fencer))
+    extension(hypervisor, hosts, vms, Some(fencer), None)
+}
+
+/// Like [`host_api`], with the guests' links: `GetClusterStatus` shows each VM's guest
+/// link, and link up/down events are published on the node's event feed.
+pub fn host_api_linked(
+    hypervisor: Arc<dyn Hypervisor>,
+    hosts: Vec<HostFacts>,
+    vms: Vec<VmFacts>,
+    links: Option<Arc<LinkRegistry>>,
+) -> ApiExtension {
+    extension(hypervisor, hosts, vms, None, links)
+}
+
+/// The host agent's full `HostAgent`: guest fencing by `fencer` and the guests' links.
+pub fn host_api_full(
+    hypervisor: Arc<dyn Hypervisor>,
+    hosts: Vec<HostFacts>,
+    vms: Vec<VmFacts>,
+    fencer: Option<VmFencer>,
+    links: Option<Arc<LinkRegistry>>,
+) -> ApiExtension {
+    extension(hypervisor, hosts, vms, fencer, links)
 }
 
 fn extension(
@@ -216,10 +239,15 @@ fn extension(
     hosts: Vec<HostFacts>,
     vms: Vec<VmFacts>,
     fencer: Option<VmFencer>,
+    links: Option<Arc<LinkRegistry>>,
 ) -> ApiExtension {
     Arc::new(move |ctx: &ApiContext| {
         if let Some(f) = &fencer {
             f.bind(ctx.control.clone(), ctx.lease_valid.clone());
+        }
+        if let Some(links) = &links {
+            let control = ctx.control.clone();
+            links.set_event_sink(Arc::new(move |kind| control.publish(kind)));
         }
         service(
             ctx.plan.my_name.clone(),
@@ -229,6 +257,7 @@ fn extension(
             hosts.clone(),
             vms.clone(),
             fencer.clone(),
+            links.clone(),
         )
     })
 }
@@ -244,7 +273,7 @@ pub fn host_service(
     hosts: Vec<HostFacts>,
     vms: Vec<VmFacts>,
 ) -> ExtraService {
-    service(me, control, lease_valid, hypervisor, hosts, vms, None)
+    service(me, control, lease_valid, hypervisor, hosts, vms, None, None)
 }
 
 fn service(
@@ -255,9 +284,11 @@ fn service(
     hosts: Vec<HostFacts>,
     vms: Vec<VmFacts>,
     fencer: Option<VmFencer>,
+    links: Option<Arc<LinkRegistry>>,
 ) -> ExtraService {
     Box::new(move |routes, access, stop| {
-        let service = HostAgentService { me, control, lease_valid, hypervisor, hosts, vms, access, stop, fencer };
+        let service =
+            HostAgentService { me, control, lease_valid, hypervisor, hosts, vms, access, stop, fencer, links };
         routes.add_service(HostAgentServer::new(service));
     })
 }
@@ -306,6 +337,18 @@ pub fn cluster_status(
         hosts: host_status,
         vms: vm_status,
         problems,
+    }
+}
+
+/// Fills each VM's `guest` from this host's links: for VMs that run here or whose guest is
+/// linked here (elsewhere this host cannot know; that host's own answer shows it).
+pub fn add_guest_links(status: &mut pb::HostClusterStatus, links: &LinkRegistry) {
+    let me = status.host.clone();
+    for v in &mut status.vms {
+        let Some(view) = links.view(&v.uuid) else { continue };
+        if view.connected || v.host == me {
+            v.guest = Some(view);
+        }
     }
 }
 
@@ -514,6 +557,7 @@ struct HostAgentService {
     access: Arc<Access>,
     stop: CancellationToken,
     fencer: Option<VmFencer>,
+    links: Option<Arc<LinkRegistry>>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
@@ -666,7 +710,11 @@ impl HostAgent for HostAgentService {
         let status = self.control.status().await?;
         // Read after the status: a lease lost while the status was gathered shows.
         let lease_valid = (self.lease_valid)();
-        Ok(Response::new(cluster_status(&status, &self.hosts, &self.vms, lease_valid)))
+        let mut out = cluster_status(&status, &self.hosts, &self.vms, lease_valid);
+        if let Some(links) = &self.links {
+            add_guest_links(&mut out, links);
+        }
+        Ok(Response::new(out))
     }
 
     async fn start_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::OperatorAck>, Status> {

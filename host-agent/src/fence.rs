@@ -1242,3 +1242,16 @@ mod tests {
         assert!(e.code() == Code::Unavailable && e.message().contains("starting"), "{e}");
     }
 }
+
+/// The guests' fence requests over their links (authorized by the link registry, checked
+/// again here).
+#[tonic::async_trait]
+impl crate::link::GuestFenceHandler for VmFencer {
+    async fn fence_vm(
+        &self,
+        asker_uuid: &str,
+        req: tandem_proto::v1::FenceVmRequest,
+    ) -> Result<tandem_proto::v1::FenceVmResponse, tonic::Status> {
+        VmFencer::fence_vm(self, asker_uuid, req).await
+    }
+}

@@ -6,7 +6,8 @@
 //! libvirt adapter, [`hypervisor::libvirt::LibvirtHypervisor`]), the VM resource that the
 //! node runtime drives ([`vm::VmResource`], built by [`vm::HostResources`]), the checks of a
 //! host cluster configuration ([`cluster`]) and the host agent's own gRPC service ([`api`],
-//! `tandem.v1.HostAgent`). The `tandem-host` binary puts them on the node runtime
+//! `tandem.v1.HostAgent`), and the host side of the host–guest link ([`link`]). The
+//! `tandem-host` binary puts them on the node runtime
 //! (`tandem-node`).
 
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ pub mod api;
 pub mod cluster;
 pub mod fence;
 pub mod hypervisor;
+pub mod link;
 pub mod maintenance;
 pub mod nic;
 pub mod vm;

@@ -93,6 +93,16 @@ fn print_host_errors(path: &Path, errors: &[HostClusterError]) {
     }
 }
 
+fn print_host_errors_any(path: &Path, e: &dyn std::error::Error) {
+    let mut line = format!("{}: error: {e}", path.display());
+    let mut source = e.source();
+    while let Some(s) = source {
+        line += &format!(": {s}");
+        source = s.source();
+    }
+    eprintln!("{line}");
+}
+
 fn validate(path: &Path, json: bool) -> ExitCode {
     let checked = match tandem_config::check(path) {
         Ok(c) => c,
@@ -153,6 +163,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_CONFIG));
     };
     let config = tandem_host::cluster::with_vm_demands(config, &cluster);
+    let links = match tandem_host::link::linked_vms(&config, &cluster) {
+        Ok(vms) => tandem_host::link::LinkRegistry::new(node.clone(), vms),
+        Err(e) => {
+            print_host_errors_any(&cli.config, &e);
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     rt.block_on(async move {
         let hypervisor: Arc<dyn Hypervisor> = Arc::new(
@@ -161,23 +178,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         tracing::info!("hypervisor {uri} connected");
         // Guest fencing: the fencer marks what it powers off, so that the VM resources report
         // a fenced VM as failed (and the cluster recovers it) rather than stopped by hand.
+        // Guests ask for it over their links.
         let fencer = tandem_host::fence::VmFencer::new(&node, &config, &cluster, hypervisor.clone());
-        let resources = tandem_host::vm::HostResources::new(hypervisor.clone()).with_fence_marks(fencer.marks());
+        links.set_fence_handler(Arc::new(fencer.clone()));
+        // A planned stop of a VM asks its linked guest agent to move or stop its groups first.
+        let resources = tandem_host::vm::HostResources::new(hypervisor.clone())
+            .with_fence_marks(fencer.marks())
+            .with_guest_links(links.clone())
+            .with_guests(links.clone());
+        let stop_links = tokio_util::sync::CancellationToken::new();
+        tandem_host::link::serve(links.clone(), config.guest_link.as_ref(), stop_links.clone()).await?;
         let opts = AgentOptions {
+            resources: Arc::new(resources),
             node,
             guard_program: std::env::current_exe().context("cannot find this program's path for the guard")?,
             guard_args: vec!["guard".into()],
             cgroup_root: cli.cgroup_root,
-            resources: Arc::new(resources),
-            api_extensions: vec![tandem_host::api::host_api_with_fencer(
+            api_extensions: vec![tandem_host::api::host_api_full(
                 hypervisor.clone(),
                 tandem_host::cluster::host_facts(&config),
                 tandem_host::cluster::vm_facts(&cluster),
-                fencer,
+                Some(fencer),
+                Some(links),
             )],
+            host_cluster: None,
         };
         let agent = agent::start(config, opts).await?;
         let exit = agent::run_until_stopped(agent).await?;
+        stop_links.cancel();
         Ok(ExitCode::from(exit.status()))
     })
 }

@@ -487,6 +487,10 @@ pub struct VmResource {
     activity: Option<broadcast::Sender<VmActivity>>,
     /// VMs powered off by guests' fence requests (see [`health_with_fence`]).
     fence_marks: Option<FenceMarks>,
+    /// The guest-heartbeat policy: the guest links and `guest_heartbeat_timeout`.
+    guest_watch: Option<(Arc<crate::link::LinkRegistry>, Duration)>,
+    /// When this agent last started (or adopted) the VM: only heartbeats since count.
+    running_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl VmResource {
@@ -512,6 +516,8 @@ impl VmResource {
             guests: None,
             activity: None,
             fence_marks: None,
+            guest_watch: None,
+            running_since: std::sync::Mutex::new(None),
         }
     }
 
@@ -567,6 +573,30 @@ impl VmResource {
     pub fn with_fence_marks(mut self, marks: FenceMarks) -> VmResource {
         self.fence_marks = Some(marks);
         self
+    }
+
+    /// Resets the VM (its check reports a failure) when its linked guest's heartbeats stop
+    /// for `timeout` while it runs (`guest_heartbeat_timeout`; see
+    /// [`crate::link::heartbeat_expired`]).
+    pub fn with_guest_heartbeat(mut self, links: Arc<crate::link::LinkRegistry>, timeout: Duration) -> VmResource {
+        self.guest_watch = Some((links, timeout));
+        self
+    }
+
+    /// The guest-heartbeat verdict: why the VM must be reset, if it must.
+    fn guest_silence(&self) -> Option<String> {
+        let (links, timeout) = self.guest_watch.as_ref()?;
+        let since = (*self.running_since.lock().expect("not poisoned"))?;
+        let key = self.def.uuid.to_string();
+        let silent =
+            crate::link::heartbeat_expired(*timeout, since, links.last_heartbeat(&key), std::time::Instant::now())?;
+        let text = format!(
+            "the guest agent's heartbeats stopped {} ago (guest_heartbeat_timeout {}): resetting the VM",
+            human_duration(silent),
+            human_duration(*timeout)
+        );
+        tracing::warn!(resource = %self.id, domain = %self.def.name, "{text}");
+        Some(text)
     }
 
     /// Loads the domain XML `config.domain` and builds the resource; a definition that
@@ -838,6 +868,7 @@ impl Resource for VmResource {
             match self.start_domain().await {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
+                    *self.running_since.lock().expect("not poisoned") = Some(std::time::Instant::now());
                     Ok(())
                 }
                 Err(fault) => {
@@ -872,6 +903,7 @@ impl Resource for VmResource {
         // Found running after an agent restart: it runs here as if we had started it, so a
         // later power-off from outside or a migration away is not mistaken for our own stop.
         self.expected_off.store(false, Ordering::SeqCst);
+        *self.running_since.lock().expect("not poisoned") = Some(std::time::Instant::now());
     }
 
     fn check(&self) -> BoxFuture<'_, Health> {
@@ -879,7 +911,11 @@ impl Resource for VmResource {
             match self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
                 Ok(state) => {
                     let fenced = self.fence_marks.as_ref().and_then(|m| m.get(&self.def.uuid));
-                    health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
+                    match health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
+                    {
+                        Health::Running => self.guest_silence().map_or(Health::Running, Health::Failed),
+                        other => other,
+                    }
                 }
                 // Unknown is not stopped: the VM may well run.
                 Err(fault) => Health::Failed(format!("cannot tell whether the VM runs: {}", self.describe(&fault))),
@@ -895,12 +931,13 @@ pub struct HostResources {
     guests: Option<Arc<dyn GuestShutdown>>,
     activity: broadcast::Sender<VmActivity>,
     fence_marks: Option<FenceMarks>,
+    links: Option<Arc<crate::link::LinkRegistry>>,
 }
 
 impl HostResources {
     /// Resources on `hypervisor` (the node's one connection).
     pub fn new(hypervisor: Arc<dyn Hypervisor>) -> HostResources {
-        HostResources { hypervisor, guests: None, activity: broadcast::channel(1024).0, fence_marks: None }
+        HostResources { hypervisor, guests: None, activity: broadcast::channel(1024).0, fence_marks: None, links: None }
     }
 
     /// VMs built from now on ask their guest agents through `guests` before a planned stop.
@@ -921,6 +958,12 @@ impl HostResources {
         self
     }
 
+    /// VMs with a `guest_heartbeat_timeout` are reset when their guests fall silent on these links.
+    pub fn with_guest_links(mut self, links: Arc<crate::link::LinkRegistry>) -> HostResources {
+        self.links = Some(links);
+        self
+    }
+
     /// The hypervisor the resources run on.
     pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
         &self.hypervisor
@@ -938,9 +981,13 @@ impl HostResources {
             ResourceKind::Vm(config) => {
                 let vm = VmResource::build(group, &spec.name, config, self.hypervisor.clone())?
                     .with_guests(self.guests.clone(), Some(self.activity.clone()));
-                Ok(match &self.fence_marks {
+                let vm = match &self.fence_marks {
                     Some(m) => vm.with_fence_marks(m.clone()),
                     None => vm,
+                };
+                Ok(match (&self.links, config.guest_heartbeat_timeout) {
+                    (Some(links), Some(timeout)) => vm.with_guest_heartbeat(links.clone(), timeout),
+                    _ => vm,
                 })
             }
             other => Err(ResourceError::config(

@@ -75,7 +75,16 @@ fn domain_xml(name: &str, memory: &str) -> String {
 }
 
 fn vm_config(domain: PathBuf, shutdown_timeout: Duration) -> VmConfig {
-    VmConfig { domain, start_timeout: BOUND, shutdown_timeout, prepare_timeout: BOUND, guest_cluster: None }
+    VmConfig {
+        domain,
+        start_timeout: BOUND,
+        shutdown_timeout,
+        prepare_timeout: BOUND,
+        link_key_file: None,
+        guest_cluster: None,
+        vsock_uds: None,
+        guest_heartbeat_timeout: None,
+    }
 }
 
 fn spec(name: &str, kind: ResourceKind) -> tandem_config::Resource {

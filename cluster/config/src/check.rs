@@ -83,6 +83,8 @@ struct Decoded {
     lease: Option<Option<LeaseSettings>>,
     groups: Vec<DecodedGroup>,
     api: Option<ApiSettings>,
+    guest_link: Option<Option<GuestLinkSettings>>,
+    host_link: Option<Option<HostLinkSettings>>,
     networks: Vec<Option<Network>>,
 }
 
@@ -108,7 +110,7 @@ struct LeaseFields {
     host_dead_timeout: Option<Duration>,
 }
 
-const SECTIONS: &str = "cluster, node, link, lease, group, api, network";
+const SECTIONS: &str = "cluster, node, link, lease, group, api, guest_link, host_link, network";
 
 impl<'s> Checker<'s> {
     fn finish_err(&mut self) -> ConfigErrors {
@@ -276,7 +278,7 @@ impl<'s> Checker<'s> {
     fn run(&mut self) -> Option<ClusterConfig> {
         let decoded = self.decode_all();
         self.validate(&decoded);
-        let Decoded { cluster, nodes, links, lease, groups, api, networks } = decoded;
+        let Decoded { cluster, nodes, links, lease, groups, api, guest_link, host_link, networks } = decoded;
         let mut groups_out = Vec::new();
         for g in groups {
             let mut header = g.header?;
@@ -291,6 +293,8 @@ impl<'s> Checker<'s> {
             lease: lease?,
             groups: groups_out,
             api: api?,
+            guest_link: guest_link?,
+            host_link: host_link?,
             networks: networks.into_iter().collect::<Option<_>>()?,
         })
     }
@@ -340,8 +344,16 @@ impl<'s> Checker<'s> {
             Some(v) => self.decode::<ApiSettings>(&v),
             None => Some(ApiSettings::default()),
         };
+        let guest_link = match get("guest_link") {
+            Some(v) => self.decode::<GuestLinkSettings>(&v).map(Some),
+            None => Some(None),
+        };
+        let host_link = match get("host_link") {
+            Some(v) => self.decode::<HostLinkSettings>(&v).map(Some),
+            None => Some(None),
+        };
         let networks = self.elements(&[K("network")]).iter().map(|v| self.decode::<Network>(v)).collect();
-        Decoded { cluster, nodes, links, lease, groups, api, networks }
+        Decoded { cluster, nodes, links, lease, groups, api, guest_link, host_link, networks }
     }
 
     /// Removes `key` from a table value, returning the rest and the removed value.
@@ -561,7 +573,135 @@ impl<'s> Checker<'s> {
         self.validate_lease(d);
         self.validate_groups(d);
         self.validate_api(d);
+        self.validate_guest_link(d);
+        self.validate_host_link(d);
         self.validate_networks(d);
+    }
+
+    /// `[guest_link]` and the VMs' link settings (host agents).
+    fn validate_guest_link(&mut self, d: &Decoded) {
+        let settings = d.guest_link.clone().flatten();
+        if let Some(g) = &settings {
+            if let Some(addr) = g.listen
+                && addr.port() == 0
+            {
+                self.error(
+                    ProblemKind::InvalidValue,
+                    &[K("guest_link"), K("listen")],
+                    format!("port 0 is not usable: give the port guests connect to, e.g. \"{}:7702\"", addr.ip()),
+                );
+            }
+            // VMADDR_PORT_ANY (u32::MAX) and 0 name no port a guest could connect to.
+            if g.vsock_port == 0 || g.vsock_port == u32::MAX {
+                self.error(
+                    ProblemKind::InvalidValue,
+                    &[K("guest_link"), K("vsock_port")],
+                    format!("{} is not a vsock port a guest can connect to; use e.g. 7702", g.vsock_port),
+                );
+            }
+        }
+        let mut sockets: HashMap<PathBuf, String> = HashMap::new();
+        for (gi, g) in d.groups.iter().enumerate() {
+            for (ri, r) in g.resources.iter().enumerate() {
+                let Some(Resource { kind: ResourceKind::Vm(vm), .. }) = r else { continue };
+                let rp = |k| [K("group"), I(gi), K("resource"), I(ri), K(k)];
+                let group = g.header.as_ref().map(|h| h.name.clone()).unwrap_or_default();
+                if let Some(f) = &vm.link_key_file {
+                    self.check_absolute(&rp("link_key_file"), "link_key_file", f);
+                    let listens = settings.as_ref().is_some_and(|s| s.listen.is_some()) || vm.vsock_uds.is_some();
+                    if !listens {
+                        self.warn(
+                            ProblemKind::InvalidValue,
+                            &rp("link_key_file"),
+                            "the guest has nowhere to link to: add [guest_link] listen = \"ADDRESS:PORT\" or give \
+                             this VM a vsock_uds"
+                                .into(),
+                        );
+                    }
+                }
+                if let Some(c) = &vm.guest_cluster {
+                    self.check_name(&rp("guest_cluster"), "guest cluster", c);
+                }
+                if let Some(t) = vm.guest_heartbeat_timeout {
+                    self.check_positive(&rp("guest_heartbeat_timeout"), t);
+                    if vm.link_key_file.is_none() {
+                        self.error(
+                            ProblemKind::InvalidValue,
+                            &rp("guest_heartbeat_timeout"),
+                            "guest heartbeats come over the guest link: give this VM a link_key_file too".into(),
+                        );
+                    }
+                }
+                if let Some(u) = &vm.vsock_uds {
+                    self.check_absolute(&rp("vsock_uds"), "vsock_uds", u);
+                    if vm.link_key_file.is_none() {
+                        self.error(
+                            ProblemKind::InvalidValue,
+                            &rp("vsock_uds"),
+                            "a guest link needs the VM's key: give this VM a link_key_file too".into(),
+                        );
+                    }
+                    if let Some(other) = sockets.insert(u.clone(), group.clone()) {
+                        self.error(
+                            ProblemKind::Duplicate,
+                            &rp("vsock_uds"),
+                            format!("VM {other:?} uses this vsock socket already; each VM has its own"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `[host_link]` (guest agents), and the host-cluster fencing that needs it.
+    fn validate_host_link(&mut self, d: &Decoded) {
+        let link = d.host_link.clone().flatten();
+        let has_section = self.has_key(&[K("host_link")]);
+        for (i, n) in d.nodes.iter().enumerate() {
+            if let Some(Node { fence: Some(FenceMethod::HostCluster(_)), .. }) = n
+                && !has_section
+            {
+                self.error(
+                    ProblemKind::InvalidValue,
+                    &[K("node"), I(i), K("fence"), K("kind")],
+                    "host-cluster fencing is asked for over the host–guest link: add [host_link] with the host \
+                     agent's address and this VM's key_file (see docs/guest-agent.md)"
+                        .into(),
+                );
+            }
+        }
+        let Some(l) = link else { return };
+        self.check_absolute(&[K("host_link"), K("key_file")], "key_file", &l.key_file);
+        self.check_positive(&[K("host_link"), K("heartbeat_interval")], l.heartbeat_interval);
+        if let LinkAddress::Unix(p) = &l.address
+            && p.as_os_str().len() > 107
+        {
+            self.error(
+                ProblemKind::InvalidValue,
+                &[K("host_link"), K("address")],
+                "a Unix socket path is at most 107 bytes long; use a shorter path".into(),
+            );
+        }
+        match &l.vm_uuid {
+            Some(u) if !is_uuid(u) => self.error(
+                ProblemKind::InvalidValue,
+                &[K("host_link"), K("vm_uuid")],
+                format!("{u:?} is not a UUID (8-4-4-4-12 hex digits); `virsh domuuid VM` prints it"),
+            ),
+            Some(_) => {}
+            None => {
+                let any = d.nodes.iter().flatten().any(|n| matches!(n.fence, Some(FenceMethod::HostCluster(_))));
+                if !any {
+                    self.error(
+                        ProblemKind::InvalidValue,
+                        &[K("host_link")],
+                        "no VM UUID for the link: set vm_uuid here (`virsh domuuid VM` prints it), or give the \
+                         nodes fence = { kind = \"host-cluster\", vm_uuid = \"…\" }"
+                            .into(),
+                    );
+                }
+            }
+        }
     }
 
     fn validate_networks(&mut self, d: &Decoded) {
@@ -1234,9 +1374,6 @@ impl<'s> Checker<'s> {
                 }
                 ResourceKind::Vm(vm) => {
                     self.check_absolute(&rp("domain"), "domain", &vm.domain);
-                    if let Some(gc) = &vm.guest_cluster {
-                        self.check_name(&rp("guest_cluster"), "guest cluster", gc);
-                    }
                     for (k, v) in [("start_timeout", vm.start_timeout), ("shutdown_timeout", vm.shutdown_timeout)] {
                         self.check_positive(&rp(k), v);
                     }

@@ -44,6 +44,13 @@ pub struct ClusterConfig {
     #[serde(default, skip_serializing_if = "ApiSettings::is_default")]
     #[schemars(default)]
     pub api: ApiSettings,
+    /// Host agents: where guest agents link to this host (`[guest_link]`). See docs/host-agent.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_link: Option<GuestLinkSettings>,
+    /// Guest agents: the link to the host agent of the hypervisor this node runs on
+    /// (`[host_link]`). See docs/guest-agent.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_link: Option<HostLinkSettings>,
     /// Host agents: the networks VMs attach to, watched on every host (`[[network]]`).
     /// A VM attached to a network that fails on its host moves to a host where it works.
     #[serde(rename = "network", default, skip_serializing_if = "Vec::is_empty")]
@@ -223,6 +230,135 @@ pub struct HostClusterFence {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WatchdogOnlyFence {}
+
+/// The vsock port guest agents connect to when `[guest_link] vsock_port` is not set.
+pub const DEFAULT_GUEST_LINK_VSOCK_PORT: u32 = 7702;
+
+/// `[guest_link]` (host agents): where guest agents open their link to this host.
+///
+/// Two kinds of listener: a TCP address for every VM (`listen`), and one Unix socket per
+/// VM with a `vsock_uds` (`<vsock_uds>_<vsock_port>`, where a userspace vsock backend such
+/// as vhost-device-vsock hands over the guest's AF_VSOCK connections to that port). Either
+/// way the guest must prove it holds its VM's `link_key_file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestLinkSettings {
+    /// TCP address and port for guest links (`"10.0.0.1:7702"`). Absent: no TCP listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub listen: Option<SocketAddr>,
+    /// The vsock port guests connect to (AF_VSOCK, CID 2 = the host); the host agent
+    /// listens on `<vsock_uds>_<vsock_port>` for each VM with a `vsock_uds`.
+    #[serde(default = "default_vsock_port")]
+    #[schemars(default = "default_vsock_port")]
+    pub vsock_port: u32,
+}
+
+fn default_vsock_port() -> u32 {
+    DEFAULT_GUEST_LINK_VSOCK_PORT
+}
+
+/// `[host_link]` (guest agents): the link to this node's host agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostLinkSettings {
+    /// Where the host agent listens: `"tcp:HOST:PORT"`, `"vsock:CID:PORT"` (CID 2 is the
+    /// host) or `"unix:/path"`.
+    #[schemars(with = "String")]
+    pub address: LinkAddress,
+    /// UUID of the VM this node runs in (`virsh domuuid`). Absent: the node's own
+    /// `fence = { kind = "host-cluster", vm_uuid = "…" }`. A node with neither runs no link
+    /// (a physical server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_uuid: Option<String>,
+    /// File holding this VM's link key (the same as the host's `link_key_file` for the VM).
+    pub key_file: PathBuf,
+    /// How often the guest sends a heartbeat over the link.
+    #[serde(default = "default_heartbeat_interval", with = "duration")]
+    #[schemars(with = "DurationSchema", default = "default_heartbeat_interval_text")]
+    pub heartbeat_interval: Duration,
+}
+
+/// Where a guest agent reaches its host agent (`[host_link] address`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LinkAddress {
+    /// `tcp:HOST:PORT`: a host name or address and a port.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `vsock:CID:PORT`: AF_VSOCK (CID 2 is the host).
+    Vsock {
+        /// Context id.
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
+    /// `unix:/path`: a Unix socket.
+    Unix(PathBuf),
+}
+
+impl FromStr for LinkAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let hint = "write tcp:HOST:PORT, vsock:CID:PORT (CID 2 is the host) or unix:/ABSOLUTE/PATH";
+        let (scheme, rest) = s.split_once(':').ok_or_else(|| format!("{s:?} has no transport; {hint}"))?;
+        match scheme {
+            "tcp" => {
+                let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("{s:?} has no port; {hint}"))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let port = port.parse::<u16>().ok().filter(|p| *p != 0);
+                match port {
+                    Some(port) if !host.is_empty() => Ok(LinkAddress::Tcp { host: host.to_string(), port }),
+                    _ => Err(format!("{s:?}: give a host and a port in 1..=65535; {hint}")),
+                }
+            }
+            "vsock" => {
+                let (cid, port) = rest.split_once(':').ok_or_else(|| format!("{s:?} has no port; {hint}"))?;
+                match (cid.parse::<u32>(), port.parse::<u32>()) {
+                    (Ok(cid), Ok(port)) => Ok(LinkAddress::Vsock { cid, port }),
+                    _ => Err(format!("{s:?}: CID and port must be numbers; {hint}")),
+                }
+            }
+            "unix" => {
+                let p = PathBuf::from(rest);
+                if p.is_absolute() {
+                    Ok(LinkAddress::Unix(p))
+                } else {
+                    Err(format!("{s:?}: the path must be absolute; {hint}"))
+                }
+            }
+            other => Err(format!("unknown transport {other:?}; {hint}")),
+        }
+    }
+}
+
+impl fmt::Display for LinkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkAddress::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            LinkAddress::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            LinkAddress::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            LinkAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for LinkAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for LinkAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Port of the agent API when `[api] listen` is not set.
 pub const DEFAULT_API_PORT: u16 = 7701;
@@ -797,11 +933,27 @@ pub struct VmResource {
     #[serde(default = "default_vm_prepare_timeout", with = "duration")]
     #[schemars(with = "DurationSchema", default = "default_vm_prepare_timeout_text")]
     pub prepare_timeout: Duration,
-    /// The guest cluster (its `[cluster] name`) whose guest agent runs in this VM. Only VMs
-    /// of the same guest cluster may have each other powered off by the host cluster
-    /// (`fence = { kind = "host-cluster" }` in the guest cluster). Absent: nobody may.
+    /// File holding the key the VM's guest agent proves itself with over the host–guest
+    /// link (at least 16 characters; the same file content as the guest's `[host_link]
+    /// key_file`). Absent: the VM has no guest link and any guest claiming it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_key_file: Option<PathBuf>,
+    /// The guest cluster the VM's guest agent belongs to: VMs of the same guest cluster may
+    /// ask the host cluster to fence one another. Absent: the guest may fence no VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_cluster: Option<String>,
+    /// Base path of the VM's userspace vsock Unix socket (vhost-device-vsock `uds-path`,
+    /// Firecracker `uds_path`): the host agent listens on `<vsock_uds>_<[guest_link]
+    /// vsock_port>` for this VM's guest, and a link there may only claim this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_uds: Option<PathBuf>,
+    /// Reset the VM (report its resource failed, so the group's recovery policy restarts
+    /// it) when its linked guest's heartbeats stop this long while it runs. Absent:
+    /// heartbeats are only reported. A guest that never linked since the VM started does
+    /// not trigger it.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub guest_heartbeat_timeout: Option<Duration>,
 }
 
 fn default_vm_prepare_timeout() -> Duration {

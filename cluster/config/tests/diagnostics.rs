@@ -28,6 +28,9 @@ id = 2
 links = { lan = "10.0.0.2", backup = "10.9.0.2" }
 "#;
 
+/// A guest's link to its host agent (host-cluster fencing needs it).
+const HOST_LINK: &str = "\n[host_link]\naddress = \"vsock:2:7702\"\nvm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"\nkey_file = \"/etc/tandem/link.key\"\n";
+
 fn write(src: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     f.write_all(src.as_bytes()).unwrap();
@@ -305,7 +308,8 @@ fn explicit_watchdog_only_fencing_is_accepted() {
         .replace(
             "id = 2\n",
             "id = 2\nfence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }\n",
-        );
+        )
+        + HOST_LINK;
     let f = write(&src);
     let c = tandem_config::load(f.path()).unwrap();
     assert!(c.groups[0].has_shared_disk());
@@ -453,7 +457,8 @@ fn fence_tables_are_checked_field_by_field() {
     let (line, col, field, kind, _) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (15, 41, "node \"a\".fence.timeout", ProblemKind::UnknownField));
 
-    let src = BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"host-cluster\", vm_uuid = \"not-a-uuid\" }\n");
+    let src =
+        BASE.replace("id = 1\n", "id = 1\nfence = { kind = \"host-cluster\", vm_uuid = \"not-a-uuid\" }\n") + HOST_LINK;
     let (line, col, field, kind, _) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (15, 44, "node \"a\".fence.vm_uuid", ProblemKind::InvalidValue));
 
@@ -803,6 +808,99 @@ fn a_set_no_other_group_names_is_a_warning() {
         ]
     );
     assert!(c.warnings[0].message.contains("\"db-pair\""), "{}", c.warnings[0].message);
+}
+
+#[test]
+fn host_cluster_fencing_needs_the_host_link() {
+    let src = BASE.replace(
+        "id = 2\n",
+        "id = 2\nfence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }\n",
+    );
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (20, 18, "node \"b\".fence.kind", ProblemKind::InvalidValue));
+    assert!(msg.contains("add [host_link]"), "{msg}");
+    // With the link, the node's fence UUID is the link's VM UUID when [host_link] has none.
+    let src = src + "\n[host_link]\naddress = \"tcp:10.0.0.254:7702\"\nkey_file = \"/etc/tandem/link.key\"\n";
+    let f = write(&src);
+    let c = tandem_config::load(f.path()).unwrap();
+    let l = c.host_link.unwrap();
+    assert_eq!(l.address, tandem_config::LinkAddress::Tcp { host: "10.0.0.254".into(), port: 7702 });
+    assert_eq!((l.vm_uuid, l.heartbeat_interval), (None, std::time::Duration::from_secs(1)));
+}
+
+#[test]
+fn host_link_fields_are_checked() {
+    let src = format!(
+        "{BASE}\n[host_link]\naddress = \"vsock:two:7702\"\nkey_file = \"/k\"\nvm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"\n"
+    );
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (23, 11, "host_link.address", ProblemKind::Type));
+    assert!(msg.contains("vsock:CID:PORT"), "{msg}");
+    let src = format!(
+        "{BASE}\n[host_link]\naddress = \"vsock:2:7702\"\nvm_uuid = \"nope\"\nkey_file = \"link.key\"\nheartbeat_interval = \"0s\"\n"
+    );
+    let s = summary(&errors_of(&src));
+    assert_eq!(
+        s,
+        vec![
+            (24, 11, "host_link.vm_uuid".to_string(), ProblemKind::InvalidValue),
+            (25, 12, "host_link.key_file".to_string(), ProblemKind::InvalidValue),
+            (26, 22, "host_link.heartbeat_interval".to_string(), ProblemKind::InvalidValue),
+        ]
+    );
+    let src = format!(
+        "{BASE}\n[host_link]\naddress = \"unix:relative\"\nkey_file = \"/k\"\nvm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"\n"
+    );
+    let (line, col, field, _, msg) = only(&src);
+    assert_eq!((line, col, field.as_str()), (23, 11, "host_link.address"));
+    assert!(msg.contains("must be absolute"), "{msg}");
+    // Neither a UUID here nor a host-cluster fence: nothing tells the link which VM this is.
+    let src = format!("{BASE}\n[host_link]\naddress = \"unix:/run/tandem/link.sock\"\nkey_file = \"/k\"\n");
+    let (line, col, field, _, msg) = only(&src);
+    assert_eq!((line, col, field.as_str()), (22, 1, "host_link"));
+    assert!(msg.contains("no VM UUID"), "{msg}");
+}
+
+#[test]
+fn vm_link_fields_are_checked() {
+    let vm = |extra: &str| {
+        format!(
+            "{BASE}\n[[group]]\nname = \"web\"\nnodes = [\"a\", \"b\"]\n\n[[group.resource]]\nname = \"vm\"\nkind = \"vm\"\ndomain = \"/etc/tandem/web.xml\"\n{extra}"
+        )
+    };
+    let src = vm(
+        "link_key_file = \"web.key\"\nguest_cluster = \"bad name\"\nvsock_uds = \"/run/web.vsock\"\nguest_heartbeat_timeout = \"0s\"\n",
+    ) + "\n[guest_link]\nlisten = \"10.0.0.1:0\"\nvsock_port = 0\n";
+    let s = summary(&errors_of(&src));
+    assert_eq!(
+        s,
+        vec![
+            (30, 17, "group \"web\".resource \"vm\".link_key_file".to_string(), ProblemKind::InvalidValue),
+            (31, 17, "group \"web\".resource \"vm\".guest_cluster".to_string(), ProblemKind::InvalidValue),
+            (33, 27, "group \"web\".resource \"vm\".guest_heartbeat_timeout".to_string(), ProblemKind::InvalidValue),
+            (36, 10, "guest_link.listen".to_string(), ProblemKind::InvalidValue),
+            (37, 14, "guest_link.vsock_port".to_string(), ProblemKind::InvalidValue),
+        ]
+    );
+    // Link options without a key, and a key with nowhere to link to.
+    let src = vm("vsock_uds = \"/run/web.vsock\"\nguest_heartbeat_timeout = \"30s\"\n");
+    let e = errors_of(&src);
+    assert_eq!(e.len(), 2, "{e}");
+    assert!(e.errors.iter().all(|d| d.message.contains("link_key_file")), "{e}");
+    let f = write(&vm("link_key_file = \"/etc/tandem/web.key\"\n"));
+    let c = tandem_config::check(f.path()).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].message.contains("nowhere to link to"), "{}", c.warnings[0]);
+    // A good one.
+    let f = write(
+        &(vm(
+            "link_key_file = \"/etc/tandem/web.key\"\nguest_cluster = \"pg\"\nvsock_uds = \"/run/web.vsock\"\nguest_heartbeat_timeout = \"30s\"\n",
+        ) + "\n[guest_link]\nlisten = \"10.0.0.1:7702\"\n"),
+    );
+    let c = tandem_config::check(f.path()).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let g = c.config.guest_link.unwrap();
+    assert_eq!((g.listen, g.vsock_port), (Some("10.0.0.1:7702".parse().unwrap()), 7702));
 }
 
 #[test]

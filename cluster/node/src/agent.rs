@@ -102,6 +102,9 @@ pub struct AgentOptions {
     pub resources: Arc<dyn ResourceFactory>,
     /// The agent's own gRPC services, served next to the node API.
     pub api_extensions: Vec<ApiExtension>,
+    /// How `host-cluster` fence methods reach the host cluster (the guest agent's host link,
+    /// [`crate::link::GuestLink::fencing`]); `None`: every such fence fails.
+    pub host_cluster: Option<Arc<dyn crate::fence::HostClusterFencing>>,
 }
 
 impl std::fmt::Debug for AgentOptions {
@@ -112,12 +115,12 @@ impl std::fmt::Debug for AgentOptions {
             .field("cgroup_root", &self.cgroup_root)
             .field("resources", &self.resources)
             .field("api_extensions", &self.api_extensions.len())
+            .field("host_cluster", &self.host_cluster)
             .finish_non_exhaustive()
     }
 }
 
 /// A started agent.
-#[derive(Debug)]
 pub struct Agent {
     /// Talks to the running engine task.
     pub handle: AgentHandle,
@@ -127,6 +130,17 @@ pub struct Agent {
     pub plan: Arc<Plan>,
     /// Where the API listens.
     pub api_addr: std::net::SocketAddr,
+    /// The running node as the API sees it (status, planned shutdown, events).
+    pub control: Arc<dyn crate::api::Control>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.plan.my_name)
+            .field("api_addr", &self.api_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Starts an agent. Joining the lockspace takes a few seconds (it must prove no other node
@@ -286,8 +300,13 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     let resources = ResourceTable::new(built, cgroups, lease_valid.clone());
 
     let quorum_view = ctl.clone();
-    let fencer =
-        crate::fencing::FenceService::new(&config, &plan, tx.clone(), Arc::new(move || quorum_view.view().quorum))?;
+    let fencer = crate::fencing::FenceService::new(
+        &config,
+        &plan,
+        tx.clone(),
+        Arc::new(move || quorum_view.view().quorum),
+        opts.host_cluster.clone(),
+    )?;
     let peers_view = ctl.clone();
     let parts = Parts {
         plan: plan.clone(),
@@ -308,7 +327,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     }
     let control: Arc<dyn crate::api::Control> = Arc::new(AgentControl::new(handle.clone(), plan.clone()));
     let mut api = ApiServer::new(&settings, control.clone())?;
-    let context = ApiContext { control, lease_valid, plan: plan.clone() };
+    let context = ApiContext { control: control.clone(), lease_valid, plan: plan.clone() };
     for extension in &opts.api_extensions {
         api = api.with_service(extension(&context));
     }
@@ -331,7 +350,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         let _ = stop_api.send(());
         exit
     });
-    Ok(Agent { handle, task, plan, api_addr })
+    Ok(Agent { handle, task, plan, api_addr, control })
 }
 
 /// Forwards each operator command to every peer that has an `api` address, so that every

@@ -23,6 +23,7 @@ pub struct AgentControl {
     handle: AgentHandle,
     plan: Arc<Plan>,
     events: broadcast::Sender<pb::Event>,
+    seq: Arc<AtomicU64>,
 }
 
 impl AgentControl {
@@ -31,12 +32,13 @@ impl AgentControl {
         let (events, _) = broadcast::channel(1024);
         let mut rx = handle.subscribe();
         let tx = events.clone();
-        let seq = AtomicU64::new(0);
+        let seq = Arc::new(AtomicU64::new(0));
+        let next = seq.clone();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
                     Ok(ev) => {
-                        let _ = tx.send(convert::event(seq.fetch_add(1, Ordering::Relaxed) + 1, event_kind(&ev)));
+                        let _ = tx.send(convert::event(next.fetch_add(1, Ordering::Relaxed) + 1, event_kind(&ev)));
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let _ = tx.send(crate::api::lagged_event(n));
@@ -45,7 +47,7 @@ impl AgentControl {
                 }
             }
         });
-        AgentControl { handle, plan, events }
+        AgentControl { handle, plan, events, seq }
     }
 }
 
@@ -223,6 +225,10 @@ impl Control for AgentControl {
 
     fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
         self.events.subscribe()
+    }
+
+    fn publish(&self, kind: pb::event::Kind) {
+        let _ = self.events.send(convert::event(self.seq.fetch_add(1, Ordering::Relaxed) + 1, kind));
     }
 }
 

@@ -40,9 +40,14 @@ impl FenceService {
         plan: &Arc<Plan>,
         tx: mpsc::UnboundedSender<Input>,
         quorum: Arc<dyn Fn() -> bool + Send + Sync>,
+        host_cluster: Option<Arc<dyn crate::fence::HostClusterFencing>>,
     ) -> Result<Self, FencerConfigError> {
+        let fencer = match host_cluster {
+            Some(host) => Fencer::with_host_cluster(config, host)?,
+            None => Fencer::from_config(config)?,
+        };
         Ok(FenceService {
-            fencer: Arc::new(Fencer::from_config(config)?),
+            fencer: Arc::new(fencer),
             plan: plan.clone(),
             in_flight: Arc::default(),
             tx,

@@ -14,6 +14,7 @@ pub mod api;
 pub mod control;
 pub mod fence;
 pub mod fencing;
+pub mod link;
 pub mod note;
 pub mod plan;
 pub mod resources;

@@ -447,10 +447,10 @@ async fn the_retry_driver_reports_every_failure_until_confirmed() {
 #[tokio::test]
 async fn host_cluster_and_lease_only_never_report_success() {
     let cfg = config(&format!(
-        "{}{}{}",
+        "{}{}{}\n[host_link]\naddress = \"vsock:2:7702\"\nkey_file = \"/etc/tandem/link.key\"\n",
         node("a", 1, "fence = { kind = \"lease-watchdog-only\" }"),
         node("b", 2, "fence = { kind = \"host-cluster\", vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\" }"),
-        node("c", 3, "")
+        node("c", 3, ""),
     ));
     let fencer = Fencer::from_config(&cfg).unwrap();
     let mut seen = Vec::new();
@@ -458,7 +458,7 @@ async fn host_cluster_and_lease_only_never_report_success() {
         .fence_until_confirmed(NodeId(2), RetryPolicy::default(), |f| seen.push((f.attempt, f.retry_in)))
         .await
         .unwrap_err();
-    assert!(e.chain().contains("host-cluster fencing needs tandem-host; not built yet"), "{}", e.chain());
+    assert!(e.chain().contains("needs the host–guest link, and this node runs none"), "{}", e.chain());
     assert_eq!(seen, [(1, None)], "a permanent failure is still reported once");
     assert!(matches!(fencer.fence(NodeId(1)).await, Err(FenceError::LeaseWatchdogOnly { .. })));
     assert!(matches!(fencer.fence(NodeId(3)).await, Err(FenceError::NoMethod { .. })));

@@ -64,6 +64,11 @@ pub trait Control: Send + Sync + 'static {
     /// sends with `broadcast::Sender::send`, which never waits for subscribers;
     /// the API turns a lagging subscriber's missed events into a `Lagged` event.
     fn subscribe(&self) -> broadcast::Receiver<pb::Event>;
+
+    /// Publishes an event that comes from outside the engine (the host agent's guest links)
+    /// on the same feed as the node's own, with the next sequence number. The default
+    /// publishes nothing.
+    fn publish(&self, _kind: pb::event::Kind) {}
 }
 
 /// An operator command, by names (as operators and peers give them).

@@ -1,10 +1,11 @@
 //! The `host-cluster` method: ask the Tandem host cluster to power off the VM a node runs in.
 //!
-//! **Not built yet.** The host agent (`tandem-host`) will serve `tandem.v1.GuestFencing`
-//! (`proto/proto/tandem/v1/fence.proto`); the guest side talks to it through the
-//! [`HostClusterFencing`] trait. Until tandem-host exists the only implementation is
-//! [`NotBuiltHostCluster`], which fails every request: host-cluster fencing never reports
-//! success without a host cluster behind it.
+//! The guest side talks to the host cluster through the [`HostClusterFencing`] trait. Its
+//! real implementation is the host–guest link ([`crate::link::GuestLink::fencing`]): the
+//! request travels as a `LinkFenceRequest` to this node's own host agent, which hands it to
+//! its host-side fencer and answers. A node that runs no link (no `[host_link]`, or no VM
+//! UUID for it) gets [`NotBuiltHostCluster`], which fails every request: host-cluster
+//! fencing never reports success without a host cluster behind it.
 
 use std::fmt;
 use std::future::Future;
@@ -28,8 +29,11 @@ pub trait HostClusterFencing: Send + Sync + fmt::Debug {
 /// Why the host cluster did not confirm a VM off.
 #[derive(Debug, thiserror::Error)]
 pub enum HostFenceError {
-    /// There is no host agent to ask.
-    #[error("host-cluster fencing needs tandem-host; not built yet (use kind = \"agent\" or \"command\" meanwhile)")]
+    /// There is no host agent to ask: this node runs no host link.
+    #[error(
+        "host-cluster fencing needs the host–guest link, and this node runs none: configure [host_link] (address, \
+         key_file, and vm_uuid or this node's own host-cluster fence vm_uuid)"
+    )]
     NotBuilt,
     /// The host cluster did not answer in time.
     #[error("the host cluster did not confirm VM {vm_uuid} off within {:.1} s", timeout.as_secs_f64())]
@@ -64,7 +68,8 @@ impl HostFenceError {
     }
 }
 
-/// The stand-in until tandem-host exists: every request fails with [`HostFenceError::NotBuilt`].
+/// The stand-in for a node without a host link: every request fails with
+/// [`HostFenceError::NotBuilt`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NotBuiltHostCluster;
 
@@ -135,7 +140,7 @@ mod tests {
     #[tokio::test]
     async fn not_built_never_succeeds() {
         let e = method(Arc::new(NotBuiltHostCluster)).fence("b", 2).await.unwrap_err();
-        assert!(e.to_string().contains("needs tandem-host; not built yet"), "{e}");
+        assert!(e.to_string().contains("needs the host–guest link"), "{e}");
         assert!(e.is_permanent());
     }
 

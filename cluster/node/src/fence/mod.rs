@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use agent::{AgentError, AgentMetadata, AgentMethod};
 pub use command::{CommandError, CommandMethod};
-pub use host::{HostClusterFencing, HostClusterMethod, HostFenceError, NotBuiltHostCluster};
+pub use host::{FenceVmFuture, HostClusterFencing, HostClusterMethod, HostFenceError, NotBuiltHostCluster};
 
 /// How a node's fencing was confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,7 +284,7 @@ pub struct FailedAttempt {
 
 impl Fencer {
     /// A fencer for every node of `cfg` that has a `fence` table, with the host-cluster
-    /// method answered by [`NotBuiltHostCluster`] (tandem-host does not exist yet).
+    /// method answered by [`NotBuiltHostCluster`] (for a node that runs no host link).
     pub fn from_config(cfg: &ClusterConfig) -> Result<Self, FencerConfigError> {
         Self::with_host_cluster(cfg, Arc::new(NotBuiltHostCluster))
     }
