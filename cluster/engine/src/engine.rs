@@ -20,6 +20,10 @@ pub(crate) enum BrokenRule {
     NoFailoverLimit,
     /// Every node fits every group: capacity and anti-affinity ignored.
     IgnorePlacement,
+    /// `SetStandby` is ignored: a node in maintenance keeps running and starting groups.
+    IgnoreStandby,
+    /// A group parked by another node is treated as wanted: it is started elsewhere.
+    StartParked,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -449,7 +453,13 @@ impl Engine {
                     p.standby = standby;
                 }
             }
-            Event::SetStandby(mode) => self.set_standby(mode),
+            Event::SetStandby(mode) => {
+                #[cfg(test)]
+                if self.is_broken(BrokenRule::IgnoreStandby) {
+                    return;
+                }
+                self.set_standby(mode)
+            }
             Event::LocalVeto { group, reason } => {
                 let Some((gi, _)) = self.locate(&group, None) else { return };
                 self.groups[gi].veto = reason;
@@ -501,24 +511,20 @@ impl Engine {
         self.out.push(Command::Notify(Notice::Standby { mode }));
         let me = self.me;
         for rt in &mut self.groups {
-            // A standby release still stopping follows the new mode: back to running when
-            // the node leaves standby, parked or not as the mode now says.
+            // A standby release still stopping follows the new mode: parked or not as the
+            // mode now says. Leaving standby does not turn it back into a run here (a group
+            // held as failed, or with a failure ignored while stopping, would not restart
+            // correctly): it completes, unparked, and this node competes for it again.
             if !matches!(rt.lease, Lease::Held(_)) || rt.goal != Goal::Release(ReleaseReason::Standby) {
                 continue;
             }
             let parked = rt.held_note.desired == Desired::Stopped(StopCause::Parked(me));
             match mode {
-                None => {
-                    rt.goal = Goal::Run;
-                    if parked {
-                        rt.held_note.desired = Desired::Started;
-                    }
-                }
-                Some(StandbyMode::Move) if parked => rt.held_note.desired = Desired::Started,
+                None | Some(StandbyMode::Move) if parked => rt.held_note.desired = Desired::Started,
                 Some(StandbyMode::Park) if rt.held_note.desired == Desired::Started => {
                     rt.held_note.desired = Desired::Stopped(StopCause::Parked(me));
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
     }
@@ -546,6 +552,11 @@ impl Engine {
             Lease::Acquiring => {
                 rt.lease = Lease::Held(token);
                 rt.held_note = merge(&note.unwrap_or_else(|| LeaseNote::initial(g)), &rt.intent);
+                #[cfg(test)]
+                let me = match (self.broken, rt.held_note.desired) {
+                    (Some(BrokenRule::StartParked), Desired::Stopped(StopCause::Parked(p))) => p,
+                    _ => me,
+                };
                 if online && rt.held_note.desired == Desired::Stopped(StopCause::Parked(me)) {
                     // This node parked the group and is back: it is wanted again, on its
                     // best node (this one keeps it only if it is that node).
@@ -1008,7 +1019,12 @@ impl Engine {
         }
         let now = self.now;
         let me = self.me;
-        let note = self.effective_note(gi);
+        #[allow(unused_mut)]
+        let mut note = self.effective_note(gi);
+        #[cfg(test)]
+        if self.is_broken(BrokenRule::StartParked) && matches!(note.desired, Desired::Stopped(StopCause::Parked(_))) {
+            note.desired = Desired::Started;
+        }
         let require_fencing = self.model.groups[gi].placement.require_fencing;
         let stagger = self.model.timing.takeover_stagger_ms;
         let holder = self.groups[gi].observed_holder;

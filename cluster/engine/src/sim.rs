@@ -1241,6 +1241,8 @@ fn simulation_catches_deliberately_broken_rules() {
         (BrokenRule::IgnoreLeaseLost, false),
         (BrokenRule::NoFailoverLimit, true),
         (BrokenRule::IgnorePlacement, false),
+        (BrokenRule::IgnoreStandby, false),
+        (BrokenRule::StartParked, false),
     ] {
         let caught = (0..300).find_map(|seed| run_seed(seed, SimOptions { broken: Some(rule), flappy }).err());
         let Some(report) = caught else { panic!("breaking {rule:?} went unnoticed over 300 seeds") };

@@ -1121,17 +1121,19 @@ fn an_operator_start_overrides_a_parking() {
 }
 
 #[test]
-fn leaving_standby_while_stopping_restarts_the_group_in_place() {
+fn leaving_standby_while_stopping_completes_the_release_unparked_then_competes_again() {
     let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
     a.run_db(7);
     a.at(1_000, standby(Some(StandbyMode::Park)));
     assert_eq!(a.ev(stopped("app")), vec![stop("ip", false)]);
     assert_eq!(a.ev(standby(None)), vec![standby_notice(None)]);
-    // The stop in flight completes, then everything starts again under the same lease.
-    assert_eq!(a.ev(stopped("ip")), vec![start("db", "ip", 7)]);
-    assert_eq!(a.ev(started("ip")), vec![start("db", "app", 7)]);
-    assert_eq!(a.ev(started("app")), vec![]);
-    assert_eq!(a.group().state, GroupState::Started);
+    assert_eq!(a.ev(stopped("ip")), vec![stop("disk", false)]);
+    let (note, reason, rest) = released(&a.ev(stopped("disk")));
+    assert_eq!((reason, note.desired), (ReleaseReason::Standby, Desired::Started));
+    assert_eq!(rest, vec![Command::Notify(Notice::StandbyReleased { group: g("db"), parked: false })]);
+    // Online again and first in line: it asks for the lease once its retry delay passed.
+    assert_eq!(a.at(1_999, Event::Tick), vec![]);
+    assert_eq!(a.at(2_000, Event::Tick), vec![acquire()]);
 }
 
 #[test]
