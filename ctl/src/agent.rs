@@ -83,6 +83,42 @@ pub enum GroupVerb {
     },
 }
 
+/// A standby mode on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StandbyModeArg {
+    /// Stop the node's groups and let the other nodes take them over.
+    Move,
+    /// Stop the node's groups and keep them stopped until the node is online again.
+    Park,
+}
+
+/// `tandemctl node …`. Only the named node's own agent accepts the change: point
+/// --endpoint at it.
+#[derive(Debug, Subcommand)]
+pub enum NodeVerb {
+    /// Planned maintenance: stop every group on NODE and move (or park) it, start none
+    /// there. Not a failure; persisted across agent restarts.
+    Standby {
+        /// The node (the one --endpoint reaches).
+        node: String,
+        /// What happens to its groups.
+        #[arg(long, value_enum)]
+        mode: StandbyModeArg,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the maintenance of NODE: it takes groups again (groups return per their failback
+    /// policy; parked groups start again).
+    Online {
+        /// The node (the one --endpoint reaches).
+        node: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// `tandemctl monitor …`.
 #[derive(Debug, Subcommand)]
 pub enum MonitorVerb {
@@ -160,6 +196,8 @@ pub enum Verb {
     Group(GroupVerb),
     /// `monitor …`.
     Monitor(MonitorVerb),
+    /// `node …`.
+    Node(NodeVerb),
     /// `events [--json]`.
     Events {
         /// One JSON object per line.
@@ -438,6 +476,34 @@ async fn run_async(conn: &Connection, verb: Verb) -> Result<u8, Failure> {
                 ),
             };
             println!("accepted: {what} (command #{})", ack.seq);
+            Ok(EXIT_OK)
+        }
+        Verb::Node(n) => {
+            let mut c = agent.client.clone();
+            let (node, standby, mode, json) = match n {
+                NodeVerb::Standby { node, mode, json } => {
+                    let mode = match mode {
+                        StandbyModeArg::Move => pb::StandbyMode::Move,
+                        StandbyModeArg::Park => pb::StandbyMode::Park,
+                    };
+                    (node, true, mode, json)
+                }
+                NodeVerb::Online { node, json } => (node, false, pb::StandbyMode::Unspecified, json),
+            };
+            let req = pb::SetStandbyRequest { node, standby, mode: mode as i32 };
+            let done = agent.call(c.set_standby(req)).await?;
+            if json {
+                let mode = standby.then(|| render::standby_mode(mode as i32));
+                println!("{}", serde_json::json!({ "node": done.node, "standby": standby, "mode": mode }));
+            } else if standby {
+                println!(
+                    "{} is in standby ({}): its groups are stopping; `tandemctl status` shows where they go",
+                    done.node,
+                    render::standby_mode(mode as i32)
+                );
+            } else {
+                println!("{} is online: it takes groups again", done.node);
+            }
             Ok(EXIT_OK)
         }
         Verb::Events { json } => {

@@ -40,6 +40,9 @@ enum Command {
     /// Suspend or resume acting on a group's monitor failures.
     #[command(subcommand, after_help = AGENT_EXIT)]
     Monitor(agent::MonitorVerb),
+    /// Put a node in standby (planned maintenance) or bring it back online.
+    #[command(subcommand, after_help = AGENT_EXIT)]
+    Node(agent::NodeVerb),
     /// Follow the agent's events until Ctrl-C.
     #[command(after_help = AGENT_EXIT)]
     Events {
@@ -84,8 +87,8 @@ enum Command {
 const AGENT_EXIT: &str = "Exit status: 0 ok, 1 rejected by the agent, 64 usage, 69 agent unreachable.";
 
 /// The subcommands that talk to an agent.
-const AGENT_VERBS: [&str; 9] =
-    ["status", "group", "monitor", "events", "shutdown-prepare", "hosts", "vms", "vm", "domains"];
+const AGENT_VERBS: [&str; 10] =
+    ["status", "group", "monitor", "node", "events", "shutdown-prepare", "hosts", "vms", "vm", "domains"];
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         Command::Status { json } => agent::run(cli.connection, agent::Verb::Status { json }),
         Command::Group(g) => agent::run(cli.connection, agent::Verb::Group(g)),
         Command::Monitor(m) => agent::run(cli.connection, agent::Verb::Monitor(m)),
+        Command::Node(n) => agent::run(cli.connection, agent::Verb::Node(n)),
         Command::Events { json } => agent::run(cli.connection, agent::Verb::Events { json }),
         Command::ShutdownPrepare { json } => agent::run(cli.connection, agent::Verb::ShutdownPrepare { json }),
         Command::Hosts { json } => agent::run(cli.connection, agent::Verb::Hosts { json }),

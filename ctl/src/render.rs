@@ -35,6 +35,10 @@ fn monitor_state(v: i32) -> String {
 fn reason(v: i32) -> String {
     name(v, pb::NotRunningReason::as_str_name, "NOT_RUNNING_REASON_")
 }
+/// `move` or `park`.
+pub fn standby_mode(v: i32) -> String {
+    name(v, pb::StandbyMode::as_str_name, "STANDBY_MODE_")
+}
 fn probe_status(v: i32) -> String {
     name(v, pb::ProbeStatus::as_str_name, "PROBE_STATUS_").to_ascii_uppercase()
 }
@@ -86,6 +90,8 @@ pub fn status_json(s: &pb::GuestStatus) -> Value {
             "id": n.id,
             "state": node_state(n.state),
             "local": n.local,
+            "standby": n.standby,
+            "standby_mode": (n.standby_mode != 0).then(|| standby_mode(n.standby_mode)),
             "links": n.links.iter().map(|l| json!({ "name": l.name, "state": link_state(l.state) })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "groups": s.groups.iter().map(|g| json!({
@@ -96,6 +102,7 @@ pub fn status_json(s: &pb::GuestStatus) -> Value {
             "failovers": g.failovers,
             "failed_on": g.failed_on,
             "monitoring_suspended": g.monitoring_suspended,
+            "veto": g.veto,
             "not_running": g.not_running.as_ref().map(not_running_json),
             "resources": g.resources.iter().map(|r| json!({
                 "name": r.name, "state": resource_state(r.state),
@@ -167,10 +174,15 @@ pub fn status_text(s: &pb::GuestStatus) -> String {
                 } else {
                     n.links.iter().map(|l| format!("{} {}", l.name, link_state(l.state))).collect::<Vec<_>>().join(", ")
                 };
-                vec![n.name.clone(), n.id.to_string(), node_state(n.state), links]
+                let standby = match (n.standby, n.standby_mode) {
+                    (false, _) => "-".to_string(),
+                    (true, 0) => "yes".to_string(),
+                    (true, m) => standby_mode(m),
+                };
+                vec![n.name.clone(), n.id.to_string(), node_state(n.state), standby, links]
             })
             .collect();
-        table(&mut out, &["NAME", "ID", "STATE", "LINKS"], &rows);
+        table(&mut out, &["NAME", "ID", "STATE", "STANDBY", "LINKS"], &rows);
     }
     if s.groups.is_empty() {
         out.push_str("no groups\n");
@@ -182,6 +194,12 @@ pub fn status_text(s: &pb::GuestStatus) -> String {
         .iter()
         .map(|g| {
             let mut note = g.not_running.as_ref().map(not_running_text).unwrap_or_default();
+            if let Some(v) = &g.veto {
+                if !note.is_empty() {
+                    note.push_str("; ");
+                }
+                let _ = write!(note, "vetoed here: {v}");
+            }
             if !g.failed_on.is_empty() {
                 if !note.is_empty() {
                     note.push_str("; ");

@@ -20,6 +20,7 @@ const BOUND: Duration = Duration::from_secs(20);
 
 struct Fake {
     accepted: Mutex<Vec<OperatorRequest>>,
+    standby: Mutex<Vec<Option<tandem_engine::StandbyMode>>>,
     events: broadcast::Sender<pb::Event>,
     safe: bool,
 }
@@ -33,12 +34,20 @@ fn status() -> pb::GuestStatus {
         self_fenced: false,
         lease: Some(pb::HostLeaseStatus { host_id: 1, valid: true, valid_for_ms: 7_500 }),
         nodes: vec![
-            pb::NodeStatus { name: "alpha".into(), id: 1, state: pb::NodeState::Up as i32, local: true, links: vec![] },
+            pb::NodeStatus {
+                name: "alpha".into(),
+                id: 1,
+                state: pb::NodeState::Up as i32,
+                local: true,
+                ..Default::default()
+            },
             pb::NodeStatus {
                 name: "beta".into(),
                 id: 2,
                 state: pb::NodeState::Up as i32,
                 local: false,
+                standby: true,
+                standby_mode: 0,
                 links: vec![
                     pb::LinkStatus { name: "lan".into(), state: pb::LinkState::Up as i32 },
                     pb::LinkStatus { name: "backup".into(), state: pb::LinkState::Down as i32 },
@@ -132,6 +141,11 @@ impl Control for Fake {
         })
     }
 
+    fn set_standby(&self, mode: Option<tandem_engine::StandbyMode>) -> BoxFuture<'_, Result<(), ControlError>> {
+        self.standby.lock().unwrap().push(mode);
+        Box::pin(async { Ok(()) })
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
         self.events.subscribe()
     }
@@ -148,7 +162,12 @@ struct Agent {
 impl Agent {
     fn start(settings: ApiSettings, safe: bool) -> Agent {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let fake = Arc::new(Fake { accepted: Mutex::new(Vec::new()), events: broadcast::channel(64).0, safe });
+        let fake = Arc::new(Fake {
+            accepted: Mutex::new(Vec::new()),
+            standby: Mutex::new(Vec::new()),
+            events: broadcast::channel(64).0,
+            safe,
+        });
         let control: Arc<dyn Control> = fake.clone();
         let bound = rt.block_on(async { tandem_guest::api::ApiServer::new(&settings, control).unwrap().bind().await });
         let bound = bound.unwrap();
@@ -200,7 +219,8 @@ fn status_human_and_json() {
         out.lines().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?}:\n{out}"))
     };
     let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    assert_eq!(words(line("beta")), ["beta", "2", "up", "lan", "up,", "backup", "down"]);
+    assert_eq!(words(line("beta")), ["beta", "2", "up", "yes", "lan", "up,", "backup", "down"]);
+    assert_eq!(words(line("alpha")), ["alpha", "1", "up", "-", "(this", "node)"]);
     assert_eq!(words(line("pg ")), ["pg", "started", "alpha", "1", "0", "on"]);
     let web = line("web ");
     assert_eq!(words(web)[..6], ["web", "blocked", "-", "0", "3", "suspended"]);
@@ -216,6 +236,10 @@ fn status_human_and_json() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["node"], "alpha");
     assert_eq!(v["nodes"][1]["links"][1], serde_json::json!({ "name": "backup", "state": "down" }));
+    assert_eq!(
+        (&v["nodes"][0]["standby"], &v["nodes"][1]["standby"]),
+        (&serde_json::json!(false), &serde_json::json!(true))
+    );
     assert_eq!(v["groups"][0]["state"], "started");
     assert_eq!(v["groups"][0]["monitors"][0]["last_result"]["status"], "OK");
     assert_eq!(v["groups"][0]["monitors"][0]["last_result"]["latency_ms"], 2.5);
@@ -446,4 +470,32 @@ fn mutual_tls_from_the_command_line() {
     let (code, _, err) = run(tandemctl(&format!("http://127.0.0.1:{}", agent.addr.port())).arg("status"));
     assert_eq!(code, Some(69), "{err}");
     assert!(err.contains("use an https:// endpoint with --ca"), "{err}");
+}
+
+#[test]
+fn node_standby_and_online() {
+    use tandem_engine::StandbyMode;
+    let agent = Agent::plain(true);
+    let url = format!("http://{}", agent.addr);
+    let (code, out, err) = run(tandemctl(&url).args(["node", "standby", "alpha", "--mode", "park"]));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("alpha is in standby (park): its groups are stopping"), "{out}");
+    let (code, out, err) = run(tandemctl(&url).args(["node", "standby", "alpha", "--mode", "move", "--json"]));
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v, serde_json::json!({ "node": "alpha", "standby": true, "mode": "move" }));
+    let (code, out, err) = run(tandemctl(&url).args(["node", "online", "alpha"]));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.trim(), "alpha is online: it takes groups again");
+    // Another node: refused, naming the node to ask; an unknown one: not found.
+    let (code, out, err) = run(tandemctl(&url).args(["node", "online", "beta"]));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("not possible now") && err.contains("send the request to beta's own API"), "{err}");
+    let (code, _, err) = run(tandemctl(&url).args(["node", "online", "gamma"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not found"), "{err}");
+    // A mode is required.
+    let (code, _, err) = run(tandemctl(&url).args(["node", "standby", "alpha"]));
+    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(*agent.fake.standby.lock().unwrap(), vec![Some(StandbyMode::Park), Some(StandbyMode::Move), None]);
 }

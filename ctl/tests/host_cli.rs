@@ -36,7 +36,7 @@ impl Control for Fake {
             id,
             state: state as i32,
             local,
-            links: vec![],
+            ..Default::default()
         };
         let db_on = self.db_on.lock().unwrap().clone();
         Box::pin(async move {

@@ -61,9 +61,10 @@ impl Cluster {
         let api_port = free_port();
         let nodes: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let mut toml = format!(
-            "[cluster]\nname = \"e2e\"\nkey_file = \"{key}\"\n\n[[link]]\nname = \"lo\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
+            "[cluster]\nname = \"e2e\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n[[link]]\nname = \"lo\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
              [lease]\ndevice = \"{lease}\"\nrenewal_interval = \"{RENEWAL_MS}ms\"\n\n",
             key = dir.path().join("key").display(),
+            state = dir.path().join("state").display(),
             lease = lease.display(),
         );
         for (i, name) in nodes.iter().enumerate() {
@@ -107,6 +108,16 @@ impl Cluster {
         let i: usize = node[1..].parse().unwrap();
         let url = format!("http://127.0.0.{}:{}", 10 + i, self.api_port);
         rt.block_on(GuestAgentClient::connect(url.clone())).unwrap_or_else(|e| panic!("cannot reach {url}: {e}"))
+    }
+
+    /// A gRPC client of `node`'s API, if it answers.
+    fn client_opt(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        node: &str,
+    ) -> Option<GuestAgentClient<tonic::transport::Channel>> {
+        let i: usize = node[1..].parse().unwrap();
+        rt.block_on(GuestAgentClient::connect(format!("http://127.0.0.{}:{}", 10 + i, self.api_port))).ok()
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -569,4 +580,101 @@ fn sigterm_stops_the_agent_cleanly_and_the_peer_takes_over_without_waiting_for_t
         log2.find("host lease of n1 is dead").is_none_or(|dead| acquired < dead),
         "n2 waited for n1's host lease:\n{log2}"
     );
+}
+
+/// The cluster's status as `node` answers it.
+fn status_of(c: &Cluster, rt: &tokio::runtime::Runtime, node: &str) -> pb::GuestStatus {
+    let mut api = c.client(rt, node);
+    rt.block_on(api.get_status(pb::GetStatusRequest {})).unwrap().into_inner()
+}
+
+fn set_standby(c: &Cluster, rt: &tokio::runtime::Runtime, node: &str, mode: Option<pb::StandbyMode>) {
+    let mut api = c.client(rt, node);
+    let req = pb::SetStandbyRequest {
+        node: node.into(),
+        standby: mode.is_some(),
+        mode: mode.unwrap_or(pb::StandbyMode::Unspecified) as i32,
+    };
+    let done = rt.block_on(api.set_standby(req)).unwrap_or_else(|e| panic!("SetStandby on {node}: {e}"));
+    assert_eq!(done.into_inner().node, node);
+}
+
+#[test]
+fn standby_moves_or_parks_the_group_without_a_failover_and_survives_an_agent_restart() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (_n1, mut n2, t1) = c.active_and_standby();
+    let app = |st: &pb::GuestStatus| st.groups.iter().find(|g| g.name == "app").unwrap().clone();
+    let node = |st: &pb::GuestStatus, n: &str| st.nodes.iter().find(|x| x.name == n).unwrap().clone();
+
+    // n1 enters standby (move): the writer stops cleanly there and n2 takes over, no failover.
+    let asked = Instant::now();
+    set_standby(&c, &rt, "n1", Some(pb::StandbyMode::Move));
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    eprintln!("standby (move) handover: {:?} (token {t1} -> {t2})", asked.elapsed());
+    let st1 = status_of(&c, &rt, "n1");
+    assert!(node(&st1, "n1").standby && node(&st1, "n1").standby_mode() == pb::StandbyMode::Move, "{st1:?}");
+    assert!(common::wait_until(Duration::from_secs(10), || node(&status_of(&c, &rt, "n2"), "n1").standby));
+    for n in ["n1", "n2"] {
+        // Lease reads lag a little behind the handover.
+        assert!(common::wait_until(Duration::from_secs(10), || app(&status_of(&c, &rt, n)).location == "n2"));
+        let g = app(&status_of(&c, &rt, n));
+        assert_eq!((g.location.as_str(), g.failovers, g.failed_on.len()), ("n2", 0, 0), "{n} sees {g:?}");
+    }
+    // n1 starts nothing while in standby, and n2's run is not interrupted.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.writes().iter().all(|(t, n)| *t <= t1 || n == "n2"), "n1 wrote while in standby:\n{}", c.logs());
+    let log1 = std::fs::read_to_string(c.path("n1.log")).unwrap();
+    assert!(log1.contains("app stopped for this node's standby"), "{log1}");
+    assert!(!log1.contains("Failover"), "the standby release must not be a failover:\n{log1}");
+
+    // n1 back online: the group stays on n2 (manual failback).
+    set_standby(&c, &rt, "n1", None);
+    assert!(common::wait_until(Duration::from_secs(10), || !node(&status_of(&c, &rt, "n2"), "n1").standby));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(app(&status_of(&c, &rt, "n1")).location, "n2");
+
+    // n2 enters standby (park): the group stops and stays stopped everywhere, parked by n2.
+    set_standby(&c, &rt, "n2", Some(pb::StandbyMode::Park));
+    let parked = |st: &pb::GuestStatus| {
+        app(st).not_running.is_some_and(|n| n.reason() == pb::NotRunningReason::Parked && n.node == "n2")
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(30), || parked(&status_of(&c, &rt, "n1"))),
+        "{:?}\n{}",
+        status_of(&c, &rt, "n1"),
+        c.logs()
+    );
+    let writes_parked = c.writes().len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.writes().len(), writes_parked, "a parked group ran:\n{}", c.logs());
+
+    // n2's agent restarts while in standby: it comes back in standby and the group stays parked.
+    n2.agent.signal(libc::SIGTERM);
+    assert!(common::wait_until(Duration::from_secs(30), || n2.agent.try_wait().is_some()), "{}", c.logs());
+    let _n2 = c.start("n2");
+    assert!(
+        common::wait_until(Duration::from_secs(30), || {
+            c.client_opt(&rt, "n2").is_some_and(|mut api| {
+                rt.block_on(api.get_status(pb::GetStatusRequest {})).is_ok_and(|st| {
+                    let st = st.into_inner();
+                    node(&st, "n2").standby_mode() == pb::StandbyMode::Park && parked(&st)
+                })
+            })
+        }),
+        "n2 did not come back in standby:\n{}",
+        c.logs()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.writes().len(), writes_parked, "a parked group ran after the restart:\n{}", c.logs());
+    assert!(parked(&status_of(&c, &rt, "n1")));
+
+    // n2 online: it unparks the group, which runs on its best node again, still no failover.
+    set_standby(&c, &rt, "n2", None);
+    let (t3, on) = c.wait_any_writer(t2, Duration::from_secs(30));
+    eprintln!("unparked: token {t3} on {on}");
+    std::thread::sleep(Duration::from_secs(1));
+    let g = app(&status_of(&c, &rt, "n1"));
+    assert_eq!(g.failovers, 0, "{g:?}");
+    c.assert_never_two_writers();
 }

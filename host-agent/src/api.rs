@@ -428,6 +428,9 @@ pub fn not_running_text(vm: &str, n: &pb::NotRunning) -> String {
         Ok(R::NoCapacity) => {
             format!("fits on no host that is up ({}); it starts as soon as one has room", n.detail.join("; "))
         }
+        Ok(R::Parked) => format!("parked by {host}, which is in standby; it starts when {host} is back online"),
+        Ok(R::Standby) => format!("the only hosts it may run on are in standby ({})", n.detail.join(", ")),
+        Ok(R::LocalVeto) => format!("it may not run on the answering host ({})", n.detail.join("; ")),
         Ok(R::Unspecified) | Err(_) => format!("reason {} (unknown to this version)", n.reason),
     }
 }
@@ -866,7 +869,7 @@ mod tests {
     use crate::hypervisor::{PausedReason, RunningReason, ShutoffReason};
 
     fn node(name: &str, id: u32, state: pb::NodeState, local: bool) -> pb::NodeStatus {
-        pb::NodeStatus { name: name.into(), id, state: state as i32, local, links: vec![] }
+        pb::NodeStatus { name: name.into(), id, state: state as i32, local, ..Default::default() }
     }
 
     fn group(name: &str, state: pb::GroupState, location: &str) -> pb::GroupStatus {

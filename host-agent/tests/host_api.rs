@@ -54,7 +54,7 @@ impl Fake {
 }
 
 fn node(name: &str, id: u32, state: pb::NodeState, local: bool) -> pb::NodeStatus {
-    pb::NodeStatus { name: name.into(), id, state: state as i32, local, links: vec![] }
+    pb::NodeStatus { name: name.into(), id, state: state as i32, local, ..Default::default() }
 }
 
 fn group(name: &str, state: pb::GroupState, location: &str) -> pb::GroupStatus {

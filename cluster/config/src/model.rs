@@ -86,6 +86,11 @@ pub struct ClusterSection {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(with = "Vec<String>")]
     pub ping_targets: Vec<std::net::SocketAddr>,
+    /// Directory (local to each node) where a node keeps its own state across agent
+    /// restarts: its standby (planned maintenance) in `<cluster>-<node>.standby`. Created
+    /// when first needed. Default: `/var/lib/tandem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `[[node]]`: one machine of the cluster.

@@ -1,5 +1,6 @@
 //! Everything the engine asks the runtime to do.
 
+use crate::event::StandbyMode;
 use crate::model::{GroupId, NodeId, ResourceId};
 use crate::note::{LeaseNote, LeaseToken};
 use crate::status::Unfit;
@@ -102,6 +103,13 @@ pub enum ReleaseReason {
     /// The lease came back to this node (a reclaim after an agent restart) but the group
     /// does not fit here (capacity or anti-affinity): a node where it fits should take it.
     NoCapacity,
+    /// This node is in standby (planned maintenance). Not a failure: no failover is counted
+    /// and the node is not marked failed. The note says whether the group is parked
+    /// (`Desired::Stopped(StopCause::Parked(node))`) or free for the best other node.
+    Standby,
+    /// A local veto forbids the group here (`Event::LocalVeto`): the note marks this node in
+    /// `failed_on`; no failover is counted.
+    Vetoed,
 }
 
 /// Operator-visible notices.
@@ -135,5 +143,24 @@ pub enum Notice {
     NoCapacityResolved {
         /// The group.
         group: GroupId,
+    },
+    /// This node entered standby (`Some`), changed its mode, or left it (`None`).
+    Standby {
+        /// The new mode.
+        mode: Option<StandbyMode>,
+    },
+    /// A group was released because this node is in standby.
+    StandbyReleased {
+        /// The group.
+        group: GroupId,
+        /// Whether it was parked (stays stopped everywhere) rather than left to other nodes.
+        parked: bool,
+    },
+    /// A group was released because of a local veto.
+    VetoReleased {
+        /// The group.
+        group: GroupId,
+        /// The veto's reason.
+        reason: String,
     },
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::command::{Command, Notice, ReleaseReason};
-use crate::event::{Event, OperatorCommand};
+use crate::event::{Event, OperatorCommand, StandbyMode};
 use crate::model::{Capacity, ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
 use crate::note::{Desired, LeaseNote, LeaseToken, StopCause};
 use crate::status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};
@@ -20,6 +20,10 @@ pub(crate) enum BrokenRule {
     NoFailoverLimit,
     /// Every node fits every group: capacity and anti-affinity ignored.
     IgnorePlacement,
+    /// `SetStandby` is ignored: a node in maintenance keeps running and starting groups.
+    IgnoreStandby,
+    /// A group parked by another node is treated as wanted: it is started elsewhere.
+    StartParked,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,6 +32,8 @@ struct Peer {
     fence_confirmed: bool,
     fence_requested: bool,
     lease_dead: bool,
+    /// In standby (from its heartbeats); kept across `NodeLost`/`NodeJoined`.
+    standby: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +90,10 @@ struct GroupRuntime {
     check_fit: bool,
     /// `Notice::NoCapacity` was emitted and not resolved yet.
     no_capacity_reported: bool,
+    /// A local veto forbids the group here (`Event::LocalVeto`), with its reason.
+    veto: Option<String>,
+    /// A grant that unparked the group: hand it to the best node if that is not this one.
+    check_best: bool,
 }
 
 /// Healthy eligible nodes a group does not fit on, with why.
@@ -121,6 +131,8 @@ pub struct Engine {
     peers: BTreeMap<NodeId, Peer>,
     quorum: bool,
     self_fenced: bool,
+    /// This node's standby mode (`None`: online).
+    standby: Option<StandbyMode>,
     started_up: bool,
     probes_pending: usize,
     groups: Vec<GroupRuntime>,
@@ -196,6 +208,8 @@ impl Engine {
                     asked_before: false,
                     check_fit: false,
                     no_capacity_reported: false,
+                    veto: None,
+                    check_best: false,
                 }
             })
             .collect();
@@ -210,6 +224,7 @@ impl Engine {
             peers,
             quorum: true,
             self_fenced: false,
+            standby: None,
             started_up: false,
             probes_pending,
             groups,
@@ -425,13 +440,29 @@ impl Engine {
             }
             Event::NodeJoined(n) => {
                 if let Some(p) = self.peers.get_mut(&n) {
-                    *p = Peer { up: true, ..Peer::default() };
+                    *p = Peer { up: true, standby: p.standby, ..Peer::default() };
                 }
             }
             Event::NodeLost(n) => {
                 if let Some(p) = self.peers.get_mut(&n) {
-                    *p = Peer { up: false, ..Peer::default() };
+                    *p = Peer { up: false, standby: p.standby, ..Peer::default() };
                 }
+            }
+            Event::PeerStandby { node, standby } => {
+                if let Some(p) = self.peers.get_mut(&node) {
+                    p.standby = standby;
+                }
+            }
+            Event::SetStandby(mode) => {
+                #[cfg(test)]
+                if self.is_broken(BrokenRule::IgnoreStandby) {
+                    return;
+                }
+                self.set_standby(mode)
+            }
+            Event::LocalVeto { group, reason } => {
+                let Some((gi, _)) = self.locate(&group, None) else { return };
+                self.groups[gi].veto = reason;
             }
             Event::PeerFenced(n) => {
                 if let Some(p) = self.peers.get_mut(&n) {
@@ -472,6 +503,32 @@ impl Engine {
         }
     }
 
+    fn set_standby(&mut self, mode: Option<StandbyMode>) {
+        if self.standby == mode {
+            return;
+        }
+        self.standby = mode;
+        self.out.push(Command::Notify(Notice::Standby { mode }));
+        let me = self.me;
+        for rt in &mut self.groups {
+            // A standby release still stopping follows the new mode: parked or not as the
+            // mode now says. Leaving standby does not turn it back into a run here (a group
+            // held as failed, or with a failure ignored while stopping, would not restart
+            // correctly): it completes, unparked, and this node competes for it again.
+            if !matches!(rt.lease, Lease::Held(_)) || rt.goal != Goal::Release(ReleaseReason::Standby) {
+                continue;
+            }
+            let parked = rt.held_note.desired == Desired::Stopped(StopCause::Parked(me));
+            match mode {
+                None | Some(StandbyMode::Move) if parked => rt.held_note.desired = Desired::Started,
+                Some(StandbyMode::Park) if rt.held_note.desired == Desired::Started => {
+                    rt.held_note.desired = Desired::Stopped(StopCause::Parked(me));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Decision (documented in docs/engine.md): resources found running are adopted if this
     /// node can get the lease (nobody else holds it, so nobody else runs them); otherwise
     /// they are force-stopped. Adopting avoids bouncing applications on an agent restart.
@@ -488,11 +545,24 @@ impl Engine {
 
     fn on_lease_acquired(&mut self, gi: usize, token: LeaseToken, note: Option<LeaseNote>) {
         let g = &self.model.groups[gi];
+        let me = self.me;
+        let online = self.standby.is_none();
         let rt = &mut self.groups[gi];
         match rt.lease {
             Lease::Acquiring => {
                 rt.lease = Lease::Held(token);
                 rt.held_note = merge(&note.unwrap_or_else(|| LeaseNote::initial(g)), &rt.intent);
+                #[cfg(test)]
+                let me = match (self.broken, rt.held_note.desired) {
+                    (Some(BrokenRule::StartParked), Desired::Stopped(StopCause::Parked(p))) => p,
+                    _ => me,
+                };
+                if online && rt.held_note.desired == Desired::Stopped(StopCause::Parked(me)) {
+                    // This node parked the group and is back: it is wanted again, on its
+                    // best node (this one keeps it only if it is that node).
+                    rt.held_note.desired = Desired::Started;
+                    rt.check_best = true;
+                }
                 rt.observed_holder = Some(self.me);
                 rt.goal = Goal::Run;
                 // Adopted resources already run here: they are not moved for placement.
@@ -657,11 +727,27 @@ impl Engine {
         }
     }
 
+    /// Whether this node may take part at all: quorum, not self-fenced, probes done.
+    fn can_act(&self) -> bool {
+        self.quorum && !self.self_fenced && !self.probing()
+    }
+
+    /// Whether node `n` is a healthy place for groups: up (itself: able to act), host lease
+    /// not dead, and not in standby.
     fn node_healthy(&self, n: NodeId) -> bool {
         if n == self.me {
-            self.quorum && !self.self_fenced && !self.probing()
+            self.can_act() && self.standby.is_none()
         } else {
-            self.peers.get(&n).is_some_and(|p| p.up && !p.lease_dead)
+            self.peers.get(&n).is_some_and(|p| p.up && !p.lease_dead && !p.standby)
+        }
+    }
+
+    /// Whether node `n` would be healthy but for its standby.
+    fn healthy_but_standby(&self, n: NodeId) -> bool {
+        if n == self.me {
+            self.can_act() && self.standby.is_some()
+        } else {
+            self.peers.get(&n).is_some_and(|p| p.up && !p.lease_dead && p.standby)
         }
     }
 
@@ -731,7 +817,7 @@ impl Engine {
         let mut fit = Vec::new();
         let mut unfit = Vec::new();
         for (order, n) in self.model.groups[gi].placement.eligible.iter().enumerate() {
-            if !self.node_healthy(*n) {
+            if !self.node_healthy(*n) || (*n == self.me && self.groups[gi].veto.is_some()) {
                 continue;
             }
             match self.unfit(gi, *n) {
@@ -810,8 +896,9 @@ impl Engine {
         }
         if let Some(h) = self.groups[gi].observed_holder
             && h != self.me
-            && self.node_healthy(h)
+            && (self.node_healthy(h) || self.healthy_but_standby(h))
         {
+            // It runs there (a standby holder is still stopping it): not blocked yet.
             return None;
         }
         let (fit, unfit) = self.placement(gi, &note);
@@ -850,8 +937,10 @@ impl Engine {
         let me = self.me;
         let best = fit.first().copied();
         let mine = fit.iter().find(|(_, n)| *n == me).map(|(k, _)| *k);
+        let standby = self.standby;
         let rt = &mut self.groups[gi];
         let check_fit = std::mem::take(&mut rt.check_fit);
+        let check_best = std::mem::take(&mut rt.check_best);
         if matches!(rt.goal, Goal::Run | Goal::Hold) && !quorum {
             rt.goal = Goal::Release(ReleaseReason::QuorumLost);
         }
@@ -869,10 +958,37 @@ impl Engine {
             }
             Desired::Started => {}
         }
+        if let Some(mode) = standby {
+            // Planned maintenance, not a failure: nothing is counted or marked.
+            if mode == StandbyMode::Park {
+                rt.held_note.desired = Desired::Stopped(StopCause::Parked(me));
+            }
+            rt.goal = Goal::Release(ReleaseReason::Standby);
+            return;
+        }
+        if rt.veto.is_some() {
+            // A failure of this node for this group (peers rank it last), but not of the
+            // group: no restart and no failover counted.
+            rt.held_note.mark_failed_on(me);
+            if rt.held_note.preferred == Some(me) {
+                rt.held_note.preferred = None;
+            }
+            rt.goal = Goal::Release(ReleaseReason::Vetoed);
+            return;
+        }
         if check_fit && rt.goal == Goal::Run && mine.is_none() {
             // Granted a lease without the placement check (a reclaim), and the group does
             // not fit here: give it to a node where it fits before starting anything.
             rt.goal = Goal::Release(ReleaseReason::NoCapacity);
+            return;
+        }
+        if check_best
+            && rt.goal == Goal::Run
+            && let Some((_, b)) = best
+            && b != me
+        {
+            // Unparked by this node, but another node is the group's best place now.
+            rt.goal = Goal::Release(ReleaseReason::Handoff { to: b });
             return;
         }
         if let Some((best_key, best)) = best
@@ -903,7 +1019,12 @@ impl Engine {
         }
         let now = self.now;
         let me = self.me;
-        let note = self.effective_note(gi);
+        #[allow(unused_mut)]
+        let mut note = self.effective_note(gi);
+        #[cfg(test)]
+        if self.is_broken(BrokenRule::StartParked) && matches!(note.desired, Desired::Stopped(StopCause::Parked(_))) {
+            note.desired = Desired::Started;
+        }
         let require_fencing = self.model.groups[gi].placement.require_fencing;
         let stagger = self.model.timing.takeover_stagger_ms;
         let holder = self.groups[gi].observed_holder;
@@ -919,6 +1040,15 @@ impl Engine {
             }
             return;
         }
+        if note.desired == Desired::Stopped(StopCause::Parked(me)) {
+            // Parked by this node: once out of standby, take the lease to unpark it (the
+            // grant rewrites the note, then the group runs on its best node).
+            self.groups[gi].free_since = None;
+            if self.standby.is_none() && holder.is_none_or(|h| h == me) && now >= self.groups[gi].next_attempt_at {
+                self.request_lease(gi);
+            }
+            return;
+        }
         if note.desired != Desired::Started {
             self.groups[gi].free_since = None;
             return;
@@ -926,7 +1056,7 @@ impl Engine {
         let candidates = self.candidates(gi, &note);
         let Some(rank) = candidates.iter().position(|n| *n == me) else {
             self.groups[gi].free_since = None;
-            if holder == Some(me) && self.node_healthy(me) && now >= self.groups[gi].next_attempt_at {
+            if holder == Some(me) && self.can_act() && now >= self.groups[gi].next_attempt_at {
                 // The lease says we hold a group that does not fit here (a release that
                 // never reached the disk): peers wait for us, so take it back; the grant's
                 // placement check releases it to a node where it fits.
@@ -1020,6 +1150,17 @@ impl Engine {
         match rt.goal {
             Goal::Release(reason) => {
                 self.out.push(Command::ReleaseLease { group: g.id.clone(), token, note: rt.held_note.clone(), reason });
+                match reason {
+                    ReleaseReason::Standby => self.out.push(Command::Notify(Notice::StandbyReleased {
+                        group: g.id.clone(),
+                        parked: rt.held_note.desired == Desired::Stopped(StopCause::Parked(self.me)),
+                    })),
+                    ReleaseReason::Vetoed => self.out.push(Command::Notify(Notice::VetoReleased {
+                        group: g.id.clone(),
+                        reason: rt.veto.clone().unwrap_or_default(),
+                    })),
+                    _ => {}
+                }
                 rt.lease = Lease::NotHeld;
                 rt.goal = Goal::Run;
                 rt.observed_holder = None;
@@ -1104,6 +1245,7 @@ impl Engine {
                     failovers: note.failovers,
                     failed_on: note.failed_on.clone(),
                     monitoring_suspended: rt.monitoring_suspended,
+                    veto: rt.veto.clone(),
                     resources: g
                         .resources
                         .iter()
@@ -1119,6 +1261,8 @@ impl Engine {
             quorum: self.quorum,
             probing: self.probing(),
             self_fenced: self.self_fenced,
+            standby: self.standby,
+            peers_in_standby: self.peers.iter().filter(|(_, p)| p.standby).map(|(n, _)| *n).collect(),
             groups,
         }
     }
@@ -1132,6 +1276,7 @@ impl Engine {
             Desired::Stopped(StopCause::Operator) => return NotRunningReason::OperatorStopped,
             Desired::Stopped(StopCause::NotAutoStarted) => return NotRunningReason::NotAutoStarted,
             Desired::Stopped(StopCause::FailoverLimit) => return NotRunningReason::FailoverLimitReached,
+            Desired::Stopped(StopCause::Parked(n)) => return NotRunningReason::Parked(n),
             Desired::Started => {}
         }
         if rt.goal == Goal::Hold {
@@ -1155,12 +1300,20 @@ impl Engine {
             }
         }
         let (fit, unfit) = self.placement(gi, note);
+        let standby: Vec<NodeId> =
+            self.model.groups[gi].placement.eligible.iter().copied().filter(|n| self.healthy_but_standby(*n)).collect();
         if !fit.is_empty() {
             NotRunningReason::TakeoverPending
-        } else if unfit.is_empty() {
-            NotRunningReason::NoEligibleNode
-        } else {
+        } else if !unfit.is_empty() {
             NotRunningReason::NoCapacity { nodes: unfit }
+        } else if let Some(reason) = &rt.veto
+            && self.node_healthy(self.me)
+        {
+            NotRunningReason::LocalVeto { reason: reason.clone() }
+        } else if !standby.is_empty() {
+            NotRunningReason::Standby { nodes: standby }
+        } else {
+            NotRunningReason::NoEligibleNode
         }
     }
 }

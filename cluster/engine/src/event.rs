@@ -113,6 +113,39 @@ pub enum Event {
     /// Time passed; the engine re-evaluates its timers (takeover stagger, retries, windows).
     /// The runtime sends one every few hundred milliseconds.
     Tick,
+    /// This node enters standby (`Some`: planned maintenance) or leaves it (`None`). Valid at
+    /// any time, also before `Engine::startup` (a runtime restores a persisted standby so).
+    /// In standby the node acquires no lease for a group to run it; groups it holds are
+    /// stopped gracefully and released (`ReleaseReason::Standby`), which is not a failure.
+    SetStandby(Option<StandbyMode>),
+    /// Membership: a peer's standby flag changed (from its heartbeats). A peer in standby is
+    /// not a candidate for any group. The flag survives `NodeLost`/`NodeJoined`.
+    PeerStandby {
+        /// The peer.
+        node: NodeId,
+        /// Whether it is in standby.
+        standby: bool,
+    },
+    /// A local condition forbids the group on this node (`Some(reason)`), or no longer does
+    /// (`None`): e.g. the group's network is down here. While vetoed this node does not
+    /// acquire the group; if it holds it, it stops it gracefully and releases it with
+    /// `ReleaseReason::Vetoed`, marked as failed on this node (peers rank it last).
+    LocalVeto {
+        /// The group.
+        group: GroupId,
+        /// Why, or `None` to lift the veto.
+        reason: Option<String>,
+    },
+}
+
+/// What a node in standby does with the groups it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandbyMode {
+    /// Stop them and let the best other node take them over (not a failover).
+    Move,
+    /// Stop them and keep them stopped everywhere, parked by this node
+    /// (`StopCause::Parked`), until this node leaves standby or an operator starts them.
+    Park,
 }
 
 /// What an operator can ask for.

@@ -34,7 +34,7 @@ mod tests;
 
 pub use command::{Command, Notice, ReleaseReason};
 pub use engine::Engine;
-pub use event::{Event, OperatorCommand};
+pub use event::{Event, OperatorCommand, StandbyMode};
 pub use model::{
     Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy,
     RecoveryPolicy, ResourceId, ResourceSpec, Timing,

@@ -26,6 +26,10 @@ pub enum StopCause {
     Operator,
     /// The failover limit was reached and the final action is `StopEverywhere`.
     FailoverLimit,
+    /// The node stopped it on entering standby with `StandbyMode::Park`; it is wanted again
+    /// once that node leaves standby (the node itself takes the lease and clears this). An
+    /// operator command with a higher sequence overrides it like any desired state.
+    Parked(NodeId),
 }
 
 /// The cluster-wide state of a group, kept in the lease's value block (sanlock's LVB):

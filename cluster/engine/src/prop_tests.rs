@@ -64,7 +64,7 @@ fn arbitrary_event(kind: u8, a: u8, b: u8) -> Event {
         failed_on: vec![node],
         ..LeaseNote::initial(&db_group(&[1]))
     });
-    match kind % 19 {
+    match kind % 22 {
         0 => Event::ProbeResult { group, resource, running: b % 2 == 0 },
         1 => Event::ResourceStarted { group, resource },
         2 => Event::ResourceStartFailed { group, resource },
@@ -82,6 +82,13 @@ fn arbitrary_event(kind: u8, a: u8, b: u8) -> Event {
         14 => Event::QuorumLost,
         15 => Event::QuorumRegained,
         16 => Event::Operator { seq: u64::from(a), command: operator(a, b) },
+        17 => Event::SetStandby(match b % 3 {
+            0 => None,
+            1 => Some(StandbyMode::Move),
+            _ => Some(StandbyMode::Park),
+        }),
+        18 => Event::PeerStandby { node, standby: a % 2 == 0 },
+        19 => Event::LocalVeto { group, reason: (b % 2 == 0).then(|| "veto".to_owned()) },
         _ => Event::Tick,
     }
 }
@@ -188,6 +195,9 @@ proptest! {
                         Event::Operator { seq, command: operator(a, b) }
                     }
                     9 => Event::PeerFenced(node),
+                    10 if a % 4 == 0 => Event::SetStandby([None, Some(StandbyMode::Move), Some(StandbyMode::Park)][usize::from(b) % 3]),
+                    10 if a % 4 == 1 => Event::PeerStandby { node, standby: b % 2 == 0 },
+                    10 if a % 4 == 2 => Event::LocalVeto { group, reason: (b % 2 == 0).then(|| "veto".to_owned()) },
                     _ => Event::Tick,
                 }
             };

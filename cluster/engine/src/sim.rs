@@ -81,6 +81,13 @@ struct SimNode {
     reported_quorum: bool,
     peer_dead_reported: Vec<bool>,
     deferred: Vec<Action>,
+    /// Truth: this node's standby (persisted: a restarted engine gets it back first thing).
+    standby: Option<StandbyMode>,
+    /// Truth: per group, whether a local veto forbids it here (re-fed to a restarted engine,
+    /// as the condition's monitor would).
+    veto: Vec<bool>,
+    /// Per peer: the standby flag this node's engine was told.
+    reported_standby: Vec<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +151,12 @@ struct Sim {
     opts: SimOptions,
     trace: Vec<String>,
     stats: SimStats,
+    /// A rule broken inside a step (reported by the next check).
+    violation: Option<String>,
+    /// Per group: parked by that node with that desired sequence, from the releases applied;
+    /// cleared by a later release that does not park, or by the parker's own grant while it
+    /// is online (it unparks then).
+    parked: Vec<Option<(NodeId, u64)>>,
 }
 
 /// What a run did, to show the simulation is not vacuous.
@@ -163,6 +176,18 @@ pub(crate) struct SimStats {
     pub(crate) shared_nodes: u64,
     /// Runs with a capacity model.
     pub(crate) placed_runs: u64,
+    /// Nodes entering standby.
+    pub(crate) standby_entries: u64,
+    /// Leases released because of standby, parked or not.
+    pub(crate) standby_releases: u64,
+    /// Of those, parked.
+    pub(crate) parked: u64,
+    /// Parked groups taken back by their parker out of standby.
+    pub(crate) unparks: u64,
+    /// Leases released because of a local veto.
+    pub(crate) veto_releases: u64,
+    /// Crashes of a node in standby that still held a lease.
+    pub(crate) standby_crashes: u64,
 }
 
 fn sim_model(rng: &mut Rng) -> ClusterModel {
@@ -275,6 +300,9 @@ impl Sim {
                 reported_quorum: true,
                 peer_dead_reported: vec![false; n],
                 deferred: Vec::new(),
+                standby: None,
+                veto: vec![false; model.groups.len()],
+                reported_standby: vec![false; n],
             })
             .collect();
         let leases = model
@@ -283,6 +311,7 @@ impl Sim {
             .map(|_| AuthorityLease { holder: None, dead_after: None, note: None, next_token: 1 })
             .collect();
         let watch = vec![GroupWatch::default(); model.groups.len()];
+        let n_groups = model.groups.len();
         let placed = !model.capacity.is_empty();
         let mut sim = Sim {
             rng,
@@ -299,6 +328,8 @@ impl Sim {
             opts,
             trace: Vec::new(),
             stats: SimStats { placed_runs: u64::from(placed), ..SimStats::default() },
+            violation: None,
+            parked: vec![None; n_groups],
         };
         for i in 0..n {
             let at = sim.rng.range(0, 300);
@@ -439,6 +470,18 @@ impl Sim {
                     }
                 }
                 self.log("quiet phase: faults stop".into());
+                // Maintenance ends and local conditions clear, as they would.
+                for ni in 0..self.nodes.len() {
+                    if self.nodes[ni].standby.take().is_some() && self.nodes[ni].life != Life::Down {
+                        self.deliver(ni, 0, Event::SetStandby(None));
+                    }
+                    for gi in 0..self.model.groups.len() {
+                        if std::mem::take(&mut self.nodes[ni].veto[gi]) && self.nodes[ni].life != Life::Down {
+                            let group = self.model.groups[gi].id.clone();
+                            self.deliver(ni, 0, Event::LocalVeto { group, reason: None });
+                        }
+                    }
+                }
                 // An operator clears what faults left behind, as a real one would; the
                 // commands are re-sent (same sequence numbers) to nodes that were down.
                 let groups: Vec<GroupId> = self.model.groups.iter().map(|g| g.id.clone()).collect();
@@ -493,6 +536,12 @@ impl Sim {
             let delay = match &cmd {
                 Command::StartResource { group, resource, token } => {
                     let (gi, ri) = self.index(group, resource);
+                    if self.nodes[ni].standby.is_some() && self.violation.is_none() {
+                        self.violation = Some(format!("{id} started {group}/{resource} while in standby"));
+                    }
+                    if self.nodes[ni].veto[gi] && self.violation.is_none() {
+                        self.violation = Some(format!("{id} started {group}/{resource} while vetoed there"));
+                    }
                     self.nodes[ni].running[gi][ri] = Some(*token);
                     self.stats.starts += 1;
                     self.rng.range(10, 300)
@@ -577,6 +626,14 @@ impl Sim {
                     lease.dead_after = None;
                     self.watch[gi].last_holder_change = self.now;
                     let note = lease.note.clone();
+                    if note
+                        .as_ref()
+                        .is_some_and(|n| n.desired == Desired::Stopped(StopCause::Parked(self.nodes[ni].id)))
+                        && self.nodes[ni].standby.is_none()
+                    {
+                        self.stats.unparks += 1;
+                        self.parked[gi] = None;
+                    }
                     self.feed(ni, Event::LeaseAcquired { group, token, note });
                 } else {
                     let holder = l.holder.map(|h| self.nodes[h.0].id);
@@ -591,6 +648,25 @@ impl Sim {
                     self.watch[gi].last_holder_change = self.now;
                     lease.dead_after = None;
                     lease.note = Some(note);
+                    self.parked[gi] = match &lease.note {
+                        Some(LeaseNote { desired: Desired::Stopped(StopCause::Parked(p)), desired_seq, .. }) => {
+                            Some((*p, *desired_seq))
+                        }
+                        _ => None,
+                    };
+                    match reason {
+                        ReleaseReason::Standby => {
+                            self.stats.standby_releases += 1;
+                            if matches!(
+                                lease.note,
+                                Some(LeaseNote { desired: Desired::Stopped(StopCause::Parked(_)), .. })
+                            ) {
+                                self.stats.parked += 1;
+                            }
+                        }
+                        ReleaseReason::Vetoed => self.stats.veto_releases += 1,
+                        _ => {}
+                    }
                     if reason == ReleaseReason::Failover {
                         self.stats.failovers += 1;
                         let w = &mut self.watch[gi];
@@ -617,6 +693,9 @@ impl Sim {
 
     fn crash(&mut self, ni: usize, why: &str) {
         self.stats.crashes += 1;
+        if self.nodes[ni].standby.is_some() && self.leases.iter().any(|l| l.holder.is_some_and(|h| h.0 == ni)) {
+            self.stats.standby_crashes += 1;
+        }
         let now = self.now;
         let node = &mut self.nodes[ni];
         node.life = Life::Down;
@@ -642,8 +721,10 @@ impl Sim {
             engine.break_rule(rule);
         }
         self.stats.agent_restarts += 1;
+        self.restore_local_state(ni, &mut engine);
         let node = &mut self.nodes[ni];
         node.inc += 1;
+        node.reported_standby = vec![false; n];
         node.reported_up = vec![true; n];
         node.reported_quorum = true;
         node.peer_dead_reported = vec![false; n];
@@ -653,6 +734,21 @@ impl Sim {
         self.log(format!("{id} agent restarts"));
         self.run_commands(ni, cmds);
         self.replay_operator_log(ni);
+    }
+
+    /// What a runtime restores before the engine's first evaluation: the persisted standby,
+    /// and the vetoes its monitors report again.
+    fn restore_local_state(&self, ni: usize, engine: &mut Engine) {
+        let node = &self.nodes[ni];
+        if node.standby.is_some() {
+            engine.handle(self.now, Event::SetStandby(node.standby));
+        }
+        for (gi, vetoed) in node.veto.iter().enumerate() {
+            if *vetoed {
+                let group = self.model.groups[gi].id.clone();
+                engine.handle(self.now, Event::LocalVeto { group, reason: Some("sim veto".into()) });
+            }
+        }
     }
 
     fn replay_operator_log(&mut self, ni: usize) {
@@ -670,7 +766,9 @@ impl Sim {
         if let Some(rule) = self.opts.broken {
             engine.break_rule(rule);
         }
+        self.restore_local_state(ni, &mut engine);
         let node = &mut self.nodes[ni];
+        node.reported_standby = vec![false; n];
         node.life = Life::Up;
         node.epoch += 1;
         node.renew_stopped_at = if node.storage_ok { None } else { Some(self.now) };
@@ -767,6 +865,13 @@ impl Sim {
                 if self.nodes[ni].reported_up[pj] {
                     up_count += 1;
                 }
+                // Heartbeats carry the standby flag.
+                let flag = self.nodes[pj].standby.is_some();
+                if reach && self.nodes[ni].reported_standby[pj] != flag {
+                    self.nodes[ni].reported_standby[pj] = flag;
+                    let id = self.nodes[pj].id;
+                    self.feed(ni, Event::PeerStandby { node: id, standby: flag });
+                }
                 // The lease layer sees a peer's host lease dead.
                 let peer_dead = match self.nodes[pj].renew_stopped_at {
                     Some(t) => self.now >= t + LEASE_TTL,
@@ -854,6 +959,32 @@ impl Sim {
                 self.log(format!("{id} partitioned for {d}ms"));
                 self.schedule(d, Action::Heal(ni));
             }
+            71..=76 => {
+                // Maintenance: enter standby (either mode), switch mode, or leave it.
+                if self.nodes[ni].life == Life::Up {
+                    let mode = match self.nodes[ni].standby {
+                        None => {
+                            self.stats.standby_entries += 1;
+                            Some(if self.rng.chance(50) { StandbyMode::Move } else { StandbyMode::Park })
+                        }
+                        Some(StandbyMode::Move) if self.rng.chance(20) => Some(StandbyMode::Park),
+                        Some(StandbyMode::Park) if self.rng.chance(20) => Some(StandbyMode::Move),
+                        Some(_) => None,
+                    };
+                    self.nodes[ni].standby = mode;
+                    self.feed(ni, Event::SetStandby(mode));
+                }
+            }
+            77..=80 => {
+                // A local condition (a NIC) forbids a group here, or clears.
+                if self.nodes[ni].life == Life::Up {
+                    let gi = self.rng.below(self.model.groups.len());
+                    let on = !self.nodes[ni].veto[gi];
+                    self.nodes[ni].veto[gi] = on;
+                    let group = self.model.groups[gi].id.clone();
+                    self.feed(ni, Event::LocalVeto { group, reason: on.then(|| "sim veto".into()) });
+                }
+            }
             31..=70 => {
                 // A monitor confirms a failure of something running.
                 let gi = self.rng.below(self.model.groups.len());
@@ -897,7 +1028,11 @@ impl Sim {
 
     /// Safety and ping-pong invariants, checked after every step.
     fn check(&mut self) -> Result<(), String> {
+        if let Some(v) = self.violation.take() {
+            return Err(v);
+        }
         self.check_capacity()?;
+        self.check_parked()?;
         for gi in 0..self.model.groups.len() {
             let current = self.leases[gi].holder.map(|h| (h.0, h.2));
             let mut active = Vec::new();
@@ -943,6 +1078,34 @@ impl Sim {
                     "group {} failed over {} times without a stable run; its limit is {limit}",
                     self.model.groups[gi].id, w.failovers_since_stable
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A group parked by a node still in standby runs nowhere, unless an operator started or
+    /// moved it with a later command (a node that just resumed from a pause is allowed its
+    /// self-fence budget, as in `check`).
+    fn check_parked(&self) -> Result<(), String> {
+        for (gi, parked) in self.parked.iter().enumerate() {
+            let Some((p, desired_seq)) = parked else { continue };
+            let Some(parker) = self.nodes.iter().find(|n| n.id == *p) else { continue };
+            if parker.standby.is_none() {
+                continue;
+            }
+            let g = &self.model.groups[gi].id;
+            let overridden = self.op_log.iter().any(|(seq, c)| {
+                *seq > *desired_seq
+                    && matches!(c, OperatorCommand::StartGroup(x) | OperatorCommand::MoveGroup { group: x, .. } if x == g)
+            });
+            if overridden {
+                continue;
+            }
+            for node in &self.nodes {
+                let in_grace = node.resumed_at.is_some_and(|t| self.now <= t + SELF_FENCE_BUDGET);
+                if node.life == Life::Up && !in_grace && node.running[gi].iter().any(Option::is_some) {
+                    return Err(format!("group {g} runs on {} while parked by {p}, which is in standby", node.id));
+                }
             }
         }
         Ok(())
@@ -1049,6 +1212,12 @@ fn simulation_holds_invariants_over_many_seeds() {
                 total.adoptions += s.adoptions;
                 total.shared_nodes += s.shared_nodes;
                 total.placed_runs += s.placed_runs;
+                total.standby_entries += s.standby_entries;
+                total.standby_releases += s.standby_releases;
+                total.parked += s.parked;
+                total.unparks += s.unparks;
+                total.veto_releases += s.veto_releases;
+                total.standby_crashes += s.standby_crashes;
             }
             Err(e) => panic!("simulation failed for seed {seed} (rerun: TANDEM_SIM_SEED={seed}):\n{e}"),
         }
@@ -1059,6 +1228,8 @@ fn simulation_holds_invariants_over_many_seeds() {
         assert!(total.failovers > 0 && total.takeovers > 0 && total.fences > 0 && total.lease_lost > 0, "{total:?}");
         assert!(total.self_fences > 0 && total.crashes > 0 && total.adoptions > 0, "{total:?}");
         assert!(total.placed_runs > 0 && total.shared_nodes > 0, "{total:?}");
+        assert!(total.standby_releases > 0 && total.parked > 0 && total.unparks > 0, "{total:?}");
+        assert!(total.veto_releases > 0 && total.standby_crashes > 0, "{total:?}");
     }
 }
 
@@ -1070,6 +1241,8 @@ fn simulation_catches_deliberately_broken_rules() {
         (BrokenRule::IgnoreLeaseLost, false),
         (BrokenRule::NoFailoverLimit, true),
         (BrokenRule::IgnorePlacement, false),
+        (BrokenRule::IgnoreStandby, false),
+        (BrokenRule::StartParked, false),
     ] {
         let caught = (0..300).find_map(|seed| run_seed(seed, SimOptions { broken: Some(rule), flappy }).err());
         let Some(report) = caught else { panic!("breaking {rule:?} went unnoticed over 300 seeds") };

@@ -1,5 +1,6 @@
 //! What `Engine::status` reports.
 
+use crate::event::StandbyMode;
 use crate::model::{GroupId, NodeId, ResourceId};
 
 /// The engine's view of the cluster from its node.
@@ -13,6 +14,10 @@ pub struct ClusterStatus {
     pub probing: bool,
     /// Whether this node self-fenced.
     pub self_fenced: bool,
+    /// This node's standby mode (`None`: online).
+    pub standby: Option<StandbyMode>,
+    /// The peers this node knows to be in standby, sorted.
+    pub peers_in_standby: Vec<NodeId>,
     /// Every group, in model order.
     pub groups: Vec<GroupStatus>,
 }
@@ -34,6 +39,8 @@ pub struct GroupStatus {
     pub failed_on: Vec<NodeId>,
     /// Whether monitor failures are ignored on this node.
     pub monitoring_suspended: bool,
+    /// Why the group may not run on this node (`Event::LocalVeto`), if it may not.
+    pub veto: Option<String>,
     /// The group's resources on this node.
     pub resources: Vec<ResourceStatus>,
     /// Why the group does not run, when it does not.
@@ -112,6 +119,19 @@ pub enum NotRunningReason {
     NoCapacity {
         /// Each healthy eligible node and why the group does not fit there.
         nodes: Vec<(NodeId, Unfit)>,
+    },
+    /// The node named stopped it on entering standby in `Park` mode; it starts again when
+    /// that node leaves standby, or when an operator starts it.
+    Parked(NodeId),
+    /// The only otherwise healthy eligible nodes are in standby (planned maintenance).
+    Standby {
+        /// Those nodes, in eligible order.
+        nodes: Vec<NodeId>,
+    },
+    /// A local veto forbids it on this node and no other healthy eligible node exists.
+    LocalVeto {
+        /// The veto's reason.
+        reason: String,
     },
 }
 

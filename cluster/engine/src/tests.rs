@@ -957,3 +957,287 @@ fn capacity_and_placement_rules_are_validated() {
     assert_eq!(Capacity::new(4, 2) + Capacity::new(1, 1), Capacity::new(5, 3));
     assert_eq!(Capacity::new(4, 2).saturating_sub(Capacity::new(5, 1)), Capacity::new(0, 1));
 }
+
+// Standby (planned maintenance) and local vetoes.
+
+fn standby(mode: Option<StandbyMode>) -> Event {
+    Event::SetStandby(mode)
+}
+fn standby_notice(mode: Option<StandbyMode>) -> Command {
+    Command::Notify(Notice::Standby { mode })
+}
+fn peer_standby(i: u32, on: bool) -> Event {
+    Event::PeerStandby { node: n(i), standby: on }
+}
+
+impl Node {
+    /// Stops db's three resources in reverse order and returns the commands after the last.
+    fn stop_db(&mut self) -> Vec<Command> {
+        assert_eq!(self.ev(stopped("app")), vec![stop("ip", false)]);
+        assert_eq!(self.ev(stopped("ip")), vec![stop("disk", false)]);
+        self.ev(stopped("disk"))
+    }
+}
+
+/// The note and reason of a lone `ReleaseLease` followed by notices.
+fn released(cmds: &[Command]) -> (LeaseNote, ReleaseReason, Vec<Command>) {
+    let [Command::ReleaseLease { note, reason, .. }, rest @ ..] = cmds else { panic!("{cmds:?}") };
+    (note.clone(), *reason, rest.to_vec())
+}
+
+#[test]
+fn standby_move_stops_gracefully_and_releases_without_counting_a_failure() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(
+        a.at(1_000, standby(Some(StandbyMode::Move))),
+        vec![standby_notice(Some(StandbyMode::Move)), stop("app", false)]
+    );
+    let (note, reason, rest) = released(&a.stop_db());
+    assert_eq!(reason, ReleaseReason::Standby);
+    assert_eq!((note.desired, note.failovers, note.failed_on.clone()), (Desired::Started, 0, vec![]));
+    assert_eq!(rest, vec![Command::Notify(Notice::StandbyReleased { group: g("db"), parked: false })]);
+    // It acquires nothing while in standby, whatever the time and whoever is lost.
+    assert_eq!(a.at(100_000, Event::NodeLost(n(2))), vec![]);
+    assert_eq!(a.at(200_000, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note) }), vec![]);
+    let st = a.e.status();
+    assert_eq!(st.standby, Some(StandbyMode::Move));
+    assert_eq!((st.groups[0].restarts, st.groups[0].failovers), (0, 0));
+    // The only otherwise healthy node is this one: the reason says so, not "no capacity".
+    assert_eq!(st.groups[0].not_running, Some(NotRunningReason::Standby { nodes: vec![n(1)] }));
+    // Back online: a candidate again, it takes the group at once (node 2 is lost).
+    assert_eq!(a.at(200_100, standby(None)), vec![standby_notice(None), acquire()]);
+    // Entering the same mode twice says nothing.
+    assert_eq!(a.ev(standby(None)), vec![]);
+}
+
+#[test]
+fn a_peer_in_standby_is_not_ranked_so_takeover_is_immediate() {
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    b.at(100, Event::LeaseObserved { group: g("db"), holder: Some(n(1)), note: None });
+    assert_eq!(b.at(200, peer_standby(1, true)), vec![]);
+    assert_eq!(b.e.status().peers_in_standby, vec![n(1)]);
+    // Node 1 released it: node 2 is rank 0 now and does not wait a stagger behind node 1.
+    let note = LeaseNote::initial(&db_group(&[1, 2]));
+    assert_eq!(b.at(300, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note) }), vec![acquire()]);
+    // The flag survives membership flaps.
+    b.ev(Event::NodeLost(n(1)));
+    b.ev(Event::NodeJoined(n(1)));
+    assert_eq!(b.e.status().peers_in_standby, vec![n(1)]);
+}
+
+#[test]
+fn failback_never_targets_a_standby_node_and_follows_the_policy_once_it_is_back() {
+    for (failback, expect_handoff) in [(Failback::Auto, true), (Failback::Manual, false)] {
+        let mut grp = db_group(&[1, 2]);
+        grp.placement.failback = failback;
+        let (mut b, _) = Node::booted(2, model(grp));
+        b.at(10, peer_standby(1, true));
+        b.at(20, Event::LeaseObserved { group: g("db"), holder: None, note: None });
+        b.run_db(3);
+        // Node 1 is preferred but in standby: the group stays here.
+        assert_eq!(b.at(100_000, Event::Tick), vec![]);
+        let cmds = b.at(100_100, peer_standby(1, false));
+        if expect_handoff {
+            assert_eq!(cmds, vec![stop("app", false)]);
+            let (_, reason, _) = released(&b.stop_db());
+            assert_eq!(reason, ReleaseReason::Handoff { to: n(1) });
+        } else {
+            assert_eq!(cmds, vec![]);
+            assert_eq!(b.group().state, GroupState::Started);
+        }
+    }
+}
+
+#[test]
+fn standby_park_keeps_the_group_stopped_everywhere_until_the_parker_is_back() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    assert_eq!(
+        a.at(1_000, standby(Some(StandbyMode::Park))),
+        vec![standby_notice(Some(StandbyMode::Park)), stop("app", false)]
+    );
+    let (note, reason, rest) = released(&a.stop_db());
+    assert_eq!((reason, note.desired), (ReleaseReason::Standby, Desired::Stopped(StopCause::Parked(n(1)))));
+    assert_eq!((note.failovers, note.failed_on.len()), (0, 0));
+    assert_eq!(rest, vec![Command::Notify(Notice::StandbyReleased { group: g("db"), parked: true })]);
+    // Node 2 sees the parked note: it never starts the group, even with node 1 lost.
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    let seen = Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) };
+    assert_eq!(b.at(2_000, seen.clone()), vec![]);
+    assert_eq!(b.at(3_000, Event::NodeLost(n(1))), vec![]);
+    assert_eq!(b.at(100_000, Event::Tick), vec![]);
+    let st = b.group();
+    assert_eq!((st.state, st.not_running), (GroupState::Stopped, Some(NotRunningReason::Parked(n(1)))));
+    // Node 1 leaves standby: it takes the lease back to unpark, and runs it (its best node).
+    a.now = 5_000;
+    a.ev(seen);
+    assert_eq!(a.ev(standby(None)), vec![standby_notice(None), acquire()]);
+    assert_eq!(a.ev(acquired(8, Some(note))), vec![start("db", "disk", 8)]);
+    assert_eq!(a.group().not_running, None);
+}
+
+#[test]
+fn an_unparking_node_that_is_not_the_best_hands_the_group_to_the_best() {
+    let note =
+        LeaseNote { desired: Desired::Stopped(StopCause::Parked(n(1))), ..LeaseNote::initial(&db_group(&[2, 1])) };
+    let (mut a, cmds) = Node::booted_after(
+        1,
+        model(db_group(&[2, 1])),
+        vec![Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) }],
+    );
+    assert_eq!(cmds, vec![acquire()], "online and the parker: it unparks at once");
+    let cmds = a.ev(acquired(4, Some(note)));
+    let (note, reason, _) = released(&cmds);
+    assert_eq!((reason, note.desired), (ReleaseReason::Handoff { to: n(2) }, Desired::Started));
+}
+
+#[test]
+fn an_operator_start_overrides_a_parking() {
+    let parked = LeaseNote {
+        desired: Desired::Stopped(StopCause::Parked(n(1))),
+        desired_seq: 3,
+        ..LeaseNote::initial(&db_group(&[1, 2]))
+    };
+    let (mut b, cmds) = Node::booted_after(
+        2,
+        model(db_group(&[1, 2])),
+        vec![peer_standby(1, true), Event::LeaseObserved { group: g("db"), holder: None, note: Some(parked.clone()) }],
+    );
+    assert_eq!(cmds, vec![]);
+    // An older command does not override it; a newer one does: it runs elsewhere.
+    assert_eq!(b.at(30, op(2, OperatorCommand::StartGroup(g("db")))), vec![]);
+    let cmds = b.at(40, op(4, OperatorCommand::StartGroup(g("db"))));
+    assert_eq!(cmds, vec![acquire()], "{:?}", b.group());
+    assert_eq!(b.ev(acquired(9, Some(parked))), vec![start("db", "disk", 9)]);
+    // A parker holding a group that an operator started while it was stopping: not parked.
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    a.at(1_000, standby(Some(StandbyMode::Park)));
+    assert_eq!(a.ev(op(9, OperatorCommand::StartGroup(g("db")))), vec![]);
+    let (note, reason, rest) = released(&a.stop_db());
+    assert_eq!((reason, note.desired, note.desired_seq), (ReleaseReason::Standby, Desired::Started, 9));
+    assert_eq!(rest, vec![Command::Notify(Notice::StandbyReleased { group: g("db"), parked: false })]);
+}
+
+#[test]
+fn leaving_standby_while_stopping_completes_the_release_unparked_then_competes_again() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    a.at(1_000, standby(Some(StandbyMode::Park)));
+    assert_eq!(a.ev(stopped("app")), vec![stop("ip", false)]);
+    assert_eq!(a.ev(standby(None)), vec![standby_notice(None)]);
+    assert_eq!(a.ev(stopped("ip")), vec![stop("disk", false)]);
+    let (note, reason, rest) = released(&a.ev(stopped("disk")));
+    assert_eq!((reason, note.desired), (ReleaseReason::Standby, Desired::Started));
+    assert_eq!(rest, vec![Command::Notify(Notice::StandbyReleased { group: g("db"), parked: false })]);
+    // Online again and first in line: it asks for the lease once its retry delay passed.
+    assert_eq!(a.at(1_999, Event::Tick), vec![]);
+    assert_eq!(a.at(2_000, Event::Tick), vec![acquire()]);
+}
+
+#[test]
+fn a_standby_restored_before_startup_adopts_what_runs_then_releases_it_gracefully() {
+    let mut e = Engine::new(n(1), model(db_group(&[1, 2]))).unwrap();
+    assert_eq!(e.handle(0, standby(Some(StandbyMode::Move))), vec![standby_notice(Some(StandbyMode::Move))]);
+    e.startup(0);
+    e.handle(0, Event::ProbeResult { group: g("db"), resource: r("disk"), running: true });
+    e.handle(0, Event::ProbeResult { group: g("db"), resource: r("ip"), running: false });
+    assert_eq!(e.handle(0, Event::ProbeResult { group: g("db"), resource: r("app"), running: true }), vec![acquire()]);
+    let cmds = e.handle(1, acquired(4, None));
+    assert_eq!(
+        cmds,
+        vec![
+            Command::AdoptResource { group: g("db"), resource: r("disk"), token: LeaseToken(4) },
+            Command::AdoptResource { group: g("db"), resource: r("app"), token: LeaseToken(4) },
+            stop("app", false),
+        ]
+    );
+    assert_eq!(e.handle(2, stopped("app")), vec![stop("disk", false)]);
+    let (_, reason, _) = released(&e.handle(3, stopped("disk")));
+    assert_eq!(reason, ReleaseReason::Standby);
+    assert_eq!(e.handle(100_000, Event::Tick), vec![]);
+}
+
+#[test]
+fn a_group_left_by_a_standby_node_still_obeys_anti_affinity_elsewhere() {
+    let mut gx = vm_group("x", &[1, 2], 0, 0);
+    let mut gy = vm_group("y", &[2], 0, 0);
+    gx.anti_affinity = vec!["apart".into()];
+    gy.anti_affinity = vec!["apart".into()];
+    let m = placed_model(vec![gx, gy], &[]);
+    let (mut b, _) =
+        Node::booted_after(2, m, vec![Event::LeaseObserved { group: g("x"), holder: Some(n(1)), note: None }]);
+    b.run_vm("y", 1);
+    b.at(100, peer_standby(1, true));
+    // Node 1 released x: node 2 runs y, anti-affine: x stays stopped, reported as no capacity.
+    let cmds = b.at(200, Event::LeaseObserved { group: g("x"), holder: None, note: None });
+    let why = vec![(n(2), Unfit::AntiAffinity { group: g("y"), set: "apart".into() })];
+    assert_eq!(cmds, vec![no_capacity("x", why.clone())]);
+    assert_eq!(b.at(100_000, Event::Tick), vec![]);
+    assert_eq!(b.status_of("x").not_running, Some(NotRunningReason::NoCapacity { nodes: why }));
+}
+
+#[test]
+fn a_standby_node_that_is_the_only_candidate_of_a_capped_group_says_standby() {
+    let m = placed_model(vec![vm_group("x", &[1, 2], 1_024, 1)], &[(2, 512, 1)]);
+    let (mut a, cmds) = Node::booted(1, m);
+    assert_eq!(cmds, vec![acquire_of("x")]);
+    a.run_vm("x", 1);
+    assert_eq!(
+        a.at(10, standby(Some(StandbyMode::Move))),
+        vec![
+            standby_notice(Some(StandbyMode::Move)),
+            Command::StopResource { group: g("x"), resource: r("vm"), force: false }
+        ]
+    );
+    let cmds = a.ev(vm_event("x", |group, resource| Event::ResourceStopped { group, resource }));
+    assert!(matches!(cmds.first(), Some(Command::ReleaseLease { reason: ReleaseReason::Standby, .. })), "{cmds:?}");
+    // Node 2 is too small: the group fits nowhere but node 1, which is in standby. Capacity
+    // elsewhere is what blocks it, so that is what status and the notice say.
+    let why = vec![(n(2), Unfit::Memory { needed: 1_024, free: 512 })];
+    assert!(cmds.contains(&no_capacity("x", why.clone())), "{cmds:?}");
+    assert_eq!(a.status_of("x").not_running, Some(NotRunningReason::NoCapacity { nodes: why }));
+    // Node 2 lost: only the standby node is left.
+    a.at(20, Event::NodeLost(n(2)));
+    assert_eq!(a.status_of("x").not_running, Some(NotRunningReason::Standby { nodes: vec![n(1)] }));
+}
+
+#[test]
+fn a_local_veto_releases_the_group_as_failed_here_and_keeps_it_away() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    let veto = |reason: Option<&str>| Event::LocalVeto { group: g("db"), reason: reason.map(str::to_owned) };
+    assert_eq!(a.at(1_000, veto(Some("bridge br0 is down"))), vec![stop("app", false)]);
+    let (note, reason, rest) = released(&a.stop_db());
+    assert_eq!(reason, ReleaseReason::Vetoed);
+    assert_eq!((note.failovers, note.failed_on.clone(), note.desired), (0, vec![n(1)], Desired::Started));
+    assert_eq!(
+        rest,
+        vec![Command::Notify(Notice::VetoReleased { group: g("db"), reason: "bridge br0 is down".into() })]
+    );
+    let st = a.group();
+    assert_eq!((st.restarts, st.veto.as_deref()), (0, Some("bridge br0 is down")));
+    assert_eq!(st.not_running, Some(NotRunningReason::TakeoverPending));
+    // Node 2 gone: it would be the only node, but the veto holds it away.
+    assert_eq!(a.at(100_000, Event::NodeLost(n(2))), vec![]);
+    assert_eq!(a.at(200_000, Event::Tick), vec![]);
+    assert_eq!(a.group().not_running, Some(NotRunningReason::LocalVeto { reason: "bridge br0 is down".into() }));
+    // Lifted: a candidate again.
+    assert_eq!(a.at(200_100, veto(None)), vec![acquire()]);
+    // Peers rank the vetoed node last: node 2 takes the released group at rank 0.
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2])));
+    assert_eq!(b.at(10, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note) }), vec![acquire()]);
+}
+
+#[test]
+fn a_vetoed_node_acquires_nothing_even_at_rank_zero() {
+    let (mut a, cmds) = Node::booted_after(
+        1,
+        model(db_group(&[1, 2])),
+        vec![Event::LocalVeto { group: g("db"), reason: Some("nic".into()) }],
+    );
+    assert_eq!(cmds, vec![]);
+    assert_eq!(a.at(100_000, Event::Tick), vec![]);
+    assert_eq!(a.group().not_running, Some(NotRunningReason::TakeoverPending));
+}

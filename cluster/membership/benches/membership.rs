@@ -51,7 +51,10 @@ fn core_throughput() {
     let start = Instant::now();
     for i in 0..n {
         let from = NodeId(2 + (i % 15) as u32);
-        black_box(m.handle(i / 1000, Input::Heartbeat { link: (i % 2) as usize, from, incarnation: 1, seq: i }));
+        black_box(m.handle(
+            i / 1000,
+            Input::Heartbeat { link: (i % 2) as usize, from, incarnation: 1, seq: i, standby: false },
+        ));
     }
     let dt = start.elapsed();
     println!(
@@ -66,7 +69,7 @@ fn codec_cost() {
     let n = 200_000u64;
     let start = Instant::now();
     for seq in 0..n {
-        let p = c.encode(&Heartbeat { link: 0, from: NodeId(1), to: NodeId(2), incarnation: 1, seq });
+        let p = c.encode(&Heartbeat { link: 0, from: NodeId(1), to: NodeId(2), incarnation: 1, seq, standby: false });
         black_box(c.decode(&p).unwrap());
     }
     let dt = start.elapsed();

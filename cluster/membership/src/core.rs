@@ -183,6 +183,8 @@ pub enum Input {
         incarnation: u64,
         /// The sender's packet sequence number within its incarnation.
         seq: u64,
+        /// Whether the sender says it is in standby (planned maintenance).
+        standby: bool,
     },
     /// The lease layer's verdict on `node`'s delta lease.
     DiskLiveness {
@@ -257,6 +259,15 @@ pub enum MembershipEvent {
     SelfIsolated,
     /// A peer or a ping target answers again after [`MembershipEvent::SelfIsolated`].
     SelfReconnected,
+    /// A peer's standby flag (from its accepted heartbeats) changed. Emitted before the
+    /// `NodeJoined` the same heartbeat causes, so a consumer knows the flag when it sees the
+    /// node join. Every peer starts as not in standby; the flag is kept while it is silent.
+    PeerStandby {
+        /// The peer.
+        node: NodeId,
+        /// Whether it is in standby now.
+        standby: bool,
+    },
 }
 
 /// A peer's state as the core judges it.
@@ -309,6 +320,8 @@ pub struct PeerView {
     pub disk: DiskStatus,
     /// The latest accepted incarnation, if any heartbeat was accepted.
     pub incarnation: Option<u64>,
+    /// Whether its latest accepted heartbeat said it is in standby.
+    pub standby: bool,
 }
 
 /// Heartbeats the core refused.
@@ -339,6 +352,7 @@ struct PeerState {
     disk: DiskStatus,
     incarnation: Option<u64>,
     status: PeerStatus,
+    standby: bool,
 }
 
 /// The membership state machine. See the crate docs and docs/membership.md.
@@ -380,6 +394,7 @@ impl Membership {
                         disk: DiskStatus::Unknown,
                         incarnation: None,
                         status: PeerStatus::Unknown,
+                        standby: false,
                     },
                 )
             })
@@ -431,6 +446,7 @@ impl Membership {
                 links: p.links.iter().map(|l| l.status).collect(),
                 disk: p.disk,
                 incarnation: p.incarnation,
+                standby: p.standby,
             })
             .collect()
     }
@@ -478,8 +494,8 @@ impl Membership {
         let now = self.now_ms;
         let mut events = Vec::new();
         match input {
-            Input::Heartbeat { link, from, incarnation, seq } => {
-                self.heartbeat(now, link, from, incarnation, seq, &mut events)
+            Input::Heartbeat { link, from, incarnation, seq, standby } => {
+                self.heartbeat(now, link, from, (incarnation, seq), standby, &mut events)
             }
             Input::DiskLiveness { node, alive } => match self.peers.get_mut(&node) {
                 Some(p) => p.disk = if alive { DiskStatus::Alive } else { DiskStatus::Dead },
@@ -503,8 +519,8 @@ impl Membership {
         now: u64,
         link: usize,
         from: NodeId,
-        incarnation: u64,
-        seq: u64,
+        (incarnation, seq): (u64, u64),
+        standby: bool,
         events: &mut Vec<MembershipEvent>,
     ) {
         let Some(peer) = self.peers.get_mut(&from) else {
@@ -528,6 +544,10 @@ impl Membership {
         if state.status != LinkStatus::Up {
             state.status = LinkStatus::Up;
             events.push(MembershipEvent::LinkUp { node: from, link });
+        }
+        if peer.standby != standby {
+            peer.standby = standby;
+            events.push(MembershipEvent::PeerStandby { node: from, standby });
         }
         let restarted = peer.incarnation.is_some_and(|cur| incarnation > cur);
         peer.incarnation = Some(incarnation);

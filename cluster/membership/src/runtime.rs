@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tandem_monitors::Secret;
@@ -143,6 +143,7 @@ pub struct Snapshot {
 /// A running membership service. Dropping it stops every task and closes the sockets.
 #[derive(Debug)]
 pub struct MembershipHandle {
+    standby: Arc<AtomicBool>,
     events: mpsc::UnboundedReceiver<MembershipEvent>,
     inputs: mpsc::UnboundedSender<Input>,
     view: watch::Receiver<Snapshot>,
@@ -158,9 +159,20 @@ pub struct MembershipHandle {
 pub struct MembershipController {
     inputs: mpsc::UnboundedSender<Input>,
     view: watch::Receiver<Snapshot>,
+    standby: Arc<AtomicBool>,
 }
 
 impl MembershipController {
+    /// Sets the standby flag this node's heartbeats carry from the next round on.
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// The standby flag this node's heartbeats carry.
+    pub fn standby(&self) -> bool {
+        self.standby.load(Ordering::Relaxed)
+    }
+
     /// Feeds the lease layer's verdict on `node`'s delta lease.
     pub fn disk_liveness(&self, node: NodeId, alive: bool) {
         let _ = self.inputs.send(Input::DiskLiveness { node, alive });
@@ -191,6 +203,7 @@ impl MembershipHandle {
             .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1));
         let counters = Arc::new(Counters::default());
         let seq = Arc::new(AtomicU64::new(0));
+        let standby = Arc::new(AtomicBool::new(false));
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (view_tx, view_rx) = watch::channel(Snapshot::default());
@@ -222,6 +235,7 @@ impl MembershipHandle {
                     peers,
                     codec: codec.clone(),
                     seq: seq.clone(),
+                    standby: standby.clone(),
                     interval,
                     inputs: in_tx.clone(),
                     counters: counters.clone(),
@@ -238,7 +252,7 @@ impl MembershipHandle {
                 in_tx.clone(),
             )));
         }
-        Ok(Self { events: ev_rx, inputs: in_tx, view: view_rx, counters, links, others, local })
+        Ok(Self { standby, events: ev_rx, inputs: in_tx, view: view_rx, counters, links, others, local })
     }
 
     /// The next membership event; `None` once the service stopped.
@@ -262,10 +276,16 @@ impl MembershipHandle {
         let _ = self.inputs.send(Input::TieBreak { won });
     }
 
+    /// Sets the standby flag this node's heartbeats carry from the next round on (peers
+    /// report it as [`MembershipEvent::PeerStandby`]).
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
+    }
+
     /// A cloneable handle for the parts of an agent that feed the lease layer's
     /// verdicts and read the view from other threads or tasks.
     pub fn controller(&self) -> MembershipController {
-        MembershipController { inputs: self.inputs.clone(), view: self.view.clone() }
+        MembershipController { inputs: self.inputs.clone(), view: self.view.clone(), standby: self.standby.clone() }
     }
 
     /// The core's state as last published.
@@ -330,6 +350,7 @@ struct LinkTask {
     peers: Vec<(NodeId, SocketAddr)>,
     codec: Arc<Codec>,
     seq: Arc<AtomicU64>,
+    standby: Arc<AtomicBool>,
     interval: Duration,
     inputs: mpsc::UnboundedSender<Input>,
     counters: Arc<Counters>,
@@ -365,6 +386,7 @@ impl LinkTask {
                 to: *peer,
                 incarnation: self.incarnation,
                 seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                standby: self.standby.load(Ordering::Relaxed),
             };
             match self.sock.send_to(&self.codec.encode(&hb), addr).await {
                 Ok(_) => bump(&self.counters.sent),
@@ -403,7 +425,13 @@ impl LinkTask {
         }
         bump(&c.accepted);
         self.inputs
-            .send(Input::Heartbeat { link: self.link, from: hb.from, incarnation: hb.incarnation, seq: hb.seq })
+            .send(Input::Heartbeat {
+                link: self.link,
+                from: hb.from,
+                incarnation: hb.incarnation,
+                seq: hb.seq,
+                standby: hb.standby,
+            })
             .map_err(|_| ())
     }
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! offset  size  field
 //! 0       4     magic "TNHB"
-//! 4       1     version (1)
+//! 4       1     version (2)
 //! 5       1     link index
 //! 6       1     cluster name length n (1..=64)
 //! 7       n     cluster name (UTF-8)
@@ -11,8 +11,11 @@
 //! 11+n    4     receiver node id
 //! 15+n    8     sender incarnation
 //! 23+n    8     sequence number
-//! 31+n    32    HMAC-SHA256(key, bytes 0..31+n)
+//! 31+n    1     flags: bit 0 = sender in standby; other bits zero
+//! 32+n    32    HMAC-SHA256(key, bytes 0..32+n)
 //! ```
+//!
+//! Version 2 added the flags byte; packets of any other version are `Malformed`.
 //!
 //! The content carries no timestamps (receivers judge freshness on their own
 //! monotonic clock). The receiver id and link index are authenticated so a
@@ -29,12 +32,15 @@ use crate::core::NodeId;
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 const MAGIC: &[u8; 4] = b"TNHB";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Bytes after the cluster name, before the MAC: ids, incarnation, sequence, flags.
+const FIELDS: usize = 4 + 4 + 8 + 8 + 1;
+const FLAG_STANDBY: u8 = 0x01;
 const MAC_LEN: usize = 32;
 /// Longest cluster name a packet can carry.
 pub const MAX_CLUSTER_NAME: usize = 64;
 /// Largest valid packet; anything longer is dropped unread.
-pub const MAX_PACKET: usize = 7 + MAX_CLUSTER_NAME + 24 + MAC_LEN;
+pub const MAX_PACKET: usize = 7 + MAX_CLUSTER_NAME + FIELDS + MAC_LEN;
 
 /// A heartbeat's authenticated content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,13 +55,16 @@ pub struct Heartbeat {
     pub incarnation: u64,
     /// The sender's sequence number.
     pub seq: u64,
+    /// Whether the sender is in standby (planned maintenance).
+    pub standby: bool,
 }
 
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    /// Not a Tandem heartbeat or cut short (wrong magic, version or length).
-    #[error("heartbeat packet is malformed (wrong magic, version or length)")]
+    /// Not a Tandem heartbeat of this version or cut short (wrong magic, version, length or
+    /// unknown flags).
+    #[error("heartbeat packet is malformed (wrong magic, version, length or flags)")]
     Malformed,
     /// Longer than [`MAX_PACKET`].
     #[error("heartbeat packet is longer than {MAX_PACKET} bytes")]
@@ -118,6 +127,7 @@ impl Codec {
         p.extend_from_slice(&hb.to.0.to_be_bytes());
         p.extend_from_slice(&hb.incarnation.to_be_bytes());
         p.extend_from_slice(&hb.seq.to_be_bytes());
+        p.push(if hb.standby { FLAG_STANDBY } else { 0 });
         let mut mac = self.mac.clone();
         mac.update(&p);
         p.extend_from_slice(&mac.finalize().into_bytes());
@@ -133,7 +143,7 @@ impl Codec {
             return Err(WireError::Malformed);
         }
         let n = usize::from(p[6]);
-        if n == 0 || n > MAX_CLUSTER_NAME || p.len() != 7 + n + 24 + MAC_LEN {
+        if n == 0 || n > MAX_CLUSTER_NAME || p.len() != 7 + n + FIELDS + MAC_LEN {
             return Err(WireError::Malformed);
         }
         if p[7..7 + n] != self.name[..] {
@@ -151,12 +161,17 @@ impl Codec {
             b.copy_from_slice(&f[i..i + 8]);
             u64::from_be_bytes(b)
         };
+        let flags = f[24];
+        if flags & !FLAG_STANDBY != 0 {
+            return Err(WireError::Malformed);
+        }
         Ok(Heartbeat {
             link: p[5],
             from: NodeId(u32_at(0)),
             to: NodeId(u32_at(4)),
             incarnation: u64_at(8),
             seq: u64_at(16),
+            standby: flags & FLAG_STANDBY != 0,
         })
     }
 }
@@ -173,15 +188,46 @@ mod tests {
     const KEY: &str = "0123456789abcdef0123456789abcdef";
 
     fn hb() -> Heartbeat {
-        Heartbeat { link: 1, from: NodeId(2), to: NodeId(3), incarnation: 77, seq: 9 }
+        Heartbeat { link: 1, from: NodeId(2), to: NodeId(3), incarnation: 77, seq: 9, standby: false }
     }
 
     #[test]
     fn round_trip() {
         let c = codec("prod", KEY);
         let p = c.encode(&hb());
-        assert_eq!(p.len(), 7 + 4 + 24 + 32);
+        assert_eq!(p.len(), 7 + 4 + 25 + 32);
         assert_eq!(c.decode(&p), Ok(hb()));
+    }
+
+    #[test]
+    fn the_standby_flag_round_trips_is_authenticated_and_old_versions_are_refused() {
+        let c = codec("prod", KEY);
+        let on = Heartbeat { standby: true, ..hb() };
+        let p = c.encode(&on);
+        assert_eq!(c.decode(&p), Ok(on));
+        let flags = p.len() - MAC_LEN - 1;
+        assert_eq!(p[flags], 1);
+        // Clearing the flag without the key breaks the MAC.
+        let mut q = p.clone();
+        q[flags] = 0;
+        assert_eq!(c.decode(&q), Err(WireError::BadMac));
+        // Unknown flag bits (even authenticated) are not this version's packet.
+        let mut q = p[..flags].to_vec();
+        q.push(0x03);
+        let mut mac = c.mac.clone();
+        mac.update(&q);
+        q.extend_from_slice(&mac.finalize().into_bytes());
+        assert_eq!(c.decode(&q), Err(WireError::Malformed));
+        // A version-1 packet (no flags byte, version 1) is malformed, not misread.
+        let mut v1 = p[..flags].to_vec();
+        v1[4] = 1;
+        let mut mac = c.mac.clone();
+        mac.update(&v1);
+        v1.extend_from_slice(&mac.finalize().into_bytes());
+        assert_eq!(c.decode(&v1), Err(WireError::Malformed));
+        let mut v1_sized = p.clone();
+        v1_sized[4] = 1;
+        assert_eq!(c.decode(&v1_sized), Err(WireError::Malformed));
     }
 
     #[test]
@@ -216,7 +262,7 @@ mod tests {
 
         #[test]
         fn garbage_with_valid_header_never_verifies(tail in proptest::collection::vec(any::<u8>(), 0..100)) {
-            let mut p = b"TNHB\x01\x00\x04prod".to_vec();
+            let mut p = b"TNHB\x02\x00\x04prod".to_vec();
             p.extend_from_slice(&tail);
             prop_assert!(codec("prod", KEY).decode(&p).is_err());
         }

@@ -177,7 +177,7 @@ async fn forged_foreign_garbage_and_replayed_packets_are_dropped_and_counted() {
     let target = a.local_addrs()[0];
     // Node 2 is configured but not running: we speak from its address on link 0.
     let spoof = UdpSocket::bind(addrs[1][0]).unwrap();
-    let hb = |seq| Heartbeat { link: 0, from: NodeId(2), to: NodeId(1), incarnation: 1, seq };
+    let hb = |seq| Heartbeat { link: 0, from: NodeId(2), to: NodeId(1), incarnation: 1, seq, standby: false };
     let forged = Codec::new("udp-test", &Secret::new("the wrong key, also 32 bytes....")).unwrap();
     let foreign = Codec::new("other-cluster", &Secret::new(KEY)).unwrap();
     for seq in 0..5 {
@@ -268,4 +268,18 @@ async fn restarted_node_rejoins_with_a_new_incarnation() {
     c.incarnation = Some(11);
     let _b = start(c).await;
     wait_for(&mut a, "rejoin of node 2", |e| *e == E::NodeJoined { node: NodeId(2), incarnation: 11 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_s_standby_flag_travels_in_its_heartbeats() {
+    let addrs = addresses(68, 2);
+    let mut a = start(config(1, &addrs, false, vec![])).await;
+    let b = start(config(2, &addrs, false, vec![])).await;
+    wait_for(&mut a, "join of node 2", |e| matches!(e, E::NodeJoined { node: NodeId(2), .. })).await;
+    assert!(!a.view().peers[0].standby);
+    b.set_standby(true);
+    wait_for(&mut a, "node 2 in standby", |e| *e == E::PeerStandby { node: NodeId(2), standby: true }).await;
+    assert!(a.view().peers[0].standby);
+    b.controller().set_standby(false);
+    wait_for(&mut a, "node 2 online", |e| *e == E::PeerStandby { node: NodeId(2), standby: false }).await;
 }

@@ -61,6 +61,9 @@ pub enum AgentError {
     /// Membership failed to start.
     #[error("cannot start the heartbeat links")]
     Membership(#[from] tandem_membership::runtime::RuntimeError),
+    /// The persisted standby cannot be read.
+    #[error(transparent)]
+    Standby(#[from] runtime::standby::StandbyStateError),
 }
 
 /// What an agent's own API service may use (see [`AgentOptions::api_extensions`]).
@@ -187,6 +190,9 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         }
     }
 
+    let standby_file =
+        runtime::standby::state_file(config.cluster.state_dir.as_deref(), &config.cluster.name, &opts.node);
+    let standby = runtime::standby::load(&standby_file)?;
     let (handle, rx, tx) = runtime::channel();
 
     let mut membership = MembershipHandle::start(RuntimeConfig {
@@ -199,6 +205,8 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     })
     .await?;
     let ctl = membership.controller();
+    // As early as possible: peers must not rank a node in maintenance as a candidate.
+    ctl.set_standby(standby.is_some());
 
     let disk: Arc<dyn tandem_lease::LeaseDisk> = Arc::new(
         tandem_lease::FileDisk::open(&lease_cfg.device).map_err(|e| AgentError::Disk(lease_cfg.device.clone(), e))?,
@@ -260,6 +268,9 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
                             }));
                             Input::Engine(Event::NodeLost(NodeId(node.0)))
                         }
+                        MembershipEvent::PeerStandby { node, standby } => {
+                            Input::Engine(Event::PeerStandby { node: NodeId(node.0), standby })
+                        }
                         MembershipEvent::QuorumLost => Input::Engine(Event::QuorumLost),
                         MembershipEvent::QuorumRegained => Input::Engine(Event::QuorumRegained),
                         MembershipEvent::SelfIsolated | MembershipEvent::SelfReconnected => {
@@ -308,7 +319,11 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         opts.host_cluster.clone(),
     )?;
     let peers_view = ctl.clone();
+    let flag = ctl.clone();
     let parts = Parts {
+        standby_flag: Box::new(move |on| flag.set_standby(on)),
+        standby_file,
+        standby,
         plan: plan.clone(),
         resources,
         monitors,

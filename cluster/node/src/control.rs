@@ -67,6 +67,7 @@ fn control_error(e: RequestError) -> ControlError {
         RequestError::UnknownGroup(g) => ControlError::UnknownGroup(g),
         RequestError::UnknownNode(n) => ControlError::UnknownNode(n),
         RequestError::ShuttingDown => ControlError::ShuttingDown,
+        RequestError::State(why) => ControlError::Internal(why),
     }
 }
 
@@ -104,7 +105,20 @@ fn status(plan: &Plan, st: &AgentStatus) -> pb::GuestStatus {
                         .collect()
                 })
                 .unwrap_or_default();
-            pb::NodeStatus { name: n.clone(), id: id.0, state: state as i32, local, links }
+            let (standby, standby_mode) = if local {
+                (st.cluster.standby.is_some(), convert::standby_mode(st.cluster.standby))
+            } else {
+                (st.cluster.peers_in_standby.contains(id), pb::StandbyMode::Unspecified)
+            };
+            pb::NodeStatus {
+                name: n.clone(),
+                id: id.0,
+                state: state as i32,
+                local,
+                links,
+                standby,
+                standby_mode: standby_mode as i32,
+            }
         })
         .collect();
     out.lease = Some(pb::HostLeaseStatus {
@@ -221,6 +235,10 @@ impl Control for AgentControl {
             });
             Ok(rx)
         })
+    }
+
+    fn set_standby(&self, mode: Option<tandem_engine::StandbyMode>) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move { self.handle.set_standby(mode).await.map_err(control_error) })
     }
 
     fn subscribe(&self) -> broadcast::Receiver<pb::Event> {

@@ -3,7 +3,8 @@
 //! Layout (version 1, little endian): version `u8`, desired `u8` (0 started, 1 stopped: not
 //! auto-started, 2 stopped by an operator, 3 stopped by the failover limit), preferred node
 //! `u16` (0: none), desired_seq `u64`, reset_seq `u64`, failovers `u32`, count `u8`, then
-//! `count` node ids `u16`. Node ids are 1..=2000 (the configuration enforces it), so `u16`
+//! `count` node ids `u16`; desired 4 is "parked" (stopped by a node entering standby in
+//! park mode) and is followed by the parking node's id `u16`. Node ids are 1..=2000 (the configuration enforces it), so `u16`
 //! holds them. A value that does not decode is reported, never guessed at.
 
 use tandem_engine::{Desired, LeaseNote, NodeId, StopCause};
@@ -12,7 +13,7 @@ const VERSION: u8 = 1;
 const FIXED: usize = 1 + 1 + 2 + 8 + 8 + 4 + 1;
 
 /// The largest note: the fixed part plus 32 failed-on nodes.
-pub const MAX_NOTE_LEN: usize = FIXED + 2 * MAX_FAILED_ON;
+pub const MAX_NOTE_LEN: usize = FIXED + 2 * MAX_FAILED_ON + 2;
 /// How many failed-on nodes a note keeps. More than that only matters for ranking among
 /// nodes that all failed, so the oldest entries beyond it are dropped (lowest ids kept).
 pub const MAX_FAILED_ON: usize = 32;
@@ -42,6 +43,7 @@ pub fn encode(note: &LeaseNote) -> Vec<u8> {
         Desired::Stopped(StopCause::NotAutoStarted) => 1,
         Desired::Stopped(StopCause::Operator) => 2,
         Desired::Stopped(StopCause::FailoverLimit) => 3,
+        Desired::Stopped(StopCause::Parked(_)) => 4,
     });
     out.extend_from_slice(&id16(note.preferred).to_le_bytes());
     out.extend_from_slice(&note.desired_seq.to_le_bytes());
@@ -51,6 +53,9 @@ pub fn encode(note: &LeaseNote) -> Vec<u8> {
     out.push(failed.len() as u8);
     for id in failed {
         out.extend_from_slice(&id.to_le_bytes());
+    }
+    if let Desired::Stopped(StopCause::Parked(n)) = note.desired {
+        out.extend_from_slice(&id16(Some(n)).to_le_bytes());
     }
     out
 }
@@ -63,11 +68,13 @@ pub fn decode(bytes: &[u8]) -> Result<LeaseNote, NoteError> {
     if bytes[0] != VERSION {
         return Err(NoteError::Version(bytes[0]));
     }
-    let desired = match bytes[1] {
+    let mut desired = match bytes[1] {
         0 => Desired::Started,
         1 => Desired::Stopped(StopCause::NotAutoStarted),
         2 => Desired::Stopped(StopCause::Operator),
         3 => Desired::Stopped(StopCause::FailoverLimit),
+        // The parking node follows the failed-on list.
+        4 => Desired::Stopped(StopCause::Parked(NodeId(0))),
         _ => return Err(NoteError::Invalid("desired")),
     };
     let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
@@ -88,6 +95,16 @@ pub fn decode(bytes: &[u8]) -> Result<LeaseNote, NoteError> {
         match u16_at(FIXED + 2 * i) {
             0 => return Err(NoteError::Invalid("failed_on")),
             n => failed_on.push(NodeId(u32::from(n))),
+        }
+    }
+    if let Desired::Stopped(StopCause::Parked(_)) = desired {
+        let at = FIXED + 2 * count;
+        if bytes.len() < at + 2 {
+            return Err(NoteError::Truncated(bytes.len()));
+        }
+        match u16_at(at) {
+            0 => return Err(NoteError::Invalid("parked_by")),
+            n => desired = Desired::Stopped(StopCause::Parked(NodeId(u32::from(n)))),
         }
     }
     failed_on.sort();
@@ -111,6 +128,7 @@ mod tests {
             Just(Desired::Stopped(StopCause::NotAutoStarted)),
             Just(Desired::Stopped(StopCause::Operator)),
             Just(Desired::Stopped(StopCause::FailoverLimit)),
+            (1u32..=2000).prop_map(|n| Desired::Stopped(StopCause::Parked(NodeId(n)))),
         ]
     }
 

@@ -41,7 +41,7 @@ impl Sim {
     }
     fn hb(&mut self, now: u64, node: u32, link: usize) -> Vec<MembershipEvent> {
         self.seq += 1;
-        self.m.handle(now, Input::Heartbeat { link, from: NodeId(node), incarnation: 1, seq: self.seq })
+        self.m.handle(now, Input::Heartbeat { link, from: NodeId(node), incarnation: 1, seq: self.seq, standby: false })
     }
     /// Heartbeats from `nodes` on `links` every interval in [from, to), collecting events.
     fn run(&mut self, from: u64, to: u64, nodes: &[u32], links: &[usize]) -> Vec<MembershipEvent> {
@@ -187,7 +187,7 @@ fn lost_node_that_renews_again_on_disk_is_partitioned() {
 #[test]
 fn replays_and_old_incarnations_are_ignored() {
     let mut m = Membership::new(config(1, &[1, 1], 2, false, 0), 0).unwrap();
-    let hb = |link, inc, seq| Input::Heartbeat { link, from: NodeId(2), incarnation: inc, seq };
+    let hb = |link, inc, seq| Input::Heartbeat { link, from: NodeId(2), incarnation: inc, seq, standby: false };
     assert!(!m.handle(0, hb(0, 5, 10)).is_empty());
     assert!(m.handle(10, hb(0, 5, 10)).is_empty());
     assert!(m.handle(20, hb(0, 5, 9)).is_empty());
@@ -204,10 +204,40 @@ fn replays_and_old_incarnations_are_ignored() {
     let ev = m.handle(1020, hb(1, 6, 0));
     assert_eq!(ev, vec![E::NodeJoined { node: NodeId(2), incarnation: 6 }]);
     // Unknown senders, own id and bad links are counted.
-    m.handle(1030, Input::Heartbeat { link: 0, from: NodeId(7), incarnation: 1, seq: 1 });
-    m.handle(1030, Input::Heartbeat { link: 0, from: NodeId(1), incarnation: 1, seq: 1 });
+    m.handle(1030, Input::Heartbeat { link: 0, from: NodeId(7), incarnation: 1, seq: 1, standby: false });
+    m.handle(1030, Input::Heartbeat { link: 0, from: NodeId(1), incarnation: 1, seq: 1, standby: false });
     m.handle(1030, hb(9, 6, 1));
     assert_eq!(m.counters().unknown_sender, 3);
+}
+
+#[test]
+fn peer_standby_is_reported_on_change_before_the_join_and_kept_while_silent() {
+    let mut m = Membership::new(config(1, &[1, 1, 1], 2, false, 0), 0).unwrap();
+    let hb = |link, inc, seq, standby| Input::Heartbeat { link, from: NodeId(2), incarnation: inc, seq, standby };
+    // The first heartbeat says standby: reported before the join it causes.
+    let ev = m.handle(0, hb(0, 5, 1, true));
+    let standby_at = ev.iter().position(|e| *e == E::PeerStandby { node: NodeId(2), standby: true });
+    let joined_at = ev.iter().position(|e| matches!(e, E::NodeJoined { node: NodeId(2), .. }));
+    assert!(standby_at.is_some() && standby_at < joined_at, "{ev:?}");
+    assert!(m.peers().iter().any(|p| p.node == NodeId(2) && p.standby));
+    // Unchanged: nothing more; the other link says the same.
+    assert!(!m.handle(10, hb(0, 5, 2, true)).iter().any(|e| matches!(e, E::PeerStandby { .. })));
+    assert!(!m.handle(10, hb(1, 5, 3, true)).iter().any(|e| matches!(e, E::PeerStandby { .. })));
+    // A replayed old packet cannot change it.
+    assert!(m.handle(20, hb(0, 5, 1, false)).is_empty());
+    assert!(m.peers().iter().any(|p| p.node == NodeId(2) && p.standby));
+    // Leaves standby.
+    assert_eq!(m.handle(30, hb(0, 5, 4, false)), vec![E::PeerStandby { node: NodeId(2), standby: false }]);
+    // Silent and lost: the flag is kept; a restart with a new incarnation reports its own
+    // flag with its first heartbeat.
+    m.handle(30, hb(1, 5, 5, true));
+    let ev = m.handle(5_000, Input::Tick);
+    assert!(lost(&ev).contains(&2), "{ev:?}");
+    assert!(m.peers().iter().any(|p| p.node == NodeId(2) && p.standby));
+    let ev = m.handle(5_010, hb(0, 6, 0, false));
+    let standby_at = ev.iter().position(|e| *e == E::PeerStandby { node: NodeId(2), standby: false });
+    let joined_at = ev.iter().position(|e| *e == E::NodeJoined { node: NodeId(2), incarnation: 6 });
+    assert!(standby_at.is_some() && standby_at < joined_at, "{ev:?}");
 }
 
 /// Quorum with `votes` (node 1 is this node) when the peers in `up` are reachable.
@@ -372,7 +402,7 @@ proptest! {
                         last_time.insert((node, link), now);
                         inc_of.insert(node, inc);
                     }
-                    Input::Heartbeat { link, from: NodeId(node), incarnation: inc, seq }
+                    Input::Heartbeat { link, from: NodeId(node), incarnation: inc, seq, standby: false }
                 }
                 Op::Disk { node, alive } => { disk_of.insert(node, alive); Input::DiskLiveness { node: NodeId(node), alive } }
                 Op::Ping { target, reachable } => Input::PingResult { target, reachable },

@@ -45,9 +45,17 @@ pub fn not_running(r: &engine::NotRunningReason, name: &dyn Fn(NodeId) -> String
         R::WaitingForLease(n) => (P::WaitingForLease, Some(*n)),
         R::NoEligibleNode => (P::NoEligibleNode, None),
         R::TakeoverPending => (P::TakeoverPending, None),
+        R::Parked(n) => (P::Parked, Some(*n)),
         R::NoCapacity { nodes } => {
             let detail = nodes.iter().map(|(n, why)| format!("{}: {why}", name(*n))).collect();
             return pb::NotRunning { reason: P::NoCapacity as i32, node: String::new(), detail };
+        }
+        R::Standby { nodes } => {
+            let detail = nodes.iter().map(|n| name(*n)).collect();
+            return pb::NotRunning { reason: P::Standby as i32, node: String::new(), detail };
+        }
+        R::LocalVeto { reason } => {
+            return pb::NotRunning { reason: P::LocalVeto as i32, node: String::new(), detail: vec![reason.clone()] };
         }
     };
     pb::NotRunning { reason: reason as i32, node: node.map(name).unwrap_or_default(), detail: Vec::new() }
@@ -72,6 +80,7 @@ pub fn group_status(g: &engine::GroupStatus, name: &dyn Fn(NodeId) -> String) ->
         monitors: Vec::new(),
         // Filled in by the caller, who reads the lease area.
         fencing_token: None,
+        veto: g.veto.clone(),
     }
 }
 
@@ -110,8 +119,37 @@ pub fn notice(n: &engine::Notice) -> pb::event::Kind {
         engine::Notice::NoCapacityResolved { group } => {
             pb::notice::Notice::Text(format!("{group} is no longer blocked by capacity"))
         }
+        engine::Notice::Standby { mode: Some(mode) } => {
+            pb::notice::Notice::Text(format!("this node entered standby ({})", standby_mode_name(*mode)))
+        }
+        engine::Notice::Standby { mode: None } => pb::notice::Notice::Text("this node is online again".into()),
+        engine::Notice::StandbyReleased { group, parked } => pb::notice::Notice::Text(if *parked {
+            format!("{group} stopped and parked for this node's standby")
+        } else {
+            format!("{group} stopped for this node's standby; another node may take it")
+        }),
+        engine::Notice::VetoReleased { group, reason } => {
+            pb::notice::Notice::Text(format!("{group} released: it may not run on this node ({reason})"))
+        }
     };
     pb::event::Kind::Notice(pb::Notice { notice: Some(notice) })
+}
+
+/// `move` or `park`.
+pub fn standby_mode_name(m: engine::StandbyMode) -> &'static str {
+    match m {
+        engine::StandbyMode::Move => "move",
+        engine::StandbyMode::Park => "park",
+    }
+}
+
+/// The API's standby mode (`Unspecified` when online).
+pub fn standby_mode(m: Option<engine::StandbyMode>) -> pb::StandbyMode {
+    match m {
+        None => pb::StandbyMode::Unspecified,
+        Some(engine::StandbyMode::Move) => pb::StandbyMode::Move,
+        Some(engine::StandbyMode::Park) => pb::StandbyMode::Park,
+    }
 }
 
 /// An operator request in the engine's terms; `node_id` resolves node names.
@@ -155,6 +193,7 @@ mod tests {
             failovers: 2,
             failed_on: vec![NodeId(1)],
             monitoring_suspended: true,
+            veto: Some("nic down".into()),
             resources: vec![engine::ResourceStatus {
                 id: engine::ResourceId("data".into()),
                 state: engine::ResourceState::Failed,
@@ -168,8 +207,13 @@ mod tests {
         assert_eq!(p.failed_on, vec!["n1".to_string()]);
         assert!(p.monitoring_suspended);
         assert_eq!(p.resources[0].state(), pb::ResourceState::Failed);
+        assert_eq!(p.veto.as_deref(), Some("nic down"));
         let nr = p.not_running.unwrap();
         assert_eq!((nr.reason(), nr.node.as_str()), (pb::NotRunningReason::WaitingForFence, "n1"));
+        let nr = not_running(&engine::NotRunningReason::Standby { nodes: vec![NodeId(1), NodeId(3)] }, &name);
+        assert_eq!((nr.reason(), nr.detail), (pb::NotRunningReason::Standby, vec!["n1".into(), "n3".into()]));
+        let nr = not_running(&engine::NotRunningReason::Parked(NodeId(2)), &name);
+        assert_eq!((nr.reason(), nr.node.as_str()), (pb::NotRunningReason::Parked, "n2"));
     }
 
     #[test]

@@ -60,6 +60,14 @@ pub trait Control: Send + Sync + 'static {
     /// `ShutdownDone`; dropping it must not cancel the shutdown.
     fn prepare_shutdown(&self) -> BoxFuture<'_, Result<mpsc::Receiver<pb::ShutdownProgress>, ControlError>>;
 
+    /// Puts this node in standby (`Some`) or brings it back online (`None`) (`SetStandby`;
+    /// the API has checked that the request names this node). Returns once the change is
+    /// persisted and applied. The default refuses: an implementation without standby.
+    fn set_standby(&self, mode: Option<tandem_engine::StandbyMode>) -> BoxFuture<'_, Result<(), ControlError>> {
+        let _ = mode;
+        Box::pin(async { Err(ControlError::NotPossible("this agent does not support standby".into())) })
+    }
+
     /// A new subscription to the agent's events (`WatchEvents`). The runtime
     /// sends with `broadcast::Sender::send`, which never waits for subscribers;
     /// the API turns a lagging subscriber's missed events into a `Lagged` event.

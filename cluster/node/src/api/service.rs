@@ -149,6 +149,40 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(events::watch(self.control.subscribe(), self.stop.clone())))
     }
 
+    async fn set_standby(
+        &self,
+        req: Request<pb::SetStandbyRequest>,
+    ) -> Result<Response<pb::SetStandbyResponse>, Status> {
+        let caller = self.access.authorize(&req, ApiRole::Operator, "SetStandby")?;
+        if self.stop.is_cancelled() {
+            return Err(ControlError::ShuttingDown.into());
+        }
+        let r = req.into_inner();
+        let mode = match (r.standby, r.mode()) {
+            (false, _) => None,
+            (true, pb::StandbyMode::Move) => Some(tandem_engine::StandbyMode::Move),
+            (true, pb::StandbyMode::Park) => Some(tandem_engine::StandbyMode::Park),
+            (true, pb::StandbyMode::Unspecified) => {
+                return Err(Status::invalid_argument("SetStandby: give `mode` (MOVE or PARK) when `standby` is true"));
+            }
+        };
+        let status = self.control.status().await?;
+        if !r.node.is_empty() && r.node != status.node {
+            if !status.nodes.iter().any(|n| n.name == r.node) {
+                return Err(ControlError::UnknownNode(r.node).into());
+            }
+            // Each node persists its own standby: it must hear the request itself.
+            return Err(ControlError::NotPossible(format!(
+                "SetStandby: this is node {}, not {}; send the request to {}'s own API",
+                status.node, r.node, r.node
+            ))
+            .into());
+        }
+        self.control.set_standby(mode).await?;
+        info!(%caller, node = %status.node, ?mode, "standby changed");
+        Ok(Response::new(pb::SetStandbyResponse { node: status.node }))
+    }
+
     async fn deliver_operator(
         &self,
         req: Request<pb::DeliverOperatorRequest>,

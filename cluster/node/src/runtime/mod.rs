@@ -8,11 +8,14 @@
 mod exec;
 pub mod leases;
 mod monitors;
+pub mod standby;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_engine::{ClusterStatus, Command, Engine, Event, GroupId, NodeId, Notice, OperatorCommand, ResourceId};
+use tandem_engine::{
+    ClusterStatus, Command, Engine, Event, GroupId, NodeId, Notice, OperatorCommand, ResourceId, StandbyMode,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::api::{OperatorAction, OperatorRequest, convert, pb};
@@ -77,6 +80,9 @@ pub enum RequestError {
     /// The agent is stopping.
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// This node's standby could not be persisted: nothing was changed.
+    #[error("{0}")]
+    State(String),
 }
 
 /// Inputs to the engine task.
@@ -99,6 +105,11 @@ pub(crate) enum Input {
     Drain,
     /// The host lease could not be renewed in time: nothing may run here any more.
     HostLeaseLost(String),
+    /// Enter (`Some`) or leave (`None`) standby: persisted, announced in the heartbeats,
+    /// fed to the engine.
+    SetStandby(Option<StandbyMode>, oneshot::Sender<Result<(), RequestError>>),
+    /// Set (`Some(reason)`) or lift a local veto on a group.
+    SetVeto(String, Option<String>, oneshot::Sender<Result<(), RequestError>>),
 }
 
 /// The agent's status.
@@ -152,6 +163,28 @@ impl AgentHandle {
         self.events.subscribe()
     }
 
+    /// Puts this node in standby (`Some`: planned maintenance; every group here is stopped
+    /// and released, moved or parked, and none starts here) or brings it back (`None`).
+    /// The mode is persisted in the state directory before anything changes, so a restarted
+    /// agent stays in standby; peers learn it from the heartbeats. Not a failure: nothing is
+    /// counted. Returns once the engine has it (the groups are then stopping).
+    pub async fn set_standby(&self, mode: Option<StandbyMode>) -> Result<(), RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(Input::SetStandby(mode, tx)).map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Forbids `group` on this node (`Some(reason)`, e.g. its network is down here) or lifts
+    /// the veto (`None`). While vetoed the node does not take the group, and stops and
+    /// releases it if it holds it, marked as failed here (peers rank this node last); no
+    /// restart or failover is counted. Not persisted: whoever detects the condition sets it
+    /// again after an agent restart.
+    pub async fn set_veto(&self, group: &str, reason: Option<String>) -> Result<(), RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(Input::SetVeto(group.to_owned(), reason, tx)).map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
     /// Moves or stops every group away from this node (PrepareShutdown).
     pub fn drain(&self) -> Result<(), RequestError> {
         self.inputs.send(Input::Drain).map_err(|_| RequestError::ShuttingDown)
@@ -178,6 +211,12 @@ pub(crate) struct Parts {
     pub fence: crate::fencing::FenceService,
     pub forward: Forward,
     pub peers: Box<dyn Fn() -> Vec<tandem_membership::PeerView> + Send>,
+    /// Sets the standby flag of this node's heartbeats.
+    pub standby_flag: Box<dyn Fn(bool) + Send>,
+    /// Where this node's standby is persisted.
+    pub standby_file: std::path::PathBuf,
+    /// The standby restored from it at start-up.
+    pub standby: Option<StandbyMode>,
 }
 
 /// How the engine task ended.
@@ -285,6 +324,12 @@ impl Driver {
     /// Runs until shutdown, self-fence or lease loss.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) -> Exit {
         let now = self.now();
+        if let Some(mode) = self.parts.standby {
+            // Before the engine's first evaluation: a restarted agent stays in maintenance.
+            (self.parts.standby_flag)(true);
+            let cmds = self.engine.handle(now, Event::SetStandby(Some(mode)));
+            self.execute(cmds);
+        }
         let cmds = self.engine.startup(now);
         self.execute(cmds);
         let mut tick = tokio::time::interval(TICK);
@@ -384,6 +429,31 @@ impl Driver {
                 let _ = self.events.send(ev);
             }
             Input::HostLeaseLost(why) => self.host_lease_lost(why),
+            Input::SetStandby(mode, reply) => {
+                // Persisted first: a standby that would not survive a restart is refused.
+                if let Err(e) = standby::store(&self.parts.standby_file, mode) {
+                    let _ = reply.send(Err(RequestError::State(e.to_string())));
+                    return;
+                }
+                self.parts.standby = mode;
+                (self.parts.standby_flag)(mode.is_some());
+                self.feed(Event::SetStandby(mode));
+                let _ = reply.send(Ok(()));
+            }
+            Input::SetVeto(group, reason, reply) => {
+                let g = GroupId(group.clone());
+                if !self.parts.plan.model.groups.iter().any(|x| x.id == g) {
+                    let _ = reply.send(Err(RequestError::UnknownGroup(group)));
+                    return;
+                }
+                let text = match &reason {
+                    Some(r) => format!("{g} may not run on this node: {r}"),
+                    None => format!("{g} may run on this node again"),
+                };
+                self.publish(EventKind::Notice, Some(&g), None, text);
+                self.feed(Event::LocalVeto { group: g, reason });
+                let _ = reply.send(Ok(()));
+            }
             Input::Drain => {
                 if !self.draining {
                     self.draining = true;
@@ -552,6 +622,16 @@ impl Driver {
                 self.publish(EventKind::Membership, None, None, "quorum lost: stopping every local group".into())
             }
             Event::QuorumRegained => self.publish(EventKind::Membership, None, None, "quorum".into()),
+            Event::PeerStandby { node, standby } => self.publish(
+                EventKind::Membership,
+                None,
+                None,
+                format!(
+                    "{} is {}",
+                    self.parts.plan.name_of(*node),
+                    if *standby { "in standby: it takes no group" } else { "online again" }
+                ),
+            ),
             Event::LeaseLost { group } => {
                 self.publish(EventKind::Lease, Some(group), None, format!("lease of {group} lost: stopping it at once"))
             }
@@ -682,6 +762,32 @@ impl Driver {
                         Some(&group),
                         None,
                         format!("{group} is no longer blocked by capacity"),
+                    ),
+                    Notice::Standby { mode } => self.publish(
+                        EventKind::Operator,
+                        None,
+                        None,
+                        match mode {
+                            Some(StandbyMode::Move) => "standby (move): every group here is stopped and left to the other nodes; none starts here".into(),
+                            Some(StandbyMode::Park) => "standby (park): every group here is stopped and kept stopped until this node is back online; none starts here".into(),
+                            None => "online: this node takes groups again".into(),
+                        },
+                    ),
+                    Notice::StandbyReleased { group, parked } => self.publish(
+                        EventKind::Notice,
+                        Some(&group),
+                        None,
+                        if parked {
+                            format!("{group} stopped for this node's standby and parked: it stays stopped until this node is online again")
+                        } else {
+                            format!("{group} stopped for this node's standby: another node may take it over (not a failover)")
+                        },
+                    ),
+                    Notice::VetoReleased { group, reason } => self.publish(
+                        EventKind::Notice,
+                        Some(&group),
+                        None,
+                        format!("{group} released: it may not run on this node ({reason})"),
                     ),
                 },
             }
