@@ -103,6 +103,7 @@ cat >"$LAB/tandem.toml" <<TOML
 [cluster]
 name = "lab"
 key_file = "$LAB/cluster.key"
+state_dir = "$LAB"
 
 [[link]]
 name = "lo"

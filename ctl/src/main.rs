@@ -75,6 +75,13 @@ enum Command {
     /// Host agent: start, stop or move an HA VM.
     #[command(subcommand, after_help = AGENT_EXIT)]
     Vm(agent::VmVerb),
+    /// Host agent: planned maintenance of a host (its VMs leave without any failover).
+    #[command(
+        subcommand,
+        after_help = "Exit status: 0 done (with --wait: the host holds no HA VM / every parked VM runs again), \
+                      1 rejected or not complete, 64 usage, 69 agent unreachable."
+    )]
+    Maintenance(agent::MaintenanceVerb),
     /// Host agent: the domains this host's hypervisor has, HA or not (its own view).
     #[command(after_help = AGENT_EXIT)]
     Domains {
@@ -87,8 +94,19 @@ enum Command {
 const AGENT_EXIT: &str = "Exit status: 0 ok, 1 rejected by the agent, 64 usage, 69 agent unreachable.";
 
 /// The subcommands that talk to an agent.
-const AGENT_VERBS: [&str; 10] =
-    ["status", "group", "monitor", "node", "events", "shutdown-prepare", "hosts", "vms", "vm", "domains"];
+const AGENT_VERBS: [&str; 11] = [
+    "status",
+    "group",
+    "monitor",
+    "node",
+    "events",
+    "shutdown-prepare",
+    "hosts",
+    "vms",
+    "vm",
+    "domains",
+    "maintenance",
+];
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -128,5 +146,6 @@ fn main() -> ExitCode {
         Command::Vms { json } => agent::run(cli.connection, agent::Verb::Vms { json }),
         Command::Vm(v) => agent::run(cli.connection, agent::Verb::Vm(v)),
         Command::Domains { json } => agent::run(cli.connection, agent::Verb::Domains { json }),
+        Command::Maintenance(m) => agent::run(cli.connection, agent::Verb::Maintenance(m)),
     }
 }

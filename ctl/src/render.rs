@@ -424,6 +424,53 @@ pub fn progress_text(p: &pb::ShutdownProgress) -> String {
     }
 }
 
+// ---------------------------------------------------------------- maintenance
+
+fn maintenance_step(v: i32) -> String {
+    pb::MaintenanceStep::try_from(v)
+        .map(|s| s.as_str_name().trim_start_matches("MAINTENANCE_STEP_").to_lowercase().replace('_', " "))
+        .unwrap_or_else(|_| format!("step {v}"))
+}
+
+/// One maintenance progress message as JSON.
+pub fn maintenance_json(p: &pb::MaintenanceProgress) -> Value {
+    match &p.progress {
+        Some(pb::maintenance_progress::Progress::Vm(v)) => json!({
+            "type": "vm", "vm": v.vm, "step": maintenance_step(v.step).replace(' ', "_"),
+            "host": (!v.host.is_empty()).then(|| v.host.clone()), "detail": v.detail, "elapsed_ms": v.elapsed_ms,
+        }),
+        Some(pb::maintenance_progress::Progress::Done(d)) => json!({
+            "type": "done", "host": d.host, "complete": d.complete, "blockers": d.blockers,
+            "summary": d.summary, "elapsed_ms": d.elapsed_ms,
+        }),
+        None => json!({ "type": "unknown" }),
+    }
+}
+
+/// One maintenance progress message for people.
+pub fn maintenance_text(p: &pb::MaintenanceProgress) -> String {
+    match &p.progress {
+        Some(pb::maintenance_progress::Progress::Vm(v)) => {
+            let mut t = format!("{:>7.1}s  VM {}: {}", v.elapsed_ms as f64 / 1000.0, v.vm, maintenance_step(v.step));
+            if !v.host.is_empty() {
+                let _ = write!(t, " on {}", v.host);
+            }
+            if !v.detail.is_empty() {
+                let _ = write!(t, " - {}", v.detail);
+            }
+            t
+        }
+        Some(pb::maintenance_progress::Progress::Done(d)) => {
+            let mut t = format!("{:>7.1}s  {}", d.elapsed_ms as f64 / 1000.0, d.summary);
+            for b in &d.blockers {
+                let _ = write!(t, "\n          blocked: {b}");
+            }
+            t
+        }
+        None => "unknown progress message (newer agent?)".into(),
+    }
+}
+
 // ---------------------------------------------------------------- host agent
 
 fn host_state(v: i32) -> String {

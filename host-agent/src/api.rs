@@ -256,8 +256,7 @@ fn extension(
             hypervisor.clone(),
             hosts.clone(),
             vms.clone(),
-            fencer.clone(),
-            links.clone(),
+            (fencer.clone(), links.clone()),
         )
     })
 }
@@ -273,7 +272,7 @@ pub fn host_service(
     hosts: Vec<HostFacts>,
     vms: Vec<VmFacts>,
 ) -> ExtraService {
-    service(me, control, lease_valid, hypervisor, hosts, vms, None, None)
+    service(me, control, lease_valid, hypervisor, hosts, vms, (None, None))
 }
 
 fn service(
@@ -283,8 +282,7 @@ fn service(
     hypervisor: Arc<dyn Hypervisor>,
     hosts: Vec<HostFacts>,
     vms: Vec<VmFacts>,
-    fencer: Option<VmFencer>,
-    links: Option<Arc<LinkRegistry>>,
+    (fencer, links): (Option<VmFencer>, Option<Arc<LinkRegistry>>),
 ) -> ExtraService {
     Box::new(move |routes, access, stop| {
         let service =

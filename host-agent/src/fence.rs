@@ -813,6 +813,19 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The guests' fence requests over their links (authorized by the link registry, checked
+/// again here).
+#[tonic::async_trait]
+impl crate::link::GuestFenceHandler for VmFencer {
+    async fn fence_vm(
+        &self,
+        asker_uuid: &str,
+        req: tandem_proto::v1::FenceVmRequest,
+    ) -> Result<tandem_proto::v1::FenceVmResponse, tonic::Status> {
+        VmFencer::fence_vm(self, asker_uuid, req).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -877,7 +890,7 @@ mod tests {
     // ------------------------------------------------------------ where it runs
 
     fn node(name: &str, state: pb::NodeState, local: bool) -> pb::NodeStatus {
-        pb::NodeStatus { name: name.into(), id: 0, state: state as i32, local, links: vec![] }
+        pb::NodeStatus { name: name.into(), id: 0, state: state as i32, local, links: vec![], ..Default::default() }
     }
 
     fn status(group: pb::GroupStatus) -> pb::GuestStatus {
@@ -1240,18 +1253,5 @@ mod tests {
             VmFencer::from_parts("h1", vms(), BTreeMap::new(), FakeHv::with(None), Arc::new(FakePeers::default()));
         let e = unbound.fence_vm(PG1, request(PG2)).await.unwrap_err();
         assert!(e.code() == Code::Unavailable && e.message().contains("starting"), "{e}");
-    }
-}
-
-/// The guests' fence requests over their links (authorized by the link registry, checked
-/// again here).
-#[tonic::async_trait]
-impl crate::link::GuestFenceHandler for VmFencer {
-    async fn fence_vm(
-        &self,
-        asker_uuid: &str,
-        req: tandem_proto::v1::FenceVmRequest,
-    ) -> Result<tandem_proto::v1::FenceVmResponse, tonic::Status> {
-        VmFencer::fence_vm(self, asker_uuid, req).await
     }
 }

@@ -188,22 +188,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .with_guests(links.clone());
         let stop_links = tokio_util::sync::CancellationToken::new();
         tandem_host::link::serve(links.clone(), config.guest_link.as_ref(), stop_links.clone()).await?;
+        let maintenance = tandem_host::maintenance::maintenance_api(tandem_host::maintenance::MaintenanceSetup {
+            hosts: config.nodes.iter().map(|n| (n.name.clone(), n.api)).collect(),
+            api: config.api.clone(),
+            hypervisor: hypervisor.clone(),
+            vms: tandem_host::cluster::vm_facts(&cluster),
+            activity: resources.activity(),
+        });
+        // Watched before the node starts: a host whose network is down must not start the
+        // VMs that need it.
+        let nic = if config.networks.is_empty() {
+            None
+        } else {
+            Some(
+                tandem_host::nic::NicMonitor::start(config.networks.clone())
+                    .await
+                    .context("cannot watch the [[network]]s' interfaces")?,
+            )
+        };
+        let vm_networks: std::collections::BTreeMap<String, Vec<String>> =
+            cluster.vms.iter().map(|v| (v.group.clone(), v.networks.clone())).collect();
         let opts = AgentOptions {
             resources: Arc::new(resources),
             node,
             guard_program: std::env::current_exe().context("cannot find this program's path for the guard")?,
             guard_args: vec!["guard".into()],
             cgroup_root: cli.cgroup_root,
-            api_extensions: vec![tandem_host::api::host_api_full(
-                hypervisor.clone(),
-                tandem_host::cluster::host_facts(&config),
-                tandem_host::cluster::vm_facts(&cluster),
-                Some(fencer),
-                Some(links),
-            )],
+            api_extensions: vec![
+                tandem_host::api::host_api_full(
+                    hypervisor.clone(),
+                    tandem_host::cluster::host_facts(&config),
+                    tandem_host::cluster::vm_facts(&cluster),
+                    Some(fencer),
+                    Some(links),
+                ),
+                maintenance,
+            ],
             host_cluster: None,
         };
         let agent = agent::start(config, opts).await?;
+        if let Some(nic) = nic {
+            tokio::spawn(tandem_host::nic::apply_vetoes(nic, vm_networks, agent.handle.clone()));
+        }
         let exit = agent::run_until_stopped(agent).await?;
         stop_links.cancel();
         Ok(ExitCode::from(exit.status()))

@@ -12,11 +12,35 @@
 //! The progress derivation ([`Tracker`]) is pure, so its rules are unit-tested.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_node::api::pb;
+use futures::Stream;
+use tandem_config::{ApiRole, ApiSettings};
+use tandem_engine::StandbyMode;
+use tandem_node::agent::{ApiContext, ApiExtension};
+use tandem_node::api::{Access, Control, ControlError, ExtraService, pb};
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
 
+use crate::api::VmFacts;
+use crate::hypervisor::{DomainState, Hypervisor};
 use crate::vm::{VmActivity, VmStep};
+
+use pb::host_maintenance_client::HostMaintenanceClient;
+use pb::host_maintenance_server::{HostMaintenance, HostMaintenanceServer};
+
+/// How often the node's status and the hypervisor are read while a call runs.
+const POLL: Duration = Duration::from_millis(250);
+/// The longest a call follows a host's maintenance before it ends with what blocks it
+/// (the maintenance itself goes on; the call can be made again to follow it).
+pub const CALL_LIMIT: Duration = Duration::from_secs(3600);
+/// Bound on reaching the host a call is forwarded to.
+const FORWARD_CONNECT: Duration = Duration::from_secs(10);
 
 /// What an operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +326,215 @@ impl Tracker {
             blockers,
             elapsed_ms: at_ms,
         }
+    }
+}
+
+// ---------------------------------------------------------------- the service
+
+/// What the maintenance service needs besides the running node.
+#[derive(Debug, Clone)]
+pub struct MaintenanceSetup {
+    /// Every host's API address, by name (calls for another host are forwarded there).
+    pub hosts: BTreeMap<String, Option<SocketAddr>>,
+    /// This agent's API settings (its TLS identity towards peers).
+    pub api: ApiSettings,
+    /// This host's hypervisor: the final check that no HA VM is active here.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// The HA VMs.
+    pub vms: Vec<VmFacts>,
+    /// The steps of every VM stop on this host ([`crate::vm::HostResources::activity`]).
+    pub activity: broadcast::Sender<VmActivity>,
+}
+
+/// The `HostMaintenance` service as an extension of the node API.
+pub fn maintenance_api(setup: MaintenanceSetup) -> ApiExtension {
+    Arc::new(move |ctx: &ApiContext| {
+        let (me, control, setup) = (ctx.plan.my_name.clone(), ctx.control.clone(), setup.clone());
+        let service: ExtraService = Box::new(move |routes, access, stop| {
+            routes.add_service(HostMaintenanceServer::new(MaintenanceService { me, control, setup, access, stop }));
+        });
+        service
+    })
+}
+
+struct MaintenanceService {
+    me: String,
+    control: Arc<dyn Control>,
+    setup: MaintenanceSetup,
+    access: Arc<Access>,
+    stop: CancellationToken,
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MaintenanceProgress, Status>> + Send + 'static>>;
+
+fn stream_of(rx: mpsc::Receiver<pb::MaintenanceProgress>) -> ProgressStream {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (Ok(m), rx)) }))
+}
+
+impl MaintenanceService {
+    /// Forwards the call to the host it names and relays its progress.
+    async fn forward(&self, req: pb::MaintenanceRequest, enter: bool) -> Result<ProgressStream, Status> {
+        let Some(addr) = self.setup.hosts.get(&req.host) else {
+            return Err(Status::not_found(format!(
+                "no host named {:?} in this cluster; `tandemctl hosts` lists them",
+                req.host
+            )));
+        };
+        let Some(addr) = *addr else {
+            return Err(Status::failed_precondition(format!(
+                "host {} has no `api` address in the configuration: send the request to its agent directly",
+                req.host
+            )));
+        };
+        let channel = tandem_node::api::peer::channel(&req.host, addr, &self.setup.api, FORWARD_CONNECT)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach host {}'s agent at {addr}: {e}", req.host)))?;
+        let mut client = HostMaintenanceClient::new(channel);
+        let stream = if enter { client.enter_maintenance(req).await? } else { client.exit_maintenance(req).await? };
+        Ok(Box::pin(stream.into_inner()))
+    }
+
+    /// The HA VMs the hypervisor reports active (running, paused, shutting down…) here.
+    async fn active_here(&self) -> Result<Vec<String>, Status> {
+        let domains = self
+            .setup
+            .hypervisor
+            .list_domains()
+            .await
+            .map_err(|e| Status::unavailable(format!("this host's hypervisor could not list its domains: {e}")))?;
+        Ok(domains
+            .into_iter()
+            .filter(|d| !matches!(d.state, DomainState::Shutoff(_)))
+            .filter_map(|d| {
+                let uuid = d.uuid.to_string();
+                self.setup.vms.iter().find(|v| v.uuid == uuid).map(|v| v.group.clone())
+            })
+            .collect())
+    }
+
+    async fn run(&self, req: pb::MaintenanceRequest, enter: bool) -> Result<ProgressStream, Status> {
+        if self.stop.is_cancelled() {
+            return Err(ControlError::ShuttingDown.into());
+        }
+        if req.host.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "`host` is empty; give the host's name (`tandemctl hosts` lists them)",
+            ));
+        }
+        if req.host != self.me {
+            return self.forward(req, enter).await;
+        }
+        let policy = Policy::from_pb(req.policy());
+        let before = self.control.status().await?;
+        let direction = if enter { Direction::Enter(policy) } else { Direction::Exit };
+        let tracked: Vec<String> = if enter {
+            before.groups.iter().filter(|g| occupies(g, &self.me)).map(|g| g.name.clone()).collect()
+        } else {
+            // The VMs this host parked: stopped, waiting for it to leave maintenance.
+            before
+                .groups
+                .iter()
+                .filter(|g| {
+                    g.not_running.as_ref().is_some_and(|n| {
+                        n.reason() == pb::NotRunningReason::Parked && (n.node == self.me || n.node.is_empty())
+                    })
+                })
+                .map(|g| g.name.clone())
+                .collect()
+        };
+        let mode = if !enter {
+            None
+        } else if policy == Policy::Shutdown {
+            Some(StandbyMode::Park)
+        } else {
+            Some(StandbyMode::Move)
+        };
+        // Subscribe before the standby takes effect: no step is missed.
+        let mut activity = self.setup.activity.subscribe();
+        self.control.set_standby(mode).await?;
+        tracing::info!(target: "tandem_host", host = %self.me, policy = policy.name(), enter,
+            "maintenance {}", if enter { "entered" } else { "ended" });
+
+        let (tx, rx) = mpsc::channel(256);
+        let mut tracker = Tracker::new(&self.me, direction, tracked);
+        let started = Instant::now();
+        let at = move || started.elapsed().as_millis() as u64;
+        for m in tracker.begin(at()) {
+            let _ = tx.send(m).await;
+        }
+        let this = MaintenanceService {
+            me: self.me.clone(),
+            control: self.control.clone(),
+            setup: self.setup.clone(),
+            access: self.access.clone(),
+            stop: self.stop.clone(),
+        };
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POLL);
+            loop {
+                tokio::select! {
+                    a = activity.recv() => match a {
+                        Ok(a) => {
+                            if let Some(m) = tracker.activity(&a, at()) && tx.send(m).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => {}
+                    },
+                    _ = tick.tick() => {}
+                    _ = this.stop.cancelled() => return,
+                }
+                let Ok(st) = this.control.status().await else { return };
+                for m in tracker.status(&st, at()) {
+                    if tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                let active = match this.active_here().await {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                };
+                let done = match tracker.done(&st, &active, at()) {
+                    Some(d) => Some(d),
+                    None if started.elapsed() >= CALL_LIMIT => Some(tracker.gave_up(&st, &active, at())),
+                    None => None,
+                };
+                if let Some(done) = done {
+                    tracing::info!(target: "tandem_host", host = %this.me, complete = done.complete, "{}", done.summary);
+                    let _ = tx
+                        .send(pb::MaintenanceProgress {
+                            progress: Some(pb::maintenance_progress::Progress::Done(done)),
+                        })
+                        .await;
+                    return;
+                }
+            }
+        });
+        Ok(stream_of(rx))
+    }
+}
+
+#[tonic::async_trait]
+impl HostMaintenance for MaintenanceService {
+    type EnterMaintenanceStream = ProgressStream;
+    type ExitMaintenanceStream = ProgressStream;
+
+    async fn enter_maintenance(
+        &self,
+        req: Request<pb::MaintenanceRequest>,
+    ) -> Result<Response<Self::EnterMaintenanceStream>, Status> {
+        self.access.authorize(&req, ApiRole::Operator, "EnterMaintenance")?;
+        self.run(req.into_inner(), true).await.map(Response::new)
+    }
+
+    async fn exit_maintenance(
+        &self,
+        req: Request<pb::MaintenanceRequest>,
+    ) -> Result<Response<Self::ExitMaintenanceStream>, Status> {
+        self.access.authorize(&req, ApiRole::Operator, "ExitMaintenance")?;
+        self.run(req.into_inner(), false).await.map(Response::new)
     }
 }
 

@@ -253,6 +253,33 @@ pub fn vetoes(
         .collect()
 }
 
+/// Keeps the node's per-VM vetoes in line with the networks' health, for as long as the
+/// monitor runs: a VM whose network failed here is given up and not taken here until it
+/// works again.
+pub async fn apply_vetoes(
+    mut monitor: NicMonitor,
+    vm_networks: BTreeMap<String, Vec<String>>,
+    node: tandem_node::runtime::AgentHandle,
+) {
+    let mut applied: BTreeMap<String, Option<String>> = BTreeMap::new();
+    while monitor.changes.recv().await.is_some() {
+        let health = monitor.current.borrow().clone();
+        for (group, veto) in vetoes(&vm_networks, &health) {
+            if applied.get(&group) == Some(&veto) {
+                continue;
+            }
+            match node.set_veto(&group, veto.clone()).await {
+                Ok(()) => {
+                    applied.insert(group, veto);
+                }
+                Err(e) => {
+                    tracing::warn!(target: "tandem_host", vm = %group, "cannot apply the network veto: {e}");
+                }
+            }
+        }
+    }
+}
+
 fn ping_interval(hold: Duration) -> Duration {
     (hold / 2).clamp(Duration::from_millis(250), Duration::from_secs(5))
 }

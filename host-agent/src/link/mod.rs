@@ -449,29 +449,6 @@ pub fn heartbeat_expired(
     (silent >= timeout).then_some(silent)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heartbeat_policy_counts_only_heartbeats_since_the_vm_started() {
-        let t0 = Instant::now();
-        let s = Duration::from_secs;
-        let timeout = s(30);
-        // Never linked since the start: never a reset, however long.
-        assert_eq!(heartbeat_expired(timeout, t0, None, t0 + s(3600)), None);
-        // A heartbeat from before a restart does not count either.
-        assert_eq!(heartbeat_expired(timeout, t0 + s(10), Some(t0 + s(5)), t0 + s(3600)), None);
-        // Linked, then silent: not yet, then exactly at the timeout.
-        assert_eq!(heartbeat_expired(timeout, t0, Some(t0 + s(10)), t0 + s(39)), None);
-        assert_eq!(heartbeat_expired(timeout, t0, Some(t0 + s(10)), t0 + s(40)), Some(s(30)));
-        assert_eq!(heartbeat_expired(timeout, t0, Some(t0 + s(10)), t0 + s(100)), Some(s(90)));
-    }
-}
-
-#[cfg(test)]
-mod handshake_tests;
-
 /// A VM's planned stop asks its guest through the link: `PrepareShutdown`, then its
 /// progress until `ShutdownDone` (see [`crate::vm::GuestShutdown`]).
 impl crate::vm::GuestShutdown for LinkRegistry {
@@ -524,3 +501,26 @@ impl crate::vm::GuestShutdown for LinkRegistry {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_policy_counts_only_heartbeats_since_the_vm_started() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let timeout = s(30);
+        // Never linked since the start: never a reset, however long.
+        assert_eq!(heartbeat_expired(timeout, t0, None, t0 + s(3600)), None);
+        // A heartbeat from before a restart does not count either.
+        assert_eq!(heartbeat_expired(timeout, t0 + s(10), Some(t0 + s(5)), t0 + s(3600)), None);
+        // Linked, then silent: not yet, then exactly at the timeout.
+        assert_eq!(heartbeat_expired(timeout, t0, Some(t0 + s(10)), t0 + s(39)), None);
+        assert_eq!(heartbeat_expired(timeout, t0, Some(t0 + s(10)), t0 + s(40)), Some(s(30)));
+        assert_eq!(heartbeat_expired(timeout, t0, Some(t0 + s(10)), t0 + s(100)), Some(s(90)));
+    }
+}
+
+#[cfg(test)]
+mod handshake_tests;

@@ -121,13 +121,14 @@ impl Guests {
             dir.join("shared/writer.log").display()
         );
         let mut toml = format!(
-            "[cluster]\nname = \"app\"\nkey_file = \"{key}\"\n\n\
+            "[cluster]\nname = \"app\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n\
              [[link]]\nname = \"lan\"\nport = 5415\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
              [lease]\ndevice = \"{lease}\"\nrenewal_interval = \"{RENEWAL_MS}ms\"\n\n\
              # A private test network: no TLS.\n[api]\ninsecure = true\n\n\
              [host_link]\naddress = \"@HOSTLINK@\"\nkey_file = \"@KEYFILE@\"\nheartbeat_interval = \"200ms\"\n\n",
             key = dir.join("key").display(),
             lease = lease.display(),
+            state = dir.display(),
         );
         for (i, n) in list.iter().enumerate() {
             toml += &format!(

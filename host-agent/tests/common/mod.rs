@@ -303,10 +303,11 @@ impl Cluster {
         let (port, api_port) = if net.is_some() { (5405, 7711) } else { (free_port(), free_port()) };
         let names: Vec<String> = (1..=hosts).map(|i| format!("h{i}")).collect();
         let mut toml = format!(
-            "[cluster]\nname = \"hosts\"\nkey_file = \"{key}\"\n\n[[link]]\nname = \"lan\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
+            "[cluster]\nname = \"hosts\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n[[link]]\nname = \"lan\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
              [lease]\ndevice = \"{lease}\"\nrenewal_interval = \"{RENEWAL_MS}ms\"\n\n",
             key = dir.path().join("key").display(),
             lease = lease.display(),
+            state = dir.path().display(),
         );
         if net.is_some() {
             toml += "# A private test network: no TLS.\n[api]\ninsecure = true\n\n";
