@@ -82,6 +82,18 @@ fn occupies(g: &pb::GroupStatus, host: &str) -> bool {
         )
 }
 
+/// Not-running reasons that only say a move is still under way.
+fn transitional(r: pb::NotRunningReason) -> bool {
+    matches!(
+        r,
+        pb::NotRunningReason::TakeoverPending
+            | pb::NotRunningReason::WaitingForLease
+            | pb::NotRunningReason::WaitingForFence
+            | pb::NotRunningReason::Probing
+            | pb::NotRunningReason::Unspecified
+    )
+}
+
 /// What was last said about one VM.
 #[derive(Debug, Clone, Default)]
 struct VmTrack {
@@ -198,6 +210,10 @@ impl Tracker {
                 continue;
             }
             let state = pb::GroupState::try_from(g.state).unwrap_or_default();
+            // A takeover under way is not a verdict: wait for where it ends.
+            if g.not_running.as_ref().is_some_and(|n| transitional(n.reason())) {
+                continue;
+            }
             let text = g.not_running.as_ref().map(|n| crate::api::not_running_text(&g.name, n)).unwrap_or_default();
             let said = match (self.direction, state) {
                 (Direction::Enter(_), pb::GroupState::Started) => {
@@ -594,6 +610,21 @@ mod tests {
         assert!(t.done(&st, &[], 10).is_none(), "b has not settled yet");
         let done = t.done(&st, &[], 10 + SETTLE.as_millis() as u64).expect("done after SETTLE");
         assert!(done.complete, "the host is empty: b starting elsewhere does not block power-off");
+    }
+
+    #[test]
+    fn a_takeover_under_way_is_not_reported_as_blocked() {
+        let mut t = Tracker::new("h1", Direction::Enter(Policy::Failover), ["a".to_string()]);
+        t.begin(0);
+        let mut g = group("a", pb::GroupState::Blocked, "");
+        g.not_running = Some(pb::NotRunning {
+            reason: pb::NotRunningReason::TakeoverPending as i32,
+            node: String::new(),
+            detail: vec![],
+        });
+        assert!(t.status(&status(vec![g]), 5).is_empty());
+        let p = t.status(&status(vec![group("a", pb::GroupState::Started, "h2")]), 6);
+        assert_eq!(steps(&p), [("a".into(), pb::MaintenanceStep::RunningElsewhere, "h2".into())]);
     }
 
     #[test]

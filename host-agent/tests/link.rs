@@ -8,9 +8,8 @@
 //! fresh): Cargo gives a test only its own package's binaries.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tandem_config::LinkAddress;
@@ -25,31 +24,13 @@ use tokio_stream::wrappers::ReceiverStream;
 
 mod common;
 
+use common::guests::guest_binary;
 use common::{Cluster, vm};
 
 const WEB_UUID: &str = "00000000-0000-4000-8000-000000000001";
 const DB_UUID: &str = "00000000-0000-4000-8000-000000000002";
 const WEB_KEY: &str = "web-link-key-0123456789abcdef";
 const DB_KEY: &str = "db-link-key-0123456789abcdef";
-
-/// The `tandem-guest` binary of this build, built on first use.
-fn guest_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "tandem-guest", "--bin", "tandem-guest"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo build -p tandem-guest failed");
-        // <target>/debug/deps/<this test> → <target>/debug/tandem-guest
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.parent().and_then(Path::parent).unwrap().join("tandem-guest");
-        assert!(bin.is_file(), "{} not found after building it", bin.display());
-        bin
-    })
-}
 
 /// A one-node guest cluster (`n1`, group `app`: one `sleep`) linked to `address` as VM `uuid`.
 struct Guest {

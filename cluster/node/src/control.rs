@@ -16,6 +16,10 @@ use crate::runtime::{AgentEvent, AgentHandle, AgentStatus, RequestError};
 
 /// How long PrepareShutdown waits for the groups to leave this node.
 pub const PREPARE_SHUTDOWN_LIMIT: Duration = Duration::from_secs(600);
+/// How long PrepareShutdown waits, once a group stopped here, to see it running on a peer
+/// before it reports the group done anyway (a peer that cannot take it must not hold the
+/// node's shutdown up: the group stays stopped, as it would after the node powers off).
+pub const HANDOVER_GRACE: Duration = Duration::from_secs(15);
 
 /// The API's view of a running agent.
 #[derive(Debug, Clone)]
@@ -214,14 +218,48 @@ impl Control for AgentControl {
                         .await;
                 }
                 let start = tokio::time::Instant::now();
+                // Groups stopped here, waiting to be seen running on a peer (or for the
+                // handover grace to pass): "moved" means running there, not merely gone.
+                let mut handing: Vec<(String, tokio::time::Instant)> = Vec::new();
                 loop {
                     let Ok(st) = handle.status().await else { break };
                     let now_here = here(&plan, &st);
                     for (g, _) in pending.iter().filter(|(g, _)| !now_here.iter().any(|(h, _)| h == g)) {
-                        let _ = tx.send(progress_group(g, pb::ShutdownStep::Done, "no longer runs here")).await;
+                        handing.push((g.clone(), tokio::time::Instant::now()));
                     }
                     pending = now_here;
-                    if pending.is_empty() || start.elapsed() > PREPARE_SHUTDOWN_LIMIT {
+                    let any_peer_up = st.peers.iter().any(|p| p.status == PeerStatus::Up);
+                    let mut still = Vec::new();
+                    for (g, since) in handing {
+                        let gs = st.cluster.groups.iter().find(|x| x.id.0 == g);
+                        let elsewhere = gs.and_then(|x| match (x.state, x.location) {
+                            (GroupState::Started, Some(n)) if n != plan.me => Some(plan.name_of(n)),
+                            _ => None,
+                        });
+                        let msg = match elsewhere {
+                            Some(to) => Some((to.clone(), format!("stopped here; now runs on {to}"))),
+                            None if !any_peer_up => {
+                                Some((String::new(), "stopped here; no peer is up to take it over".to_string()))
+                            }
+                            None if since.elapsed() >= HANDOVER_GRACE => Some((
+                                String::new(),
+                                format!("stopped here; no peer runs it after {} s", HANDOVER_GRACE.as_secs()),
+                            )),
+                            None => None,
+                        };
+                        match msg {
+                            Some((to, text)) => {
+                                let mut p = progress_group(&g, pb::ShutdownStep::Done, &text);
+                                if let Some(pb::shutdown_progress::Progress::Group(x)) = &mut p.progress {
+                                    x.to = to;
+                                }
+                                let _ = tx.send(p).await;
+                            }
+                            None => still.push((g, since)),
+                        }
+                    }
+                    handing = still;
+                    if (pending.is_empty() && handing.is_empty()) || start.elapsed() > PREPARE_SHUTDOWN_LIMIT {
                         let blockers: Vec<String> =
                             pending.iter().map(|(g, r)| format!("{g}: still running here: {r}")).collect();
                         let done = pb::ShutdownDone { safe_to_power_off: blockers.is_empty(), blockers };

@@ -472,14 +472,18 @@ impl crate::vm::GuestShutdown for LinkRegistry {
                         Ok(pb::ShutdownProgress { progress: Some(pb::shutdown_progress::Progress::Group(g)) })
                             if g.step() == pb::ShutdownStep::Done =>
                         {
-                            moved.push(g.group);
+                            moved.push(if g.to.is_empty() {
+                                format!("{} stopped", g.group)
+                            } else {
+                                format!("{} to {}", g.group, g.to)
+                            });
                         }
                         Ok(pb::ShutdownProgress { progress: Some(pb::shutdown_progress::Progress::Done(d)) }) => {
                             return if d.safe_to_power_off {
                                 GuestPrepared::Ready(if moved.is_empty() {
                                     "nothing of its cluster ran in it".to_string()
                                 } else {
-                                    format!("no longer runs here: {}", moved.join(", "))
+                                    format!("moved its groups: {}", moved.join(", "))
                                 })
                             } else {
                                 GuestPrepared::NotReady(format!("the guest reports: {}", d.blockers.join("; ")))

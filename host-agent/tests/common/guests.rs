@@ -33,13 +33,25 @@ use super::{Cluster, RENEWAL_MS, enter, open_ns};
 pub const LINK_PORT: u16 = 7702;
 const GUEST_API_PORT: u16 = 7701;
 
-/// The `tandem-guest` binary next to this test's binary (`cargo test --workspace` builds it).
-pub fn guest_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let bin = dir.join("tandem-guest");
-    assert!(bin.exists(), "{} is missing: build it first (`cargo build -p tandem-guest`)", bin.display());
-    bin
+/// The `tandem-guest` binary of this build, built on first use (`cargo build -p
+/// tandem-guest`, a no-op when it is fresh): Cargo gives a test only its own package's
+/// binaries.
+pub fn guest_binary() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "tandem-guest", "--bin", "tandem-guest"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build -p tandem-guest failed");
+        // <target>/debug/deps/<this test> → <target>/debug/tandem-guest
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().and_then(Path::parent).unwrap().join("tandem-guest");
+        assert!(bin.is_file(), "{} not found after building it", bin.display());
+        bin
+    })
 }
 
 /// The host configuration that goes with [`Guests`]: a TCP guest-link listener.
@@ -50,6 +62,12 @@ pub fn host_extra() -> String {
 /// The VM resource lines of a VM that runs guest node `node` of guest cluster `cluster`.
 pub fn vm_resource_extra(cluster: &str, node: &str) -> String {
     format!("link_key_file = \"{{dir}}/linkkey-{node}\"\nguest_cluster = \"{cluster}\"\n")
+}
+
+/// Writes the link key of guest node `node` where [`vm_resource_extra`] points the host
+/// configuration: before the hosts start, which read it.
+pub fn write_link_key(c: &Cluster, node: &str) {
+    std::fs::write(c.path(&format!("linkkey-{node}")), format!("link-key-of-{node}-0123456789abcdef\n")).unwrap();
 }
 
 /// One guest node: its name in the guest cluster, its VM (group name and UUID), address.
@@ -84,8 +102,9 @@ impl Guests {
     /// Guest cluster `app` with one node per `(node name, VM name)`; the VMs must be in
     /// `c` (built with [`host_extra`] and [`vm_resource_extra`]). `groups` is the TOML of
     /// the guest cluster's groups; `{writer}` in it is replaced by the writer command's
-    /// argv and `{dir}` by the guests' directory.
-    pub fn new(c: &Cluster, nodes: &[(&str, &str)], groups: &str) -> Guests {
+    /// argv and `{dir}` by the guests' directory. `host_fencing`: the nodes fence each other
+    /// through the host cluster (`kind = "host-cluster"`), else by lease expiry alone.
+    pub fn new(c: &Cluster, nodes: &[(&str, &str)], groups: &str, host_fencing: bool) -> Guests {
         let net = c.net.as_ref().expect("guests need a cluster in namespaces");
         let dir = c.dir.path().join("guests");
         std::fs::create_dir_all(dir.join("shared")).unwrap();
@@ -98,7 +117,7 @@ impl Guests {
                 host_slots: 8,
                 resource_slots: 16,
                 timeouts: Timeouts::from_renewal_ms(RENEWAL_MS),
-                ..AreaParams::new("guests")
+                ..AreaParams::new("app")
             },
             false,
         )
@@ -125,7 +144,8 @@ impl Guests {
              [[link]]\nname = \"lan\"\nport = 5415\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
              [lease]\ndevice = \"{lease}\"\nrenewal_interval = \"{RENEWAL_MS}ms\"\n\n\
              # A private test network: no TLS.\n[api]\ninsecure = true\n\n\
-             [host_link]\naddress = \"@HOSTLINK@\"\nkey_file = \"@KEYFILE@\"\nheartbeat_interval = \"200ms\"\n\n",
+             [host_link]\naddress = \"@HOSTLINK@\"\nkey_file = \"@KEYFILE@\"\nvm_uuid = \"@VMUUID@\"\n\
+             heartbeat_interval = \"200ms\"\n\n",
             key = dir.join("key").display(),
             lease = lease.display(),
             state = dir.display(),
@@ -133,11 +153,15 @@ impl Guests {
         for (i, n) in list.iter().enumerate() {
             toml += &format!(
                 "[[node]]\nname = \"{name}\"\nid = {id}\nlinks = {{ lan = \"{addr}\" }}\napi = \"{addr}:{GUEST_API_PORT}\"\n\
-                 fence = {{ kind = \"host-cluster\", vm_uuid = \"{uuid}\", timeout = \"10s\" }}\n\n",
+                 fence = {fence}\n\n",
                 name = n.name,
                 id = i + 1,
                 addr = n.addr,
-                uuid = n.uuid,
+                fence = if host_fencing {
+                    format!("{{ kind = \"host-cluster\", vm_uuid = \"{}\", timeout = \"10s\" }}", n.uuid)
+                } else {
+                    "{ kind = \"lease-watchdog-only\" }".to_string()
+                },
             );
         }
         toml += &groups.replace("{writer}", &writer).replace("{dir}", &dir.display().to_string());
@@ -171,7 +195,7 @@ impl Guests {
         let (dir, cg_root) = (self.dir.clone(), self.cg_root.clone());
         let keys: BTreeMap<String, PathBuf> =
             nodes.iter().map(|n| (n.name.clone(), c.path(&format!("linkkey-{}", n.name)))).collect();
-        let bin = guest_binary();
+        let bin = guest_binary().to_path_buf();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             while !stop.load(Ordering::SeqCst) {
@@ -232,6 +256,12 @@ impl Guests {
                 std::thread::sleep(Duration::from_millis(100));
             }
         })
+    }
+
+    /// Freezes (or thaws) every process of `node`'s stand-in behind the supervisor's back:
+    /// a guest whose agent hangs while its VM runs.
+    pub fn freeze_node(&self, node: &str, on: bool) {
+        freeze(&self.cg_root.join(node), on);
     }
 
     /// The host whose VM the stand-in of `node` runs in now, if any.
@@ -389,7 +419,8 @@ fn boot(bin: &Path, dir: &Path, cg_root: &Path, n: &GuestNode, host_addr: &str, 
     std::fs::write(
         &config,
         base.replace("@HOSTLINK@", &format!("tcp:{host_addr}:{LINK_PORT}"))
-            .replace("@KEYFILE@", &key.display().to_string()),
+            .replace("@KEYFILE@", &key.display().to_string())
+            .replace("@VMUUID@", &n.uuid),
     )
     .unwrap();
     let cgroup = cg_root.join(&n.name);

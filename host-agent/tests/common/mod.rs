@@ -467,6 +467,48 @@ impl Cluster {
         self.try_status(host).unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()))
     }
 
+    /// `EnterMaintenance` (or `ExitMaintenance`) of `target`, sent to `host`: every progress
+    /// message, until the final one, until `stop_after` accepts one, or until `limit`.
+    pub fn maintenance(
+        &self,
+        host: &str,
+        target: &str,
+        enter: Option<pb::MaintenancePolicy>,
+        limit: Duration,
+        stop_after: fn(&pb::MaintenanceProgress) -> bool,
+    ) -> Result<Vec<pb::MaintenanceProgress>, String> {
+        let target = target.to_string();
+        self.on_host(host, move |url| {
+            Box::pin(async move {
+                let mut got = Vec::new();
+                let run = async {
+                    let mut c = pb::host_maintenance_client::HostMaintenanceClient::connect(url.clone())
+                        .await
+                        .map_err(|e| format!("{url}: {e}"))?;
+                    let req = pb::MaintenanceRequest { host: target, policy: enter.map_or(0, |p| p as i32) };
+                    let call =
+                        if enter.is_some() { c.enter_maintenance(req).await } else { c.exit_maintenance(req).await };
+                    let mut stream = call.map_err(|e| format!("{url}: {e}"))?.into_inner();
+                    while let Some(m) = stream.message().await.map_err(|e| format!("{url}: stream: {e}"))? {
+                        eprintln!("maintenance: {m:?}");
+                        let last = matches!(m.progress, Some(pb::maintenance_progress::Progress::Done(_)));
+                        let stop = stop_after(&m);
+                        got.push(m);
+                        if last || stop {
+                            return Ok::<(), String>(());
+                        }
+                    }
+                    Err("the stream ended without a final message".to_string())
+                };
+                match tokio::time::timeout(limit, run).await {
+                    Ok(Ok(())) => Ok(got),
+                    Ok(Err(e)) => Err(format!("{e}; got {got:?}")),
+                    Err(_) => Err(format!("no final message within {limit:?}; got {got:?}")),
+                }
+            })
+        })
+    }
+
     /// `DumpVm` sent to `host`.
     pub fn dump(&self, host: &str, vm: &str, path: &str) -> Result<pb::DumpVmReply, tonic::Status> {
         let (vm, path) = (vm.to_string(), path.to_string());
