@@ -213,3 +213,34 @@ fn a_host_that_dies_during_maintenance_fails_over_what_it_still_ran() {
     assert!(g.two_writers().is_none(), "{:?}", g.two_writers());
     w.assert_never_two(&c);
 }
+
+#[test]
+fn a_paused_active_vm_is_fenced_through_the_host_cluster_and_never_writes_again_with_its_old_token() {
+    let Lab { c, w, hosts: _hosts, g } = lab("60s", true);
+    let (before, _) = g.wait_writer(Some("n1"), 0, LIMIT, &c);
+    // The active guest's VM pauses (the harness freezes every process of its stand-in).
+    let paused = Instant::now();
+    c.on_host("h1", |url| {
+        Box::pin(async move {
+            let mut h = tandem_proto::v1::host_agent_client::HostAgentClient::connect(url).await.unwrap();
+            h.suspend_vm(pb::VmRequest { vm: "g1".into() }).await.unwrap();
+        })
+    });
+    // n2 finds n1 lost, has its VM powered off through the host agents, and takes over.
+    let (after, _) = g.wait_writer(Some("n2"), before, LIMIT, &c);
+    eprintln!("n2 took over {:?} after g1 paused (token {before} -> {after})", paused.elapsed());
+    // The host agents say so: the fence was confirmed with g1 powered off on h1.
+    c.wait("a host reports g1 fenced", LIMIT, || {
+        let log = c.log_of("h1") + &c.log_of("h2");
+        log.lines().any(|l| l.contains("fence of VM g1") && l.contains("PoweredOff on h1")).then_some(())
+    });
+    // The paused VM was destroyed, not resumed: the host cluster recovers it as a crash
+    // (a fresh boot), and its new guest joins as a standby.
+    c.wait("g1 running again", LIMIT, || w.placed().contains_key("g1").then_some(()));
+    std::thread::sleep(Duration::from_secs(3));
+    let writes = g.writes();
+    let stale: Vec<_> = writes.iter().skip_while(|(t, _, _)| *t < after).filter(|(t, _, _)| *t < after).collect();
+    assert!(stale.is_empty(), "writes with an old token after the takeover: {stale:?}");
+    assert!(g.two_writers().is_none(), "{:?}", g.two_writers());
+    w.assert_never_two(&c);
+}
