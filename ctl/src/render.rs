@@ -513,6 +513,7 @@ pub fn hosts_json(s: &pb::HostClusterStatus) -> Value {
             "used_memory_mib": h.used_memory_mib,
             "used_vcpus": h.used_vcpus,
             "vm_count": h.vm_count,
+            "maintenance": h.maintenance,
         })).collect::<Vec<_>>(),
     })
 }
@@ -532,7 +533,7 @@ pub fn hosts_text(s: &pb::HostClusterStatus) -> String {
             vec![
                 h.name.clone(),
                 h.id.to_string(),
-                host_state(h.state),
+                if h.maintenance { format!("{} (maintenance)", host_state(h.state)) } else { host_state(h.state) },
                 h.vm_count.to_string(),
                 used_of(h.used_memory_mib, h.capacity.as_ref().map(|c| c.memory_mib)),
                 used_of(h.used_vcpus, h.capacity.as_ref().map(|c| c.vcpus)),

@@ -317,7 +317,9 @@ pub fn cluster_status(
                 (false, pb::NodeState::Down) => pb::HostState::Lost,
                 (false, pb::NodeState::Unspecified) => pb::HostState::Unspecified,
             };
-            host_row(&n.name, n.id, state, capacity.get(n.name.as_str()).copied(), &vm_status)
+            let mut row = host_row(&n.name, n.id, state, capacity.get(n.name.as_str()).copied(), &vm_status);
+            row.maintenance = n.standby;
+            row
         })
         .collect();
     for h in hosts {
@@ -371,6 +373,7 @@ fn host_row(
         used_memory_mib: here.iter().map(|v| v.memory_mib).sum(),
         used_vcpus: here.iter().map(|v| v.vcpus).sum(),
         vm_count: here.len() as u32,
+        maintenance: false,
     }
 }
 

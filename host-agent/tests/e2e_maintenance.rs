@@ -146,6 +146,7 @@ fn maintenance_moves_guest_groups_before_their_vms_stop_and_nothing_fails_over()
     }
     let host_status = st.hosts.iter().find(|h| h.name == "h1").unwrap();
     assert_eq!(host_status.vm_count, 0, "h1 still holds VMs: {host_status:?}");
+    assert!(host_status.maintenance, "h2 does not see h1 in maintenance: {host_status:?}");
     let app = g.status("n2").unwrap().groups.into_iter().find(|x| x.name == "app").unwrap();
     assert_eq!((app.location.as_str(), app.failovers), ("n2", 0), "{app:?}");
 
@@ -161,6 +162,7 @@ fn maintenance_moves_guest_groups_before_their_vms_stop_and_nothing_fails_over()
     let st = c.status("h1");
     let me = st.hosts.iter().find(|h| h.name == "h1").unwrap();
     assert_eq!(me.vm_count, 0);
+    assert!(!me.maintenance, "{me:?}");
 }
 
 #[test]

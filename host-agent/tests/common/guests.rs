@@ -105,8 +105,22 @@ impl Guests {
     /// argv and `{dir}` by the guests' directory. `host_fencing`: the nodes fence each other
     /// through the host cluster (`kind = "host-cluster"`), else by lease expiry alone.
     pub fn new(c: &Cluster, nodes: &[(&str, &str)], groups: &str, host_fencing: bool) -> Guests {
+        Guests::cluster(c, "app", 0, nodes, groups, host_fencing)
+    }
+
+    /// [`Guests::new`] for guest cluster `name`, whose nodes get the guest slots from
+    /// `first` on (addresses 10.78.1.101+slot; several guest clusters of one host cluster
+    /// take disjoint slots and unique node names).
+    pub fn cluster(
+        c: &Cluster,
+        name: &str,
+        first: usize,
+        nodes: &[(&str, &str)],
+        groups: &str,
+        host_fencing: bool,
+    ) -> Guests {
         let net = c.net.as_ref().expect("guests need a cluster in namespaces");
-        let dir = c.dir.path().join("guests");
+        let dir = c.dir.path().join(format!("guests-{name}"));
         std::fs::create_dir_all(dir.join("shared")).unwrap();
         std::fs::write(dir.join("key"), "fedcba9876543210fedcba9876543210\n").unwrap();
         let lease = dir.join("lease");
@@ -117,7 +131,7 @@ impl Guests {
                 host_slots: 8,
                 resource_slots: 16,
                 timeouts: Timeouts::from_renewal_ms(RENEWAL_MS),
-                ..AreaParams::new("app")
+                ..AreaParams::new(name)
             },
             false,
         )
@@ -125,12 +139,13 @@ impl Guests {
         let id = net.switch().trim_end_matches("-sw").to_string();
         let mut list = Vec::new();
         for (i, (node, vm)) in nodes.iter().enumerate() {
+            let slot = first + i;
             let vi = c.vms.iter().position(|v| v == vm).unwrap_or_else(|| panic!("no VM {vm}"));
-            let ns = format!("{id}-g{}", i + 1);
-            let addr = format!("10.78.1.{}", 101 + i);
+            let ns = format!("{id}-g{}", slot + 1);
+            let addr = format!("10.78.1.{}", 101 + slot);
             netns::delete(&ns);
             ip(&["netns", "add", &ns]);
-            net.plug(&ns, &format!("g{}", i + 1), &addr);
+            net.plug(&ns, &format!("g{}", slot + 1), &addr);
             std::fs::write(c.path(&format!("linkkey-{node}")), format!("link-key-of-{node}-0123456789abcdef\n"))
                 .unwrap();
             list.push(GuestNode { name: node.to_string(), vm: vm.to_string(), uuid: super::vm_uuid(vi), addr, ns });
@@ -140,7 +155,7 @@ impl Guests {
             dir.join("shared/writer.log").display()
         );
         let mut toml = format!(
-            "[cluster]\nname = \"app\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n\
+            "[cluster]\nname = \"{name}\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n\
              [[link]]\nname = \"lan\"\nport = 5415\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
              [lease]\ndevice = \"{lease}\"\nrenewal_interval = \"{RENEWAL_MS}ms\"\n\n\
              # A private test network: no TLS.\n[api]\ninsecure = true\n\n\
@@ -169,7 +184,7 @@ impl Guests {
         let cg_root = tandem_lease::cgroup::cgroup2_mount()
             .expect("a cgroup2 mount")
             .join(format!("tandem-e2e-guests-{}", std::process::id()))
-            .join(c.dir.path().file_name().unwrap());
+            .join(format!("{}-{name}", c.dir.path().file_name().unwrap().to_string_lossy()));
         std::fs::create_dir_all(&cg_root).unwrap();
         let mut g = Guests {
             dir,
