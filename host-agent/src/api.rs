@@ -539,14 +539,7 @@ fn domain_state(s: &DomainState) -> (pb::DomainState, String) {
 
 /// A hypervisor error with its causes, for a status message.
 fn with_causes(e: &HypervisorError) -> String {
-    let mut text = e.to_string();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(c) = cur {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cur = c.source();
-    }
-    text
+    crate::error_chain(e)
 }
 
 // ---------------------------------------------------------------- the service

@@ -365,7 +365,7 @@ impl FenceForwarding for GrpcForwarding {
             };
             let channel = tandem_node::api::peer::channel(host, addr, &self.api, timeout)
                 .await
-                .map_err(|e| Status::unavailable(error_chain(&e)))?;
+                .map_err(|e| Status::unavailable(crate::error_chain(&e)))?;
             let mut client = pb::host_agent_client::HostAgentClient::new(channel);
             let mut call = tonic::Request::new(request);
             call.set_timeout(timeout);
@@ -635,7 +635,12 @@ impl VmFencer {
     }
 
     fn hv_error(&self, target: &FenceableVm, step: &'static str, e: &HypervisorError) -> FenceError {
-        FenceError::Hypervisor { vm: target.group.clone(), host: self.inner.me.clone(), step, detail: error_chain(e) }
+        FenceError::Hypervisor {
+            vm: target.group.clone(),
+            host: self.inner.me.clone(),
+            step,
+            detail: crate::error_chain(e),
+        }
     }
 
     /// The target's state on this hypervisor; `None` when it is not defined here.
@@ -799,18 +804,6 @@ pub fn authorize<'a>(
             target_cluster: t.clone().unwrap_or_else(|| "none".into()),
         }),
     }
-}
-
-/// An error with its sources, `: `-separated.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The guests' fence requests over their links (authorized by the link registry, checked

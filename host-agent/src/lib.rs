@@ -20,3 +20,15 @@ pub mod link;
 pub mod maintenance;
 pub mod nic;
 pub mod vm;
+
+/// An error with its sources, `: `-separated (for messages that must say everything).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -608,7 +608,7 @@ impl VmResource {
         hypervisor: Arc<dyn Hypervisor>,
     ) -> Result<VmResource, ResourceError> {
         let definition = VmDefinition::load(&config.domain)
-            .map_err(|e| ResourceError::config(&format!("{group}/{name}"), error_chain(&e)))?;
+            .map_err(|e| ResourceError::config(&format!("{group}/{name}"), crate::error_chain(&e)))?;
         Ok(VmResource::new(group, name, definition, config, hypervisor))
     }
 
@@ -629,7 +629,7 @@ impl VmResource {
         let (name, uuid, uri) = (&self.def.name, &self.def.uuid, self.hv.uri());
         match fault {
             Fault::Hypervisor { step, error } => {
-                format!("{step} of domain '{name}' ({uuid}) on {uri} failed: {}", error_chain(error))
+                format!("{step} of domain '{name}' ({uuid}) on {uri} failed: {}", crate::error_chain(error))
             }
             Fault::Timeout { step, limit } => {
                 format!("{step} of domain '{name}' ({uuid}) on {uri} did not finish within {}", human_duration(*limit))
@@ -1022,18 +1022,6 @@ fn human_duration(d: Duration) -> String {
     } else {
         format!("{} ms", d.as_millis())
     }
-}
-
-/// An error with its sources, `: `-separated.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -457,7 +457,7 @@ async fn reconnect_task(shared: Weak<Shared>, loss: Arc<LossSignal>, stop: Cance
                 }
                 Err(e) => {
                     attempts += 1;
-                    last_error = Some(error_chain(&e));
+                    last_error = Some(crate::error_chain(&e));
                     tracing::warn!(uri = %shared.uri, attempts, error = %e, "reconnecting to libvirt failed");
                 }
             }
@@ -468,17 +468,6 @@ async fn reconnect_task(shared: Weak<Shared>, loss: Arc<LossSignal>, stop: Cance
             delay = (delay * 2).min(shared.options.reconnect_max);
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Looks a domain up by UUID when `key` is one, by name otherwise (as `virsh` does).
