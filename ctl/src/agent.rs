@@ -196,6 +196,9 @@ pub enum MaintenanceVerb {
         /// maintenance ends; migrate: live-migrate (not built yet: moves like failover).
         #[arg(long, default_value = "failover", value_parser = ["failover", "shutdown", "migrate"])]
         policy: String,
+        /// How many VMs leave at once (default 4).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        parallel: u32,
         /// Follow the progress until the host holds no HA VM (else return once accepted).
         #[arg(long)]
         wait: bool,
@@ -637,16 +640,16 @@ async fn run_async(conn: &Connection, verb: Verb) -> Result<u8, Failure> {
         }
         Verb::Maintenance(m) => {
             let (req, enter, wait, json) = match m {
-                MaintenanceVerb::Enter { host, policy, wait, json } => {
+                MaintenanceVerb::Enter { host, policy, parallel, wait, json } => {
                     let policy = match policy.as_str() {
                         "shutdown" => pb::MaintenancePolicy::Shutdown,
                         "migrate" => pb::MaintenancePolicy::Migrate,
                         _ => pb::MaintenancePolicy::Failover,
                     };
-                    (pb::MaintenanceRequest { host, policy: policy as i32 }, true, wait, json)
+                    (pb::MaintenanceRequest { host, policy: policy as i32, parallel }, true, wait, json)
                 }
                 MaintenanceVerb::Exit { host, wait, json } => {
-                    (pb::MaintenanceRequest { host, policy: 0 }, false, wait, json)
+                    (pb::MaintenanceRequest { host, policy: 0, parallel: 0 }, false, wait, json)
                 }
             };
             let host = req.host.clone();

@@ -194,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hypervisor: hypervisor.clone(),
             vms: tandem_host::cluster::vm_facts(&cluster),
             activity: resources.activity(),
+            gate: resources.stop_gate(),
         });
         // Watched before the node starts: a host whose network is down must not start the
         // VMs that need it.
@@ -226,6 +227,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ],
             host_cluster: None,
         };
+        // The node takes its first decisions right after it starts: have every network read
+        // by then, so that vetoes are in place at once.
+        let mut nic = nic;
+        if let Some(m) = &mut nic
+            && !m.first_readings(config.networks.len(), std::time::Duration::from_secs(10)).await
+        {
+            tracing::warn!(target: "tandem_host", "not every [[network]] could be read within 10 s; starting anyway");
+        }
         let agent = agent::start(config, opts).await?;
         if let Some(nic) = nic {
             tokio::spawn(tandem_host::nic::apply_vetoes(nic, vm_networks, agent.handle.clone()));

@@ -39,6 +39,8 @@ const POLL: Duration = Duration::from_millis(250);
 /// The longest a call follows a host's maintenance before it ends with what blocks it
 /// (the maintenance itself goes on; the call can be made again to follow it).
 pub const CALL_LIMIT: Duration = Duration::from_secs(3600);
+/// VMs that leave a host in maintenance at once when the request gives no bound.
+pub const DEFAULT_PARALLEL: usize = 4;
 /// Bound on reaching the host a call is forwarded to.
 const FORWARD_CONNECT: Duration = Duration::from_secs(10);
 
@@ -190,6 +192,7 @@ impl Tracker {
     /// A step of a VM's stop on this host.
     pub fn activity(&mut self, a: &VmActivity, at_ms: u64) -> Option<pb::MaintenanceProgress> {
         let step = match a.step {
+            VmStep::Queued => pb::MaintenanceStep::Pending,
             VmStep::GuestPreparing => pb::MaintenanceStep::GuestPreparing,
             VmStep::GuestReady => pb::MaintenanceStep::GuestReady,
             VmStep::GuestNotReady => pb::MaintenanceStep::GuestNotReady,
@@ -286,13 +289,17 @@ impl Tracker {
                 if !self.all_settled() && at_ms.saturating_sub(since) < SETTLE.as_millis() as u64 {
                     return None;
                 }
-                Some(pb::MaintenanceDone {
-                    summary: format!("host {host} holds no running HA VM and may be powered off"),
-                    host,
-                    complete: true,
-                    blockers: Vec::new(),
-                    elapsed_ms: at_ms,
-                })
+                let nowhere: Vec<String> = self
+                    .vms
+                    .iter()
+                    .filter(|(_, t)| t.step == Some(pb::MaintenanceStep::Blocked))
+                    .map(|(vm, t)| format!("{vm} ({})", t.detail))
+                    .collect();
+                let mut summary = format!("host {host} holds no running HA VM and may be powered off");
+                if !nowhere.is_empty() {
+                    summary.push_str(&format!("; runs nowhere now: {}", nowhere.join(", ")));
+                }
+                Some(pb::MaintenanceDone { summary, host, complete: true, blockers: Vec::new(), elapsed_ms: at_ms })
             }
             Direction::Exit => {
                 if !self.all_settled() {
@@ -360,6 +367,8 @@ pub struct MaintenanceSetup {
     pub vms: Vec<VmFacts>,
     /// The steps of every VM stop on this host ([`crate::vm::HostResources::activity`]).
     pub activity: broadcast::Sender<VmActivity>,
+    /// The bound of VM stops at once ([`crate::vm::HostResources::stop_gate`]).
+    pub gate: crate::vm::StopGate,
 }
 
 /// The `HostMaintenance` service as an extension of the node API.
@@ -467,6 +476,12 @@ impl MaintenanceService {
         };
         // Subscribe before the standby takes effect: no step is missed.
         let mut activity = self.setup.activity.subscribe();
+        if enter {
+            let n = if req.parallel == 0 { DEFAULT_PARALLEL } else { req.parallel as usize };
+            self.setup.gate.limit(Some(n));
+        } else {
+            self.setup.gate.limit(None);
+        }
         self.control.set_standby(mode).await?;
         tracing::info!(target: "tandem_host", host = %self.me, policy = policy.name(), enter,
             "maintenance {}", if enter { "entered" } else { "ended" });
@@ -487,6 +502,10 @@ impl MaintenanceService {
         };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(POLL);
+            let done = |d: pb::MaintenanceDone| pb::MaintenanceProgress {
+                progress: Some(pb::maintenance_progress::Progress::Done(d)),
+            };
+            let mut last_status: Option<pb::GuestStatus> = None;
             loop {
                 tokio::select! {
                     a = activity.recv() => match a {
@@ -500,35 +519,66 @@ impl MaintenanceService {
                         Err(broadcast::error::RecvError::Closed) => {}
                     },
                     _ = tick.tick() => {}
-                    _ = this.stop.cancelled() => return,
+                    // The caller went away: the maintenance goes on, the watching stops.
+                    _ = tx.closed() => return,
+                    _ = this.stop.cancelled() => {
+                        let st = last_status.clone().unwrap_or_default();
+                        let mut d = tracker.gave_up(&st, &[], at());
+                        d.summary = format!("host {}: the agent is stopping; the maintenance state is kept", this.me);
+                        let _ = tx.send(done(d)).await;
+                        return;
+                    }
                 }
-                let Ok(st) = this.control.status().await else { return };
+                let over = started.elapsed() >= CALL_LIMIT;
+                let st = match this.control.status().await {
+                    Ok(st) => st,
+                    Err(e) if over => {
+                        let mut d = tracker.gave_up(&last_status.clone().unwrap_or_default(), &[], at());
+                        d.blockers.push(format!("this host's node status cannot be read: {e}"));
+                        let _ = tx.send(done(d)).await;
+                        return;
+                    }
+                    Err(_) => continue,
+                };
                 for m in tracker.status(&st, at()) {
                     if tx.send(m).await.is_err() {
                         return;
                     }
                 }
+                last_status = Some(st.clone());
                 let active = match this.active_here().await {
                     Ok(a) => a,
+                    Err(e) if over => {
+                        let mut d = tracker.gave_up(&st, &[], at());
+                        d.blockers.push(e.message().to_string());
+                        let _ = tx.send(done(d)).await;
+                        return;
+                    }
+                    // The hypervisor's view decides the verdict: without it, no verdict yet.
                     Err(_) => continue,
                 };
-                let done = match tracker.done(&st, &active, at()) {
+                let verdict = match tracker.done(&st, &active, at()) {
                     Some(d) => Some(d),
-                    None if started.elapsed() >= CALL_LIMIT => Some(tracker.gave_up(&st, &active, at())),
+                    None if over => Some(tracker.gave_up(&st, &active, at())),
                     None => None,
                 };
-                if let Some(done) = done {
-                    tracing::info!(target: "tandem_host", host = %this.me, complete = done.complete, "{}", done.summary);
-                    let _ = tx
-                        .send(pb::MaintenanceProgress {
-                            progress: Some(pb::maintenance_progress::Progress::Done(done)),
-                        })
-                        .await;
+                if let Some(d) = verdict {
+                    tracing::info!(target: "tandem_host", host = %this.me, complete = d.complete, "{}", d.summary);
+                    let _ = tx.send(done(d)).await;
                     return;
                 }
             }
         });
         Ok(stream_of(rx))
+    }
+}
+
+/// An operator, or a peer host agent forwarding an operator's call (agents authenticate to
+/// each other with their own identity, which has the `peer` role).
+fn authorize<T>(access: &Access, req: &Request<T>, call: &str) -> Result<(), Status> {
+    match access.authorize(req, ApiRole::Operator, call) {
+        Ok(_) => Ok(()),
+        Err(denied) => access.authorize(req, ApiRole::Peer, call).map(|_| ()).map_err(|_| denied),
     }
 }
 
@@ -541,7 +591,7 @@ impl HostMaintenance for MaintenanceService {
         &self,
         req: Request<pb::MaintenanceRequest>,
     ) -> Result<Response<Self::EnterMaintenanceStream>, Status> {
-        self.access.authorize(&req, ApiRole::Operator, "EnterMaintenance")?;
+        authorize(&self.access, &req, "EnterMaintenance")?;
         self.run(req.into_inner(), true).await.map(Response::new)
     }
 
@@ -549,7 +599,7 @@ impl HostMaintenance for MaintenanceService {
         &self,
         req: Request<pb::MaintenanceRequest>,
     ) -> Result<Response<Self::ExitMaintenanceStream>, Status> {
-        self.access.authorize(&req, ApiRole::Operator, "ExitMaintenance")?;
+        authorize(&self.access, &req, "ExitMaintenance")?;
         self.run(req.into_inner(), false).await.map(Response::new)
     }
 }

@@ -262,7 +262,13 @@ pub async fn apply_vetoes(
     node: tandem_node::runtime::AgentHandle,
 ) {
     let mut applied: BTreeMap<String, Option<String>> = BTreeMap::new();
-    while monitor.changes.recv().await.is_some() {
+    // A veto the node could not take yet (it was busy starting) is tried again each second.
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            c = monitor.changes.recv() => if c.is_none() { return },
+            _ = retry.tick() => {}
+        }
         let health = monitor.current.borrow().clone();
         for (group, veto) in vetoes(&vm_networks, &health) {
             if applied.get(&group) == Some(&veto) {
@@ -273,10 +279,26 @@ pub async fn apply_vetoes(
                     applied.insert(group, veto);
                 }
                 Err(e) => {
-                    tracing::warn!(target: "tandem_host", vm = %group, "cannot apply the network veto: {e}");
+                    tracing::warn!(target: "tandem_host", vm = %group, "cannot apply the network veto yet: {e}");
                 }
             }
         }
+    }
+}
+
+impl NicMonitor {
+    /// Waits until every network was read once (link state, and a first round of pings),
+    /// at most `limit`; says whether they all were.
+    pub async fn first_readings(&mut self, networks: usize, limit: Duration) -> bool {
+        let wait = async {
+            while self.current.borrow().len() < networks {
+                if self.current.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(limit, wait).await.unwrap_or(false)
     }
 }
 

@@ -52,6 +52,31 @@ pub trait GuestShutdown: Send + Sync + std::fmt::Debug {
     fn prepare(&self, uuid: &str, limit: Duration) -> BoxFuture<'_, GuestPrepared>;
 }
 
+/// Bounds how many planned VM stops (guest preparation and ACPI shutdown) run at once on
+/// this host; maintenance sets the bound for its duration. Forced stops never wait.
+#[derive(Debug, Clone, Default)]
+pub struct StopGate {
+    current: Arc<std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>>,
+}
+
+impl StopGate {
+    /// At most `n` planned stops at once from now on (`None`: no bound). Stops already
+    /// under way keep their slot of the previous bound.
+    pub fn limit(&self, n: Option<usize>) {
+        *self.current.lock().expect("not poisoned") = n.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1))));
+    }
+
+    /// A slot, waiting for one if the bound is reached; `queued` is called first when it must wait.
+    async fn enter(&self, queued: impl FnOnce(usize)) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self.current.lock().expect("not poisoned").clone()?;
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        queued(sem.available_permits());
+        sem.acquire_owned().await.ok()
+    }
+}
+
 /// One step of a VM's stop, as it happens (maintenance progress follows these).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmActivity {
@@ -66,6 +91,8 @@ pub struct VmActivity {
 /// The steps of [`VmActivity`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmStep {
+    /// Waiting for a slot: the host's bound of planned stops at once is reached.
+    Queued,
     /// The guest agent was asked to prepare.
     GuestPreparing,
     /// It reported ready.
@@ -485,6 +512,7 @@ pub struct VmResource {
     prepare_timeout: Duration,
     guests: Option<Arc<dyn GuestShutdown>>,
     activity: Option<broadcast::Sender<VmActivity>>,
+    gate: StopGate,
     /// VMs powered off by guests' fence requests (see [`health_with_fence`]).
     fence_marks: Option<FenceMarks>,
     /// The guest-heartbeat policy: the guest links and `guest_heartbeat_timeout`.
@@ -515,6 +543,7 @@ impl VmResource {
             prepare_timeout: config.prepare_timeout,
             guests: None,
             activity: None,
+            gate: StopGate::default(),
             fence_marks: None,
             guest_watch: None,
             running_since: std::sync::Mutex::new(None),
@@ -533,6 +562,12 @@ impl VmResource {
         self
     }
 
+    /// Planned stops of this VM take a slot of `gate` first.
+    pub fn with_stop_gate(mut self, gate: StopGate) -> VmResource {
+        self.gate = gate;
+        self
+    }
+
     fn report(&self, step: VmStep, detail: impl Into<String>) {
         if let Some(tx) = &self.activity {
             // No subscriber (no maintenance under way) is fine.
@@ -545,6 +580,14 @@ impl VmResource {
     /// the VM is shut down afterwards.
     async fn prepare_guest(&self) {
         let Some(guests) = &self.guests else { return };
+        // A guest reset for silence is not asked: it would only make the reset wait.
+        if let Some(silent) = self.guest_silent_for() {
+            self.report(
+                VmStep::GuestNotReady,
+                format!("not asked: its heartbeats stopped {} ago", human_duration(silent)),
+            );
+            return;
+        }
         self.report(VmStep::GuestPreparing, "asking the guest agent to stop or move its groups");
         let limit = self.prepare_timeout;
         let answer = match tokio::time::timeout(limit + Duration::from_secs(1), guests.prepare(&self.key, limit)).await
@@ -583,17 +626,22 @@ impl VmResource {
         self
     }
 
-    /// The guest-heartbeat verdict: why the VM must be reset, if it must.
-    fn guest_silence(&self) -> Option<String> {
+    /// How long the linked guest has been silent past its `guest_heartbeat_timeout`, if so.
+    fn guest_silent_for(&self) -> Option<Duration> {
         let (links, timeout) = self.guest_watch.as_ref()?;
         let since = (*self.running_since.lock().expect("not poisoned"))?;
         let key = self.def.uuid.to_string();
-        let silent =
-            crate::link::heartbeat_expired(*timeout, since, links.last_heartbeat(&key), std::time::Instant::now())?;
+        crate::link::heartbeat_expired(*timeout, since, links.last_heartbeat(&key), std::time::Instant::now())
+    }
+
+    /// The guest-heartbeat verdict: why the VM must be reset, if it must.
+    fn guest_silence(&self) -> Option<String> {
+        let silent = self.guest_silent_for()?;
+        let timeout = self.guest_watch.as_ref().map(|(_, t)| *t)?;
         let text = format!(
             "the guest agent's heartbeats stopped {} ago (guest_heartbeat_timeout {}): resetting the VM",
             human_duration(silent),
-            human_duration(*timeout)
+            human_duration(timeout)
         );
         tracing::warn!(resource = %self.id, domain = %self.def.name, "{text}");
         Some(text)
@@ -818,6 +866,10 @@ impl VmResource {
                 self.report(VmStep::Destroyed, "forced stop");
             }
             Some(state) if acpi_reaches(&state) => {
+                let _slot = self
+                    .gate
+                    .enter(|_| self.report(VmStep::Queued, "waiting: the host's bound of VM stops at once is reached"))
+                    .await;
                 self.prepare_guest().await;
                 self.shut_down_domain(&mut events).await?
             }
@@ -930,6 +982,7 @@ pub struct HostResources {
     hypervisor: Arc<dyn Hypervisor>,
     guests: Option<Arc<dyn GuestShutdown>>,
     activity: broadcast::Sender<VmActivity>,
+    gate: StopGate,
     fence_marks: Option<FenceMarks>,
     links: Option<Arc<crate::link::LinkRegistry>>,
 }
@@ -937,13 +990,25 @@ pub struct HostResources {
 impl HostResources {
     /// Resources on `hypervisor` (the node's one connection).
     pub fn new(hypervisor: Arc<dyn Hypervisor>) -> HostResources {
-        HostResources { hypervisor, guests: None, activity: broadcast::channel(1024).0, fence_marks: None, links: None }
+        HostResources {
+            hypervisor,
+            guests: None,
+            activity: broadcast::channel(1024).0,
+            gate: StopGate::default(),
+            fence_marks: None,
+            links: None,
+        }
     }
 
     /// VMs built from now on ask their guest agents through `guests` before a planned stop.
     pub fn with_guests(mut self, guests: Arc<dyn GuestShutdown>) -> HostResources {
         self.guests = Some(guests);
         self
+    }
+
+    /// The bound of planned VM stops at once on this host (maintenance sets it).
+    pub fn stop_gate(&self) -> StopGate {
+        self.gate.clone()
     }
 
     /// The steps of every VM stop on this host, as they happen.
@@ -980,7 +1045,8 @@ impl HostResources {
         match &spec.kind {
             ResourceKind::Vm(config) => {
                 let vm = VmResource::build(group, &spec.name, config, self.hypervisor.clone())?
-                    .with_guests(self.guests.clone(), Some(self.activity.clone()));
+                    .with_guests(self.guests.clone(), Some(self.activity.clone()))
+                    .with_stop_gate(self.gate.clone());
                 let vm = match &self.fence_marks {
                     Some(m) => vm.with_fence_marks(m.clone()),
                     None => vm,

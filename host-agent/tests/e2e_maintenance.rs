@@ -100,6 +100,18 @@ fn maintenance_moves_guest_groups_before_their_vms_stop_and_nothing_fails_over()
     let done = done_of(&msgs);
     assert!(done.complete, "{done:?}");
     assert_eq!(done.summary, "host h1 holds no running HA VM and may be powered off");
+    // h1's own hypervisor agrees: its next answers show no HA VM active.
+    let after_done = Instant::now();
+    c.wait("h1's hypervisor answers after the verdict", LIMIT, || {
+        let ev = w.evidence.lock().unwrap();
+        ev.samples.iter().find(|s| s.host == "h1" && s.sent > after_done && s.running.is_some()).map(|s| {
+            assert!(s.running.as_ref().unwrap().is_empty(), "h1 still runs {:?} after the verdict", s.running);
+        })
+    });
+    for v in ["g1", "plain"] {
+        let m = w.evidence.lock().unwrap().moved(v, "h1", t0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.to, "h2");
+    }
 
     use pb::MaintenanceStep as S;
     let g1 = steps_of(&msgs, "g1");
@@ -184,6 +196,19 @@ fn a_guest_that_never_answers_delays_the_shutdown_by_its_prepare_timeout_then_it
     );
     let not_ready = g1.iter().find(|s| s.0 == S::GuestNotReady).unwrap();
     assert!(not_ready.2.contains("within 3 s"), "the report does not say why: {not_ready:?}");
+    // The shutdown waited for the guest's prepare_timeout, and no longer than needed.
+    let at = |step: S| {
+        msgs.iter()
+            .find_map(|m| match &m.progress {
+                Some(pb::maintenance_progress::Progress::Vm(v)) if v.vm == "g1" && v.step() == step => {
+                    Some(v.elapsed_ms)
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    let waited = at(S::ShuttingDown) - at(S::GuestPreparing);
+    assert!((2_900..20_000).contains(&waited), "the shutdown came {waited} ms after asking the guest");
     let log = c.log_of("h1");
     assert!(log.contains("guest agent not ready for shutdown"), "h1 did not log it:\n{log}");
     assert!(g.two_writers().is_none(), "{:?}", g.two_writers());
@@ -237,12 +262,41 @@ fn a_paused_active_vm_is_fenced_through_the_host_cluster_and_never_writes_again_
         log.lines().any(|l| l.contains("fence of VM g1") && l.contains("PoweredOff on h1")).then_some(())
     });
     // The paused VM was destroyed, not resumed: the host cluster recovers it as a crash
-    // (a fresh boot), and its new guest joins as a standby.
-    c.wait("g1 running again", LIMIT, || w.placed().contains_key("g1").then_some(()));
+    // (a fresh boot: its frozen stand-in is killed and a new one boots).
+    c.wait("g1 booted again", LIMIT, || {
+        let h = g.history.lock().unwrap();
+        let kinds: Vec<&str> = h.iter().filter(|(_, n, _)| n == "n1").map(|(_, _, what)| what.as_str()).collect();
+        (kinds.iter().filter(|k| k.starts_with("start")).count() >= 2 && kinds.contains(&"kill")).then_some(())
+    });
     std::thread::sleep(Duration::from_secs(3));
     let writes = g.writes();
     let stale: Vec<_> = writes.iter().skip_while(|(t, _, _)| *t < after).filter(|(t, _, _)| *t < after).collect();
     assert!(stale.is_empty(), "writes with an old token after the takeover: {stale:?}");
+    assert!(g.two_writers().is_none(), "{:?}", g.two_writers());
+    w.assert_never_two(&c);
+}
+
+#[test]
+fn a_physical_primary_fails_over_to_its_virtual_standby_in_one_guest_cluster() {
+    // n1 is a physical server (no VM, no link), n2 runs in VM g2 on h2 and is linked.
+    let c = Cluster::in_netns_with(2, &vms("60s"), &host_extra());
+    for n in ["n1", "n2"] {
+        write_link_key(&c, n);
+    }
+    let w = c.watch();
+    let _hosts: Vec<Host> = c.hosts.iter().map(|h| c.start(h)).collect();
+    c.wait_all_running(&w, Duration::from_secs(60), |p| p.len() == 3);
+    let g = Guests::new(&c, &[("n1", ""), ("n2", "g2")], APP, false);
+    let (before, _) = g.wait_writer(Some("n1"), 0, LIMIT, &c);
+    c.wait("g2's guest linked to h2", LIMIT, || {
+        let st = c.try_status("h2").ok()?;
+        let link = st.vms.iter().find(|v| v.name == "g2")?.guest.clone()?;
+        (link.connected && link.node_name == "n2").then_some(())
+    });
+    // The physical primary loses power: the virtual standby takes the group over.
+    g.crash_node("n1");
+    let (after, _) = g.wait_writer(Some("n2"), before, LIMIT, &c);
+    assert!(after > before);
     assert!(g.two_writers().is_none(), "{:?}", g.two_writers());
     w.assert_never_two(&c);
 }

@@ -618,3 +618,49 @@ async fn a_guest_that_does_not_answer_in_time_delays_the_shutdown_by_its_timeout
     assert_eq!(steps.last().unwrap().0, VmStep::Stopped, "{steps:?}");
     assert!(is_missing(hv.domain_info(UUID).await), "the VM was not shut down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_gate_bounds_how_many_planned_stops_run_at_once() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let guest = Arc::new(ScriptedGuest {
+        answer: GuestPrepared::Ready("done".into()),
+        delay: Duration::from_millis(600),
+        asked: Default::default(),
+    });
+    let factory = HostResources::new(hv.clone()).with_guests(guest.clone());
+    factory.stop_gate().limit(Some(1));
+    let mut activity = factory.activity().subscribe();
+    let mut vms = Vec::new();
+    for (name, uuid) in [("web", UUID), ("db", "7a3c1f52-9b4e-4d21-8c6a-5e0f2b9d8a42")] {
+        let xml = domain_xml(name, "<memory unit='MiB'>64</memory>").replace(UUID, uuid);
+        let file = host.domain_file(&format!("{name}.xml"), &xml);
+        let vm = factory
+            .build_vm(name, &spec("vm", ResourceKind::Vm(vm_config(file, BOUND))), &ResourceEnv::new("h"))
+            .unwrap();
+        vm.start(&ctx()).await.expect("start");
+        vms.push(vm);
+    }
+    let t = Instant::now();
+    let (a, b) = tokio::join!(vms[0].stop(false), vms[1].stop(false));
+    a.expect("stop web");
+    b.expect("stop db");
+    let took = t.elapsed();
+    // One at a time: the second guest is asked only once the first VM is off.
+    assert!(took >= Duration::from_millis(1150), "both stops ran at once: {took:?}");
+    let mut queued = 0;
+    while let Ok(a) = activity.try_recv() {
+        queued += usize::from(a.step == VmStep::Queued);
+    }
+    assert_eq!(queued, 1, "exactly one stop waited for a slot");
+    // Without a bound they overlap.
+    factory.stop_gate().limit(None);
+    for vm in &vms {
+        vm.start(&ctx()).await.expect("start again");
+    }
+    let t = Instant::now();
+    let (a, b) = tokio::join!(vms[0].stop(false), vms[1].stop(false));
+    a.unwrap();
+    b.unwrap();
+    assert!(t.elapsed() < Duration::from_millis(1150), "unbounded stops did not overlap: {:?}", t.elapsed());
+}

@@ -94,6 +94,8 @@ pub struct Guests {
     running: Arc<Mutex<BTreeMap<String, Running>>>,
     /// Every stand-in start and stop, in order: (when, node, "start on h1" / "kill" / "freeze"…).
     pub history: Arc<Mutex<Vec<(Instant, String, String)>>>,
+    /// Every time a guest's VM was seen active on two hosts in one round.
+    pub duplicates: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -140,7 +142,12 @@ impl Guests {
         let mut list = Vec::new();
         for (i, (node, vm)) in nodes.iter().enumerate() {
             let slot = first + i;
-            let vi = c.vms.iter().position(|v| v == vm).unwrap_or_else(|| panic!("no VM {vm}"));
+            // An empty VM name: a physical server, no VM and no link.
+            let uuid = if vm.is_empty() {
+                String::new()
+            } else {
+                super::vm_uuid(c.vms.iter().position(|v| v == vm).unwrap_or_else(|| panic!("no VM {vm}")))
+            };
             let ns = format!("{id}-g{}", slot + 1);
             let addr = format!("10.78.1.{}", 101 + slot);
             netns::delete(&ns);
@@ -148,7 +155,7 @@ impl Guests {
             net.plug(&ns, &format!("g{}", slot + 1), &addr);
             std::fs::write(c.path(&format!("linkkey-{node}")), format!("link-key-of-{node}-0123456789abcdef\n"))
                 .unwrap();
-            list.push(GuestNode { name: node.to_string(), vm: vm.to_string(), uuid: super::vm_uuid(vi), addr, ns });
+            list.push(GuestNode { name: node.to_string(), vm: vm.to_string(), uuid, addr, ns });
         }
         let writer = format!(
             "[\"/bin/sh\", \"-c\", \"while :; do echo \\\"$TANDEM_FENCING_TOKEN $TANDEM_NODE $(date +%s%N)\\\" >> {}; sleep 0.02; done\"]",
@@ -172,7 +179,7 @@ impl Guests {
                 name = n.name,
                 id = i + 1,
                 addr = n.addr,
-                fence = if host_fencing {
+                fence = if host_fencing && !n.uuid.is_empty() {
                     format!("{{ kind = \"host-cluster\", vm_uuid = \"{}\", timeout = \"10s\" }}", n.uuid)
                 } else {
                     "{ kind = \"lease-watchdog-only\" }".to_string()
@@ -192,21 +199,29 @@ impl Guests {
             cg_root,
             running: Default::default(),
             history: Default::default(),
+            duplicates: Default::default(),
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
         };
         g.thread = Some(g.supervise(c));
+        // Physical servers run from the start, whatever the hosts do.
+        let bin = guest_binary();
+        for n in g.nodes.iter().filter(|n| n.uuid.is_empty()) {
+            let child = boot(bin, &g.dir, &g.cg_root, n, "127.0.0.1", &c.path(&format!("linkkey-{}", n.name)));
+            g.running.lock().unwrap().insert(n.name.clone(), Running { host: String::new(), frozen: false, child });
+        }
         g
     }
 
     /// The supervisor: every 100 ms, each host's hypervisor view decides what each
-    /// stand-in should be doing.
+    /// stand-in in a VM should be doing.
     fn supervise(&self, c: &Cluster) -> std::thread::JoinHandle<()> {
         let net = c.net.as_ref().unwrap();
         let hosts: Vec<(String, String, std::fs::File, String)> =
             c.hosts.iter().map(|h| (h.clone(), c.url(h), open_ns(net.of(h)), c.addr(h))).collect();
-        let nodes = self.nodes.clone();
+        let nodes: Vec<GuestNode> = self.nodes.iter().filter(|n| !n.uuid.is_empty()).cloned().collect();
         let (running, history, stop) = (self.running.clone(), self.history.clone(), self.stop.clone());
+        let duplicates = self.duplicates.clone();
         let (dir, cg_root) = (self.dir.clone(), self.cg_root.clone());
         let keys: BTreeMap<String, PathBuf> =
             nodes.iter().map(|n| (n.name.clone(), c.path(&format!("linkkey-{}", n.name)))).collect();
@@ -226,8 +241,12 @@ impl Guests {
                             for d in ds {
                                 let active = d.state == pb::DomainState::Running as i32
                                     || d.state == pb::DomainState::Paused as i32;
-                                if active {
-                                    seen.insert(d.uuid, (host.clone(), d.state));
+                                if active && let Some((other, _)) = seen.insert(d.uuid.clone(), (host.clone(), d.state))
+                                {
+                                    duplicates
+                                        .lock()
+                                        .unwrap()
+                                        .push(format!("VM {} active on {other} and {host}", d.uuid));
                                 }
                             }
                         }
@@ -279,6 +298,11 @@ impl Guests {
         freeze(&self.cg_root.join(node), on);
     }
 
+    /// Kills every process of `node` at once: a physical server losing power.
+    pub fn crash_node(&self, node: &str) {
+        kill(&self.cg_root.join(node));
+    }
+
     /// The host whose VM the stand-in of `node` runs in now, if any.
     pub fn host_of(&self, node: &str) -> Option<String> {
         self.running.lock().unwrap().get(node).map(|r| r.host.clone())
@@ -295,9 +319,12 @@ impl Guests {
             .collect()
     }
 
-    /// What breaks "one writer at a time" in the writer log: a token going backwards, or
-    /// one token used by two nodes.
+    /// What breaks "one writer at a time" in the writer log (a token going backwards, or
+    /// one token used by two nodes), or a guest's VM seen active on two hosts at once.
     pub fn two_writers(&self) -> Option<String> {
+        if let Some(d) = self.duplicates.lock().unwrap().first() {
+            return Some(format!("a guest's VM ran on two hosts: {d}"));
+        }
         let w = self.writes();
         for (i, pair) in w.windows(2).enumerate() {
             if pair[1].0 < pair[0].0 {
@@ -429,7 +456,11 @@ fn kill(cg: &Path) {
 
 /// Boots a stand-in: a fresh `tandem-guest` for `n`, linked to the host at `host_addr`.
 fn boot(bin: &Path, dir: &Path, cg_root: &Path, n: &GuestNode, host_addr: &str, key: &Path) -> ChildGuard {
-    let base = std::fs::read_to_string(dir.join("base.toml")).unwrap();
+    let mut base = std::fs::read_to_string(dir.join("base.toml")).unwrap();
+    if n.uuid.is_empty() {
+        // A physical server: no VM, so no link (the [host_link] section stays for the others).
+        base = base.replace("vm_uuid = \"@VMUUID@\"\n", "");
+    }
     let config = dir.join(format!("{}.toml", n.name));
     std::fs::write(
         &config,

@@ -485,7 +485,8 @@ impl Cluster {
                     let mut c = pb::host_maintenance_client::HostMaintenanceClient::connect(url.clone())
                         .await
                         .map_err(|e| format!("{url}: {e}"))?;
-                    let req = pb::MaintenanceRequest { host: target, policy: enter.map_or(0, |p| p as i32) };
+                    let req =
+                        pb::MaintenanceRequest { host: target, policy: enter.map_or(0, |p| p as i32), parallel: 0 };
                     let call =
                         if enter.is_some() { c.enter_maintenance(req).await } else { c.exit_maintenance(req).await };
                     let mut stream = call.map_err(|e| format!("{url}: {e}"))?.into_inner();
@@ -672,13 +673,16 @@ impl Drop for Cluster {
     }
 }
 
-/// The VMs running on the host at `url`, per its hypervisor; `None` if it does not answer
+/// The VMs active (running, paused, …: not off) on the host at `url`, per its hypervisor; `None` if it does not answer
 /// within 500 ms (dead, stopped, or refusing because its lease expired).
 async fn running_on(url: &str) -> Option<Vec<String>> {
     let call = async {
         let mut c = HostAgentClient::connect(url.to_string()).await.ok()?;
         let r = c.list_domains(pb::ListDomainsRequest {}).await.ok()?.into_inner();
-        Some(r.domains.into_iter().filter(|d| d.state == pb::DomainState::Running as i32).map(|d| d.name).collect())
+        // Active is anything but off: a paused VM still holds its memory and resumes where
+        // it was, so it counts as running there for "never on two hosts".
+        let off = [pb::DomainState::Shutoff as i32, pb::DomainState::Crashed as i32, pb::DomainState::NoState as i32];
+        Some(r.domains.into_iter().filter(|d| !off.contains(&d.state)).map(|d| d.name).collect())
     };
     tokio::time::timeout(Duration::from_millis(500), call).await.ok().flatten()
 }
