@@ -26,4 +26,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test"
+# The host agent's end-to-end tests run the guest agent binary this build makes.
+export TANDEM_GUEST_BIN="$PWD/target/debug/tandem-guest"
 cargo test --workspace --locked --no-fail-fast

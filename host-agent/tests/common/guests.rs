@@ -39,6 +39,13 @@ const GUEST_API_PORT: u16 = 7701;
 pub fn guest_binary() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
+        // `scripts/test.sh` runs `cargo test --workspace`, which builds this binary with the
+        // tests' feature set; building it again alone would rebuild its dependencies.
+        if let Some(bin) = std::env::var_os("TANDEM_GUEST_BIN").map(PathBuf::from)
+            && bin.is_file()
+        {
+            return bin;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "-p", "tandem-guest", "--bin", "tandem-guest"])
