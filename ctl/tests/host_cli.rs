@@ -221,7 +221,7 @@ fn hosts_human_and_json() {
     assert_eq!(
         v["hosts"][0],
         json!({ "name": "hv1", "id": 1, "state": "self", "capacity": { "memory_mib": 4096, "vcpus": 4 },
-                "used_memory_mib": 1024, "used_vcpus": 2, "vm_count": 1 })
+                "used_memory_mib": 1024, "used_vcpus": 2, "vm_count": 1, "maintenance": false })
     );
     assert_eq!(v["hosts"][1]["capacity"], serde_json::Value::Null);
 

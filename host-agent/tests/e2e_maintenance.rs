@@ -286,7 +286,9 @@ fn a_physical_primary_fails_over_to_its_virtual_standby_in_one_guest_cluster() {
     let w = c.watch();
     let _hosts: Vec<Host> = c.hosts.iter().map(|h| c.start(h)).collect();
     c.wait_all_running(&w, Duration::from_secs(60), |p| p.len() == 3);
-    let g = Guests::new(&c, &[("n1", ""), ("n2", "g2")], APP, false);
+    // The virtual node fences through the host cluster; the physical one by lease expiry
+    // (it has no VM a host could power off).
+    let g = Guests::new(&c, &[("n1", ""), ("n2", "g2")], APP, true);
     let (before, _) = g.wait_writer(Some("n1"), 0, LIMIT, &c);
     c.wait("g2's guest linked to h2", LIMIT, || {
         let st = c.try_status("h2").ok()?;
