@@ -127,22 +127,23 @@ fn switch_over(planned: bool) -> Duration {
 
 fn main() {
     let n = arg("--vms").unwrap_or(20);
+    // Each result is printed as soon as it is measured.
     println!("planned maintenance: {n} VMs on a host of 2, libvirt test driver, 2 cores");
     let bare = drain(n, pb::MaintenancePolicy::Failover, false);
-    let failover = drain(n, pb::MaintenancePolicy::Failover, true);
-    let shutdown = drain(n, pb::MaintenancePolicy::Shutdown, true);
     println!("drain of {n} VMs without guests (failover policy, baseline): {bare:.2} s");
+    let failover = drain(n, pb::MaintenancePolicy::Failover, true);
     println!(
         "drain of {n} VMs, each guest moving one group, failover policy: {failover:.2} s ({:.1}x)",
         failover / bare
     );
+    let shutdown = drain(n, pb::MaintenancePolicy::Shutdown, true);
     println!(
         "drain of {n} VMs, each guest stopping one group, shutdown policy: {shutdown:.2} s ({:.1}x)",
         shutdown / bare
     );
     let planned = switch_over(true);
-    let unplanned = switch_over(false);
     println!("guest group unavailable during a planned switch-over: {:.2} s", planned.as_secs_f64());
+    let unplanned = switch_over(false);
     println!(
         "guest group unavailable during an unplanned failover (host killed): {:.2} s ({:.1}x the planned)",
         unplanned.as_secs_f64(),

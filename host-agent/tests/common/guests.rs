@@ -46,16 +46,19 @@ pub fn guest_binary() -> &'static Path {
         {
             return bin;
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "tandem-guest", "--bin", "tandem-guest"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo build -p tandem-guest failed");
-        // <target>/debug/deps/<this test> → <target>/debug/tandem-guest
+        // <target>/<profile>/deps/<this test or bench> → <target>/<profile>/tandem-guest
         let exe = std::env::current_exe().unwrap();
-        let bin = exe.parent().and_then(Path::parent).unwrap().join("tandem-guest");
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "tandem-guest", "--bin", "tandem-guest"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("cargo runs");
+        assert!(status.success(), "cargo build -p tandem-guest failed");
+        let bin = profile_dir.join("tandem-guest");
         assert!(bin.is_file(), "{} not found after building it", bin.display());
         bin
     })
