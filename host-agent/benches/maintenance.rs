@@ -10,7 +10,8 @@
 //!   planned switch-over of a guest group (maintenance of its host) against an unplanned
 //!   failover of the same group (its host killed).
 //!
-//! `cargo bench -p tandem-host --bench maintenance` (20 VMs); `-- --vms N` to change.
+//! `cargo bench -p tandem-host --bench maintenance` (20 VMs); `-- --vms N` to change;
+//! `-- --switch-over-only` for the second part alone.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -117,7 +118,9 @@ fn switch_over(planned: bool) -> Duration {
     if planned {
         c.maintenance("h1", "h1", Some(pb::MaintenancePolicy::Failover), LIMIT, |_| false).expect("maintenance");
     } else {
+        // The host crashes: its agent and, with it, every VM it ran (the guest inside too).
         hosts[0].agent.kill();
+        g.crash_node("n1");
     }
     g.wait_writer(Some("n2"), before, LIMIT, &c);
     std::thread::sleep(Duration::from_secs(2));
@@ -129,6 +132,13 @@ fn main() {
     let n = arg("--vms").unwrap_or(20);
     // Each result is printed as soon as it is measured.
     println!("planned maintenance: {n} VMs on a host of 2, libvirt test driver, 2 cores");
+    if !std::env::args().any(|a| a == "--switch-over-only") {
+        drains(n);
+    }
+    switch_overs();
+}
+
+fn drains(n: usize) {
     let bare = drain(n, pb::MaintenancePolicy::Failover, false);
     println!("drain of {n} VMs without guests (failover policy, baseline): {bare:.2} s");
     let failover = drain(n, pb::MaintenancePolicy::Failover, true);
@@ -141,6 +151,9 @@ fn main() {
         "drain of {n} VMs, each guest stopping one group, shutdown policy: {shutdown:.2} s ({:.1}x)",
         shutdown / bare
     );
+}
+
+fn switch_overs() {
     let planned = switch_over(true);
     println!("guest group unavailable during a planned switch-over: {:.2} s", planned.as_secs_f64());
     let unplanned = switch_over(false);
