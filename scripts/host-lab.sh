@@ -101,15 +101,19 @@ cat "$LAB/events.txt"
 
 echo "== h1 boots again and rejoins (its VMs stay where they are: failback is manual)"
 start_host h1
+# Rejoined means: its own API answers with quorum (it joined the lease area), and h2 hears it.
 for _ in $(seq 60); do
-  ctl 2 hosts --json 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if any(h["name"]=="h1" and h["state"]=="up" for h in json.load(sys.stdin)["hosts"]) else 1)' && break
+  ctl 1 hosts --json 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["quorum"] else 1)' \
+    && ctl 2 hosts --json 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if any(h["name"]=="h1" and h["state"]=="up" for h in json.load(sys.stdin)["hosts"]) else 1)' \
+    && break
   sleep 1
 done
+sleep 2  # its host lease is seen renewed by the others
 echo "== planned maintenance of h2: its VMs shut down cleanly and start elsewhere; nothing counts as a failure"
-ctl 1 maintenance enter h2 --wait
-ctl 1 vms
+ctl 3 maintenance enter h2 --wait   # h3 forwards it to h2
+ctl 3 vms
 echo "== h2's maintenance ends: it takes VMs again"
-ctl 1 maintenance exit h2 --wait
+ctl 3 maintenance exit h2 --wait
 if [ -n "${KEEP:-}" ]; then
   echo "== the lab keeps running in $LAB; try: $CTL --endpoint http://10.77.0.2:7701 vms   (Ctrl-C ends it)"
   sleep infinity
