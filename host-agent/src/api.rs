@@ -195,35 +195,15 @@ pub const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600
 
 /// The `HostAgent` service as an extension of the node API: hand it to the node with
 /// `AgentOptions::api_extensions`. `hosts` and `vms` are the cluster's hosts and HA VMs.
-/// `FenceVm` answers `UNIMPLEMENTED` (see [`host_api_with_fencer`]).
+/// `FenceVm` answers `UNIMPLEMENTED` (see [`host_api_full`]).
 pub fn host_api(hypervisor: Arc<dyn Hypervisor>, hosts: Vec<HostFacts>, vms: Vec<VmFacts>) -> ApiExtension {
     extension(hypervisor, hosts, vms, None, None)
 }
 
-/// [`host_api`] with guest fencing: `FenceVm` is answered by `fencer`, which is bound to
-/// the running node when the API starts ([`VmFencer::bind`]), and `WatchEvents` carries
-/// its events too.
-pub fn host_api_with_fencer(
-    hypervisor: Arc<dyn Hypervisor>,
-    hosts: Vec<HostFacts>,
-    vms: Vec<VmFacts>,
-    fencer: VmFencer,
-) -> ApiExtension {
-    extension(hypervisor, hosts, vms, Some(fencer), None)
-}
-
-/// Like [`host_api`], with the guests' links: `GetClusterStatus` shows each VM's guest
-/// link, and link up/down events are published on the node's event feed.
-pub fn host_api_linked(
-    hypervisor: Arc<dyn Hypervisor>,
-    hosts: Vec<HostFacts>,
-    vms: Vec<VmFacts>,
-    links: Option<Arc<LinkRegistry>>,
-) -> ApiExtension {
-    extension(hypervisor, hosts, vms, None, links)
-}
-
-/// The host agent's full `HostAgent`: guest fencing by `fencer` and the guests' links.
+/// The host agent's full `HostAgent`: `FenceVm` is answered by `fencer` (bound to the
+/// running node when the API starts, [`VmFencer::bind`]; `WatchEvents` carries its
+/// events too), and with `links` `GetClusterStatus` shows each VM's guest link and link
+/// up/down events are published on the node's event feed.
 pub fn host_api_full(
     hypervisor: Arc<dyn Hypervisor>,
     hosts: Vec<HostFacts>,

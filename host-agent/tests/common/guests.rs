@@ -13,7 +13,6 @@
 //! switch-over window.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -492,13 +491,6 @@ fn boot(bin: &Path, dir: &Path, cg_root: &Path, n: &GuestNode, host_addr: &str, 
         .env("TANDEM_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log);
-    let procs = cgroup.join("cgroup.procs");
-    // SAFETY: only open/write/close between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            std::fs::write(&procs, b"0\n")?;
-            Ok(())
-        });
-    }
+    super::in_cgroup(&mut cmd, &cgroup);
     ChildGuard::spawn(&format!("tandem-guest {}", n.name), cmd)
 }

@@ -147,6 +147,19 @@ impl Drop for HostNet {
     }
 }
 
+/// Makes `cmd`'s process join `cgroup` before it executes (so that one write to
+/// `cgroup.kill` ends it and everything it starts).
+pub fn in_cgroup(cmd: &mut Command, cgroup: &std::path::Path) {
+    let procs = cgroup.join("cgroup.procs");
+    // SAFETY: only async-signal-safe work between fork and exec: open/write/close.
+    unsafe {
+        cmd.pre_exec(move || {
+            std::fs::write(&procs, b"0\n")?;
+            Ok(())
+        });
+    }
+}
+
 /// The UUID of the `i`-th VM (from 0) of a [`Cluster`].
 pub fn vm_uuid(i: usize) -> String {
     format!("00000000-0000-4000-8000-{:012}", i + 1)
@@ -403,14 +416,7 @@ impl Cluster {
             .env("TANDEM_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        let procs = cgroup.join("cgroup.procs");
-        // SAFETY: only async-signal-safe work between fork and exec: open/write/close.
-        unsafe {
-            cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0\n")?;
-                Ok(())
-            });
-        }
+        in_cgroup(&mut cmd, &cgroup);
         Host { agent: ChildGuard::spawn(&format!("tandem-host {name}"), cmd) }
     }
 
