@@ -118,6 +118,7 @@ fn host_link(config: &tandem_config::ClusterConfig, node: &str) -> anyhow::Resul
     };
     let key = tandem_node::link::proof::read_key(&settings.key_file)
         .with_context(|| format!("[host_link] key_file {}", settings.key_file.display()))?;
+    let tls = settings.tls.as_ref().map(tandem_node::link::LinkTls::load).transpose().context("[host_link.tls]")?;
     Ok(Some(GuestLink::new(GuestLinkConfig {
         address: settings.address.clone(),
         vm_uuid,
@@ -125,6 +126,7 @@ fn host_link(config: &tandem_config::ClusterConfig, node: &str) -> anyhow::Resul
         heartbeat_interval: settings.heartbeat_interval,
         cluster: config.cluster.name.clone(),
         node: node.to_string(),
+        tls,
     })))
 }
 

@@ -42,6 +42,11 @@ struct Guest {
 
 impl Guest {
     fn new(address: &str, uuid: &str, key: &str) -> Guest {
+        Guest::with_link_extra(address, uuid, key, "")
+    }
+
+    /// Like [`Guest::new`], with `extra` lines in `[host_link]`.
+    fn with_link_extra(address: &str, uuid: &str, key: &str, extra: &str) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let cgroup = tandem_lease::cgroup::cgroup2_mount()
             .expect("a cgroup2 mount (the guest runs in a cgroup of its own)")
@@ -70,7 +75,7 @@ impl Guest {
         let toml = format!(
             "[cluster]\nname = \"pg\"\nkey_file = \"{key_file}\"\n\n[[link]]\nname = \"lo\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"1s\"\n\n\
              [lease]\ndevice = \"{lease}\"\nrenewal_interval = \"300ms\"\n\n[api]\nlisten = \"{api}\"\n\n\
-             [host_link]\naddress = \"{address}\"\nvm_uuid = \"{uuid}\"\nkey_file = \"{link_key}\"\nheartbeat_interval = \"200ms\"\n\n\
+             [host_link]\naddress = \"{address}\"\nvm_uuid = \"{uuid}\"\nkey_file = \"{link_key}\"\nheartbeat_interval = \"200ms\"\n{extra}\n\
              [[node]]\nname = \"n1\"\nid = 1\nlinks = {{ lo = \"127.0.0.1\" }}\nfence = {{ kind = \"lease-watchdog-only\" }}\n\n\
              [[group]]\nname = \"app\"\nnodes = [\"n1\"]\n\n[[group.resource]]\nname = \"sleeper\"\nkind = \"exec\"\nmode = \"simple\"\n\
              start = [\"/bin/sleep\", \"1000\"]\nstop_timeout = \"5s\"\n",
@@ -169,7 +174,7 @@ fn vm_status(s: &pb::HostClusterStatus, name: &str) -> pb::VmStatus {
 /// An in-test client: runs the handshake for `uuid` with `key` and returns the host's answer
 /// to the proof (a Welcome or the refusal).
 async fn forge(address: LinkAddress, uuid: &str, key: &str) -> Result<pb::host_to_guest::Msg, tonic::Status> {
-    let channel = tandem_node::link::connect(&address, Duration::from_secs(5)).await.unwrap();
+    let channel = tandem_node::link::connect(&address, None, Duration::from_secs(5)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let gn = proof::nonce();
     tx.send(pb::GuestToHost {
@@ -251,6 +256,93 @@ fn a_real_guest_links_over_tcp_forgers_are_refused_and_a_lost_link_is_only_repor
     let log = c.log_of("h1");
     assert!(log.contains("guest link lost: VM web"), "{log}");
     assert!(log.contains("guest link up: VM web: guest n1 of cluster pg linked over tcp"), "{log}");
+    drop(w);
+}
+
+/// Connects with `tls` and runs the first step of the handshake (hello → challenge): `Ok`
+/// when the listener accepted the connection, the error text otherwise.
+async fn reach(address: &LinkAddress, tls: Option<&tandem_node::link::LinkTls>) -> Result<(), String> {
+    let channel =
+        tandem_node::link::connect(address, tls, Duration::from_secs(5)).await.map_err(|e| format!("{e:?}"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::GuestToHost {
+        msg: Some(pb::guest_to_host::Msg::Hello(pb::LinkHello {
+            vm_uuid: WEB_UUID.into(),
+            guest_nonce: proof::nonce().to_vec(),
+            guest_cluster: "pg".into(),
+            node_name: "probe".into(),
+            agent_version: "0".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let attach = async {
+        let mut inbound = pb::host_link_client::HostLinkClient::new(channel)
+            .attach(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .into_inner();
+        match inbound.message().await {
+            Ok(Some(pb::HostToGuest { msg: Some(pb::host_to_guest::Msg::Challenge(_)) })) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), attach).await.map_err(|_| "no answer within 10 s".to_string())?
+}
+
+#[test]
+fn a_guest_links_over_mutual_tls_and_clients_without_the_right_certificate_are_refused() {
+    let (c, port) = linked_host();
+    let pki = tandem_testkit::certs::make_pki(&c.path(""));
+    let guest_cert = pki.client_cert("guest-web");
+    let mut toml = std::fs::read_to_string(c.path("host.toml")).unwrap();
+    toml += &format!(
+        "\n[guest_link.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca_cert.display()
+    );
+    std::fs::write(c.path("host.toml"), toml).unwrap();
+    let _h1 = c.start("h1");
+    let w = c.watch();
+    c.wait_all_running(&w, Duration::from_secs(60), |_| true);
+    // The test certificate names localhost, not the lab address the guest dials.
+    let tls_line = format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\", server_name = \"localhost\" }}",
+        pki.ca_cert.display(),
+        guest_cert.cert.display(),
+        guest_cert.key.display()
+    );
+    let _guest = Guest::with_link_extra(&format!("tcp:127.0.0.21:{port}"), WEB_UUID, WEB_KEY, &tls_line);
+    let linked = c.wait("web's guest linked over TLS", Duration::from_secs(60), || {
+        let v = vm_status(&c.try_status("h1").ok()?, "web");
+        v.guest.filter(|g| g.connected && g.groups.iter().any(|x| x.name == "app" && x.active_here))
+    });
+    assert_eq!((linked.node_name.as_str(), linked.transport.as_str()), ("n1", "tcp+tls"), "{linked:?}");
+
+    // Other clients: plain TCP, TLS without a client certificate, and TLS trusting another
+    // CA (so the host's certificate does not verify) never reach the handshake.
+    let tcp = LinkAddress::Tcp { host: "127.0.0.21".into(), port };
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = tandem_testkit::certs::make_pki(other.path());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let tls = |ca: &std::path::Path, identity: bool| tandem_node::link::LinkTls {
+        ca: read(ca),
+        identity: identity.then(|| (read(&guest_cert.cert), read(&guest_cert.key))),
+        server_name: Some("localhost".into()),
+    };
+    // The right client passes the same gate, so the refusals below are the certificates'.
+    rt.block_on(reach(&tcp, Some(&tls(&pki.ca_cert, true)))).expect("a client with the right certificate");
+    let plain = rt.block_on(reach(&tcp, None));
+    assert!(plain.is_err(), "plain TCP reached a TLS listener: {plain:?}");
+    let anonymous = rt.block_on(reach(&tcp, Some(&tls(&pki.ca_cert, false))));
+    assert!(anonymous.is_err(), "a client without a certificate was accepted: {anonymous:?}");
+    let wrong_ca = rt.block_on(reach(&tcp, Some(&tls(&other_pki.ca_cert, true))));
+    assert!(wrong_ca.is_err(), "the host's certificate verified against another CA: {wrong_ca:?}");
+    // None of them disturbed the real guest.
+    let still = vm_status(&c.status("h1"), "web").guest.unwrap();
+    assert!(still.connected && still.transport == "tcp+tls", "{still:?}");
     drop(w);
 }
 

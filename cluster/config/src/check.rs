@@ -591,6 +591,21 @@ impl<'s> Checker<'s> {
                     format!("port 0 is not usable: give the port guests connect to, e.g. \"{}:7702\"", addr.ip()),
                 );
             }
+            if let Some(tls) = &g.tls {
+                let at = |k| [K("guest_link"), K("tls"), K(k)];
+                self.check_absolute(&at("cert"), "guest-link certificate", &tls.cert);
+                self.check_absolute(&at("key"), "guest-link key", &tls.key);
+                if let Some(ca) = &tls.client_ca {
+                    self.check_absolute(&at("client_ca"), "guest-link client CA", ca);
+                }
+                if g.listen.is_none() {
+                    self.warn(
+                        ProblemKind::InvalidValue,
+                        &[K("guest_link"), K("tls")],
+                        "TLS applies to the TCP listener only, and there is none: add listen = \"ADDRESS:PORT\"".into(),
+                    );
+                }
+            }
             // VMADDR_PORT_ANY (u32::MAX) and 0 name no port a guest could connect to.
             if g.vsock_port == 0 || g.vsock_port == u32::MAX {
                 self.error(
@@ -681,6 +696,36 @@ impl<'s> Checker<'s> {
                 &[K("host_link"), K("address")],
                 "a Unix socket path is at most 107 bytes long; use a shorter path".into(),
             );
+        }
+        if let Some(tls) = &l.tls {
+            let at = |k| [K("host_link"), K("tls"), K(k)];
+            if !matches!(l.address, LinkAddress::Tcp { .. }) {
+                self.error(
+                    ProblemKind::InvalidValue,
+                    &[K("host_link"), K("tls")],
+                    "TLS is for a tcp: address; vsock and Unix-socket links reach only this VM's own host and \
+                     need none: remove [host_link.tls]"
+                        .into(),
+                );
+            }
+            self.check_absolute(&at("ca"), "host-link CA", &tls.ca);
+            match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => {
+                    self.check_absolute(&at("cert"), "host-link certificate", c);
+                    self.check_absolute(&at("key"), "host-link key", k);
+                }
+                (None, None) => {}
+                (Some(_), None) => self.error(
+                    ProblemKind::InvalidValue,
+                    &at("cert"),
+                    "a certificate needs its private key: add key = \"/path/to/key.pem\"".into(),
+                ),
+                (None, Some(_)) => self.error(
+                    ProblemKind::InvalidValue,
+                    &at("key"),
+                    "a key without its certificate: add cert = \"/path/to/cert.pem\"".into(),
+                ),
+            }
         }
         match &l.vm_uuid {
             Some(u) if !is_uuid(u) => self.error(

@@ -257,6 +257,11 @@ pub struct GuestLinkSettings {
     #[serde(default = "default_vsock_port")]
     #[schemars(default = "default_vsock_port")]
     pub vsock_port: u32,
+    /// TLS for the TCP listener (`[guest_link.tls]`): this host's certificate and key, and
+    /// with `client_ca` every guest must present a certificate that chains to it. The
+    /// per-VM Unix sockets need none: only the VM's own vsock backend reaches them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTls>,
 }
 
 fn default_vsock_port() -> u32 {
@@ -282,6 +287,27 @@ pub struct HostLinkSettings {
     #[serde(default = "default_heartbeat_interval", with = "duration")]
     #[schemars(with = "DurationSchema", default = "default_heartbeat_interval_text")]
     pub heartbeat_interval: Duration,
+    /// TLS for a `tcp:` address (`[host_link.tls]`), when the host's `[guest_link.tls]` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<HostLinkTls>,
+}
+
+/// `[host_link.tls]`: how a guest checks its host agent's certificate over TCP, and the
+/// certificate it presents when the host asks for one (`[guest_link.tls] client_ca`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostLinkTls {
+    /// PEM CA certificate(s) the host agent's certificate must chain to.
+    pub ca: PathBuf,
+    /// PEM certificate of this guest (with `key`), for hosts that verify guests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The name the host's certificate must carry. Default: the host of the `tcp:` address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// Where a guest agent reaches its host agent (`[host_link] address`).

@@ -859,6 +859,30 @@ fn host_link_fields_are_checked() {
     let (line, col, field, _, msg) = only(&src);
     assert_eq!((line, col, field.as_str()), (22, 1, "host_link"));
     assert!(msg.contains("no VM UUID"), "{msg}");
+    // TLS: only for tcp:, a certificate needs its key.
+    let uuid = "vm_uuid = \"4f1c2a9e-7b3d-4c55-9a61-0e2f8d7c6b01\"";
+    let src = format!(
+        "{BASE}\n[host_link]\naddress = \"unix:/run/l.sock\"\nkey_file = \"/k\"\n{uuid}\ntls = {{ ca = \"/ca.pem\" }}\n"
+    );
+    let (line, col, field, _, msg) = only(&src);
+    assert_eq!((line, col, field.as_str()), (26, 7, "host_link.tls"));
+    assert!(msg.contains("TLS is for a tcp: address"), "{msg}");
+    let src = format!(
+        "{BASE}\n[host_link]\naddress = \"tcp:10.0.0.1:7702\"\nkey_file = \"/k\"\n{uuid}\ntls = {{ ca = \"ca.pem\", cert = \"/c.pem\" }}\n"
+    );
+    let s = summary(&errors_of(&src));
+    assert_eq!(
+        s.iter().map(|(_, _, f, k)| (f.as_str(), *k)).collect::<Vec<_>>(),
+        vec![("host_link.tls.ca", ProblemKind::InvalidValue), ("host_link.tls.cert", ProblemKind::InvalidValue)],
+        "{s:?}"
+    );
+    let ok = format!(
+        "{BASE}\n[host_link]\naddress = \"tcp:10.0.0.1:7702\"\nkey_file = \"/k\"\n{uuid}\n\
+         tls = {{ ca = \"/ca.pem\", cert = \"/c.pem\", key = \"/c.key\", server_name = \"h1\" }}\n"
+    );
+    let f = write(&ok);
+    let c = tandem_config::load(f.path()).unwrap();
+    assert_eq!(c.host_link.unwrap().tls.unwrap().server_name.as_deref(), Some("h1"));
 }
 
 #[test]

@@ -53,7 +53,7 @@ async fn host() -> Host {
         ],
     );
     let stop = CancellationToken::new();
-    let settings = GuestLinkSettings { listen: Some("127.0.0.1:0".parse().unwrap()), vsock_port: 7702 };
+    let settings = GuestLinkSettings { listen: Some("127.0.0.1:0".parse().unwrap()), vsock_port: 7702, tls: None };
     let l = serve(registry.clone(), Some(&settings), stop.clone()).await.unwrap();
     assert_eq!(l.sockets, vec![("a".to_string(), dir.path().join("a.vsock_7702"))]);
     Host { registry, tcp: l.tcp.unwrap(), socket_a: dir.path().join("a.vsock_7702"), stop, _dir: dir }
@@ -66,7 +66,7 @@ struct Raw {
 }
 
 async fn raw(address: &LinkAddress) -> Raw {
-    let channel = tandem_node::link::connect(address, Duration::from_secs(5)).await.unwrap();
+    let channel = tandem_node::link::connect(address, None, Duration::from_secs(5)).await.unwrap();
     let (tx, out) = mpsc::channel(8);
     let rx =
         pb::host_link_client::HostLinkClient::new(channel).attach(ReceiverStream::new(out)).await.unwrap().into_inner();
@@ -286,6 +286,7 @@ fn guest(address: LinkAddress, uuid: &str, key: &str) -> GuestLink {
         heartbeat_interval: Duration::from_millis(100),
         cluster: "pg".into(),
         node: "n1".into(),
+        tls: None,
     })
 }
 

@@ -11,7 +11,8 @@ use tandem_config::{DEFAULT_GUEST_LINK_VSOCK_PORT, GuestLinkSettings};
 use tandem_node::api::pb;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tracing::{error, info, warn};
 
 use super::LinkRegistry;
 use super::service::HostLinkService;
@@ -19,6 +20,17 @@ use super::service::HostLinkService;
 /// A listener could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkServeError {
+    /// A `[guest_link.tls]` file cannot be read, or its contents are unusable.
+    #[error("[guest_link.tls]: cannot use the {what} {}", path.display())]
+    Tls {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The TCP address cannot be bound.
     #[error("cannot listen for guest links on {0} ([guest_link] listen)")]
     Tcp(SocketAddr, #[source] std::io::Error),
@@ -44,6 +56,24 @@ pub struct LinkListeners {
     pub sockets: Vec<(String, PathBuf)>,
 }
 
+/// A TLS handshake that has not finished by then is dropped: a client that connects and
+/// stalls must not hold a connection slot.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn tls_config(tls: &tandem_config::ApiTls) -> Result<ServerTlsConfig, LinkServeError> {
+    let read = |what, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| LinkServeError::Tls { what, path: path.to_path_buf(), source: Box::new(e) })
+    };
+    let identity = Identity::from_pem(read("certificate", &tls.cert)?, read("key", &tls.key)?);
+    let mut config = ServerTlsConfig::new().identity(identity).timeout(TLS_HANDSHAKE_TIMEOUT);
+    if let Some(ca) = &tls.client_ca {
+        // Required, unlike the API's optional client certificates: a guest has nothing to
+        // do on this listener without one, so the handshake itself refuses it.
+        config = config.client_ca_root(Certificate::from_pem(read("client CA", ca)?));
+    }
+    Ok(config)
+}
+
 fn server() -> tonic::transport::Server {
     // HTTP/2 pings notice a guest that vanished without closing its connection.
     tonic::transport::Server::builder()
@@ -60,12 +90,30 @@ pub async fn serve(
 ) -> Result<LinkListeners, LinkServeError> {
     let mut out = LinkListeners::default();
     if let Some(addr) = settings.and_then(|s| s.listen) {
+        let tls = settings.and_then(|s| s.tls.as_ref());
+        let mut builder = server();
+        if let Some(t) = tls {
+            let config = tls_config(t)?;
+            builder = builder.tls_config(config).map_err(|e| LinkServeError::Tls {
+                what: "certificate",
+                path: t.cert.clone(),
+                source: Box::new(e),
+            })?;
+        }
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| LinkServeError::Tcp(addr, e))?;
         let bound = listener.local_addr().map_err(|e| LinkServeError::Tcp(addr, e))?;
-        let service = HostLinkService { registry: registry.clone(), transport: "tcp", bound: None, path: None };
+        if tls.is_none() && !bound.ip().is_loopback() {
+            warn!(
+                target: "tandem_host::link",
+                "guest links on {bound} without [guest_link.tls]: the handshake authenticates both ends, but what \
+                 follows is readable and alterable on the path"
+            );
+        }
+        let transport = if tls.is_some() { "tcp+tls" } else { "tcp" };
+        let service = HostLinkService { registry: registry.clone(), transport, bound: None, path: None };
         let stop = stop.clone();
         tokio::spawn(async move {
-            let r = server()
+            let r = builder
                 .add_service(pb::host_link_server::HostLinkServer::new(service))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled())
                 .await;
@@ -73,7 +121,7 @@ pub async fn serve(
                 error!(target: "tandem_host::link", "guest-link listener on {bound}: {e}");
             }
         });
-        info!(target: "tandem_host::link", "guest links: listening on tcp {bound}");
+        info!(target: "tandem_host::link", "guest links: listening on {transport} {bound}");
         out.tcp = Some(bound);
     }
     let port = settings.map_or(DEFAULT_GUEST_LINK_VSOCK_PORT, |s| s.vsock_port);

@@ -44,6 +44,8 @@ pub struct GuestLinkConfig {
     pub cluster: String,
     /// This node's name.
     pub node: String,
+    /// TLS for a `tcp:` address.
+    pub tls: Option<transport::LinkTls>,
 }
 
 /// Why one link session ended.
@@ -150,7 +152,7 @@ impl GuestLink {
 
     async fn session(&self, control: &Arc<dyn Control>) -> Result<(), LinkSessionError> {
         let cfg = &self.config;
-        let channel = transport::connect(&cfg.address, transport::CONNECT_TIMEOUT).await?;
+        let channel = transport::connect(&cfg.address, cfg.tls.as_ref(), transport::CONNECT_TIMEOUT).await?;
         let mut client = pb::host_link_client::HostLinkClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::GuestToHost>(64);
         let guest_nonce = proof::nonce();
@@ -348,6 +350,7 @@ mod tests {
             heartbeat_interval: Duration::from_secs(1),
             cluster: "c".into(),
             node: "a".into(),
+            tls: None,
         });
         assert_eq!(link.linked(), None);
         let e = link

@@ -19,6 +19,7 @@
 //!     heartbeat_interval: settings.heartbeat_interval,
 //!     cluster: "pg".into(),
 //!     node: "n1".into(),
+//!     tls: None,
 //! });
 //! // Before the agent starts: AgentOptions { host_cluster: Some(link.fencing()), .. }
 //! let _task = link.spawn(agent.control.clone());
@@ -30,4 +31,4 @@ pub mod proof;
 mod transport;
 
 pub use client::{GuestLink, GuestLinkConfig, LinkSessionError, LinkedHost};
-pub use transport::{CONNECT_TIMEOUT, TransportError, connect};
+pub use transport::{CONNECT_TIMEOUT, LinkTls, LinkTlsError, TransportError, connect};

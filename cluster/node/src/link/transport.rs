@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tandem_config::LinkAddress;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +41,54 @@ pub enum TransportError {
     },
 }
 
+/// TLS for a `tcp:` link (`[host_link.tls]`), read from its files when the agent starts.
+#[derive(Clone)]
+pub struct LinkTls {
+    /// PEM CA certificate(s) the host's certificate must chain to.
+    pub ca: Vec<u8>,
+    /// This guest's PEM certificate and key, for hosts that verify guests.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the host's certificate must carry (default: the address's host).
+    pub server_name: Option<String>,
+}
+
+/// A `[host_link.tls]` file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the {what} {}", path.display())]
+pub struct LinkTlsError {
+    /// Which file: `CA`, `certificate`, `key`.
+    pub what: &'static str,
+    /// Its path.
+    pub path: std::path::PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl LinkTls {
+    /// Reads the files of `[host_link.tls]`.
+    pub fn load(settings: &tandem_config::HostLinkTls) -> Result<LinkTls, LinkTlsError> {
+        let read = |what, path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| LinkTlsError { what, path: path.to_path_buf(), source })
+        };
+        let identity = match (&settings.cert, &settings.key) {
+            (Some(c), Some(k)) => Some((read("certificate", c)?, read("key", k)?)),
+            _ => None,
+        };
+        Ok(LinkTls { ca: read("CA", &settings.ca)?, identity, server_name: settings.server_name.clone() })
+    }
+}
+
+impl std::fmt::Debug for LinkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("LinkTls")
+            .field("client_certificate", &self.identity.is_some())
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
 fn keepalive(e: Endpoint, limit: Duration) -> Endpoint {
     // HTTP/2 pings notice a host that vanished without closing the connection (a paused
     // host, a cut network) within about 15 s even while nothing else is sent.
@@ -50,15 +98,27 @@ fn keepalive(e: Endpoint, limit: Duration) -> Endpoint {
         .keep_alive_while_idle(true)
 }
 
-/// Opens a channel to `address`, within `limit`.
-pub async fn connect(address: &LinkAddress, limit: Duration) -> Result<Channel, TransportError> {
+/// Opens a channel to `address`, within `limit`; over TLS when `tls` is given (`tcp:` only).
+pub async fn connect(address: &LinkAddress, tls: Option<&LinkTls>, limit: Duration) -> Result<Channel, TransportError> {
     let text = address.to_string();
     let attempt = async {
         match address {
             LinkAddress::Tcp { host, port } => {
-                let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-                let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let bracketed = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{bracketed}:{port}"))
                     .map_err(|source| TransportError::Address { address: text.clone(), source })?;
+                if let Some(t) = tls {
+                    let mut config = ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(&t.ca))
+                        .domain_name(t.server_name.clone().unwrap_or_else(|| host.clone()));
+                    if let Some((cert, key)) = &t.identity {
+                        config = config.identity(Identity::from_pem(cert, key));
+                    }
+                    endpoint = endpoint
+                        .tls_config(config)
+                        .map_err(|source| TransportError::Address { address: text.clone(), source })?;
+                }
                 keepalive(endpoint, limit)
                     .connect()
                     .await
@@ -97,15 +157,15 @@ mod tests {
     #[tokio::test]
     async fn refused_and_unsupported_transports_fail_fast() {
         let dir = tempfile::tempdir().unwrap();
-        let e = connect(&LinkAddress::Unix(dir.path().join("none.sock")), CONNECT_TIMEOUT).await.unwrap_err();
+        let e = connect(&LinkAddress::Unix(dir.path().join("none.sock")), None, CONNECT_TIMEOUT).await.unwrap_err();
         assert!(matches!(e, TransportError::Connect { .. }), "{e}");
         let port = tandem_testkit::free_port();
-        let e = connect(&LinkAddress::Tcp { host: "127.0.0.1".into(), port }, CONNECT_TIMEOUT).await.unwrap_err();
+        let e = connect(&LinkAddress::Tcp { host: "127.0.0.1".into(), port }, None, CONNECT_TIMEOUT).await.unwrap_err();
         assert!(matches!(e, TransportError::Connect { .. }), "{e}");
         // This machine has no vsock transport: the attempt must end with an error (address
         // family not supported, no such device, refused), never hang.
         let start = std::time::Instant::now();
-        let e = connect(&LinkAddress::Vsock { cid: 2, port: 7702 }, Duration::from_secs(3)).await.unwrap_err();
+        let e = connect(&LinkAddress::Vsock { cid: 2, port: 7702 }, None, Duration::from_secs(3)).await.unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
         assert!(e.to_string().contains("vsock:2:7702"), "{e}");
     }
