@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use serde_json::json;
 use tandem_lease::fence::{FencePlan, FenceStep, signal_group};
 use tandem_lease::format::DeltaState;
-use tandem_lease::guard::{GuardHandle, run_guard_on_stdin};
+use tandem_lease::guard::{GuardHandle, GuardOptions, run_guard_on_stdin};
 use tandem_lease::lockspace::{AreaParams, ResourceDump};
 use tandem_lease::monotonic_now;
 use tandem_lease::{DiskError, FileDisk, Header, HostLease, IoMode, LeaseDisk, LeaseError, Lockspace, Timeouts};
@@ -51,7 +51,14 @@ enum LeaseCommand {
     Run(RunArgs),
     /// The fencing guard process (internal: started by `run`, reads commands on stdin).
     #[command(hide = true)]
-    Guard,
+    Guard {
+        /// Hardware watchdog device to keep alive while the agent pets.
+        #[arg(long)]
+        watchdog: Option<std::path::PathBuf>,
+        /// Milliseconds after a missed kill deadline by which the watchdog fires (M − grace).
+        #[arg(long)]
+        watchdog_extra_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +128,11 @@ struct RunArgs {
     /// (at most half the kill margin; default half of it).
     #[arg(long)]
     grace_ms: Option<u64>,
+    /// Hardware watchdog device (e.g. /dev/watchdog) that the guard keeps alive while the lease
+    /// is renewed: it resets the machine by K + M when COMMAND survives the SIGKILL (needs a
+    /// kill margin of at least grace + 1 s).
+    #[arg(long)]
+    watchdog: Option<PathBuf>,
     /// Print a JSON summary on stderr when done.
     #[arg(long)]
     json: bool,
@@ -135,8 +147,8 @@ pub fn main(args: LeaseArgs) -> i32 {
         LeaseCommand::Init(a) => init(a),
         LeaseCommand::Dump(a) => dump(a),
         LeaseCommand::Run(a) => return run(a),
-        LeaseCommand::Guard => {
-            return match run_guard_on_stdin() {
+        LeaseCommand::Guard { watchdog, watchdog_extra_ms } => {
+            return match run_guard_on_stdin(&GuardOptions { watchdog, watchdog_extra_ms }) {
                 Ok(_) => 0,
                 Err(e) => {
                     eprintln!("tandem-guard: {e}");
@@ -465,13 +477,14 @@ fn run_inner(a: RunArgs) -> RunOutcome {
     };
     let t = header.timeouts;
     let grace = a.grace_ms.unwrap_or_else(|| FencePlan::default_grace_ms(&t));
-    let plan = match FencePlan::new(t, grace, None) {
+    let watchdog = a.watchdog.clone().map(|device| tandem_lease::fence::WatchdogConfig { device });
+    let plan = match FencePlan::new(t, grace, watchdog) {
         Ok(p) => p,
         Err(e) => return fail(EXIT_USAGE, "area-error", format!("{:#}", anyhow::Error::new(e))),
     };
     // The guard first: nothing may run under the lease without it.
     let mut guard_cmd = Command::new("/proc/self/exe");
-    guard_cmd.args(["lease", "guard"]);
+    guard_cmd.args(["lease", "guard"]).args(GuardHandle::watchdog_args(&plan));
     let guard = match GuardHandle::spawn(guard_cmd) {
         Ok(g) => Arc::new(Mutex::new(Some(g))),
         Err(e) => return fail(EXIT_INTERNAL, "internal-error", format!("{:#}", anyhow::Error::new(e))),

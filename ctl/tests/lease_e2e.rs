@@ -349,3 +349,66 @@ fn hung_lease_disk_on_the_holder_fences_it_before_takeover() {
     let tokens = check_log(&read_log(&area.log()));
     assert_eq!(tokens.len(), 2, "{tokens:?}");
 }
+
+#[test]
+fn commands_exit_status_is_passed_through_and_a_watchdog_is_kept_alive_then_disarmed() {
+    // A watchdog needs M >= grace + 1 s: R = 2 s gives M = 2 s with the default grace of 1 s.
+    let dir = tempfile::tempdir().unwrap();
+    let device = dir.path().join("area.lease");
+    let st = tandemctl()
+        .args(["lease", "init", "--hosts", "4", "--resources", "4", "--renewal-ms", "2000", "--device"])
+        .arg(&device)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // A FIFO stands in for /dev/watchdog (it takes keepalive writes and refuses the timeout
+    // ioctl, which the guard reports and survives).
+    let fifo = dir.path().join("watchdog");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::read(&fifo).unwrap()
+    });
+    let out = tandemctl()
+        .args(["lease", "run", "--resource", "db", "--host-id", "1", "--watchdog"])
+        .arg(&fifo)
+        .arg("--device")
+        .arg(&device)
+        // Long enough for a renewal or two to pet the watchdog, then a distinctive status.
+        .args(["--", "sh", "-c", "sleep 4; exit 3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "COMMAND's own status: {stderr}");
+    let bytes = reader.join().unwrap();
+    assert!(bytes.len() >= 2 && bytes.ends_with(b"V"), "keepalives then the magic close: {bytes:?}");
+    assert!(bytes[..bytes.len() - 1].iter().all(|&b| b == b'k'), "{bytes:?}");
+    assert!(stderr.contains("cannot set its timeout"), "{stderr}");
+
+    // Timeouts that leave the watchdog no second after the SIGKILL are refused up front.
+    let fast = Area::new();
+    let out = tandemctl()
+        .args(["lease", "run", "--resource", "db", "--host-id", "1", "--watchdog"])
+        .arg(&fifo)
+        .arg("--device")
+        .arg(fast.device())
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_USAGE), "{stderr}");
+    assert!(stderr.contains("hardware watchdog needs kill margin"), "{stderr}");
+    // A device that cannot be opened: the guard never becomes ready, nothing runs.
+    let marker = dir.path().join("ran");
+    let out = tandemctl()
+        .args(["lease", "run", "--resource", "db", "--host-id", "1", "--watchdog", "/nonexistent/watchdog", "--device"])
+        .arg(&device)
+        .args(["--", "touch"])
+        .arg(&marker)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "{stderr}");
+    assert!(stderr.contains("/nonexistent/watchdog") && stderr.contains("did not become ready"), "{stderr}");
+    assert!(!marker.exists());
+}

@@ -41,15 +41,23 @@ enum Cmd {
     },
     /// The fencing guard (started by the agent itself).
     #[command(hide = true)]
-    Guard,
+    Guard {
+        /// Hardware watchdog device to keep alive while the agent pets.
+        #[arg(long)]
+        watchdog: Option<std::path::PathBuf>,
+        /// Milliseconds after a missed kill deadline by which the watchdog fires (M − grace).
+        #[arg(long)]
+        watchdog_extra_ms: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Guard) => {
+        Some(Cmd::Guard { watchdog, watchdog_extra_ms }) => {
             // The guard must not depend on anything the agent does: no runtime, no logging setup.
-            return match tandem_lease::guard::run_guard_on_stdin() {
+            let options = tandem_lease::guard::GuardOptions { watchdog, watchdog_extra_ms };
+            return match tandem_lease::guard::run_guard_on_stdin(&options) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tandem-guard: {e}");

@@ -108,6 +108,8 @@ struct LeaseFields {
     kill_margin: Option<Duration>,
     #[serde(default, with = "duration::option")]
     host_dead_timeout: Option<Duration>,
+    #[serde(default)]
+    watchdog: Option<PathBuf>,
 }
 
 const SECTIONS: &str = "cluster, node, link, lease, group, api, guest_link, host_link, network";
@@ -441,6 +443,7 @@ impl<'s> Checker<'s> {
             fence_deadline: f.fence_deadline.unwrap_or(ms(derived.fence_ms)),
             kill_margin: f.kill_margin.unwrap_or(ms(derived.kill_margin_ms)),
             host_dead_timeout: f.host_dead_timeout.unwrap_or(ms(derived.host_dead_ms)),
+            watchdog: f.watchdog,
         })
     }
 
@@ -1114,6 +1117,14 @@ impl<'s> Checker<'s> {
         }
         if !whole {
             return;
+        }
+        if let Some(w) = &l.watchdog {
+            self.check_absolute(&[K("lease"), K("watchdog")], "watchdog device", w);
+            if l.timeouts().validate().is_ok()
+                && let Err(e @ tandem_lease::fence::FenceError::WatchdogMargin { .. }) = l.fence_plan()
+            {
+                self.error(ProblemKind::LeaseTiming, &[K("lease"), K("watchdog")], e.to_string());
+            }
         }
         if let Err(e) = l.timeouts().validate() {
             // A value below its minimum is the fault of that one field (when

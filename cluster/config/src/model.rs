@@ -616,6 +616,11 @@ pub struct LeaseSettings {
     #[serde(with = "duration")]
     #[schemars(with = "Option<DurationSchema>")]
     pub host_dead_timeout: Duration,
+    /// A hardware watchdog device (`/dev/watchdog`) that the fencing guard keeps alive while
+    /// the lease is renewed: it resets the machine by `K + M` when something survives the
+    /// guard's SIGKILL or the guard cannot run. Needs `kill_margin` ≥ 2 s. Off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<PathBuf>,
 }
 
 fn default_renewal_text() -> &'static str {
@@ -634,6 +639,17 @@ impl LeaseSettings {
             kill_margin_ms: ms(self.kill_margin),
             host_dead_ms: ms(self.host_dead_timeout),
         }
+    }
+
+    /// The self-fencing plan: the default graceful-stop period, and the watchdog if set.
+    pub fn fence_plan(&self) -> Result<tandem_lease::fence::FencePlan, tandem_lease::fence::FenceError> {
+        let timeouts = self.timeouts();
+        let watchdog = self.watchdog.clone().map(|device| tandem_lease::fence::WatchdogConfig { device });
+        tandem_lease::fence::FencePlan::new(
+            timeouts,
+            tandem_lease::fence::FencePlan::default_grace_ms(&timeouts),
+            watchdog,
+        )
     }
 }
 

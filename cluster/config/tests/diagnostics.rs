@@ -336,6 +336,21 @@ fn lease_timing_is_checked_with_the_lease_library() {
     let (line, col, field, kind, msg) = only(&src);
     assert_eq!((line, col, field.as_str(), kind), (24, 20, "lease.renewal_interval", ProblemKind::LeaseTiming));
     assert!(msg.contains("100 ms"), "{msg}");
+    // A hardware watchdog needs a second after the SIGKILL: M >= grace (M/2) + 1 s.
+    let src = format!("{BASE}{LEASE}watchdog = \"/dev/watchdog\"\n");
+    let (line, col, field, kind, msg) = only(&src);
+    assert_eq!((line, col, field.as_str(), kind), (24, 12, "lease.watchdog", ProblemKind::LeaseTiming));
+    assert!(msg.contains("hardware watchdog needs kill margin"), "{msg}");
+    let src = format!("{BASE}{LEASE}watchdog = \"dev/watchdog\"\nrenewal_interval = \"2s\"\n");
+    let (_, _, field, _, msg) = only(&src);
+    assert_eq!(field, "lease.watchdog");
+    assert!(msg.contains("absolute"), "{msg}");
+    let src = format!("{BASE}{LEASE}watchdog = \"/dev/watchdog\"\nrenewal_interval = \"2s\"\n");
+    let f = write(&src);
+    let c = tandem_config::load(f.path()).unwrap();
+    let plan = c.lease.unwrap().fence_plan().unwrap();
+    assert_eq!(plan.watchdog().unwrap().device, std::path::Path::new("/dev/watchdog"));
+    assert_eq!(plan.watchdog_extra_ms(), 1000);
 }
 
 const MONITOR: &str = r#"

@@ -111,7 +111,8 @@ pub enum ConfigError {
 }
 
 impl Default for Timeouts {
-    /// Takeover within about 6.6 s of a holder's death on local storage:
+    /// Takeover at most about 7.8 s after a holder's death on local storage
+    /// ([`Timeouts::takeover_estimate_ms`]: `T + R + R/4` + I/O; 5.5–6.5 s measured):
     /// `R` = 1 s, `I` = 1.5 s, `K` = 3.5 s, `M` = 1 s, `T` = 6.5 s.
     fn default() -> Self {
         Timeouts::from_renewal_ms(1000)
@@ -121,7 +122,7 @@ impl Default for Timeouts {
 impl Timeouts {
     /// Derives a consistent set from the renewal interval `R`, in the
     /// proportions of the defaults: `I = 1.5R`, `K = 3.5R`, `M = R`,
-    /// `T = 6.5R`. `R = 300` gives a takeover of about 2 s; `R = 1000` the
+    /// `T = 6.5R`. `R = 300` gives a takeover under 2.5 s; `R = 1000` the
     /// default. The result still has to pass [`Timeouts::validate`] (`R`
     /// must be at least [`MIN_RENEWAL_MS`]).
     pub fn from_renewal_ms(renewal_ms: u64) -> Self {

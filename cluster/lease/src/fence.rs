@@ -112,6 +112,12 @@ impl FencePlan {
         valid_until + self.grace_ms
     }
 
+    /// `M − grace`: from the guard's kill deadline to [`FencePlan::dead_by`], the time the
+    /// guard gives the watchdog after a missed pet.
+    pub fn watchdog_extra_ms(&self) -> u64 {
+        self.timeouts.kill_margin_ms - self.grace_ms
+    }
+
     /// When everything must be dead: `w + K + M`. A watchdog must reset the machine by then.
     pub fn dead_by(&self, valid_until: Millis) -> Millis {
         valid_until + self.timeouts.kill_margin_ms

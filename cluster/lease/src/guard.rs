@@ -39,6 +39,7 @@ use nix::unistd::Pid;
 
 use crate::cgroup::{CgroupError, KillMethod, check_path, check_registrable, kill_path};
 use crate::clock::{Millis, monotonic_now};
+use crate::watchdog::{Watchdog, timeout_for_pet};
 
 /// Errors of the guard and of its client handle.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,27 @@ pub enum GuardError {
         /// The offending line (lossily decoded).
         line: String,
     },
+    /// The guard process started but ended, or did not say it was ready, within its limit (a
+    /// watchdog it could not open, a bad argument: its own message is on stderr).
+    #[error("the fencing guard `{program}` did not become ready: {detail}")]
+    NotReady {
+        /// The program.
+        program: String,
+        /// Its exit status, or that it did not answer in time.
+        detail: String,
+    },
+    /// The configured hardware watchdog cannot be opened (`--watchdog PATH`).
+    #[error("cannot open the watchdog device {}; check the path and that no other program holds it", path.display())]
+    Watchdog {
+        /// The device.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The guard's command line is not understood.
+    #[error("invalid guard arguments: {0}")]
+    Args(String),
     /// A process group id that cannot be killed safely (0, 1 or negative would hit other processes).
     #[error("refusing to guard process group {0}: only ids above 1 name a single process group")]
     BadPgid(i32),
@@ -224,6 +246,87 @@ fn kill_cgroups(cgroups: &BTreeSet<PathBuf>, why: &str, log: &mut dyn FnMut(&str
     killed
 }
 
+/// The hardware watchdog a guard keeps alive, and `M − grace`: how long after a kill deadline
+/// the watchdog may fire at the latest (see [`crate::watchdog`]).
+#[derive(Debug)]
+pub struct GuardWatchdog {
+    /// The open device.
+    pub device: Watchdog,
+    /// `M − grace` in milliseconds (at least 1000).
+    pub extra_ms: u64,
+}
+
+impl GuardWatchdog {
+    /// Keeps the watchdog alive for a pet with kill deadline `pet_ms`.
+    fn pet(&mut self, pet_ms: u64, log: &mut dyn FnMut(&str)) {
+        match timeout_for_pet(pet_ms, self.extra_ms, monotonic_ms()) {
+            Some(t) => match self.device.keepalive(t) {
+                Ok(Some(note)) => log(&note),
+                Ok(None) => {}
+                Err(e) => log(&format!("cannot keep the watchdog {} alive: {e}", self.device.path().display())),
+            },
+            // Too late for a whole second: the previous setting fires no later than this one would.
+            None => log("a pet came with under a second left before dead_by; the watchdog was not kept alive"),
+        }
+    }
+
+    /// After fencing: disarms the watchdog if everything guarded is confirmed dead by
+    /// `dead_by − 500 ms`, else leaves it to reset the machine.
+    fn after_kill(
+        &mut self,
+        groups: &BTreeSet<i32>,
+        cgroups: &BTreeSet<PathBuf>,
+        dead_by: u64,
+        log: &mut dyn FnMut(&str),
+    ) {
+        if !self.device.armed() {
+            return;
+        }
+        if confirm_dead(groups, cgroups, dead_by.saturating_sub(500)) {
+            match self.device.disarm() {
+                Ok(()) => log("everything guarded is dead: watchdog disarmed (no reset)"),
+                Err(e) => log(&format!("everything guarded is dead, but the watchdog cannot be disarmed: {e}")),
+            }
+        } else {
+            log("guarded processes survived SIGKILL: the watchdog is left to reset this machine");
+        }
+    }
+}
+
+/// Whether some process other than a zombie is in process group `pgid` (scans /proc).
+fn group_alive(pgid: i32) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return true };
+    rd.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { return false };
+        // pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return false };
+        let mut f = rest.split_whitespace();
+        let (state, _ppid, pgrp) = (f.next(), f.next(), f.next());
+        state != Some("Z") && state != Some("X") && pgrp.and_then(|p| p.parse::<i32>().ok()) == Some(pgid)
+    })
+}
+
+/// Whether a cgroup still lists a process (a removed cgroup lists none).
+fn cgroup_alive(path: &Path) -> bool {
+    match std::fs::read_to_string(path.join("cgroup.procs")) {
+        Ok(t) => !t.trim().is_empty(),
+        Err(e) => e.kind() != io::ErrorKind::NotFound,
+    }
+}
+
+/// Waits until nothing of `groups` and `cgroups` runs any more, or `until` passes.
+fn confirm_dead(groups: &BTreeSet<i32>, cgroups: &BTreeSet<PathBuf>, until: u64) -> bool {
+    loop {
+        if !groups.iter().any(|&g| group_alive(g)) && !cgroups.iter().any(|c| cgroup_alive(c)) {
+            return true;
+        }
+        if monotonic_ms() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs the guard on `input` until the agent says `bye` or disappears. Blocking.
 ///
 /// The loop only ever blocks in `poll` with a timeout that ends at the current kill deadline, and
@@ -235,6 +338,17 @@ fn kill_cgroups(cgroups: &BTreeSet<PathBuf>, why: &str, log: &mut dyn FnMut(&str
 /// once reaped) and the guard keeps serving the agent, which may register new groups later.
 /// `log` receives one line per event worth an operator's attention.
 pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<GuardExit, GuardError> {
+    run_guard_with(input, None, log)
+}
+
+/// [`run_guard`] keeping a hardware watchdog alive from the agent's pets (see
+/// [`crate::watchdog`]): it fires by `dead_by` once pets stop, unless the guard confirmed that
+/// everything it killed is dead; `bye` disarms it.
+pub fn run_guard_with(
+    input: BorrowedFd<'_>,
+    mut watchdog: Option<GuardWatchdog>,
+    log: &mut dyn FnMut(&str),
+) -> Result<GuardExit, GuardError> {
     let mut groups: BTreeSet<i32> = BTreeSet::new();
     let mut cgroups: BTreeSet<PathBuf> = BTreeSet::new();
     let mut deadline: Option<u64> = None;
@@ -271,6 +385,11 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
                 let why = "agent gone (pipe closed without bye)";
                 let killed = kill_groups(&groups, why, log);
                 let killed_cgroups = kill_cgroups(&cgroups, why, log);
+                if let Some(w) = watchdog.as_mut() {
+                    // No deadline to wait for: confirm within the time the watchdog may wait.
+                    let dead_by = deadline.map_or(monotonic_ms() + w.extra_ms, |d| d.max(monotonic_ms()) + w.extra_ms);
+                    w.after_kill(&groups, &cgroups, dead_by, log);
+                }
                 return Ok(GuardExit::AgentGone { killed, killed_cgroups });
             } else {
                 pending.extend_from_slice(&buf[..n as usize]);
@@ -296,16 +415,30 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
                             let clean: PathBuf = path.components().collect();
                             cgroups.remove(&clean);
                         }
-                        Ok(GuardMessage::Pet(ms)) => deadline = Some(ms),
+                        Ok(GuardMessage::Pet(ms)) => {
+                            deadline = Some(ms);
+                            if let Some(w) = watchdog.as_mut() {
+                                w.pet(ms, log);
+                            }
+                        }
                         Ok(GuardMessage::Bye) => {
                             said_bye = true;
                             deadline = None;
+                            if let Some(w) = watchdog.as_mut()
+                                && let Err(e) = w.device.disarm()
+                            {
+                                log(&format!("cannot disarm the watchdog {}: {e}", w.device.path().display()));
+                            }
                         }
                         // A garbled line means the agent is broken: fence rather than guess.
                         Err(e) => {
                             log(&e.to_string());
                             kill_groups(&groups, "protocol error", log);
                             kill_cgroups(&cgroups, "protocol error", log);
+                            if let Some(w) = watchdog.as_mut() {
+                                let dead_by = monotonic_ms() + w.extra_ms;
+                                w.after_kill(&groups, &cgroups, dead_by, log);
+                            }
                             groups.clear();
                             cgroups.clear();
                             deadline = None;
@@ -329,6 +462,9 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
                 let why = format!("kill deadline passed {late} ms ago without a newer pet");
                 kill_groups(&groups, &why, log);
                 kill_cgroups(&cgroups, &why, log);
+                if let Some(w) = watchdog.as_mut() {
+                    w.after_kill(&groups, &cgroups, d + w.extra_ms, log);
+                }
                 groups.clear();
                 cgroups.clear();
                 deadline = None;
@@ -340,9 +476,21 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
 /// Runs the guard on this process's standard input, after hardening and after ignoring the
 /// signals a terminal or session leader might send. This is what a guard executable's `main`
 /// calls; it logs to stderr with a `tandem-guard` prefix.
-pub fn run_guard_on_stdin() -> Result<GuardExit, GuardError> {
+///
+/// `options` may name a hardware watchdog (the guard command's `--watchdog PATH
+/// --watchdog-extra-ms N`, see [`GuardHandle::watchdog_args`]); it is opened before anything
+/// else, and a device that cannot be opened is an error.
+pub fn run_guard_on_stdin(options: &GuardOptions) -> Result<GuardExit, GuardError> {
     let pid = std::process::id();
     let mut log = |msg: &str| eprintln!("tandem-guard[{pid}]: {msg}");
+    let watchdog = options.open_watchdog()?;
+    if let Some(w) = &watchdog {
+        log(&format!(
+            "keeping the watchdog {} alive (fires {} ms after a missed kill deadline)",
+            w.device.path().display(),
+            w.extra_ms
+        ));
+    }
     for note in harden_current_process() {
         log(&note);
     }
@@ -350,8 +498,87 @@ pub fn run_guard_on_stdin() -> Result<GuardExit, GuardError> {
         // SAFETY: installing SIG_IGN runs no code in signal context.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
+    // Tells the agent that the watchdog (if any) is armed and the guard is serving.
+    let mut out = io::stdout();
+    let _ = out.write_all(READY.as_bytes()).and_then(|()| out.flush());
     let stdin = io::stdin();
-    run_guard(stdin.as_fd(), &mut log)
+    run_guard_with(stdin.as_fd(), watchdog, &mut log)
+}
+
+/// The line a guard prints on stdout once it serves.
+const READY: &str = "tandem-guard ready\n";
+
+/// How long [`GuardHandle::spawn`] waits for the guard's [`READY`] line.
+const READY_LIMIT: Duration = Duration::from_secs(10);
+
+/// Waits for the [`READY`] line on `out` (other lines are skipped: a test harness may print
+/// first), until end of file or `READY_LIMIT`.
+fn wait_ready(out: std::process::ChildStdout) -> Result<(), String> {
+    let until = monotonic_ms() + READY_LIMIT.as_millis() as u64;
+    let mut seen: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 256];
+    let fd = out.as_fd();
+    loop {
+        let left = until.saturating_sub(monotonic_ms());
+        if left == 0 {
+            return Err(format!("no answer within {} s", READY_LIMIT.as_secs()));
+        }
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(left.min(1000)).unwrap_or(PollTimeout::ZERO)) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(format!("cannot read its output: {e}")),
+        }
+        // SAFETY: `fd` is the open read end of the guard's stdout; `buf` is writable.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => return Err("it exited".into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(format!("cannot read its output: {e}"));
+                }
+            }
+            n => {
+                seen.extend_from_slice(&buf[..n as usize]);
+                // A line ending with it: libtest prints "test NAME ... " without a newline
+                // before a test helper runs the guard.
+                if seen.split(|&b| b == b'\n').any(|l| l.ends_with(READY.trim_end().as_bytes())) {
+                    return Ok(());
+                }
+                if seen.len() > 64 * 1024 {
+                    return Err("it printed too much before it was ready".into());
+                }
+            }
+        }
+    }
+}
+
+/// The guard command's options (`--watchdog PATH --watchdog-extra-ms N`; each binary's
+/// `guard` subcommand takes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuardOptions {
+    /// The hardware watchdog device to keep alive.
+    pub watchdog: Option<PathBuf>,
+    /// `M − grace` in milliseconds: how long after a missed kill deadline it may fire.
+    pub watchdog_extra_ms: Option<u64>,
+}
+
+impl GuardOptions {
+    /// The watchdog, opened (armed); `None` without `watchdog`.
+    pub fn open_watchdog(&self) -> Result<Option<GuardWatchdog>, GuardError> {
+        let Some(path) = &self.watchdog else { return Ok(None) };
+        let Some(extra_ms) = self.watchdog_extra_ms else {
+            return Err(GuardError::Args("--watchdog needs --watchdog-extra-ms".into()));
+        };
+        if extra_ms < 1000 {
+            return Err(GuardError::Args(format!(
+                "--watchdog-extra-ms {extra_ms} is under the watchdog's 1 s granularity"
+            )));
+        }
+        let device = Watchdog::open(path).map_err(|source| GuardError::Watchdog { path: path.clone(), source })?;
+        Ok(Some(GuardWatchdog { device, extra_ms }))
+    }
 }
 
 /// The agent's handle on its guard process.
@@ -369,13 +596,22 @@ impl GuardHandle {
     /// Starts `cmd` as the guard: its stdin becomes the command pipe, it gets a process group of
     /// its own (terminal signals to the agent's group do not reach it), and stdout is discarded.
     ///
-    /// `cmd` must run [`run_guard_on_stdin`], e.g. `tandemctl lease guard`.
+    /// `cmd` must run [`run_guard_on_stdin`], e.g. `tandemctl lease guard`, and take the
+    /// [`GuardHandle::watchdog_args`] of its plan.
     pub fn spawn(mut cmd: Command) -> Result<Self, GuardError> {
         let program = cmd.get_program().to_string_lossy().into_owned();
-        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd.spawn().map_err(|source| GuardError::Spawn { program, source })?;
+        let mut child = cmd.spawn().map_err(|source| GuardError::Spawn { program: program.clone(), source })?;
         let pipe = child.stdin.take().expect("stdin was configured as piped");
+        // Serving (and its watchdog armed) before anything relies on it. Its stdout is closed
+        // here afterwards: the guard ignores SIGPIPE and writes nothing more.
+        if let Err(detail) = wait_ready(child.stdout.take().expect("stdout was configured as piped")) {
+            drop(pipe);
+            let _ = child.kill();
+            let status = child.wait().map(|s| format!(" ({s})")).unwrap_or_default();
+            return Err(GuardError::NotReady { program, detail: format!("{detail}{status}") });
+        }
         // Never block the agent on a stalled guard: a full pipe is reported as an error instead.
         let fd = pipe.as_raw_fd();
         // SAFETY: `fd` is the open write end we own; F_GETFL/F_SETFL only change its flags.
@@ -384,6 +620,20 @@ impl GuardHandle {
             libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
         Ok(GuardHandle { child, pipe: Some(pipe) })
+    }
+
+    /// Arguments to add to the guard's command so that it keeps the plan's watchdog alive
+    /// (none without a watchdog).
+    pub fn watchdog_args(plan: &crate::fence::FencePlan) -> Vec<String> {
+        match plan.watchdog() {
+            Some(w) => vec![
+                "--watchdog".into(),
+                w.device.display().to_string(),
+                "--watchdog-extra-ms".into(),
+                plan.watchdog_extra_ms().to_string(),
+            ],
+            None => vec![],
+        }
     }
 
     /// The guard's process id.
@@ -531,12 +781,22 @@ mod tests {
     fn helper_process_entry() {
         match std::env::var(ROLE).as_deref() {
             Ok("guard") => {
-                let exit = run_guard_on_stdin();
+                let exit = run_guard_on_stdin(&GuardOptions::default());
                 std::process::exit(match exit {
                     Ok(GuardExit::Bye) => 0,
                     Ok(GuardExit::AgentGone { .. }) => 3,
                     Err(_) => 4,
                 });
+            }
+            Ok("guard-wd") => {
+                // libtest owns this binary's arguments: the watchdog comes by environment.
+                let path = std::env::var("TANDEM_GUARD_TEST_WD").unwrap();
+                let device = Watchdog::open(Path::new(&path)).unwrap();
+                let mut log = |m: &str| eprintln!("tandem-guard: {m}");
+                println!("{}", READY.trim_end());
+                let exit =
+                    run_guard_with(io::stdin().as_fd(), Some(GuardWatchdog { device, extra_ms: 1500 }), &mut log);
+                std::process::exit(if exit.is_ok() { 0 } else { 4 });
             }
             Ok("agent") => agent_main(),
             _ => {}
@@ -548,6 +808,81 @@ mod tests {
         cmd.args(["--exact", "guard::tests::helper_process_entry", "--nocapture", "--test-threads=1"]);
         cmd.env(ROLE, role);
         cmd
+    }
+
+    /// A FIFO standing in for a watchdog device, its reader (everything written until the
+    /// guard closes it), and a guard with a log file keeping it alive.
+    fn guard_with_fifo_watchdog(dir: &Path) -> (GuardHandle, std::thread::JoinHandle<Vec<(u8, u64)>>, PathBuf) {
+        let fifo = dir.join("watchdog");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let reader = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || {
+                let mut f = std::fs::File::open(&fifo).unwrap();
+                let mut out = Vec::new();
+                let mut b = [0u8; 1];
+                while f.read(&mut b).unwrap() == 1 {
+                    out.push((b[0], monotonic_ms()));
+                }
+                out
+            }
+        });
+        let log = dir.join("guard.log");
+        let mut cmd = self_command("guard-wd");
+        cmd.env("TANDEM_GUARD_TEST_WD", &fifo).stderr(std::fs::File::create(&log).unwrap());
+        (GuardHandle::spawn(cmd).unwrap(), reader, log)
+    }
+
+    #[test]
+    fn the_watchdog_is_kept_alive_by_pets_and_disarmed_by_bye() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut guard, reader, log) = guard_with_fifo_watchdog(dir.path());
+        for _ in 0..3 {
+            guard.pet(monotonic_now() + 3000).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+        let bytes: Vec<u8> = reader.join().unwrap().into_iter().map(|(b, _)| b).collect();
+        assert_eq!(bytes, b"kkkV", "three keepalives, then the magic close");
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(log.contains("cannot set its timeout"), "a FIFO refuses the ioctl, reported: {log}");
+    }
+
+    #[test]
+    fn after_a_missed_deadline_the_watchdog_is_disarmed_only_once_the_victim_is_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut guard, reader, log) = guard_with_fifo_watchdog(dir.path());
+        let mut victim = spawn_victim();
+        guard.register(victim.id() as i32).unwrap();
+        let deadline = monotonic_now() + 300;
+        guard.pet(deadline).unwrap();
+        // No more pets: the guard kills the victim at the deadline, confirms it dead, disarms.
+        let status = victim.wait().unwrap();
+        let reaped = monotonic_ms();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+        let bytes = reader.join().unwrap();
+        assert_eq!(bytes.iter().map(|(b, _)| *b).collect::<Vec<_>>(), b"kV", "{bytes:?}");
+        let (_, disarmed_at) = bytes[1];
+        assert!(disarmed_at >= deadline.0, "disarmed before the kill deadline");
+        // Disarming waits for the victim to be gone; the reaping here is what makes it gone
+        // (a zombie does not count as alive), so both happen close together.
+        assert!(disarmed_at + 1000 >= reaped, "disarmed at {disarmed_at}, victim reaped at {reaped}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("watchdog disarmed (no reset)"), "{text}");
+        guard.bye(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn guard_watchdog_options_are_checked() {
+        let open = |w: Option<&str>, extra: Option<u64>| {
+            GuardOptions { watchdog: w.map(PathBuf::from), watchdog_extra_ms: extra }.open_watchdog()
+        };
+        assert!(open(None, None).unwrap().is_none());
+        assert!(matches!(open(Some("/dev/null"), None), Err(GuardError::Args(_))));
+        assert!(matches!(open(Some("/dev/null"), Some(500)), Err(GuardError::Args(_))));
+        let e = open(Some("/nonexistent/watchdog"), Some(1500)).unwrap_err();
+        assert!(matches!(e, GuardError::Watchdog { .. }), "{e}");
     }
 
     /// A victim: `sleep` in a process group of its own.

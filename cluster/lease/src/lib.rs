@@ -26,6 +26,7 @@ pub mod host;
 pub mod lockspace;
 #[cfg(test)]
 mod sim;
+pub mod watchdog;
 
 pub use clock::{Millis, monotonic_now};
 pub use config::{ConfigError, Timeouts};

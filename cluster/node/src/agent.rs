@@ -221,6 +221,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         nodes: plan.model.nodes.clone(),
         guard,
         cgroups: cgroups.values().cloned().collect(),
+        watchdog: lease_cfg.watchdog.clone(),
     };
     let hooks = {
         let (c1, c3) = (ctl.clone(), ctl.clone());

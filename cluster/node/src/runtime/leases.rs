@@ -128,6 +128,8 @@ pub(crate) struct LeaseServiceConfig {
     pub guard: std::process::Command,
     /// Cgroups the guard kills when the lease expires.
     pub cgroups: Vec<std::path::PathBuf>,
+    /// The hardware watchdog the guard keeps alive (`[lease] watchdog`).
+    pub watchdog: Option<std::path::PathBuf>,
 }
 
 /// Membership hooks the observer feeds.
@@ -154,8 +156,19 @@ pub(crate) fn start(
     hooks: MembershipHooks,
     tx: mpsc::UnboundedSender<Input>,
 ) -> Result<LeaseClient, LeaseServiceError> {
+    // The plan comes from the area's own timeouts (every host uses those), read before the
+    // guard starts because a watchdog's timing is on the guard's command line.
+    let join_err = |source| LeaseServiceError::Join { host_id: cfg.me.0, source };
+    let timeouts = tandem_lease::Lockspace::open(&*cfg.disk, &cfg.cluster)
+        .map_err(|e| join_err(tandem_lease::LeaseError::Lockspace(e)))?
+        .timeouts;
+    let watchdog = cfg.watchdog.clone().map(|device| tandem_lease::fence::WatchdogConfig { device });
+    let plan =
+        FencePlan::new(timeouts, FencePlan::default_grace_ms(&timeouts), watchdog).map_err(LeaseServiceError::Plan)?;
+    let mut guard_cmd = cfg.guard;
+    guard_cmd.args(GuardHandle::watchdog_args(&plan));
     // The guard first: nothing may run under a lease without it.
-    let guard = GuardHandle::spawn(cfg.guard).map_err(LeaseServiceError::Guard)?;
+    let guard = GuardHandle::spawn(guard_cmd).map_err(LeaseServiceError::Guard)?;
     let guard = Arc::new(Mutex::new(guard));
     for cg in &cfg.cgroups {
         guard.lock().unwrap_or_else(|p| p.into_inner()).register_cgroup(cg).map_err(LeaseServiceError::Guard)?;
@@ -163,7 +176,6 @@ pub(crate) fn start(
     let lease = HostLease::join(cfg.disk.clone(), &cfg.cluster, cfg.me.0)
         .map_err(|source| LeaseServiceError::Join { host_id: cfg.me.0, source })?;
     let lease = Arc::new(lease);
-    let plan = FencePlan::with_defaults(lease.timeouts()).map_err(LeaseServiceError::Plan)?;
     let stop = Arc::new(AtomicBool::new(false));
     let tie_break = Arc::new(AtomicBool::new(true));
 
