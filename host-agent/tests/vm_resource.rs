@@ -92,7 +92,7 @@ fn spec(name: &str, kind: ResourceKind) -> tandem_config::Resource {
 }
 
 fn ctx() -> StartContext {
-    StartContext { group: "web".into(), resource: "vm".into(), token: 7 }
+    StartContext::new("web", "vm", 7)
 }
 
 /// A VM resource `web/vm` for domain `web` (512 MiB) on `hv`, built through the factory.
