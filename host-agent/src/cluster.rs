@@ -343,4 +343,30 @@ mod tests {
         assert_eq!(networks_of(&vm, &nets), vec!["front".to_string(), "storage".to_string()]);
         assert!(networks_of(&vm, &[]).is_empty());
     }
+
+    fn node(hypervisor: &str, migration_uri: Option<&str>, api: Option<&str>) -> tandem_config::Node {
+        serde_json::from_value(serde_json::json!({
+            "name": "hv1", "id": 1, "links": { "lan": "10.0.0.9" }, "hypervisor": hypervisor,
+            "migration_uri": migration_uri, "api": api,
+        }))
+        .expect("a node")
+    }
+
+    #[test]
+    fn migration_uris_are_derived_from_the_hypervisor_or_checked() {
+        let uri = |hv, mig, api| migration_uri_of(&node(hv, mig, api));
+        // Local daemon: TLS to the API address, else the first link address.
+        assert_eq!(uri("qemu:///system", None, Some("10.0.0.1:7701")), Ok(Some("qemu+tls://10.0.0.1/system".into())));
+        assert_eq!(uri("qemu:///system", None, None), Ok(Some("qemu+tls://10.0.0.9/system".into())));
+        assert_eq!(uri("qemu:///system", None, Some("[fd00::1]:7701")), Ok(Some("qemu+tls://[fd00::1]/system".into())));
+        // A remote hypervisor URI is reachable as it is; the test driver cannot migrate.
+        assert_eq!(uri("qemu+ssh://root@hv1/system", None, None), Ok(Some("qemu+ssh://root@hv1/system".into())));
+        assert_eq!(uri("test:///tmp/h1.xml", None, Some("10.0.0.1:7701")), Ok(None));
+        // Given explicitly: used when it can work, refused with why otherwise.
+        let given = "qemu+tcp://10.1.0.1/system";
+        assert_eq!(uri("qemu:///system", Some(given), None), Ok(Some(given.into())));
+        assert!(uri("qemu:///system", Some("10.1.0.1"), None).unwrap_err().contains("not a libvirt URI"));
+        assert!(uri("qemu:///system", Some("test:///default"), None).unwrap_err().contains("test driver"));
+        assert!(uri("qemu:///system", Some("qemu:///system"), None).unwrap_err().contains("names no host"));
+    }
 }
