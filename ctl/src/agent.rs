@@ -193,7 +193,8 @@ pub enum MaintenanceVerb {
         /// The host (its node name).
         host: String,
         /// failover: move every VM to another host; shutdown: keep them stopped until
-        /// maintenance ends; migrate: live-migrate (not built yet: moves like failover).
+        /// maintenance ends; migrate: live-migrate each VM to the host that takes it
+        /// (where the hypervisor cannot, it moves like failover, and says so).
         #[arg(long, default_value = "failover", value_parser = ["failover", "shutdown", "migrate"])]
         policy: String,
         /// How many VMs leave at once (default 4).

@@ -32,6 +32,9 @@ pub struct HostCluster {
     pub vms: Vec<HaVm>,
     /// Each host's hypervisor URI, by host name.
     pub hypervisors: BTreeMap<String, String>,
+    /// Where live migrations to each host are sent, by host name; hosts that cannot receive
+    /// one (the test driver) are absent. See [`migration_uri_of`].
+    pub migration_uris: BTreeMap<String, String>,
 }
 
 /// A host cluster configuration the host agent cannot run.
@@ -92,6 +95,56 @@ pub enum HostClusterError {
     /// The configuration has no groups.
     #[error("the configuration defines no [[group]]: a host cluster needs at least one HA VM")]
     NoVms,
+    /// A `migration_uri` another host's daemon could not migrate to.
+    #[error("node `{node}`: `migration_uri = \"{uri}\"` {why}")]
+    MigrationUri {
+        /// The node.
+        node: String,
+        /// The URI given.
+        uri: String,
+        /// What is wrong and what to do.
+        why: &'static str,
+    },
+}
+
+/// Where other hosts send live migrations to node `n`: its `migration_uri`, or one derived
+/// from its `hypervisor` (a local URI such as `qemu:///system` becomes
+/// `qemu+tls://<api address, else first link address>/system`; a remote one is used as it
+/// is); `None` for the test driver, which cannot migrate. `Err` says why a given
+/// `migration_uri` cannot work.
+pub fn migration_uri_of(n: &tandem_config::Node) -> Result<Option<String>, &'static str> {
+    if let Some(uri) = &n.migration_uri {
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return Err("is not a libvirt URI; write e.g. qemu+tls://10.0.0.1/system");
+        };
+        if scheme.starts_with("test") {
+            return Err("names libvirt's test driver, which cannot migrate; remove it");
+        }
+        if host_of(rest).is_empty() {
+            return Err(
+                "names no host: the source host's daemon connects to it, so a local URI would be itself; write                  e.g. qemu+tls://10.0.0.1/system",
+            );
+        }
+        return Ok(Some(uri.clone()));
+    }
+    let Some(hv) = &n.hypervisor else { return Ok(None) };
+    let Some((scheme, rest)) = hv.split_once("://") else { return Ok(None) };
+    if scheme.starts_with("test") {
+        return Ok(None);
+    }
+    if !host_of(rest).is_empty() {
+        return Ok(Some(hv.clone()));
+    }
+    let Some(addr) = n.api.map(|a| a.ip()).or_else(|| n.links.values().next().copied()) else { return Ok(None) };
+    let driver = scheme.split('+').next().unwrap_or(scheme);
+    let path = rest.split('?').next().unwrap_or_default();
+    let host = if addr.is_ipv6() { format!("[{addr}]") } else { addr.to_string() };
+    Ok(Some(format!("{driver}+tls://{host}{path}")))
+}
+
+/// The host part of a URI after `scheme://`.
+fn host_of(rest: &str) -> &str {
+    rest.split(['/', '?']).next().unwrap_or_default()
 }
 
 impl HostCluster {
@@ -100,7 +153,19 @@ impl HostCluster {
     pub fn new(config: &ClusterConfig) -> Result<HostCluster, Vec<HostClusterError>> {
         let mut errors = Vec::new();
         let mut hypervisors = BTreeMap::new();
+        let mut migration_uris = BTreeMap::new();
         for n in &config.nodes {
+            match migration_uri_of(n) {
+                Ok(Some(uri)) => {
+                    migration_uris.insert(n.name.clone(), uri);
+                }
+                Ok(None) => {}
+                Err(why) => errors.push(HostClusterError::MigrationUri {
+                    node: n.name.clone(),
+                    uri: n.migration_uri.clone().unwrap_or_default(),
+                    why,
+                }),
+            }
             match &n.hypervisor {
                 Some(uri) => {
                     hypervisors.insert(n.name.clone(), uri.clone());
@@ -183,7 +248,7 @@ impl HostCluster {
                 errors.push(HostClusterError::FitsNowhere { group: g.name.clone(), memory_mib, vcpus });
             }
         }
-        if errors.is_empty() { Ok(HostCluster { vms, hypervisors }) } else { Err(errors) }
+        if errors.is_empty() { Ok(HostCluster { vms, hypervisors, migration_uris }) } else { Err(errors) }
     }
 }
 
@@ -277,5 +342,31 @@ mod tests {
         ];
         assert_eq!(networks_of(&vm, &nets), vec!["front".to_string(), "storage".to_string()]);
         assert!(networks_of(&vm, &[]).is_empty());
+    }
+
+    fn node(hypervisor: &str, migration_uri: Option<&str>, api: Option<&str>) -> tandem_config::Node {
+        serde_json::from_value(serde_json::json!({
+            "name": "hv1", "id": 1, "links": { "lan": "10.0.0.9" }, "hypervisor": hypervisor,
+            "migration_uri": migration_uri, "api": api,
+        }))
+        .expect("a node")
+    }
+
+    #[test]
+    fn migration_uris_are_derived_from_the_hypervisor_or_checked() {
+        let uri = |hv, mig, api| migration_uri_of(&node(hv, mig, api));
+        // Local daemon: TLS to the API address, else the first link address.
+        assert_eq!(uri("qemu:///system", None, Some("10.0.0.1:7701")), Ok(Some("qemu+tls://10.0.0.1/system".into())));
+        assert_eq!(uri("qemu:///system", None, None), Ok(Some("qemu+tls://10.0.0.9/system".into())));
+        assert_eq!(uri("qemu:///system", None, Some("[fd00::1]:7701")), Ok(Some("qemu+tls://[fd00::1]/system".into())));
+        // A remote hypervisor URI is reachable as it is; the test driver cannot migrate.
+        assert_eq!(uri("qemu+ssh://root@hv1/system", None, None), Ok(Some("qemu+ssh://root@hv1/system".into())));
+        assert_eq!(uri("test:///tmp/h1.xml", None, Some("10.0.0.1:7701")), Ok(None));
+        // Given explicitly: used when it can work, refused with why otherwise.
+        let given = "qemu+tcp://10.1.0.1/system";
+        assert_eq!(uri("qemu:///system", Some(given), None), Ok(Some(given.into())));
+        assert!(uri("qemu:///system", Some("10.1.0.1"), None).unwrap_err().contains("not a libvirt URI"));
+        assert!(uri("qemu:///system", Some("test:///default"), None).unwrap_err().contains("test driver"));
+        assert!(uri("qemu:///system", Some("qemu:///system"), None).unwrap_err().contains("names no host"));
     }
 }

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod cluster;
 pub mod fence;
+pub mod handover;
 pub mod hypervisor;
 pub mod link;
 pub mod maintenance;

@@ -190,10 +190,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let fencer = tandem_host::fence::VmFencer::new(&node, &config, &cluster, hypervisor.clone());
         links.set_fence_handler(Arc::new(fencer.clone()));
         // A planned stop of a VM asks its linked guest agent to move or stop its groups first.
+        // Planned handovers (moves, failbacks, maintenance with the migrate policy)
+        // live-migrate to the hosts that can receive it.
         let resources = tandem_host::vm::HostResources::new(hypervisor.clone())
             .with_fence_marks(fencer.marks())
             .with_guest_links(links.clone())
-            .with_guests(links.clone());
+            .with_guests(links.clone())
+            .with_migration(tandem_host::vm::Migration::new(&node, cluster.migration_uris.clone()));
         let stop_links = tokio_util::sync::CancellationToken::new();
         tandem_host::link::serve(links.clone(), config.guest_link.as_ref(), stop_links.clone()).await?;
         let maintenance = tandem_host::maintenance::maintenance_api(tandem_host::maintenance::MaintenanceSetup {
@@ -203,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vms: tandem_host::cluster::vm_facts(&cluster),
             activity: resources.activity(),
             gate: resources.stop_gate(),
+            migration: resources.migration(),
         });
         // Watched before the node starts: a host whose network is down must not start the
         // VMs that need it.
@@ -217,6 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         };
         let vm_networks: std::collections::BTreeMap<String, Vec<String>> =
             cluster.vms.iter().map(|v| (v.group.clone(), v.networks.clone())).collect();
+        let stale_copies = (hypervisor.clone(), node.clone());
         let opts = AgentOptions {
             resources: Arc::new(resources),
             node,
@@ -247,6 +252,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         if let Some(nic) = nic {
             tokio::spawn(tandem_host::nic::apply_vetoes(nic, vm_networks, agent.handle.clone()));
         }
+        // Paused copies a live migration left here for nobody (see tandem_host::handover).
+        let vm_uuids = cluster.vms.iter().map(|v| (v.group.clone(), v.definition.uuid)).collect();
+        tokio::spawn(tandem_host::handover::discard_stale_copies(
+            stale_copies.0,
+            stale_copies.1,
+            vm_uuids,
+            agent.handle.clone(),
+        ));
         let exit = agent::run_until_stopped(agent).await?;
         stop_links.cancel();
         Ok(ExitCode::from(exit.status()))

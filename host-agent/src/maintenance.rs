@@ -5,7 +5,10 @@
 //! `failover` moves each VM to another host, `shutdown` parks it until maintenance ends.
 //! Each VM's stop asks its linked guest agent to move or stop its application groups
 //! first, then shuts the VM down (ACPI, destroyed only after its shutdown timeout); the
-//! VM resource reports those steps as [`VmActivity`]. This module only watches: it turns
+//! VM resource reports those steps as [`VmActivity`]. `migrate` moves each VM like
+//! `failover` but by live migration to the host that takes it over (no guest preparation,
+//! no shutdown), falling back to the shutdown where the migration cannot be done; it only
+//! switches [`crate::vm::Migration::migrate_on_standby`] on. This module only watches: it turns
 //! the activity and the node's status into per-VM progress, and ends with a verdict on
 //! whether the host may be powered off, checked against the hypervisor's own view.
 //!
@@ -51,7 +54,8 @@ pub enum Policy {
     Failover,
     /// Shut every VM down and keep it stopped until maintenance ends.
     Shutdown,
-    /// Live-migrate where possible (not built: handled as `Failover`, and said so).
+    /// Live-migrate each VM to the host that takes it over; where that cannot be done,
+    /// as `Failover` (and said so).
     Migrate,
 }
 
@@ -102,6 +106,8 @@ struct VmTrack {
     step: Option<pb::MaintenanceStep>,
     detail: String,
     host: String,
+    /// How it left this host: `Some(true)` live-migrated, `Some(false)` shut down.
+    migrated: Option<bool>,
 }
 
 /// Which way the tracker runs.
@@ -158,7 +164,7 @@ impl Tracker {
         if t.step == Some(step) && t.host == host && t.detail == detail {
             return None;
         }
-        *t = VmTrack { step: Some(step), detail: detail.clone(), host: host.to_string() };
+        *t = VmTrack { step: Some(step), detail: detail.clone(), host: host.to_string(), migrated: t.migrated };
         Some(pb::MaintenanceProgress {
             progress: Some(pb::maintenance_progress::Progress::Vm(pb::MaintenanceVmProgress {
                 vm: vm.to_string(),
@@ -176,11 +182,9 @@ impl Tracker {
         let mut out = Vec::new();
         for vm in vms {
             let (step, detail) = match self.direction {
-                Direction::Enter(Policy::Migrate) => (
-                    pb::MaintenanceStep::Note,
-                    "live migration is not built yet: moving it with a clean shutdown and a start elsewhere"
-                        .to_string(),
-                ),
+                Direction::Enter(Policy::Migrate) => {
+                    (pb::MaintenanceStep::Pending, "will leave by live migration (migrate policy)".to_string())
+                }
                 Direction::Enter(p) => (pb::MaintenanceStep::Pending, format!("will leave ({} policy)", p.name())),
                 Direction::Exit => (pb::MaintenanceStep::Pending, "parked; starts again".to_string()),
             };
@@ -200,7 +204,17 @@ impl Tracker {
             VmStep::ShuttingDown => pb::MaintenanceStep::ShuttingDown,
             VmStep::Destroyed => pb::MaintenanceStep::Destroyed,
             VmStep::Stopped => pb::MaintenanceStep::Stopped,
+            VmStep::Migrating => pb::MaintenanceStep::Migrating,
+            VmStep::Migrated => pb::MaintenanceStep::Migrated,
+            VmStep::MigrationFailed => pb::MaintenanceStep::Note,
         };
+        if let Some(t) = self.vms.get_mut(&a.group) {
+            match a.step {
+                VmStep::Migrated => t.migrated = Some(true),
+                VmStep::ShuttingDown | VmStep::Destroyed | VmStep::Stopped => t.migrated = Some(false),
+                _ => {}
+            }
+        }
         let me = self.me.clone();
         self.say(&a.group, step, &me, a.detail.clone(), at_ms)
     }
@@ -218,9 +232,14 @@ impl Tracker {
                 continue;
             }
             let text = g.not_running.as_ref().map(|n| crate::api::not_running_text(&g.name, n)).unwrap_or_default();
+            let how = match self.vms.get(&g.name).and_then(|t| t.migrated) {
+                Some(true) => "live-migrated: the same guest, resumed there".to_string(),
+                Some(false) => "shut down here, started afresh there".to_string(),
+                None => String::new(),
+            };
             let said = match (self.direction, state) {
                 (Direction::Enter(_), pb::GroupState::Started) => {
-                    Some((pb::MaintenanceStep::RunningElsewhere, g.location.clone(), String::new()))
+                    Some((pb::MaintenanceStep::RunningElsewhere, g.location.clone(), how))
                 }
                 (Direction::Enter(Policy::Shutdown), pb::GroupState::Stopped) => {
                     Some((pb::MaintenanceStep::Parked, String::new(), "stays stopped until maintenance ends".into()))
@@ -369,6 +388,9 @@ pub struct MaintenanceSetup {
     pub activity: broadcast::Sender<VmActivity>,
     /// The bound of VM stops at once ([`crate::vm::HostResources::stop_gate`]).
     pub gate: crate::vm::StopGate,
+    /// Live migration of this host's VMs ([`crate::vm::HostResources::migration`]); `None`:
+    /// the `migrate` policy falls back to `failover`.
+    pub migration: Option<crate::vm::Migration>,
 }
 
 /// The `HostMaintenance` service as an extension of the node API.
@@ -481,6 +503,9 @@ impl MaintenanceService {
             self.setup.gate.limit(Some(n));
         } else {
             self.setup.gate.limit(None);
+        }
+        if let Some(m) = &self.setup.migration {
+            m.migrate_on_standby(enter && policy == Policy::Migrate);
         }
         self.control.set_standby(mode).await?;
         tracing::info!(target: "tandem_host", host = %self.me, policy = policy.name(), enter,
@@ -678,12 +703,32 @@ mod tests {
     }
 
     #[test]
-    fn migrate_says_it_moves_with_a_shutdown() {
-        let mut t = Tracker::new("h1", Direction::Enter(Policy::Migrate), ["a".to_string()]);
+    fn migrate_reports_how_each_vm_left() {
+        let mut t = Tracker::new("h1", Direction::Enter(Policy::Migrate), ["a".to_string(), "b".to_string()]);
         let p = t.begin(0);
-        assert_eq!(steps(&p)[0].1, pb::MaintenanceStep::Note);
-        let Some(pb::maintenance_progress::Progress::Vm(v)) = &p[0].progress else { panic!() };
-        assert!(v.detail.contains("live migration is not built"), "{}", v.detail);
+        assert_eq!(steps(&p)[0].1, pb::MaintenanceStep::Pending);
+        let act = |group: &str, step| VmActivity { group: group.into(), step, detail: String::new() };
+        assert_eq!(
+            steps(&t.activity(&act("a", VmStep::Migrating), 1).into_iter().collect::<Vec<_>>())[0].1,
+            pb::MaintenanceStep::Migrating
+        );
+        t.activity(&act("a", VmStep::Migrated), 2);
+        // b cannot migrate: it is shut down instead, and that is said.
+        let note = t.activity(&act("b", VmStep::MigrationFailed), 2).expect("said");
+        assert_eq!(steps(&[note])[0].1, pb::MaintenanceStep::Note);
+        t.activity(&act("b", VmStep::ShuttingDown), 3);
+        t.activity(&act("b", VmStep::Stopped), 4);
+        let st = status(vec![group("a", pb::GroupState::Started, "h2"), group("b", pb::GroupState::Started, "h3")]);
+        let p = t.status(&st, 5);
+        let details: Vec<(String, String)> = p
+            .iter()
+            .filter_map(|m| match &m.progress {
+                Some(pb::maintenance_progress::Progress::Vm(v)) => Some((v.vm.clone(), v.detail.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(details[0], ("a".into(), "live-migrated: the same guest, resumed there".into()));
+        assert_eq!(details[1], ("b".into(), "shut down here, started afresh there".into()));
     }
 
     #[test]

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use tandem_config::{ResourceKind, VmResource as VmConfig};
 use tandem_node::resources::{
-    BoxFuture, Health, Resource, ResourceEnv, ResourceError, ResourceFactory, StartContext, check_name,
+    BoxFuture, HandoverReason, Health, Resource, ResourceEnv, ResourceError, ResourceFactory, StartContext,
+    StopContext, StopOutcome, check_name,
 };
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -30,7 +31,8 @@ use uuid::Uuid;
 
 use crate::fence::FenceMarks;
 use crate::hypervisor::{
-    CrashedReason, DomainEvent, DomainState, Hypervisor, HypervisorError, PausedReason, RunningReason, ShutoffReason,
+    CrashedReason, DomainEvent, DomainState, HandoverMark, Hypervisor, HypervisorError, MigrationMode, PausedReason,
+    RunningReason, ShutoffReason,
 };
 
 /// What a VM's guest agent answered when asked to prepare for a planned stop.
@@ -107,6 +109,60 @@ pub enum VmStep {
     Destroyed,
     /// Off and undefined here.
     Stopped,
+    /// Live migration to another host under way (the VM keeps running here meanwhile).
+    Migrating,
+    /// Live-migrated: its memory is on the other host, paused until that host holds the
+    /// lease and resumes it; nothing of it runs here.
+    Migrated,
+    /// The live migration could not be done (the text says why): the VM is shut down
+    /// instead and starts afresh on the other host.
+    MigrationFailed,
+}
+
+/// Default bound of one live migration; past it the migration is aborted (the VM keeps
+/// running here) and the VM is shut down instead.
+pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Live migration of this host's VMs on planned handovers: this host's name, where each
+/// host receives migrations, and whether a standby release (maintenance) migrates too.
+/// Operator moves and failbacks migrate whenever the target has a migration URI;
+/// maintenance sets [`Migration::migrate_on_standby`] for its `migrate` policy.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    me: String,
+    uris: Arc<std::collections::BTreeMap<String, String>>,
+    on_standby: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+impl Migration {
+    /// Migrations from host `me` to the hosts of `uris` (name → the URI its daemon is
+    /// reached at by the source's daemon; see `crate::cluster::migration_uri_of`).
+    pub fn new(me: &str, uris: std::collections::BTreeMap<String, String>) -> Migration {
+        Migration {
+            me: me.to_string(),
+            uris: Arc::new(uris),
+            on_standby: Arc::new(AtomicBool::new(false)),
+            timeout: DEFAULT_MIGRATION_TIMEOUT,
+        }
+    }
+
+    /// Whether VMs leaving this host because it entered standby (maintenance) migrate
+    /// (`true`: the `migrate` policy) or shut down and start afresh elsewhere.
+    pub fn migrate_on_standby(&self, yes: bool) {
+        self.on_standby.store(yes, Ordering::SeqCst);
+    }
+
+    /// Bounds each migration (default [`DEFAULT_MIGRATION_TIMEOUT`]).
+    pub fn with_timeout(mut self, limit: Duration) -> Migration {
+        self.timeout = limit;
+        self
+    }
+
+    /// This host's name.
+    pub fn host(&self) -> &str {
+        &self.me
+    }
 }
 
 /// Default limit of one hypervisor call that the configuration has no timeout for
@@ -519,6 +575,8 @@ pub struct VmResource {
     guest_watch: Option<(Arc<crate::link::LinkRegistry>, Duration)>,
     /// When this agent last started (or adopted) the VM: only heartbeats since count.
     running_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Live migration on planned handovers (none: always shut down).
+    migration: Option<Migration>,
 }
 
 impl VmResource {
@@ -547,7 +605,14 @@ impl VmResource {
             fence_marks: None,
             guest_watch: None,
             running_since: std::sync::Mutex::new(None),
+            migration: None,
         }
+    }
+
+    /// Live-migrates the VM on planned handovers where `migration` allows it.
+    pub fn with_migration(mut self, migration: Option<Migration>) -> VmResource {
+        self.migration = migration;
+        self
     }
 
     /// Asks the VM's guest agent through `guests` before every planned stop, and reports
@@ -765,12 +830,80 @@ impl VmResource {
         }
     }
 
+    /// The handover mark of the domain here if another host wrote it: the domain is a copy
+    /// that host live-migrated here and that was never resumed (resuming removes the mark).
+    async fn foreign_mark(&self, until: Instant, limit: Duration) -> Result<Option<HandoverMark>, Fault> {
+        let mark = match self.bounded("reading the handover mark", until, limit, self.hv.handover_mark(&self.key)).await
+        {
+            Ok(mark) => mark,
+            Err(fault) if fault.is_missing() => None,
+            Err(fault) => return Err(fault),
+        };
+        let me = self.migration.as_ref().map(Migration::host);
+        Ok(mark.filter(|m| Some(m.from.as_str()) != me))
+    }
+
+    /// Resumes the paused copy a handover migrated here (`migrated_in`), under `token`.
+    /// `Ok(false)` when there is none to resume (nothing here, not paused, or not marked as
+    /// an earlier holder's migration): the caller starts the VM afresh.
+    async fn resume_incoming(&self, token: u64) -> Result<bool, Fault> {
+        let limit = self.start_timeout;
+        let until = Instant::now() + limit;
+        let mut events = self.hv.subscribe();
+        let state = match self.read_state(until, limit).await? {
+            Some(state @ DomainState::Paused(_)) => state,
+            other => {
+                tracing::warn!(resource = %self.id, domain = %self.def.name, state = ?other,
+                    "no paused copy was migrated here to resume; starting the VM afresh");
+                return Ok(false);
+            }
+        };
+        match self.foreign_mark(until, limit).await? {
+            // The engine resumes only as the very next holder; the mark must be that holder's.
+            Some(mark) if mark.token.saturating_add(1) == token => {
+                tracing::info!(resource = %self.id, domain = %self.def.name, from = %mark.from, from_token = mark.token,
+                    token, ?state, "resuming the VM migrated here");
+            }
+            other => {
+                tracing::warn!(resource = %self.id, domain = %self.def.name, mark = ?other, token,
+                    "the paused domain here is not a copy an earlier holder migrated: starting the VM afresh");
+                return Ok(false);
+            }
+        }
+        self.bounded("resume", until, limit, self.hv.resume(&self.key)).await?;
+        self.wait_for(&mut events, "resume", until, limit, |state| match state {
+            Some(s) if s.is_running() => Ok(true),
+            Some(DomainState::Paused(_)) => Ok(false),
+            Some(other) => Err(format!("went {other:?} while resuming")),
+            None => Err("disappeared while resuming".to_string()),
+        })
+        .await?;
+        // The mark has served: a later pause here is an operator's, not an incoming copy.
+        if let Err(fault) = self.call("removing the handover mark", self.hv.set_handover_mark(&self.key, None)).await {
+            tracing::warn!(resource = %self.id, domain = %self.def.name, "{}", self.describe(&fault));
+        }
+        Ok(true)
+    }
+
     async fn start_domain(&self) -> Result<(), Fault> {
         let limit = self.start_timeout;
         let until = Instant::now() + limit;
         // Subscribed before acting, so that no event of this start is missed.
         let mut events = self.hv.subscribe();
-        match self.read_state(until, limit).await? {
+        let mut state = self.read_state(until, limit).await?;
+        if matches!(state, Some(DomainState::Paused(_))) && self.foreign_mark(until, limit).await?.is_some() {
+            // Another host migrated it here, but this start is not the handover's (another
+            // node held the lease since, or the migration did not complete for the sender):
+            // its memory may be stale. It never ran here; throw it away.
+            tracing::warn!(resource = %self.id, domain = %self.def.name,
+                "destroying a paused copy another host migrated here that is not current; starting the VM afresh");
+            match self.bounded("destroy", until, limit, self.hv.destroy(&self.key)).await {
+                Err(fault) if !fault.is_state() && !fault.is_missing() => return Err(fault),
+                _ => {}
+            }
+            state = None;
+        }
+        match state {
             Some(state) if health_of(Some(&state), false) == Health::Running => {
                 tracing::info!(resource = %self.id, domain = %self.def.name, ?state, "the VM already runs here");
                 return Ok(());
@@ -895,6 +1028,67 @@ impl VmResource {
         Ok(())
     }
 
+    /// Whether a stop for `ctx` live-migrates, and where to (`Ok((host, uri))`); `Err` says
+    /// why a handover that asked for it cannot be one. `None`: not a migrating stop.
+    fn migration_target(&self, ctx: &StopContext) -> Option<Result<(String, String), String>> {
+        let handover = ctx.handover.as_ref().filter(|_| !ctx.force)?;
+        let migration = self.migration.as_ref()?;
+        if handover.reason == HandoverReason::Standby && !migration.on_standby.load(Ordering::SeqCst) {
+            // Maintenance with the failover policy: a clean shutdown, as asked.
+            return None;
+        }
+        Some(match migration.uris.get(&handover.node) {
+            Some(uri) => Ok((handover.node.clone(), uri.clone())),
+            None => Err(format!(
+                "{} cannot receive live migrations (its hypervisor cannot migrate, or its migration_uri is unknown)",
+                handover.node
+            )),
+        })
+    }
+
+    /// Live-migrates the running VM to `node` (`uri`), leaving the copy there paused under a
+    /// handover mark of `token`. `Ok` once nothing of it runs here any more.
+    async fn migrate_domain(&self, node: &str, uri: &str, token: u64) -> Result<Duration, String> {
+        let Some(migration) = &self.migration else { return Err("live migration is not set up".into()) };
+        let state = self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await;
+        match state.map_err(|f| self.describe(&f))? {
+            Some(s) if s.is_running() => {}
+            Some(s) => return Err(format!("it is {s:?} here, and only a running VM is live-migrated")),
+            None => return Err("it is not defined here".into()),
+        }
+        let mark = HandoverMark { from: migration.me.clone(), token };
+        self.call("writing the handover mark", self.hv.set_handover_mark(&self.key, Some(&mark)))
+            .await
+            .map_err(|f| self.describe(&f))?;
+        self.report(VmStep::Migrating, format!("live migration to {node} ({uri})"));
+        let started = Instant::now();
+        let limit = migration.timeout;
+        let call = self.hv.migrate(&self.key, uri, MigrationMode::LivePaused);
+        match self.bounded("live migration", started + limit, limit, call).await {
+            Ok(()) => {
+                let took = started.elapsed();
+                // The migration undefined it here; a transient leftover would be a bug of the
+                // driver, but must not stay defined where the VM does not run.
+                if let Ok(Some(_)) = self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
+                    let _ = self.undefine_domain().await;
+                }
+                Ok(took)
+            }
+            Err(fault) => {
+                if matches!(fault, Fault::Timeout { .. }) {
+                    // The blocking call goes on: abort the job so that it ends here and the
+                    // VM runs on here (libvirt removes the incomplete copy there).
+                    if let Err(f) = self.call("aborting the migration", self.hv.abort_migration(&self.key)).await {
+                        tracing::warn!(resource = %self.id, domain = %self.def.name, "{}", self.describe(&f));
+                    }
+                }
+                // Back to what it was here (best effort: a stale mark only matters elsewhere).
+                let _ = self.call("removing the handover mark", self.hv.set_handover_mark(&self.key, None)).await;
+                Err(self.describe(&fault))
+            }
+        }
+    }
+
     /// Removes the definition: a VM stays defined only where it runs.
     async fn undefine_domain(&self) -> Result<(), Fault> {
         match self.call("undefine", self.hv.undefine(&self.key)).await {
@@ -917,7 +1111,15 @@ impl Resource for VmResource {
             if let Some(m) = &self.fence_marks {
                 m.clear(&self.def.uuid);
             }
-            match self.start_domain().await {
+            let started = match ctx.migrated_in {
+                true => match self.resume_incoming(ctx.token).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => self.start_domain().await,
+                    Err(fault) => Err(fault),
+                },
+                false => self.start_domain().await,
+            };
+            match started {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
                     *self.running_since.lock().expect("not poisoned") = Some(std::time::Instant::now());
@@ -951,6 +1153,49 @@ impl Resource for VmResource {
         })
     }
 
+    fn stop_for<'a>(&'a self, ctx: &'a StopContext) -> BoxFuture<'a, Result<StopOutcome, ResourceError>> {
+        Box::pin(async move {
+            let (node, uri) = match self.migration_target(ctx) {
+                None => return self.stop(ctx.force).await.map(|()| StopOutcome::Stopped),
+                Some(Ok(target)) => target,
+                Some(Err(why)) => {
+                    let text = format!("cannot live-migrate: {why}; shutting it down here, it starts afresh there");
+                    tracing::warn!(resource = %self.id, domain = %self.def.name, "{text}");
+                    self.report(VmStep::MigrationFailed, text);
+                    return self.stop(false).await.map(|()| StopOutcome::Stopped);
+                }
+            };
+            // Before anything else: the VM vanishing from here is ours.
+            self.expected_off.store(true, Ordering::SeqCst);
+            tracing::info!(resource = %self.id, domain = %self.def.name, to = %node, %uri, token = ctx.token,
+                "live-migrating the VM (it stays paused there until that host holds its lease)");
+            let outcome = {
+                let _slot = self
+                    .gate
+                    .enter(|_| self.report(VmStep::Queued, "waiting: the host's bound of VM stops at once is reached"))
+                    .await;
+                self.migrate_domain(&node, &uri, ctx.token).await
+            };
+            match outcome {
+                Ok(took) => {
+                    let text =
+                        format!("live-migrated to {node} in {} ms; it resumes there under its lease", took.as_millis());
+                    tracing::info!(resource = %self.id, domain = %self.def.name, "{text}");
+                    self.report(VmStep::Migrated, text);
+                    Ok(StopOutcome::Migrated)
+                }
+                Err(why) => {
+                    let text = format!(
+                        "live migration to {node} failed: {why}; shutting it down here, it starts afresh there"
+                    );
+                    tracing::warn!(resource = %self.id, domain = %self.def.name, "{text}");
+                    self.report(VmStep::MigrationFailed, text);
+                    self.stop(false).await.map(|()| StopOutcome::Stopped)
+                }
+            }
+        })
+    }
+
     fn adopted(&self) {
         // Found running after an agent restart: it runs here as if we had started it, so a
         // later power-off from outside or a migration away is not mistaken for our own stop.
@@ -960,7 +1205,16 @@ impl Resource for VmResource {
 
     fn check(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
-            match self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
+            let until = Instant::now() + self.call_timeout;
+            match self.read_state(until, self.call_timeout).await {
+                Ok(Some(DomainState::Paused(_)))
+                    if self.expected_off.load(Ordering::SeqCst)
+                        && matches!(self.foreign_mark(until, self.call_timeout).await, Ok(Some(_))) =>
+                {
+                    // A copy another host migrated here and that was never resumed: its vCPUs
+                    // never ran here, and only a start under this host's lease resumes it.
+                    Health::Stopped
+                }
                 Ok(state) => {
                     let fenced = self.fence_marks.as_ref().and_then(|m| m.get(&self.def.uuid));
                     match health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
@@ -985,6 +1239,7 @@ pub struct HostResources {
     gate: StopGate,
     fence_marks: Option<FenceMarks>,
     links: Option<Arc<crate::link::LinkRegistry>>,
+    migration: Option<Migration>,
 }
 
 impl HostResources {
@@ -997,6 +1252,7 @@ impl HostResources {
             gate: StopGate::default(),
             fence_marks: None,
             links: None,
+            migration: None,
         }
     }
 
@@ -1029,6 +1285,18 @@ impl HostResources {
         self
     }
 
+    /// VMs built from now on live-migrate on planned handovers (see [`Migration`]).
+    pub fn with_migration(mut self, migration: Migration) -> HostResources {
+        self.migration = Some(migration);
+        self
+    }
+
+    /// The live-migration settings shared by this host's VMs (maintenance switches
+    /// [`Migration::migrate_on_standby`]).
+    pub fn migration(&self) -> Option<Migration> {
+        self.migration.clone()
+    }
+
     /// The hypervisor the resources run on.
     pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
         &self.hypervisor
@@ -1046,7 +1314,8 @@ impl HostResources {
             ResourceKind::Vm(config) => {
                 let vm = VmResource::build(group, &spec.name, config, self.hypervisor.clone())?
                     .with_guests(self.guests.clone(), Some(self.activity.clone()))
-                    .with_stop_gate(self.gate.clone());
+                    .with_stop_gate(self.gate.clone())
+                    .with_migration(self.migration.clone());
                 let vm = match &self.fence_marks {
                     Some(m) => vm.with_fence_marks(m.clone()),
                     None => vm,

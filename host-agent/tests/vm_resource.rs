@@ -19,11 +19,16 @@ use std::time::{Duration, Instant};
 use tandem_config::{DiskResource, ResourceKind, VmResource as VmConfig};
 use tandem_host::hypervisor::libvirt::{LibvirtHypervisor, LibvirtOptions};
 use tandem_host::hypervisor::{
-    BoxFuture, ConnectionState, DomainEvent, DomainInfo, DomainState, EventKind, EventReason, HostCapacity, Hypervisor,
-    HypervisorError, MigrationMode, RunningReason, ShutoffReason,
+    BoxFuture, ConnectionState, DomainEvent, DomainInfo, DomainState, EventKind, EventReason, HandoverMark,
+    HostCapacity, Hypervisor, HypervisorError, MigrationMode, RunningReason, ShutoffReason,
 };
-use tandem_host::vm::{GuestPrepared, GuestShutdown, HostResources, VmActivity, VmDefinition, VmResource, VmStep};
-use tandem_node::resources::{Health, Resource, ResourceEnv, ResourceError, ResourceFactory, StartContext};
+use tandem_host::vm::{
+    GuestPrepared, GuestShutdown, HostResources, Migration, VmActivity, VmDefinition, VmResource, VmStep,
+};
+use tandem_node::resources::{
+    HandoverReason, HandoverTarget, Health, Resource, ResourceEnv, ResourceError, ResourceFactory, StartContext,
+    StopContext, StopOutcome,
+};
 use tandem_testkit::{ChildGuard, require_program};
 use tokio::sync::broadcast;
 
@@ -92,7 +97,7 @@ fn spec(name: &str, kind: ResourceKind) -> tandem_config::Resource {
 }
 
 fn ctx() -> StartContext {
-    StartContext { group: "web".into(), resource: "vm".into(), token: 7 }
+    StartContext::new("web", "vm", 7)
 }
 
 /// A VM resource `web/vm` for domain `web` (512 MiB) on `hv`, built through the factory.
@@ -663,4 +668,121 @@ async fn the_stop_gate_bounds_how_many_planned_stops_run_at_once() {
     a.unwrap();
     b.unwrap();
     assert!(t.elapsed() < Duration::from_millis(1150), "unbounded stops did not overlap: {:?}", t.elapsed());
+}
+
+/// A VM resource on `hv` whose host (`host-a`) migrates to `uris`, with its activity.
+fn migrating_vm(
+    host: &TestHost,
+    hv: Arc<dyn Hypervisor>,
+    uris: &[(&str, &str)],
+) -> (VmResource, Migration, broadcast::Receiver<VmActivity>) {
+    let file = host.domain_file("web.xml", &domain_xml("web", "<memory unit='MiB'>512</memory>"));
+    let migration = Migration::new("host-a", uris.iter().map(|(h, u)| (h.to_string(), u.to_string())).collect());
+    let factory = HostResources::new(hv).with_migration(migration.clone());
+    let activity = factory.activity().subscribe();
+    let vm = factory
+        .build_vm("web", &spec("vm", ResourceKind::Vm(vm_config(file, BOUND))), &ResourceEnv::new("host-a"))
+        .expect("build the VM resource");
+    (vm, migration, activity)
+}
+
+fn handover(node: &str, reason: HandoverReason) -> StopContext {
+    StopContext {
+        group: "web".into(),
+        resource: "vm".into(),
+        force: false,
+        token: 7,
+        handover: Some(HandoverTarget { node: node.into(), reason }),
+    }
+}
+
+#[tokio::test]
+async fn a_handover_that_cannot_migrate_shuts_the_vm_down_and_says_so() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    // host-b's "daemon" is the test driver, which cannot migrate; host-c has no URI at all.
+    let (vm, migration, mut activity) = migrating_vm(&host, hv.clone(), &[("host-b", "test:///default")]);
+
+    vm.start(&ctx()).await.expect("start");
+    let outcome = vm.stop_for(&handover("host-b", HandoverReason::Move)).await.expect("stop");
+    assert_eq!(outcome, StopOutcome::Stopped, "nothing migrated");
+    assert!(domains(&*hv).await.is_empty(), "the VM is off and undefined here");
+    let steps = steps_of(&mut activity).await;
+    let (_, why) = steps.iter().find(|(s, _)| *s == VmStep::MigrationFailed).expect("the fallback is reported");
+    assert!(why.contains("live migration to host-b failed") && why.contains("starts afresh there"), "{why}");
+    assert!(steps.iter().any(|(s, _)| *s == VmStep::ShuttingDown), "{steps:?}");
+
+    vm.start(&ctx()).await.expect("start again");
+    assert_eq!(vm.stop_for(&handover("host-c", HandoverReason::Move)).await.unwrap(), StopOutcome::Stopped);
+    let steps = steps_of(&mut activity).await;
+    let (_, why) = steps.iter().find(|(s, _)| *s == VmStep::MigrationFailed).expect("reported");
+    assert!(why.contains("host-c cannot receive live migrations"), "{why}");
+
+    // Maintenance with the failover policy: a standby handover is a plain shutdown; with
+    // the migrate policy it tries to migrate.
+    vm.start(&ctx()).await.expect("start again");
+    vm.stop_for(&handover("host-b", HandoverReason::Standby)).await.unwrap();
+    let steps: Vec<VmStep> = steps_of(&mut activity).await.into_iter().map(|(s, _)| s).collect();
+    assert!(!steps.contains(&VmStep::MigrationFailed) && !steps.contains(&VmStep::Migrating), "{steps:?}");
+    migration.migrate_on_standby(true);
+    vm.start(&ctx()).await.expect("start again");
+    vm.stop_for(&handover("host-b", HandoverReason::Standby)).await.unwrap();
+    let steps: Vec<VmStep> = steps_of(&mut activity).await.into_iter().map(|(s, _)| s).collect();
+    assert!(steps.contains(&VmStep::MigrationFailed), "{steps:?}");
+}
+
+/// Leaves the VM's domain on `hv` paused under a handover mark from `from` with `token`: what
+/// an incoming live migration leaves on the destination.
+async fn incoming_copy(host: &TestHost, hv: &Arc<LibvirtHypervisor>, from: &str, token: u64) {
+    hv.define(&domain_xml("web", "<memory unit='MiB'>512</memory>")).await.unwrap();
+    hv.start(UUID).await.unwrap();
+    hv.suspend(UUID).await.unwrap();
+    let mark = HandoverMark { from: from.into(), token };
+    hv.set_handover_mark(UUID, Some(&mark)).await.expect("the test driver keeps metadata");
+    assert_eq!(hv.handover_mark(UUID).await.unwrap(), Some(mark));
+    let _ = host;
+}
+
+#[tokio::test]
+async fn the_handover_start_resumes_the_paused_copy_instead_of_booting() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    incoming_copy(&host, &hv, "host-b", 6).await;
+    let (vm, _, _) = migrating_vm(&host, hv.clone(), &[]);
+    // Before the start, the probe sees nothing running here: the copy never ran here.
+    assert_eq!(vm.check().await, Health::Stopped);
+    let mut ctx = StartContext::new("web", "vm", 7);
+    ctx.migrated_in = true;
+    vm.start(&ctx).await.expect("resume");
+    assert_eq!(hv.state(UUID).await.unwrap(), DomainState::Running(RunningReason::Unpaused), "resumed, not booted");
+    assert_eq!(hv.handover_mark(UUID).await.unwrap(), None, "the mark has served");
+    assert_eq!(vm.check().await, Health::Running);
+    // An operator's pause afterwards is a pause, not an incoming copy.
+    hv.suspend(UUID).await.unwrap();
+    assert_eq!(vm.check().await, Health::Running);
+}
+
+#[tokio::test]
+async fn a_paused_copy_that_is_not_the_handovers_is_destroyed_and_the_vm_boots() {
+    for (migrated_in, token) in [(false, 7), (true, 9)] {
+        let host = TestHost::new();
+        let hv = host.connect().await;
+        incoming_copy(&host, &hv, "host-b", 6).await;
+        let (vm, _, _) = migrating_vm(&host, hv.clone(), &[]);
+        let mut events = hv.subscribe();
+        let mut ctx = StartContext::new("web", "vm", token);
+        ctx.migrated_in = migrated_in;
+        vm.start(&ctx).await.expect("start");
+        assert_eq!(
+            hv.state(UUID).await.unwrap(),
+            DomainState::Running(RunningReason::Booted),
+            "migrated_in {migrated_in}, token {token}: booted afresh"
+        );
+        let seen = events_until(&mut events, |e| e.kind == EventKind::Started).await;
+        assert!(
+            seen.iter().any(|e| e.kind == EventKind::Stopped && e.reason == EventReason::Destroyed),
+            "the stale copy was destroyed first: {seen:?}"
+        );
+        assert_eq!(hv.handover_mark(UUID).await.unwrap(), None, "the booted VM carries no mark");
+    }
 }

@@ -124,6 +124,14 @@ pub struct Node {
     /// production, `test:///<absolute path to a domain file>` for the test driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypervisor: Option<String>,
+    /// Where live migrations to this host are sent (host agents only): the libvirt URI the
+    /// *source* host's daemon connects to, e.g. `qemu+tls://10.0.0.1/system`. Default:
+    /// derived from `hypervisor` with this node's `api` address (else its first link
+    /// address): `qemu:///system` becomes `qemu+tls://<address>/system`; a `hypervisor`
+    /// that already names a remote host is used as it is; the test driver (`test://…`)
+    /// has none (it cannot migrate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_uri: Option<String>,
     /// What this node offers to groups' `demand`s (`{ memory_mib = 65536, vcpus = 32 }`).
     /// Absent: unlimited (groups are not placed by capacity on this node).
     #[serde(default, skip_serializing_if = "Option::is_none")]

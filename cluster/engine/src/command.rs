@@ -27,6 +27,12 @@ pub enum Command {
         resource: ResourceId,
         /// The lease token to stamp it with.
         token: LeaseToken,
+        /// The previous holder live-migrated the group here before it released the lease
+        /// (`LeaseNote::migrated` named this node, and this grant directly follows that
+        /// holder's): the resource's state waits here,
+        /// paused, and the start should resume it rather than start afresh. Set only for the
+        /// first start under this lease.
+        migrated_in: bool,
     },
     /// A resource found running at startup now belongs to the lease acquired with `token`:
     /// re-stamp it. No answer expected.
@@ -48,6 +54,11 @@ pub enum Command {
         /// Stop without grace (kill the process group at once): the lease is gone or was
         /// never ours, so another node may start the group any moment.
         force: bool,
+        /// The stop is part of a planned handover to one known node (an operator move, a
+        /// failback, a standby move to the best other node): a resource that can move its
+        /// running state there (a VM's live migration) may do so and answer
+        /// `ResourceMigrated`. `None` for every other stop, and always with `force`.
+        handover: Option<Handover>,
     },
     /// Ask the lease layer for the group's lease; answer with `LeaseAcquired` or
     /// `LeaseAcquireFailed`.
@@ -82,6 +93,16 @@ pub enum Command {
     },
     /// Something an operator should hear about. No answer expected.
     Notify(Notice),
+}
+
+/// A planned stop that hands the group to one node (see `Command::StopResource`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    /// The node that should take the group next.
+    pub to: NodeId,
+    /// Why the group leaves: `ReleaseReason::Handoff` (operator move, failback) or
+    /// `ReleaseReason::Standby` (this node entered standby in move mode).
+    pub reason: ReleaseReason,
 }
 
 /// Why a group's lease is released.

@@ -2,10 +2,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::command::{Command, Notice, ReleaseReason};
+use crate::command::{Command, Handover, Notice, ReleaseReason};
 use crate::event::{Event, OperatorCommand, StandbyMode};
 use crate::model::{Capacity, ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
-use crate::note::{Desired, LeaseNote, LeaseToken, StopCause};
+use crate::note::{Desired, LeaseNote, LeaseToken, Migrated, StopCause};
 use crate::status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};
 
 /// A rule the simulation can break on purpose, to show that its checker catches it.
@@ -24,6 +24,10 @@ pub(crate) enum BrokenRule {
     IgnoreStandby,
     /// A group parked by another node is treated as wanted: it is started elsewhere.
     StartParked,
+    /// A grant resumes a migrated copy whenever the note names this node, without checking
+    /// that it directly follows the migrating holder: a later holder may resume a copy that
+    /// went stale meanwhile.
+    ResumeAnyMigration,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -94,6 +98,9 @@ struct GroupRuntime {
     veto: Option<String>,
     /// A grant that unparked the group: hand it to the best node if that is not this one.
     check_best: bool,
+    /// The lease was granted right after a holder that migrated the group here: the first start
+    /// resumes the migrated state. Cleared by a failure, a loss or a release.
+    migrated_in: bool,
 }
 
 /// Healthy eligible nodes a group does not fit on, with why.
@@ -210,6 +217,7 @@ impl Engine {
                     no_capacity_reported: false,
                     veto: None,
                     check_best: false,
+                    migrated_in: false,
                 }
             })
             .collect();
@@ -341,6 +349,23 @@ impl Engine {
                     rt.stop_attempts[ri] = 0;
                 }
             }
+            Event::ResourceMigrated { group, resource, to } => {
+                let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
+                let me = self.me;
+                let rt = &mut self.groups[gi];
+                if rt.res[ri] == ResourceState::Stopping {
+                    rt.res[ri] = ResourceState::Stopped;
+                    rt.stop_attempts[ri] = 0;
+                    // Only while this node still holds the lease and is giving the group up:
+                    // the note it releases with tells `to` that its paused copy is current.
+                    if let Lease::Held(by_token) = rt.lease
+                        && matches!(rt.goal, Goal::Release(_))
+                        && to != me
+                    {
+                        rt.held_note.migrated = Some(Migrated { to, by_token });
+                    }
+                }
+            }
             Event::ResourceStopFailed { group, resource } => {
                 let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
                 if self.groups[gi].res[ri] != ResourceState::Stopping {
@@ -355,10 +380,13 @@ impl Engine {
                     self.out.push(Command::SelfFence { group: g.id.clone(), resource: g.resources[ri].id.clone() });
                 } else {
                     let force = !matches!(self.groups[gi].lease, Lease::Held(_));
+                    let handover = if force { None } else { self.handover_of(gi) };
+                    let g = &self.model.groups[gi];
                     self.out.push(Command::StopResource {
                         group: g.id.clone(),
                         resource: g.resources[ri].id.clone(),
                         force,
+                        handover,
                     });
                 }
             }
@@ -401,6 +429,7 @@ impl Engine {
                     rt.lease = Lease::NotHeld;
                     rt.goal = Goal::Run;
                     rt.adopting = false;
+                    rt.migrated_in = false;
                     rt.to_restart.clear();
                     rt.running_since = None;
                     rt.observed_holder = None;
@@ -547,11 +576,23 @@ impl Engine {
         let g = &self.model.groups[gi];
         let me = self.me;
         let online = self.standby.is_none();
+        #[cfg(test)]
+        let resume_any = self.is_broken(BrokenRule::ResumeAnyMigration);
+        #[cfg(not(test))]
+        let resume_any = false;
         let rt = &mut self.groups[gi];
         match rt.lease {
             Lease::Acquiring => {
                 rt.lease = Lease::Held(token);
                 rt.held_note = merge(&note.unwrap_or_else(|| LeaseNote::initial(g)), &rt.intent);
+                // A migrated state is resumed by the very next holder or never: this grant
+                // consumes the mark, whoever got it.
+                // Only the very next holder after the migrating one may resume: consecutive
+                // grants have consecutive tokens, so any holder in between (even one that died
+                // before it could rewrite the note) shows as a gap.
+                let next = |m: &Migrated| resume_any || token.0 == m.by_token.0.saturating_add(1);
+                rt.migrated_in = rt.held_note.migrated.is_some_and(|m| m.to == me && next(&m)) && !rt.adopting;
+                rt.held_note.migrated = None;
                 #[cfg(test)]
                 let me = match (self.broken, rt.held_note.desired) {
                     (Some(BrokenRule::StartParked), Desired::Stopped(StopCause::Parked(p))) => p,
@@ -619,6 +660,8 @@ impl Engine {
         let g = &self.model.groups[gi];
         let rt = &mut self.groups[gi];
         rt.running_since = None;
+        // A restart starts afresh: whatever was migrated in is no longer what should run.
+        rt.migrated_in = false;
         if !matches!(rt.lease, Lease::Held(_)) || rt.goal != Goal::Run {
             // Already leaving or not ours: the stop path cleans it up.
             return;
@@ -824,7 +867,9 @@ impl Engine {
                 Some(why) => unfit.push((*n, why)),
                 None => fit.push((
                     RankKey {
-                        not_target: note.preferred != Some(*n),
+                        // The node holding a migrated paused copy ranks with the move target:
+                        // it can resume the VM instead of booting it.
+                        not_target: note.preferred != Some(*n) && note.migrated.is_none_or(|m| m.to != *n),
                         failed: note.failed_on.contains(n),
                         no_partner: !self.has_partner(gi, *n),
                         order,
@@ -1115,11 +1160,33 @@ impl Engine {
         }
     }
 
+    /// Where a planned stop of group `gi` hands it to, if it is a handover to one known node:
+    /// the target of a handoff (operator move, failback), or, for a standby release in move
+    /// mode, the best other node by this node's placement (the one that will take the lease
+    /// first). `None` for every other stop (failures, quorum loss, parking, operator stop…).
+    fn handover_of(&self, gi: usize) -> Option<Handover> {
+        let rt = &self.groups[gi];
+        if !matches!(rt.lease, Lease::Held(_)) {
+            return None;
+        }
+        match rt.goal {
+            Goal::Release(reason @ ReleaseReason::Handoff { to }) => Some(Handover { to, reason }),
+            Goal::Release(reason @ ReleaseReason::Standby)
+                if self.standby == Some(StandbyMode::Move) && rt.held_note.desired == Desired::Started =>
+            {
+                let (fit, _) = self.placement(gi, &rt.held_note);
+                fit.into_iter().map(|(_, n)| n).find(|n| *n != self.me).map(|to| Handover { to, reason })
+            }
+            _ => None,
+        }
+    }
+
     /// Moves the group's resources one step towards what the lease and goal call for.
     /// One resource operation at a time per group, so order is easy to prove.
     fn reconcile(&mut self, gi: usize) {
         let now = self.now;
         let retry = self.model.timing.acquire_retry_ms;
+        let handover = self.handover_of(gi);
         let g = &self.model.groups[gi];
         let rt = &mut self.groups[gi];
         if rt.adopting || rt.res.iter().any(|s| matches!(s, ResourceState::Starting | ResourceState::Stopping)) {
@@ -1142,6 +1209,7 @@ impl Engine {
                 group: g.id.clone(),
                 resource: g.resources[i].id.clone(),
                 force: !held,
+                handover: if held { handover } else { None },
             });
             return;
         }
@@ -1163,6 +1231,7 @@ impl Engine {
                 }
                 rt.lease = Lease::NotHeld;
                 rt.goal = Goal::Run;
+                rt.migrated_in = false;
                 rt.observed_holder = None;
                 rt.observed_note = Some(rt.held_note.clone());
                 rt.free_since = None;
@@ -1186,6 +1255,7 @@ impl Engine {
                             group: g.id.clone(),
                             resource: g.resources[i].id.clone(),
                             token,
+                            migrated_in: rt.migrated_in,
                         });
                     }
                 }

@@ -39,6 +39,19 @@ pub enum Event {
         /// The resource.
         resource: ResourceId,
     },
+    /// Answer to a `StopResource` with a `handover`: the resource no longer runs here; its
+    /// running state moved to `to` (a VM live-migrated there), where it waits, paused,
+    /// until `to` holds the lease and resumes it. The engine writes `to` into the lease
+    /// note (`LeaseNote::migrated`) when it releases the lease. Otherwise like
+    /// `ResourceStopped`.
+    ResourceMigrated {
+        /// The group.
+        group: GroupId,
+        /// The resource.
+        resource: ResourceId,
+        /// The node its state moved to.
+        to: NodeId,
+    },
     /// Answer to `StopResource`: the stop failed; the engine retries, then self-fences.
     ResourceStopFailed {
         /// The group.

@@ -32,12 +32,12 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-pub use command::{Command, Notice, ReleaseReason};
+pub use command::{Command, Handover, Notice, ReleaseReason};
 pub use engine::Engine;
 pub use event::{Event, OperatorCommand, StandbyMode};
 pub use model::{
     Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy,
     RecoveryPolicy, ResourceId, ResourceSpec, Timing,
 };
-pub use note::{Desired, LeaseNote, LeaseToken, StopCause};
+pub use note::{Desired, LeaseNote, LeaseToken, Migrated, StopCause};
 pub use status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};

@@ -52,6 +52,21 @@ pub struct LeaseNote {
     /// Nodes that gave the group up because of a failure since the last stable run or reset,
     /// sorted; they rank after every other healthy node.
     pub failed_on: Vec<NodeId>,
+    /// The releasing holder live-migrated the group's running state to a node, where it
+    /// waits paused: that node ranks first, and only that node, and only as the very next
+    /// holder, may resume it (`Command::StartResource::migrated_in`): its grant's token must
+    /// directly follow the releasing holder's. A later holder never resumes a copy that went
+    /// stale meanwhile, even when an intermediate holder died before it could rewrite the note.
+    pub migrated: Option<Migrated>,
+}
+
+/// A live migration handed over with a lease (see `LeaseNote::migrated`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    /// The node the running state moved to.
+    pub to: NodeId,
+    /// The token of the holder that migrated it (and wrote the note when it released).
+    pub by_token: LeaseToken,
 }
 
 impl LeaseNote {
@@ -68,6 +83,7 @@ impl LeaseNote {
             reset_seq: 0,
             failovers: 0,
             failed_on: Vec::new(),
+            migrated: None,
         }
     }
 

@@ -62,6 +62,7 @@ fn arbitrary_event(kind: u8, a: u8, b: u8) -> Event {
     let note = (a % 3 == 0).then(|| LeaseNote {
         failovers: u32::from(b % 3),
         failed_on: vec![node],
+        migrated: (b % 2 == 0).then_some(crate::Migrated { to: node, by_token: LeaseToken(u64::from(a)) }),
         ..LeaseNote::initial(&db_group(&[1]))
     });
     match kind % 22 {
@@ -89,6 +90,7 @@ fn arbitrary_event(kind: u8, a: u8, b: u8) -> Event {
         }),
         18 => Event::PeerStandby { node, standby: a % 2 == 0 },
         19 => Event::LocalVeto { group, reason: (b % 2 == 0).then(|| "veto".to_owned()) },
+        20 => Event::ResourceMigrated { group, resource, to: node },
         _ => Event::Tick,
     }
 }
@@ -230,7 +232,7 @@ impl FaithfulRuntime {
     fn accept(&mut self, cmds: Vec<Command>) -> Result<(), TestCaseError> {
         for c in cmds {
             match &c {
-                Command::StartResource { group, resource, token } => {
+                Command::StartResource { group, resource, token, .. } => {
                     prop_assert_eq!(self.held.get(group), Some(token), "start of {} without its lease", resource);
                     self.check_placement(group)?;
                     let (gi, ri) = self.index(group, resource);
@@ -317,11 +319,15 @@ impl FaithfulRuntime {
                     Event::ResourceStartFailed { group, resource }
                 }
             }
-            Command::StopResource { group, resource, .. } => {
+            Command::StopResource { group, resource, handover, .. } => {
                 let (_, ri) = self.index(&group, &resource);
                 if ok {
                     self.running.remove(&(group.clone(), ri));
-                    Event::ResourceStopped { group, resource }
+                    match handover {
+                        // A handover may move the resource's state instead of stopping it.
+                        Some(h) if coin % 2 == 0 => Event::ResourceMigrated { group, resource, to: h.to },
+                        _ => Event::ResourceStopped { group, resource },
+                    }
                 } else {
                     Event::ResourceStopFailed { group, resource }
                 }
@@ -346,7 +352,12 @@ impl FaithfulRuntime {
 /// The checkers above can fail: each rejects the command sequence it exists to catch.
 #[test]
 fn the_property_checkers_reject_what_they_guard_against() {
-    let start = |token| Command::StartResource { group: "db".into(), resource: "app".into(), token: LeaseToken(token) };
+    let start = |token| Command::StartResource {
+        group: "db".into(),
+        resource: "app".into(),
+        token: LeaseToken(token),
+        migrated_in: false,
+    };
     let mut book = LeaseBook::default();
     assert!(book.check(&start(1)).is_err(), "a start without any grant must be rejected");
     book.saw(&Event::LeaseAcquired { group: "db".into(), token: LeaseToken(1), note: None });
@@ -363,7 +374,7 @@ fn the_property_checkers_reject_what_they_guard_against() {
     rt.running.insert(("db".into(), 0));
     rt.running.insert(("db".into(), 2));
     // disk stops while app, which needs it, runs.
-    let stop_disk = Command::StopResource { group: "db".into(), resource: "disk".into(), force: false };
+    let stop_disk = Command::StopResource { group: "db".into(), resource: "disk".into(), force: false, handover: None };
     assert!(rt.accept(vec![stop_disk]).is_err());
     let release = Command::ReleaseLease {
         group: "db".into(),
@@ -377,7 +388,12 @@ fn the_property_checkers_reject_what_they_guard_against() {
         let mut rt = FaithfulRuntime::new(placed_model(rules));
         rt.running.insert(("db".into(), 0));
         rt.held.insert("web".into(), LeaseToken(1));
-        let start_vip = Command::StartResource { group: "web".into(), resource: "vip".into(), token: LeaseToken(1) };
+        let start_vip = Command::StartResource {
+            group: "web".into(),
+            resource: "vip".into(),
+            token: LeaseToken(1),
+            migrated_in: false,
+        };
         assert!(rt.accept(vec![start_vip]).is_err(), "placement rules {rules} must be enforced by the checker");
     }
 }

@@ -157,6 +157,9 @@ struct Sim {
     /// cleared by a later release that does not park, or by the parker's own grant while it
     /// is online (it unparks then).
     parked: Vec<Option<(NodeId, u64)>>,
+    /// Per group: the node holding a paused copy a handover migrated there, and whether it
+    /// is still current (no other node was granted the lease since).
+    copies: Vec<Option<(usize, bool)>>,
 }
 
 /// What a run did, to show the simulation is not vacuous.
@@ -188,6 +191,10 @@ pub(crate) struct SimStats {
     pub(crate) veto_releases: u64,
     /// Crashes of a node in standby that still held a lease.
     pub(crate) standby_crashes: u64,
+    /// Handover stops answered with `ResourceMigrated`.
+    pub(crate) migrations: u64,
+    /// Starts that resumed a migrated copy.
+    pub(crate) resumes: u64,
 }
 
 fn sim_model(rng: &mut Rng) -> ClusterModel {
@@ -330,6 +337,7 @@ impl Sim {
             stats: SimStats { placed_runs: u64::from(placed), ..SimStats::default() },
             violation: None,
             parked: vec![None; n_groups],
+            copies: vec![None; n_groups],
         };
         for i in 0..n {
             let at = sim.rng.range(0, 300);
@@ -534,8 +542,21 @@ impl Sim {
             let id = self.nodes[ni].id;
             self.log(format!("{id} -> {cmd:?}"));
             let delay = match &cmd {
-                Command::StartResource { group, resource, token } => {
+                Command::StartResource { group, resource, token, migrated_in } => {
                     let (gi, ri) = self.index(group, resource);
+                    if *migrated_in {
+                        // Only the node a handover migrated to, and only while no other node
+                        // held the lease since: anything else resumes a stale copy.
+                        // No copy at all (its node crashed since) is fine: the start finds
+                        // nothing to resume and starts afresh.
+                        if matches!(self.copies[gi], Some(c) if c != (ni, true)) && self.violation.is_none() {
+                            self.violation = Some(format!(
+                                "{id} resumed a migrated {group}/{resource} but the copy is {:?}",
+                                self.copies[gi]
+                            ));
+                        }
+                        self.stats.resumes += 1;
+                    }
                     if self.nodes[ni].standby.is_some() && self.violation.is_none() {
                         self.violation = Some(format!("{id} started {group}/{resource} while in standby"));
                     }
@@ -597,13 +618,23 @@ impl Sim {
                     self.feed(ni, Event::ResourceStarted { group, resource });
                 }
             }
-            Command::StopResource { group, resource, .. } => {
+            Command::StopResource { group, resource, handover, .. } => {
                 let (gi, ri) = self.index(&group, &resource);
                 if self.faults_on && self.rng.chance(10) {
                     self.feed(ni, Event::ResourceStopFailed { group, resource });
                 } else {
                     self.nodes[ni].running[gi][ri] = None;
-                    self.feed(ni, Event::ResourceStopped { group, resource });
+                    let target = handover.and_then(|h| self.nodes.iter().position(|n| n.id == h.to));
+                    match target {
+                        // Half the handovers move the state (a live migration), half stop.
+                        Some(to) if self.rng.chance(50) => {
+                            self.copies[gi] = Some((to, true));
+                            self.stats.migrations += 1;
+                            let to = self.nodes[to].id;
+                            self.feed(ni, Event::ResourceMigrated { group, resource, to });
+                        }
+                        _ => self.feed(ni, Event::ResourceStopped { group, resource }),
+                    }
                 }
             }
             Command::ProbeResource { group, resource } => {
@@ -619,6 +650,11 @@ impl Sim {
                     let token = LeaseToken(l.next_token);
                     if l.holder.is_some_and(|h| h.0 != ni) {
                         self.stats.takeovers += 1;
+                    }
+                    if let Some((c, current)) = &mut self.copies[gi]
+                        && *c != ni
+                    {
+                        *current = false;
                     }
                     let lease = &mut self.leases[gi];
                     lease.next_token += 1;
@@ -707,6 +743,11 @@ impl Sim {
             g.iter_mut().for_each(|r| *r = None);
         }
         let id = node.id;
+        for copy in &mut self.copies {
+            if copy.is_some_and(|(c, _)| c == ni) {
+                *copy = None;
+            }
+        }
         self.log(format!("{id} down ({why})"));
         let back = self.rng.range(1_000, 8_000);
         self.schedule(back, Action::Reboot(ni));
@@ -1218,6 +1259,8 @@ fn simulation_holds_invariants_over_many_seeds() {
                 total.unparks += s.unparks;
                 total.veto_releases += s.veto_releases;
                 total.standby_crashes += s.standby_crashes;
+                total.migrations += s.migrations;
+                total.resumes += s.resumes;
             }
             Err(e) => panic!("simulation failed for seed {seed} (rerun: TANDEM_SIM_SEED={seed}):\n{e}"),
         }
@@ -1230,6 +1273,7 @@ fn simulation_holds_invariants_over_many_seeds() {
         assert!(total.placed_runs > 0 && total.shared_nodes > 0, "{total:?}");
         assert!(total.standby_releases > 0 && total.parked > 0 && total.unparks > 0, "{total:?}");
         assert!(total.veto_releases > 0 && total.standby_crashes > 0, "{total:?}");
+        assert!(total.migrations > 0 && total.resumes > 0, "{total:?}");
     }
 }
 
@@ -1243,6 +1287,7 @@ fn simulation_catches_deliberately_broken_rules() {
         (BrokenRule::IgnorePlacement, false),
         (BrokenRule::IgnoreStandby, false),
         (BrokenRule::StartParked, false),
+        (BrokenRule::ResumeAnyMigration, false),
     ] {
         let caught = (0..300).find_map(|seed| run_seed(seed, SimOptions { broken: Some(rule), flappy }).err());
         let Some(report) = caught else { panic!("breaking {rule:?} went unnoticed over 300 seeds") };

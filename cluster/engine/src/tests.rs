@@ -39,10 +39,20 @@ fn model(group: FailoverGroup) -> ClusterModel {
 }
 
 fn start(group: &str, res: &str, t: u64) -> Command {
-    Command::StartResource { group: g(group), resource: r(res), token: LeaseToken(t) }
+    Command::StartResource { group: g(group), resource: r(res), token: LeaseToken(t), migrated_in: false }
 }
 fn stop(res: &str, force: bool) -> Command {
-    Command::StopResource { group: g("db"), resource: r(res), force }
+    Command::StopResource { group: g("db"), resource: r(res), force, handover: None }
+}
+/// A graceful stop of `res` of db that hands the group to node `to` (a move or failback).
+fn stop_handoff(res: &str, to: u32) -> Command {
+    let handover = Some(Handover { to: n(to), reason: ReleaseReason::Handoff { to: n(to) } });
+    Command::StopResource { group: g("db"), resource: r(res), force: false, handover }
+}
+/// A graceful stop of `res` of db for this node's standby, handing the group to `to`.
+fn stop_standby(res: &str, to: u32) -> Command {
+    let handover = Some(Handover { to: n(to), reason: ReleaseReason::Standby });
+    Command::StopResource { group: g("db"), resource: r(res), force: false, handover }
 }
 fn started(res: &str) -> Event {
     Event::ResourceStarted { group: g("db"), resource: r(res) }
@@ -444,7 +454,7 @@ fn operator_move_hands_off_to_the_target_which_goes_first() {
     let (mut a, _) = Node::booted(1, model(db_group(&[1, 2, 3])));
     a.run_db(7);
     let mv = op(5, OperatorCommand::MoveGroup { group: g("db"), to: n(3) });
-    assert_eq!(a.ev(mv.clone()), vec![stop("app", false)]);
+    assert_eq!(a.ev(mv.clone()), vec![stop_handoff("app", 3)]);
     a.ev(stopped("app"));
     a.ev(stopped("ip"));
     let cmds = a.ev(stopped("disk"));
@@ -492,7 +502,7 @@ fn auto_failback_returns_the_group_to_the_preferred_node_manual_does_not() {
         b.run_db(3);
         let cmds = b.at(5_000, Event::NodeJoined(n(1)));
         if expect_handoff {
-            assert_eq!(cmds, vec![stop("app", false)]);
+            assert_eq!(cmds, vec![stop_handoff("app", 1)]);
             b.ev(stopped("app"));
             b.ev(stopped("ip"));
             let cmds = b.ev(stopped("disk"));
@@ -612,7 +622,7 @@ fn a_stale_read_of_our_own_past_lease_is_not_a_reclaim() {
     a.at(10, Event::NodeLost(n(3)));
     a.at(1_000, Event::Tick);
     a.run_db(5);
-    assert_eq!(a.at(2_000, Event::NodeJoined(n(3))), vec![stop("app", false)]);
+    assert_eq!(a.at(2_000, Event::NodeJoined(n(3))), vec![stop_handoff("app", 3)]);
     a.ev(stopped("app"));
     a.ev(stopped("ip"));
     let cmds = a.ev(stopped("disk"));
@@ -652,7 +662,7 @@ fn a_group_left_failed_can_still_be_stopped_or_moved_by_an_operator() {
     let (mut a, _) = Node::booted(1, model(grp));
     a.run_db(7);
     a.at(1_000, failed("ip"));
-    assert_eq!(a.ev(op(1, OperatorCommand::MoveGroup { group: g("db"), to: n(2) })), vec![stop("app", false)]);
+    assert_eq!(a.ev(op(1, OperatorCommand::MoveGroup { group: g("db"), to: n(2) })), vec![stop_handoff("app", 2)]);
 }
 
 #[test]
@@ -832,7 +842,7 @@ fn a_group_that_fits_nowhere_starts_as_soon_as_another_group_stops() {
     x.run_vm("a", 1);
     assert_eq!(
         x.ev(op(1, OperatorCommand::StopGroup(g("a")))),
-        vec![Command::StopResource { group: g("a"), resource: r("vm"), force: false }]
+        vec![Command::StopResource { group: g("a"), resource: r("vm"), force: false, handover: None }]
     );
     // The stop completes: `a` is released and, in the same step, `b` asks for its lease.
     let cmds = x.ev(vm_event("a", |group, resource| Event::ResourceStopped { group, resource }));
@@ -972,9 +982,16 @@ fn peer_standby(i: u32, on: bool) -> Event {
 
 impl Node {
     /// Stops db's three resources in reverse order and returns the commands after the last.
+    /// Completes a graceful stop of db (whatever it hands over to) and returns what follows.
     fn stop_db(&mut self) -> Vec<Command> {
-        assert_eq!(self.ev(stopped("app")), vec![stop("ip", false)]);
-        assert_eq!(self.ev(stopped("ip")), vec![stop("disk", false)]);
+        let graceful = |cmds: Vec<Command>, next: &str| {
+            assert!(
+                matches!(cmds.as_slice(), [Command::StopResource { resource, force: false, .. }] if resource.0 == next),
+                "{cmds:?}"
+            )
+        };
+        graceful(self.ev(stopped("app")), "ip");
+        graceful(self.ev(stopped("ip")), "disk");
         self.ev(stopped("disk"))
     }
 }
@@ -991,7 +1008,7 @@ fn standby_move_stops_gracefully_and_releases_without_counting_a_failure() {
     a.run_db(7);
     assert_eq!(
         a.at(1_000, standby(Some(StandbyMode::Move))),
-        vec![standby_notice(Some(StandbyMode::Move)), stop("app", false)]
+        vec![standby_notice(Some(StandbyMode::Move)), stop_standby("app", 2)]
     );
     let (note, reason, rest) = released(&a.stop_db());
     assert_eq!(reason, ReleaseReason::Standby);
@@ -1039,7 +1056,7 @@ fn failback_never_targets_a_standby_node_and_follows_the_policy_once_it_is_back(
         assert_eq!(b.at(100_000, Event::Tick), vec![]);
         let cmds = b.at(100_100, peer_standby(1, false));
         if expect_handoff {
-            assert_eq!(cmds, vec![stop("app", false)]);
+            assert_eq!(cmds, vec![stop_handoff("app", 1)]);
             let (_, reason, _) = released(&b.stop_db());
             assert_eq!(reason, ReleaseReason::Handoff { to: n(1) });
         } else {
@@ -1150,10 +1167,10 @@ fn a_standby_restored_before_startup_adopts_what_runs_then_releases_it_gracefull
         vec![
             Command::AdoptResource { group: g("db"), resource: r("disk"), token: LeaseToken(4) },
             Command::AdoptResource { group: g("db"), resource: r("app"), token: LeaseToken(4) },
-            stop("app", false),
+            stop_standby("app", 2),
         ]
     );
-    assert_eq!(e.handle(2, stopped("app")), vec![stop("disk", false)]);
+    assert_eq!(e.handle(2, stopped("app")), vec![stop_standby("disk", 2)]);
     let (_, reason, _) = released(&e.handle(3, stopped("disk")));
     assert_eq!(reason, ReleaseReason::Standby);
     assert_eq!(e.handle(100_000, Event::Tick), vec![]);
@@ -1188,7 +1205,7 @@ fn a_standby_node_that_is_the_only_candidate_of_a_capped_group_says_standby() {
         a.at(10, standby(Some(StandbyMode::Move))),
         vec![
             standby_notice(Some(StandbyMode::Move)),
-            Command::StopResource { group: g("x"), resource: r("vm"), force: false }
+            Command::StopResource { group: g("x"), resource: r("vm"), force: false, handover: None }
         ]
     );
     let cmds = a.ev(vm_event("x", |group, resource| Event::ResourceStopped { group, resource }));
@@ -1240,4 +1257,92 @@ fn a_vetoed_node_acquires_nothing_even_at_rank_zero() {
     assert_eq!(cmds, vec![]);
     assert_eq!(a.at(100_000, Event::Tick), vec![]);
     assert_eq!(a.group().not_running, Some(NotRunningReason::TakeoverPending));
+}
+
+fn migrated(res: &str, to: u32) -> Event {
+    Event::ResourceMigrated { group: g("db"), resource: r(res), to: n(to) }
+}
+
+#[test]
+fn a_migrated_handover_names_the_target_in_the_note_and_only_the_next_holder_resumes() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2, 3])));
+    a.run_db(7);
+    // Operator and forced stops hand nothing over.
+    assert_eq!(a.ev(op(5, OperatorCommand::MoveGroup { group: g("db"), to: n(3) })), vec![stop_handoff("app", 3)]);
+    assert_eq!(a.ev(migrated("app", 3)), vec![stop_handoff("ip", 3)]);
+    assert_eq!(a.ev(stopped("ip")), vec![stop_handoff("disk", 3)]);
+    let cmds = a.ev(stopped("disk"));
+    let (note, reason, _) = released(&cmds);
+    assert_eq!(reason, ReleaseReason::Handoff { to: n(3) });
+    assert_eq!(note.migrated, Some(Migrated { to: n(3), by_token: LeaseToken(7) }));
+
+    // Node 3, the very next holder (token 8), resumes; its own note forgets the migration.
+    let (mut c, _) = Node::booted(3, model(db_group(&[1, 2, 3])));
+    let resume =
+        |t| Command::StartResource { group: g("db"), resource: r("disk"), token: LeaseToken(t), migrated_in: true };
+    c.ev(Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) });
+    assert_eq!(c.ev(acquired(8, Some(note.clone()))), vec![resume(8)]);
+    // Every resource of the first start resumes; a restart after a failure starts afresh.
+    assert_eq!(
+        c.ev(started("disk")),
+        vec![Command::StartResource { group: g("db"), resource: r("ip"), token: LeaseToken(8), migrated_in: true }]
+    );
+    c.ev(started("ip"));
+    c.ev(started("app"));
+    assert_eq!(c.at(1_000, failed("ip")), vec![stop("ip", false)]);
+    assert_eq!(c.ev(stopped("ip")), vec![start("db", "ip", 8)]);
+    c.ev(started("ip"));
+    assert_eq!(c.ev(op(9, OperatorCommand::StopGroup(g("db")))), vec![stop("app", false)]);
+    let (note8, _, _) = released(&c.stop_db());
+    assert_eq!(note8.migrated, None, "the next holder's note no longer names a migration");
+
+    // A grant that does not directly follow the migrating holder's (token 9: someone held
+    // it in between and died before rewriting the note) starts afresh.
+    let free = Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) };
+    let (mut d, _) = Node::booted(3, model(db_group(&[1, 2, 3])));
+    assert_eq!(d.ev(free.clone()), vec![acquire()]);
+    assert_eq!(d.ev(acquired(9, Some(note.clone()))), vec![start("db", "disk", 9)]);
+    // Nor does any other node resume it (node 2 asks once node 3 had its turn).
+    let unpinned = LeaseNote { preferred: None, ..note };
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2, 3])));
+    b.ev(Event::LeaseObserved { group: g("db"), holder: None, note: Some(unpinned.clone()) });
+    assert_eq!(b.at(60_000, Event::Tick), vec![acquire()]);
+    assert_eq!(b.ev(acquired(8, Some(unpinned))), vec![start("db", "disk", 8)]);
+}
+
+#[test]
+fn the_node_holding_a_migrated_copy_ranks_first() {
+    let note = LeaseNote {
+        migrated: Some(Migrated { to: n(3), by_token: LeaseToken(4) }),
+        ..LeaseNote::initial(&db_group(&[1, 2, 3]))
+    };
+    // Node 3 is last in the policy order, yet it asks at once; node 1 waits its stagger.
+    let free = |note: &LeaseNote| vec![Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) }];
+    let (_, cmds) = Node::booted_after(3, model(db_group(&[1, 2, 3])), free(&note));
+    assert_eq!(cmds, vec![acquire()]);
+    let (mut a, cmds) = Node::booted_after(1, model(db_group(&[1, 2, 3])), free(&note));
+    assert_eq!(cmds, vec![]);
+    assert_eq!(a.at(20, Event::Tick), vec![]);
+    // Without the migration node 1 goes first, node 3 waits.
+    let plain = LeaseNote::initial(&db_group(&[1, 2, 3]));
+    let (_, cmds) = Node::booted_after(1, model(db_group(&[1, 2, 3])), free(&plain));
+    assert_eq!(cmds, vec![acquire()]);
+    let (_, cmds) = Node::booted_after(3, model(db_group(&[1, 2, 3])), free(&plain));
+    assert_eq!(cmds, vec![]);
+}
+
+#[test]
+fn a_standby_move_hands_over_to_the_best_other_node_and_parking_hands_over_nothing() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 3, 2])));
+    a.run_db(7);
+    assert_eq!(
+        a.at(1_000, standby(Some(StandbyMode::Move))),
+        vec![standby_notice(Some(StandbyMode::Move)), stop_standby("app", 3)]
+    );
+    let (mut p, _) = Node::booted(1, model(db_group(&[1, 3, 2])));
+    p.run_db(7);
+    assert_eq!(
+        p.at(1_000, standby(Some(StandbyMode::Park))),
+        vec![standby_notice(Some(StandbyMode::Park)), stop("app", false)]
+    );
 }

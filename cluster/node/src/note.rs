@@ -4,16 +4,20 @@
 //! auto-started, 2 stopped by an operator, 3 stopped by the failover limit), preferred node
 //! `u16` (0: none), desired_seq `u64`, reset_seq `u64`, failovers `u32`, count `u8`, then
 //! `count` node ids `u16`; desired 4 is "parked" (stopped by a node entering standby in
-//! park mode) and is followed by the parking node's id `u16`. Node ids are 1..=2000 (the configuration enforces it), so `u16`
-//! holds them. A value that does not decode is reported, never guessed at.
+//! park mode) and is followed by the parking node's id `u16`. Then, optionally, a live
+//! migration handed over with the lease: the node it went to `u16` and the migrating
+//! holder's token `u64` (absent: none); an older agent ignores it, and a note without it
+//! decodes as "none". Node ids are 1..=2000 (the configuration
+//! enforces it), so `u16` holds them. A value that does not decode is reported, never
+//! guessed at.
 
-use tandem_engine::{Desired, LeaseNote, NodeId, StopCause};
+use tandem_engine::{Desired, LeaseNote, LeaseToken, Migrated, NodeId, StopCause};
 
 const VERSION: u8 = 1;
 const FIXED: usize = 1 + 1 + 2 + 8 + 8 + 4 + 1;
 
 /// The largest note: the fixed part plus 32 failed-on nodes.
-pub const MAX_NOTE_LEN: usize = FIXED + 2 * MAX_FAILED_ON + 2;
+pub const MAX_NOTE_LEN: usize = FIXED + 2 * MAX_FAILED_ON + 2 + 2 + 8;
 /// How many failed-on nodes a note keeps. More than that only matters for ranking among
 /// nodes that all failed, so the oldest entries beyond it are dropped (lowest ids kept).
 pub const MAX_FAILED_ON: usize = 32;
@@ -57,6 +61,10 @@ pub fn encode(note: &LeaseNote) -> Vec<u8> {
     if let Desired::Stopped(StopCause::Parked(n)) = note.desired {
         out.extend_from_slice(&id16(Some(n)).to_le_bytes());
     }
+    if let Some(m) = note.migrated {
+        out.extend_from_slice(&id16(Some(m.to)).to_le_bytes());
+        out.extend_from_slice(&m.by_token.0.to_le_bytes());
+    }
     out
 }
 
@@ -97,8 +105,8 @@ pub fn decode(bytes: &[u8]) -> Result<LeaseNote, NoteError> {
             n => failed_on.push(NodeId(u32::from(n))),
         }
     }
+    let mut at = FIXED + 2 * count;
     if let Desired::Stopped(StopCause::Parked(_)) = desired {
-        let at = FIXED + 2 * count;
         if bytes.len() < at + 2 {
             return Err(NoteError::Truncated(bytes.len()));
         }
@@ -106,10 +114,18 @@ pub fn decode(bytes: &[u8]) -> Result<LeaseNote, NoteError> {
             0 => return Err(NoteError::Invalid("parked_by")),
             n => desired = Desired::Stopped(StopCause::Parked(NodeId(u32::from(n)))),
         }
+        at += 2;
     }
+    // Optional: absent in notes written before live migration existed.
+    let migrated = match bytes.len() >= at + 10 {
+        true if u16_at(at) != 0 => {
+            Some(Migrated { to: NodeId(u32::from(u16_at(at))), by_token: LeaseToken(u64_at(at + 2)) })
+        }
+        _ => None,
+    };
     failed_on.sort();
     failed_on.dedup();
-    Ok(LeaseNote { desired, preferred, desired_seq, reset_seq, failovers, failed_on })
+    Ok(LeaseNote { desired, preferred, desired_seq, reset_seq, failovers, failed_on, migrated })
 }
 
 fn id16(n: Option<NodeId>) -> u16 {
@@ -135,12 +151,14 @@ mod tests {
     proptest! {
         #[test]
         fn round_trip(d in desired(), p in proptest::option::of(1u32..=2000), ds: u64, rs: u64, f: u32,
-                      mut failed in proptest::collection::vec(1u32..=2000, 0..=MAX_FAILED_ON)) {
+                      mut failed in proptest::collection::vec(1u32..=2000, 0..=MAX_FAILED_ON),
+                      m in proptest::option::of((1u32..=2000, any::<u64>()))) {
             failed.sort();
             failed.dedup();
             let note = LeaseNote {
                 desired: d, preferred: p.map(NodeId), desired_seq: ds, reset_seq: rs, failovers: f,
                 failed_on: failed.into_iter().map(NodeId).collect(),
+                migrated: m.map(|(to, t)| Migrated { to: NodeId(to), by_token: LeaseToken(t) }),
             };
             let bytes = encode(&note);
             prop_assert!(bytes.len() <= MAX_NOTE_LEN);
@@ -162,6 +180,7 @@ mod tests {
             reset_seq: 0,
             failovers: 2,
             failed_on: vec![NodeId(1), NodeId(2)],
+            migrated: None,
         };
         let bytes = encode(&note);
         assert_eq!(decode(&bytes[..bytes.len() - 1]), Err(NoteError::Truncated(bytes.len() - 1)));
@@ -172,5 +191,25 @@ mod tests {
         v[1] = 7;
         assert_eq!(decode(&v), Err(NoteError::Invalid("desired")));
         assert_eq!(decode(&[]), Err(NoteError::Truncated(0)));
+    }
+
+    #[test]
+    fn the_migration_target_is_optional_and_older_notes_have_none() {
+        let mut note = LeaseNote {
+            desired: Desired::Stopped(StopCause::Parked(NodeId(3))),
+            preferred: Some(NodeId(2)),
+            desired_seq: 4,
+            reset_seq: 1,
+            failovers: 0,
+            failed_on: vec![NodeId(5)],
+            migrated: None,
+        };
+        let old = encode(&note);
+        assert_eq!(decode(&old).unwrap().migrated, None, "a note without the field");
+        note.migrated = Some(Migrated { to: NodeId(2), by_token: LeaseToken(41) });
+        let new = encode(&note);
+        assert_eq!(new.len(), old.len() + 10, "appended after the parking node");
+        assert_eq!(&new[..old.len()], &old[..], "an older agent reads the same note");
+        assert_eq!(decode(&new).unwrap(), note);
     }
 }

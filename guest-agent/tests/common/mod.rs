@@ -44,7 +44,7 @@ impl Drop for TestCgroup {
 }
 
 pub fn ctx(group: &str, resource: &str, token: u64) -> StartContext {
-    StartContext { group: group.into(), resource: resource.into(), token }
+    StartContext::new(group, resource, token)
 }
 
 /// Whether `pid` is a live (non-zombie) process.

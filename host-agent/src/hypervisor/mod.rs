@@ -60,8 +60,14 @@ pub struct HostCapacity {
 /// How a domain moves to another host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationMode {
-    /// The domain keeps running while its memory is copied; valid while it runs.
+    /// The domain keeps running while its memory is copied, and runs at the destination
+    /// once the copy is complete; valid while it runs.
     Live,
+    /// Like `Live`, but the destination's copy is left **paused** at the end: its vCPUs run
+    /// only once someone resumes it there. This is how the cluster hands a VM over under
+    /// its lease: the destination resumes it only after it acquired the VM's lease, so the
+    /// VM never runs where its lease is not held.
+    LivePaused,
     /// Only the definition moves; valid while the domain is off (shared storage assumed).
     Offline,
 }
@@ -69,10 +75,22 @@ pub enum MigrationMode {
 impl MigrationMode {
     fn as_str(&self) -> &'static str {
         match self {
-            MigrationMode::Live => "live migration",
+            MigrationMode::Live | MigrationMode::LivePaused => "live migration",
             MigrationMode::Offline => "offline migration",
         }
     }
+}
+
+/// What the cluster writes on a running domain before it live-migrates it (into the live
+/// definition only, so it travels with the migration and vanishes with the copy): who sent
+/// it and under which lease token. At the destination a paused domain carrying a mark from
+/// another host is an incoming copy that was never resumed (see `crate::vm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverMark {
+    /// The host that migrated the domain away.
+    pub from: String,
+    /// The fencing token that host held the VM's lease with while it migrated it.
+    pub token: u64,
 }
 
 /// State of the connection to the hypervisor, for callers that must re-read everything
@@ -140,6 +158,49 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
         dest_uri: &'a str,
         mode: MigrationMode,
     ) -> BoxFuture<'a, Result<(), HypervisorError>>;
+
+    /// Aborts the migration job running on `domain` here (the source), if any: the domain
+    /// keeps running here and libvirt removes the destination's incomplete copy.
+    ///
+    /// The default implementation reports [`HypervisorError::Unsupported`].
+    fn abort_migration<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let _ = domain;
+        Box::pin(async move {
+            Err(HypervisorError::Unsupported {
+                op: "abort migration",
+                uri: self.uri().to_string(),
+                source: "this hypervisor backend cannot migrate".into(),
+            })
+        })
+    }
+
+    /// Writes (`Some`) or removes (`None`) the [`HandoverMark`] in the live definition of a
+    /// running or paused domain.
+    ///
+    /// The default implementation reports [`HypervisorError::Unsupported`].
+    fn set_handover_mark<'a>(
+        &'a self,
+        domain: &'a str,
+        mark: Option<&'a HandoverMark>,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let _ = (domain, mark);
+        Box::pin(async move {
+            Err(HypervisorError::Unsupported {
+                op: "set handover mark",
+                uri: self.uri().to_string(),
+                source: "this hypervisor backend keeps no domain metadata".into(),
+            })
+        })
+    }
+
+    /// The [`HandoverMark`] in the live definition of an active domain, if it has one.
+    ///
+    /// The default implementation answers `None`: a backend that cannot migrate receives no
+    /// marked domains.
+    fn handover_mark<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<Option<HandoverMark>, HypervisorError>> {
+        let _ = domain;
+        Box::pin(async move { Ok(None) })
+    }
 
     /// The host's memory and CPUs.
     fn capacity(&self) -> BoxFuture<'_, Result<HostCapacity, HypervisorError>>;

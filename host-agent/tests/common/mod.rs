@@ -183,8 +183,19 @@ pub fn open_ns(ns: &str) -> std::fs::File {
     std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"))
 }
 
+/// Which hypervisor the hosts of a [`Cluster`] run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hv {
+    /// libvirt's test driver, inside each agent (`test:///<file>`).
+    TestDriver,
+    /// A private libvirt daemon with QEMU per host, in the host's namespace.
+    Qemu,
+}
+
 pub struct Cluster {
-    // Dropped after `Cluster::drop` has killed the hosts.
+    // Dropped after `Cluster::drop` has killed the hosts, and before the namespaces.
+    /// Each host's libvirt daemon with QEMU ([`Cluster::in_netns_qemu`]), in host order.
+    pub qemu: Vec<tandem_testkit::qemu::QemuDaemon>,
     pub net: Option<HostNet>,
     pub dir: tempfile::TempDir,
     cg_root: PathBuf,
@@ -275,21 +286,36 @@ impl Cluster {
     /// Every host on a loopback address. `capacity` (memory MiB, vCPUs) applies to every
     /// host when given.
     pub fn new(hosts: usize, vms: &[VmSpec], capacity: Option<(u64, u32)>) -> Cluster {
-        Cluster::build(hosts, vms, capacity, None, "")
+        Cluster::build(hosts, vms, capacity, None, "", Hv::TestDriver)
     }
 
     /// Every host in a network namespace of its own, on one bridge (see [`HostNet`]).
     pub fn in_netns(hosts: usize, vms: &[VmSpec]) -> Cluster {
-        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)), "")
+        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)), "", Hv::TestDriver)
     }
 
     /// [`Cluster::in_netns`] with `extra` appended to the configuration (top-level tables
     /// such as `[guest_link]` or `[[network]]`; `{dir}` is replaced by the test directory).
     pub fn in_netns_with(hosts: usize, vms: &[VmSpec], extra: &str) -> Cluster {
-        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)), extra)
+        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)), extra, Hv::TestDriver)
     }
 
-    fn build(hosts: usize, vms: &[VmSpec], capacity: Option<(u64, u32)>, net: Option<HostNet>, extra: &str) -> Cluster {
+    /// [`Cluster::in_netns`] with real hypervisors: a private libvirt daemon with QEMU (TCG)
+    /// in each host's namespace, the hosts' `migration_uri`s pointing at them over the
+    /// bridge, and the VMs as real QEMU guests without an OS
+    /// ([`tandem_testkit::qemu::idle_domain_xml`]; their `memory_mib` should be small).
+    pub fn in_netns_qemu(hosts: usize, vms: &[VmSpec]) -> Cluster {
+        Cluster::build(hosts, vms, None, Some(HostNet::new(hosts)), "", Hv::Qemu)
+    }
+
+    fn build(
+        hosts: usize,
+        vms: &[VmSpec],
+        capacity: Option<(u64, u32)>,
+        net: Option<HostNet>,
+        extra: &str,
+        hv: Hv,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let cg_root = tandem_lease::cgroup::cgroup2_mount()
             .expect("a cgroup2 mount (the e2e tests put each host in a cgroup)")
@@ -325,7 +351,29 @@ impl Cluster {
         if net.is_some() {
             toml += "# A private test network: no TLS.\n[api]\ninsecure = true\n\n";
         }
+        let qemu = match (&net, hv) {
+            (Some(net), Hv::Qemu) => {
+                // In parallel: each daemon probes QEMU once when it starts.
+                let starts: Vec<_> = (1..=hosts)
+                    .map(|i| {
+                        let (ns, addr) = (net.of(&format!("h{i}")).to_string(), format!("{NET}.{i}"));
+                        let lv = dir.path().join(format!("lv{i}"));
+                        std::thread::spawn(move || {
+                            tandem_testkit::qemu::QemuDaemon::start(
+                                &lv,
+                                &ns,
+                                &addr,
+                                &format!("5a1c0000-0000-4000-8000-{i:012}"),
+                            )
+                        })
+                    })
+                    .collect();
+                starts.into_iter().map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+            }
+            _ => Vec::new(),
+        };
         let cluster = Cluster {
+            qemu,
             net,
             dir,
             cg_root,
@@ -342,12 +390,15 @@ impl Cluster {
                  <active>8</active><mhz>2400</mhz><model>i686</model></cpu><memory>16777216</memory></node>\n",
             )
             .unwrap();
+            let hypervisor = match cluster.qemu.get(i) {
+                Some(d) => format!("hypervisor = \"{}\"\nmigration_uri = \"{}\"", d.uri(), d.migration_uri()),
+                None => format!("hypervisor = \"test://{}\"", file.display()),
+            };
             toml += &format!(
                 "[[node]]\nname = \"{name}\"\nid = {id}\nlinks = {{ lan = \"{addr}\" }}\napi = \"{addr}:{api_port}\"\n\
-                 hypervisor = \"test://{file}\"\nfence = {{ kind = \"lease-watchdog-only\" }}\n{capacity}\n",
+                 {hypervisor}\nfence = {{ kind = \"lease-watchdog-only\" }}\n{capacity}\n",
                 id = i + 1,
                 addr = cluster.addr(name),
-                file = file.display(),
                 capacity = capacity
                     .map(|(m, c)| format!("capacity = {{ memory_mib = {m}, vcpus = {c} }}\n"))
                     .unwrap_or_default(),
@@ -355,7 +406,11 @@ impl Cluster {
         }
         for (i, vm) in vms.iter().enumerate() {
             let xml = cluster.path(&format!("{}.xml", vm.name));
-            std::fs::write(
+            if hv == Hv::Qemu {
+                std::fs::write(&xml, tandem_testkit::qemu::idle_domain_xml(&vm.name, &vm_uuid(i), vm.memory_mib))
+                    .unwrap();
+            } else {
+                std::fs::write(
                 &xml,
                 format!(
                     "<domain type='test'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  <memory unit='MiB'>{mem}</memory>\n  \
@@ -368,6 +423,7 @@ impl Cluster {
                 ),
             )
             .unwrap();
+            }
             toml += &format!(
                 "[[group]]\nname = \"{name}\"\nnodes = [{list}]\n{extra}\n[[group.resource]]\nname = \"vm\"\nkind = \"vm\"\ndomain = \"{xml}\"\n{res}\n\n",
                 name = vm.name,

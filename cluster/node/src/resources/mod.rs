@@ -98,6 +98,63 @@ pub struct StartContext {
     /// The group's fencing token (strictly increasing per group); programs get it as
     /// `TANDEM_FENCING_TOKEN` so that storage can refuse writes from stale holders.
     pub token: u64,
+    /// The previous holder moved this resource's running state here (a VM's live
+    /// migration) and released the lease only afterwards, naming this node: the state waits
+    /// here, paused, and the start should resume it. A resource that finds nothing to
+    /// resume starts afresh. Never set for resources that do not migrate.
+    pub migrated_in: bool,
+}
+
+impl StartContext {
+    /// A plain start of `group/resource` under `token` (nothing migrated in).
+    pub fn new(group: impl Into<String>, resource: impl Into<String>, token: u64) -> Self {
+        StartContext { group: group.into(), resource: resource.into(), token, migrated_in: false }
+    }
+}
+
+/// Why a planned stop hands the group to another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverReason {
+    /// An operator moved the group there (`MoveGroup`), or it fails back there.
+    Move,
+    /// This node entered standby (planned maintenance, move mode): the group goes to the
+    /// best other node.
+    Standby,
+}
+
+/// The node a planned stop hands the group to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverTarget {
+    /// The node's name in the configuration.
+    pub node: String,
+    /// Why.
+    pub reason: HandoverReason,
+}
+
+/// What a stop operation knows.
+#[derive(Debug, Clone)]
+pub struct StopContext {
+    /// The failover group.
+    pub group: String,
+    /// The resource's name within its group.
+    pub resource: String,
+    /// Stop without grace: the lease is gone or was never ours.
+    pub force: bool,
+    /// The fencing token the resource was started (or adopted) under here; 0 if unknown.
+    pub token: u64,
+    /// The stop is a planned handover to this node (never with `force`): a resource that
+    /// can move its running state there may do so ([`StopOutcome::Migrated`]).
+    pub handover: Option<HandoverTarget>,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Stopped here; nothing of it runs anywhere.
+    Stopped,
+    /// Its running state moved to the handover target, where it waits paused until that
+    /// node holds the lease and resumes it; nothing of it runs here any more.
+    Migrated,
 }
 
 /// The outcome of a resource's own check (exec `monitor`, OCF `monitor`, address present…).
@@ -127,6 +184,13 @@ pub trait Resource: Send + Sync + std::fmt::Debug {
     fn start<'a>(&'a self, ctx: &'a StartContext) -> BoxFuture<'a, Result<(), ResourceError>>;
     /// Stops the resource. Returns once it is stopped; stopping a stopped resource succeeds.
     fn stop(&self, force: bool) -> BoxFuture<'_, Result<(), ResourceError>>;
+    /// Stops the resource for `ctx`: the runtime's entry point. The default stops it
+    /// ([`Resource::stop`]); a resource that can hand its running state over to
+    /// `ctx.handover` (a VM's live migration) overrides it and may answer
+    /// [`StopOutcome::Migrated`], falling back to a plain stop when it cannot.
+    fn stop_for<'a>(&'a self, ctx: &'a StopContext) -> BoxFuture<'a, Result<StopOutcome, ResourceError>> {
+        Box::pin(async move { self.stop(ctx.force).await.map(|()| StopOutcome::Stopped) })
+    }
     /// Checks the resource here: used by the startup probe (is it already running?) and as
     /// the resource's built-in monitor.
     fn check(&self) -> BoxFuture<'_, Health>;

@@ -8,7 +8,7 @@ use tandem_engine::{Event, GroupId, ResourceId};
 use tokio::sync::{Mutex, mpsc};
 
 use super::{AgentEvent, EventKind, Input};
-use crate::resources::{Health, Resource, StartContext};
+use crate::resources::{HandoverTarget, Health, Resource, StartContext, StopContext, StopOutcome};
 
 #[derive(Debug)]
 struct Slot {
@@ -17,6 +17,8 @@ struct Slot {
     /// stop may arrive while a start is still running; it waits here after the group's
     /// processes were killed (which ends the start quickly).
     busy: Mutex<()>,
+    /// The token the resource was last started or adopted under (for its stop).
+    token: std::sync::atomic::AtomicU64,
 }
 
 /// Every resource of every group on this node.
@@ -47,7 +49,9 @@ impl ResourceTable {
     ) -> Self {
         let slots = resources
             .into_iter()
-            .map(|(g, r, resource)| ((g, r), Arc::new(Slot { resource, busy: Mutex::new(()) })))
+            .map(|(g, r, resource)| {
+                ((g, r), Arc::new(Slot { resource, busy: Mutex::new(()), token: Default::default() }))
+            })
             .collect();
         ResourceTable {
             slots: Arc::new(slots),
@@ -58,8 +62,9 @@ impl ResourceTable {
     }
 
     /// Tells the resource it was adopted (see [`crate::resources::Resource::adopted`]).
-    pub(crate) fn adopted(&self, group: &GroupId, resource: &ResourceId) {
+    pub(crate) fn adopted(&self, group: &GroupId, resource: &ResourceId, token: u64) {
         if let Some(slot) = self.slot(group, resource) {
+            slot.token.store(token, std::sync::atomic::Ordering::SeqCst);
             slot.resource.adopted();
         }
     }
@@ -100,8 +105,15 @@ impl ResourceTable {
         });
     }
 
-    /// Starts a resource under `token`.
-    pub(crate) fn start(&self, group: &GroupId, resource: &ResourceId, token: u64, tx: mpsc::UnboundedSender<Input>) {
+    /// Starts a resource under `token`; `migrated_in`: resume a state a handover moved here.
+    pub(crate) fn start(
+        &self,
+        group: &GroupId,
+        resource: &ResourceId,
+        token: u64,
+        migrated_in: bool,
+        tx: mpsc::UnboundedSender<Input>,
+    ) {
         let Some(slot) = self.slot(group, resource) else { return };
         let (group, resource, this) = (group.clone(), resource.clone(), self.clone());
         tokio::spawn(async move {
@@ -118,7 +130,8 @@ impl ResourceTable {
                 let _ = tx.send(Input::Engine(Event::ResourceStartFailed { group, resource }));
                 return;
             }
-            let ctx = StartContext { group: group.0.clone(), resource: resource.0.clone(), token };
+            slot.token.store(token, std::sync::atomic::Ordering::SeqCst);
+            let ctx = StartContext { group: group.0.clone(), resource: resource.0.clone(), token, migrated_in };
             let ev = match guarded(slot.resource.start(&ctx)).await.unwrap_or_else(|p| Err(panicked("start", &ctx, p)))
             {
                 Ok(()) => Event::ResourceStarted { group, resource },
@@ -131,8 +144,16 @@ impl ResourceTable {
         });
     }
 
-    /// Stops a resource; `force` kills the group's processes first.
-    pub(crate) fn stop(&self, group: &GroupId, resource: &ResourceId, force: bool, tx: mpsc::UnboundedSender<Input>) {
+    /// Stops a resource; `force` kills the group's processes first. `handover`: the stop is
+    /// a planned handover to that node (name and id), which the resource may migrate to.
+    pub(crate) fn stop(
+        &self,
+        group: &GroupId,
+        resource: &ResourceId,
+        force: bool,
+        handover: Option<(HandoverTarget, tandem_engine::NodeId)>,
+        tx: mpsc::UnboundedSender<Input>,
+    ) {
         let Some(slot) = self.slot(group, resource) else { return };
         if force {
             self.kill_group(group);
@@ -140,10 +161,27 @@ impl ResourceTable {
         let (group, resource, this) = (group.clone(), resource.clone(), self.clone());
         tokio::spawn(async move {
             let _one = slot.busy.lock().await;
-            let ctx = StartContext { group: group.0.clone(), resource: resource.0.clone(), token: 0 };
-            let ev = match guarded(slot.resource.stop(force)).await.unwrap_or_else(|p| Err(panicked("stop", &ctx, p))) {
-                Ok(()) => Event::ResourceStopped { group, resource },
-                Err(e) => {
+            let (target, to) = match handover {
+                Some((t, id)) => (Some(t), Some(id)),
+                None => (None, None),
+            };
+            let ctx = StopContext {
+                group: group.0.clone(),
+                resource: resource.0.clone(),
+                force,
+                token: slot.token.load(std::sync::atomic::Ordering::SeqCst),
+                handover: target,
+            };
+            let outcome = guarded(slot.resource.stop_for(&ctx))
+                .await
+                .unwrap_or_else(|p| Err(panicked("stop", &StartContext::new(&*group.0, &*resource.0, 0), p)));
+            let ev = match (outcome, to, &ctx.handover) {
+                (Ok(StopOutcome::Migrated), Some(to), Some(t)) => {
+                    this.report(&tx, &group, &resource, format!("{group}/{resource} live-migrated to {}", t.node));
+                    Event::ResourceMigrated { group, resource, to }
+                }
+                (Ok(_), _, _) => Event::ResourceStopped { group, resource },
+                (Err(e), _, _) => {
                     this.report(&tx, &group, &resource, e.to_string());
                     Event::ResourceStopFailed { group, resource }
                 }

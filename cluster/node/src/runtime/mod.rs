@@ -561,6 +561,15 @@ impl Driver {
                     res_op(group, resource, pb::ResourceOp::Stop, pb::OpOutcome::Succeeded),
                 );
             }
+            Event::ResourceMigrated { group, resource, to } => {
+                self.publish_detail(
+                    EventKind::Resource,
+                    Some(group),
+                    Some(resource),
+                    format!("{group}/{resource} stopped here: live-migrated to {}", self.parts.plan.name_of(*to)),
+                    res_op(group, resource, pb::ResourceOp::Stop, pb::OpOutcome::Succeeded),
+                );
+            }
             Event::ResourceStopFailed { group, resource } => {
                 self.publish_detail(
                     EventKind::Resource,
@@ -690,24 +699,29 @@ impl Driver {
                 Command::ProbeResource { group, resource } => {
                     self.parts.resources.probe(&group, &resource, self.inputs.clone());
                 }
-                Command::StartResource { group, resource, token } => {
+                Command::StartResource { group, resource, token, migrated_in } => {
+                    let how = if migrated_in { "resuming the migrated" } else { "starting" };
                     self.publish_detail(
                         EventKind::Resource,
                         Some(&group),
                         Some(&resource),
-                        format!("starting {group}/{resource} (token {})", token.0),
+                        format!("{how} {group}/{resource} (token {})", token.0),
                         res_op(&group, &resource, pb::ResourceOp::Start, pb::OpOutcome::Begun),
                     );
-                    self.parts.resources.start(&group, &resource, token.0, self.inputs.clone());
+                    self.parts.resources.start(&group, &resource, token.0, migrated_in, self.inputs.clone());
                 }
                 Command::AdoptResource { group, resource, token } => {
                     self.publish(EventKind::Resource, Some(&group), Some(&resource), format!("adopted running {group}/{resource} under token {}", token.0));
-                    self.parts.resources.adopted(&group, &resource);
+                    self.parts.resources.adopted(&group, &resource, token.0);
                     self.parts.monitors.resource_started(&group, &resource);
                 }
-                Command::StopResource { group, resource, force } => {
+                Command::StopResource { group, resource, force, handover } => {
                     self.parts.monitors.resource_stopping(&group, &resource);
-                    let how = if force { "force-stopping" } else { "stopping" };
+                    let how = match (force, &handover) {
+                        (true, _) => "force-stopping".to_string(),
+                        (false, Some(h)) => format!("handing over to {}:", self.parts.plan.name_of(h.to)),
+                        (false, None) => "stopping".to_string(),
+                    };
                     let op = if force { pb::ResourceOp::ForceStop } else { pb::ResourceOp::Stop };
                     self.publish_detail(
                         EventKind::Resource,
@@ -716,7 +730,14 @@ impl Driver {
                         format!("{how} {group}/{resource}"),
                         res_op(&group, &resource, op, pb::OpOutcome::Begun),
                     );
-                    self.parts.resources.stop(&group, &resource, force, self.inputs.clone());
+                    let handover = handover.map(|h| {
+                        let reason = match h.reason {
+                            tandem_engine::ReleaseReason::Standby => crate::resources::HandoverReason::Standby,
+                            _ => crate::resources::HandoverReason::Move,
+                        };
+                        (crate::resources::HandoverTarget { node: self.parts.plan.name_of(h.to), reason }, h.to)
+                    });
+                    self.parts.resources.stop(&group, &resource, force, handover, self.inputs.clone());
                 }
                 Command::AcquireLease { group } => self.parts.leases.acquire(&group),
                 Command::ReleaseLease { group, token, note, reason } => {

@@ -30,9 +30,28 @@ use virt::sys;
 
 use self::session::{KeepAlive, LossSignal, Session};
 use super::{
-    BoxFuture, ConnectionState, CrashedReason, DomainEvent, DomainInfo, DomainState, HostCapacity, Hypervisor,
-    HypervisorError, MigrationMode, PausedReason, RunningReason, ShutoffReason,
+    BoxFuture, ConnectionState, CrashedReason, DomainEvent, DomainInfo, DomainState, HandoverMark, HostCapacity,
+    Hypervisor, HypervisorError, MigrationMode, PausedReason, RunningReason, ShutoffReason,
 };
+
+/// The XML namespace of the [`HandoverMark`] in a domain's metadata, and its prefix.
+const MARK_NS: &str = "urn:tandem:handover:1";
+const MARK_PREFIX: &str = "tandem";
+
+/// Escapes a value for an XML attribute in double quotes.
+fn xml_attr(value: &str) -> String {
+    value.replace('&', "&amp;").replace('<', "&lt;").replace('"', "&quot;")
+}
+
+/// The mark in the metadata element libvirt returns; `None` for anything else.
+fn parse_mark(xml: &str) -> Option<HandoverMark> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "handover" {
+        return None;
+    }
+    Some(HandoverMark { from: root.attribute("from")?.to_string(), token: root.attribute("token")?.parse().ok()? })
+}
 
 /// Why a blocking operation failed, before it is classified.
 enum Failure {
@@ -316,9 +335,50 @@ impl Hypervisor for LibvirtHypervisor {
         let base = sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PERSIST_DEST | sys::VIR_MIGRATE_UNDEFINE_SOURCE;
         let flags = match mode {
             MigrationMode::Live => base | sys::VIR_MIGRATE_LIVE,
+            MigrationMode::LivePaused => base | sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PAUSED,
             MigrationMode::Offline => base | sys::VIR_MIGRATE_OFFLINE,
         };
         Box::pin(self.on_domain(mode.as_str(), domain, move |dom| Ok(dom.migrate_to_uri(&dest, flags, None, 0)?)))
+    }
+
+    fn abort_migration<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        Box::pin(self.on_domain("abort migration", domain, |dom| {
+            // SAFETY: `dom` holds a valid domain pointer for the duration of the call, and
+            // virDomainAbortJob only reads it; `virt` 0.5 has no wrapper for it.
+            let rc = unsafe { sys::virDomainAbortJob(dom.as_ptr()) };
+            if rc < 0 {
+                return Err(Failure::Libvirt(virt::error::Error::last_error()));
+            }
+            Ok(())
+        }))
+    }
+
+    fn set_handover_mark<'a>(
+        &'a self,
+        domain: &'a str,
+        mark: Option<&'a HandoverMark>,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let element = mark.map(|m| format!("<handover from=\"{}\" token=\"{}\"/>", xml_attr(&m.from), m.token));
+        Box::pin(self.on_domain("set handover mark", domain, move |dom| {
+            dom.set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                element.as_deref(),
+                element.as_ref().map(|_| MARK_PREFIX),
+                Some(MARK_NS),
+                sys::VIR_DOMAIN_AFFECT_LIVE,
+            )?;
+            Ok(())
+        }))
+    }
+
+    fn handover_mark<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<Option<HandoverMark>, HypervisorError>> {
+        Box::pin(self.on_domain("read handover mark", domain, |dom| {
+            match dom.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(MARK_NS), sys::VIR_DOMAIN_AFFECT_LIVE) {
+                Ok(xml) => Ok(parse_mark(&xml)),
+                Err(e) if e.code().is_known_and(|c| c == ErrorNumber::NoDomainMetadata) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }))
     }
 
     fn capacity(&self) -> BoxFuture<'_, Result<HostCapacity, HypervisorError>> {
