@@ -16,6 +16,7 @@ pub mod hostile;
 pub mod netns;
 pub mod nginx;
 pub mod postgres;
+pub mod report;
 pub mod smtpd;
 pub mod vsftpd;
 
