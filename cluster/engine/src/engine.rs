@@ -6,7 +6,10 @@ use crate::command::{Command, Notice, ReleaseReason};
 use crate::event::{Event, OperatorCommand, StandbyMode};
 use crate::model::{Capacity, ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
 use crate::note::{Desired, LeaseNote, LeaseToken, StopCause};
-use crate::status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};
+use crate::status::{
+    ClusterStatus, GroupState, GroupStatus, NoMoveTarget, NotRunningReason, ResourceState, ResourceStatus, Unavailable,
+    Unfit,
+};
 
 /// A rule the simulation can break on purpose, to show that its checker catches it.
 #[cfg(test)]
@@ -1197,6 +1200,51 @@ impl Engine {
             },
             Goal::Hold => {}
         }
+    }
+
+    /// Where an operator move without a target should send `group`: the best node, by the
+    /// group's own placement (`candidates`: healthy, eligible, fits; the pinned node first,
+    /// nodes that failed it last, then policy order), other than the node running it now. A
+    /// query on this node's view: changes nothing. `None` for an unknown group.
+    ///
+    /// The runtime turns the answer into an ordinary `MoveGroup { to }`, so every node
+    /// applies the same target whatever its own view.
+    pub fn move_target(&self, group: &GroupId) -> Option<Result<NodeId, NoMoveTarget>> {
+        let gi = *self.index.get(group)?;
+        let rt = &self.groups[gi];
+        let location = match rt.lease {
+            Lease::Held(_) | Lease::Acquiring => Some(self.me),
+            Lease::NotHeld if self.occupies_here(gi) => Some(self.me),
+            Lease::NotHeld => rt.observed_holder,
+        };
+        let note = self.effective_note(gi);
+        let (fit, unfit) = self.placement(gi, &note);
+        if let Some((_, best)) = fit.iter().find(|(_, n)| Some(*n) != location) {
+            return Some(Ok(*best));
+        }
+        let nodes = self.model.groups[gi]
+            .placement
+            .eligible
+            .iter()
+            .map(|&n| {
+                let why = if Some(n) == location {
+                    Unavailable::RunsIt
+                } else if let Some((_, u)) = unfit.iter().find(|(m, _)| *m == n) {
+                    Unavailable::Unfit(u.clone())
+                } else if self.healthy_but_standby(n) {
+                    Unavailable::Standby
+                } else if n == self.me
+                    && self.node_healthy(n)
+                    && let Some(v) = &rt.veto
+                {
+                    Unavailable::Vetoed(v.clone())
+                } else {
+                    Unavailable::Down
+                };
+                (n, why)
+            })
+            .collect();
+        Some(Err(NoMoveTarget { location, nodes }))
     }
 
     /// What this node knows of every group, and why groups that should run do not.

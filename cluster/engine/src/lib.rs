@@ -40,4 +40,7 @@ pub use model::{
     RecoveryPolicy, ResourceId, ResourceSpec, Timing,
 };
 pub use note::{Desired, LeaseNote, LeaseToken, StopCause};
-pub use status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};
+pub use status::{
+    ClusterStatus, GroupState, GroupStatus, NoMoveTarget, NotRunningReason, ResourceState, ResourceStatus, Unavailable,
+    Unfit,
+};

@@ -464,6 +464,32 @@ fn operator_move_hands_off_to_the_target_which_goes_first() {
 }
 
 #[test]
+fn a_move_without_a_target_picks_the_best_other_node_by_the_groups_placement() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2, 3])));
+    assert_eq!(a.e.move_target(&g("nope")), None);
+    a.run_db(7);
+    // Running here: the next node in policy order.
+    assert_eq!(a.e.move_target(&g("db")), Some(Ok(n(2))));
+    // A node in standby or lost is skipped.
+    a.ev(Event::PeerStandby { node: n(2), standby: true });
+    assert_eq!(a.e.move_target(&g("db")), Some(Ok(n(3))));
+    a.ev(Event::NodeLost(n(3)));
+    let none = a.e.move_target(&g("db")).unwrap().unwrap_err();
+    assert_eq!(none.nodes, vec![(n(1), Unavailable::RunsIt), (n(2), Unavailable::Standby), (n(3), Unavailable::Down)]);
+    assert_eq!(none.location, Some(n(1)));
+    // A node that failed the group ranks after one that did not, as in a failover.
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2, 3])));
+    // Running nowhere known: its best node.
+    assert_eq!(b.e.move_target(&g("db")), Some(Ok(n(1))));
+    let mut note = LeaseNote::initial(&db_group(&[1, 2, 3]));
+    note.failed_on = vec![n(1)];
+    b.ev(Event::LeaseObserved { group: g("db"), holder: Some(n(3)), note: Some(note) });
+    assert_eq!(b.e.move_target(&g("db")), Some(Ok(n(2))));
+    // The query changed nothing: no command is pending.
+    assert_eq!(b.ev(Event::Tick), vec![]);
+}
+
+#[test]
 fn a_move_racing_a_failover_redirects_it() {
     let (mut a, _) = Node::booted(1, model(db_group(&[1, 2, 3])));
     a.run_db(7);

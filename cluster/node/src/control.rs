@@ -72,6 +72,7 @@ fn control_error(e: RequestError) -> ControlError {
         RequestError::UnknownNode(n) => ControlError::UnknownNode(n),
         RequestError::ShuttingDown => ControlError::ShuttingDown,
         RequestError::State(why) => ControlError::Internal(why),
+        RequestError::NoMoveTarget(why) => ControlError::NotPossible(why),
     }
 }
 
