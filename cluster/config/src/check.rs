@@ -1361,6 +1361,15 @@ impl<'s> Checker<'s> {
                             );
                         }
                     }
+                    for (k, v) in [
+                        ("start_timeout", o.start_timeout),
+                        ("stop_timeout", o.stop_timeout),
+                        ("monitor_timeout", o.monitor_timeout),
+                    ] {
+                        if let Some(v) = v {
+                            self.check_positive(&rp(k), v);
+                        }
+                    }
                     for k in o.params.keys() {
                         if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                             self.error_at_key(
