@@ -741,3 +741,99 @@ fn standby_moves_or_parks_the_group_without_a_failover_and_survives_an_agent_res
     assert_eq!(g.failovers, 0, "{g:?}");
     c.assert_never_two_writers();
 }
+
+/// The group's application as a forking daemon: `app-start` records each start in
+/// `starts.log` and launches the writer in the background (its pid in `app.pid`),
+/// `app-monitor` says whether that pid runs (OCF codes: 0 running, 7 stopped), `app-stop`
+/// kills it.
+fn forking_writer(c: &Cluster) {
+    let d = c.dir.path();
+    let log = c.path("shared/writer.log");
+    common::script(
+        d,
+        "app-start",
+        &format!(
+            "echo \"$TANDEM_NODE $TANDEM_FENCING_TOKEN\" >> {starts}\n\
+             sh -c 'while :; do echo \"$TANDEM_FENCING_TOKEN $TANDEM_NODE\" >> {log}; sleep 0.05; done' </dev/null >/dev/null 2>&1 &\n\
+             echo $! > {pid}",
+            starts = c.path("starts.log").display(),
+            log = log.display(),
+            pid = c.path("app.pid").display(),
+        ),
+    );
+    common::script(
+        d,
+        "app-monitor",
+        &format!("pid=$(cat {} 2>/dev/null) || exit 7\nkill -0 \"$pid\" 2>/dev/null || exit 7", c.path("app.pid").display()),
+    );
+    common::script(
+        d,
+        "app-stop",
+        &format!(
+            "pid=$(cat {p} 2>/dev/null) || exit 0\nkill \"$pid\" 2>/dev/null\n\
+             while kill -0 \"$pid\" 2>/dev/null; do sleep 0.05; done\nrm -f {p}",
+            p = c.path("app.pid").display()
+        ),
+    );
+    let cfg = std::fs::read_to_string(c.path("tandem.toml")).unwrap();
+    let (head, writer) = cfg.split_once("[[group.resource]]\nname = \"writer\"").unwrap();
+    assert!(writer.contains("stop_timeout"), "{writer}");
+    let cfg = format!(
+        "{head}[[group.resource]]\nname = \"writer\"\nkind = \"exec\"\nmode = \"forking\"\n\
+         start = [\"{d}/app-start\"]\nstop = [\"{d}/app-stop\"]\nmonitor = [\"{d}/app-monitor\"]\n\
+         stop_timeout = \"5s\"\n",
+        d = d.display()
+    );
+    std::fs::write(c.path("tandem.toml"), cfg).unwrap();
+}
+
+#[test]
+fn a_resource_already_running_when_the_agent_starts_is_adopted_not_started_again() {
+    let c = Cluster::new(1, "{ kind = \"lease-watchdog-only\" }");
+    forking_writer(&c);
+    // The application runs before the agent does (started by hand, or left by an earlier run).
+    let st = Command::new(c.path("app-start"))
+        .env("TANDEM_NODE", "n1")
+        .env("TANDEM_FENCING_TOKEN", "0")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pid: i32 = common::read_pid(&c.path("app.pid"));
+    assert!(common::wait_until(Duration::from_secs(5), || !c.writes().is_empty()));
+
+    let _n1 = c.start("n1");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let started = |st: &pb::GuestStatus| {
+        st.groups.iter().any(|g| g.name == "app" && g.state == pb::GroupState::Started as i32 && g.location == "n1")
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(30), || c
+            .client_opt(&rt, "n1")
+            .is_some_and(|mut api| rt
+                .block_on(api.get_status(pb::GetStatusRequest {}))
+                .is_ok_and(|s| started(&s.into_inner())))),
+        "the group did not come up:\n{}",
+        c.logs()
+    );
+    // Adopted, not started again: the start script ran once (by hand), the same daemon runs.
+    std::thread::sleep(Duration::from_secs(2));
+    let starts = std::fs::read_to_string(c.path("starts.log")).unwrap();
+    assert_eq!(starts.lines().collect::<Vec<_>>(), ["n1 0"], "the application was started again:\n{}", c.logs());
+    assert!(common::alive(pid), "the adopted daemon {pid} died");
+    assert_eq!(common::read_pid(&c.path("app.pid")), pid);
+    let log = std::fs::read_to_string(c.path("n1.log")).unwrap();
+    assert!(log.contains("adopted running app/writer under token"), "{log}");
+    assert!(!log.contains("starting app/writer"), "{log}");
+
+    // It is the agent's now: an operator stop runs its stop command; a start then really
+    // starts it, under the group's token.
+    let mut api = c.client(&rt, "n1");
+    rt.block_on(api.stop_group(pb::GroupRequest { group: "app".into() })).unwrap();
+    assert!(common::wait_until(Duration::from_secs(30), || !common::alive(pid)), "not stopped:\n{}", c.logs());
+    rt.block_on(api.start_group(pb::GroupRequest { group: "app".into() })).unwrap();
+    let t = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let starts = std::fs::read_to_string(c.path("starts.log")).unwrap();
+    assert_eq!(starts.lines().collect::<Vec<_>>(), ["n1 0".to_string(), format!("n1 {t}")], "{}", c.logs());
+    c.assert_never_two_writers();
+    let _ = Command::new(c.path("app-stop")).status();
+}
