@@ -78,6 +78,7 @@ fn status() -> pb::GuestStatus {
                     }),
                     consecutive_failures: 0,
                     last_probe_ms_ago: 1_200,
+                    restarts: 1,
                 }],
                 ..Default::default()
             },
@@ -251,6 +252,7 @@ fn status_human_and_json() {
     assert_eq!(v["groups"][0]["state"], "started");
     assert_eq!(v["groups"][0]["monitors"][0]["last_result"]["status"], "OK");
     assert_eq!(v["groups"][0]["monitors"][0]["last_result"]["latency_ms"], 2.5);
+    assert_eq!(v["groups"][0]["monitors"][0]["restarts"], 1);
     assert_eq!(v["groups"][1]["location"], serde_json::Value::Null);
     assert_eq!(v["groups"][1]["not_running"], serde_json::json!({ "reason": "waiting-for-fence", "node": "beta" }));
     assert_eq!(v["lease"]["valid_for_ms"], 7500);

@@ -764,7 +764,10 @@ fn forking_writer(c: &Cluster) {
     common::script(
         d,
         "app-monitor",
-        &format!("pid=$(cat {} 2>/dev/null) || exit 7\nkill -0 \"$pid\" 2>/dev/null || exit 7", c.path("app.pid").display()),
+        &format!(
+            "pid=$(cat {} 2>/dev/null) || exit 7\nkill -0 \"$pid\" 2>/dev/null || exit 7",
+            c.path("app.pid").display()
+        ),
     );
     common::script(
         d,
@@ -792,11 +795,8 @@ fn a_resource_already_running_when_the_agent_starts_is_adopted_not_started_again
     let c = Cluster::new(1, "{ kind = \"lease-watchdog-only\" }");
     forking_writer(&c);
     // The application runs before the agent does (started by hand, or left by an earlier run).
-    let st = Command::new(c.path("app-start"))
-        .env("TANDEM_NODE", "n1")
-        .env("TANDEM_FENCING_TOKEN", "0")
-        .status()
-        .unwrap();
+    let st =
+        Command::new(c.path("app-start")).env("TANDEM_NODE", "n1").env("TANDEM_FENCING_TOKEN", "0").status().unwrap();
     assert!(st.success());
     let pid: i32 = common::read_pid(&c.path("app.pid"));
     assert!(common::wait_until(Duration::from_secs(5), || !c.writes().is_empty()));
@@ -807,11 +807,9 @@ fn a_resource_already_running_when_the_agent_starts_is_adopted_not_started_again
         st.groups.iter().any(|g| g.name == "app" && g.state == pb::GroupState::Started as i32 && g.location == "n1")
     };
     assert!(
-        common::wait_until(Duration::from_secs(30), || c
-            .client_opt(&rt, "n1")
-            .is_some_and(|mut api| rt
-                .block_on(api.get_status(pb::GetStatusRequest {}))
-                .is_ok_and(|s| started(&s.into_inner())))),
+        common::wait_until(Duration::from_secs(30), || c.client_opt(&rt, "n1").is_some_and(|mut api| rt
+            .block_on(api.get_status(pb::GetStatusRequest {}))
+            .is_ok_and(|s| started(&s.into_inner())))),
         "the group did not come up:\n{}",
         c.logs()
     );
@@ -836,4 +834,78 @@ fn a_resource_already_running_when_the_agent_starts_is_adopted_not_started_again
     assert_eq!(starts.lines().collect::<Vec<_>>(), ["n1 0".to_string(), format!("n1 {t}")], "{}", c.logs());
     c.assert_never_two_writers();
     let _ = Command::new(c.path("app-stop")).status();
+}
+
+#[test]
+fn a_monitor_with_its_own_restart_limit_restarts_in_place_then_fails_the_group_over() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    // The group allows no restart; its `flag` monitor allows two of its own. The writer
+    // creates the flag when it starts; the test removes it to fail the monitor.
+    let flag = c.path("shared/flag");
+    let cfg = std::fs::read_to_string(c.path("tandem.toml")).unwrap();
+    let cfg = cfg.replace("restart_limit = 1\n", "restart_limit = 0\n").replacen(
+        "start = [\"/bin/sh\", \"-c\", \"while :;",
+        &format!("start = [\"/bin/sh\", \"-c\", \"touch {}; while :;", flag.display()),
+        1,
+    );
+    assert!(cfg.contains("restart_limit = 0") && cfg.contains("touch "), "{cfg}");
+    let cfg = format!(
+        "{cfg}\n[[group.monitor]]\nname = \"flag\"\ntarget = \"exec\"\n\
+         command = [\"/bin/sh\", \"-c\", \"test -e {} || exit 2\"]\n\
+         interval = \"200ms\"\ntimeout = \"2s\"\nretries = 1\nrestart_limit = 2\nrestart_window = \"10m\"\nresource = \"writer\"\n",
+        flag.display()
+    );
+    std::fs::write(c.path("tandem.toml"), cfg).unwrap();
+    let (_n1, _n2, t1) = c.active_and_standby();
+    let writer_starts = |node: &str| {
+        std::fs::read_to_string(c.path(&format!("{node}.log")))
+            .unwrap_or_default()
+            .matches("starting app/writer")
+            .count()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let group = |node: &str| {
+        let mut api = c.client(&rt, node);
+        let st = rt.block_on(api.get_status(pb::GetStatusRequest {})).unwrap().into_inner();
+        st.groups.into_iter().find(|g| g.name == "app").unwrap()
+    };
+
+    // Two failures of `flag`: restarted in place each time (same node, same token), though
+    // the group's own limit is zero.
+    for n in 1..=2 {
+        assert!(common::wait_until(Duration::from_secs(10), || flag.exists()));
+        std::fs::remove_file(&flag).unwrap();
+        let removed = Instant::now();
+        assert!(
+            common::wait_until(Duration::from_secs(30), || writer_starts("n1") == n + 1 && flag.exists()),
+            "restart #{n} in place did not happen:\n{}",
+            c.logs()
+        );
+        report::failover(
+            "a_monitor_with_its_own_restart_limit_restarts_in_place_then_fails_the_group_over",
+            removed.elapsed(),
+            &format!("monitor `flag` failure #{n} until the writer was restarted in place on n1"),
+        );
+        let g = group("n1");
+        assert_eq!((g.location.as_str(), g.restarts), ("n1", n as u32), "{g:?}");
+        let m = g.monitors.iter().find(|m| m.name == "flag").unwrap();
+        assert_eq!(m.restarts, n as u32, "{m:?}");
+        assert!(c.writes().iter().all(|(t, node)| *t == t1 && node == "n1"), "{}", c.logs());
+    }
+
+    // The third: past the monitor's limit, the group fails over to n2 under a new token.
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::remove_file(&flag).unwrap();
+    let removed = Instant::now();
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    report::failover(
+        "a_monitor_with_its_own_restart_limit_restarts_in_place_then_fails_the_group_over",
+        removed.elapsed(),
+        &format!("monitor `flag` failure #3, past its restart_limit, until n2 writes (token {t1} -> {t2})"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    c.assert_never_two_writers();
+    assert_eq!(writer_starts("n1"), 3);
+    let g = group("n2");
+    assert_eq!((g.location.as_str(), g.failovers), ("n2", 1), "{g:?}");
 }

@@ -1483,6 +1483,9 @@ impl<'s> Checker<'s> {
             }
             self.check_positive(&mp("interval"), m.interval);
             self.check_positive(&mp("timeout"), m.timeout);
+            if let Some(w) = m.restart_window {
+                self.check_positive(&mp("restart_window"), w);
+            }
             if m.password_file.is_some() && m.password_env.is_some() {
                 self.error(
                     ProblemKind::InvalidValue,

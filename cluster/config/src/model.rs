@@ -1087,6 +1087,16 @@ pub struct Monitor {
     #[serde(default = "default_retries")]
     #[schemars(default = "default_retries")]
     pub retries: u32,
+    /// Restarts in place allowed for the failures this monitor confirms, within
+    /// `restart_window`, counted apart from the group's; one more fails the group over.
+    /// Absent (and `restart_window` absent): this monitor's failures count against the
+    /// group's `restart_limit`. With only `restart_window` given: the group's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_limit: Option<u32>,
+    /// Window for this monitor's `restart_limit`; absent: the group's `restart_window`.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub restart_window: Option<Duration>,
     /// Read the probe's password from the first line of this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,

@@ -75,7 +75,10 @@ struct GroupRuntime {
     /// Resources found running by the probe wait for the lease answer before anything else.
     adopting: bool,
     to_restart: BTreeSet<usize>,
+    /// Restart times counted against the group's own limit.
     restarts: VecDeque<u64>,
+    /// Restart times counted against a monitor's own limit, by monitor.
+    monitor_restarts: BTreeMap<String, VecDeque<u64>>,
     running_since: Option<u64>,
     held_note: LeaseNote,
     observed_holder: Option<NodeId>,
@@ -199,6 +202,7 @@ impl Engine {
                     adopting: false,
                     to_restart: BTreeSet::new(),
                     restarts: VecDeque::new(),
+                    monitor_restarts: BTreeMap::new(),
                     running_since: None,
                     intent: Intent { desired: initial.desired, preferred: None, desired_seq: 0, reset_seq: 0 },
                     held_note: initial,
@@ -333,7 +337,7 @@ impl Engine {
                 let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
                 if self.groups[gi].res[ri] == ResourceState::Starting {
                     self.groups[gi].res[ri] = ResourceState::Failed;
-                    self.on_resource_failure(gi, ri);
+                    self.on_resource_failure(gi, ri, None);
                 }
             }
             Event::ResourceStopped { group, resource } => {
@@ -365,12 +369,12 @@ impl Engine {
                     });
                 }
             }
-            Event::MonitorFailed { group, resource } => {
+            Event::MonitorFailed { group, resource, monitor } => {
                 let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
                 let rt = &mut self.groups[gi];
                 if rt.res[ri] == ResourceState::Started && !rt.monitoring_suspended {
                     rt.res[ri] = ResourceState::Failed;
-                    self.on_resource_failure(gi, ri);
+                    self.on_resource_failure(gi, ri, monitor.as_deref());
                 }
             }
             Event::LeaseAcquired { group, token, note } => {
@@ -572,6 +576,7 @@ impl Engine {
                 rt.check_fit = !rt.adopting;
                 rt.to_restart.clear();
                 rt.restarts.clear();
+                rt.monitor_restarts.clear();
                 rt.running_since = None;
                 if rt.adopting {
                     rt.adopting = false;
@@ -616,7 +621,10 @@ impl Engine {
         }
     }
 
-    fn on_resource_failure(&mut self, gi: usize, ri: usize) {
+    /// A resource failed (its start, its built-in check, or `monitor`): restart it in place
+    /// while the restart limit that applies allows (the monitor's own, else the group's),
+    /// else fail the group over, or take the final action past the failover limit.
+    fn on_resource_failure(&mut self, gi: usize, ri: usize, monitor: Option<&str>) {
         let now = self.now;
         let me = self.me;
         let g = &self.model.groups[gi];
@@ -626,12 +634,19 @@ impl Engine {
             // Already leaving or not ours: the stop path cleans it up.
             return;
         }
-        let window_start = now.saturating_sub(g.recovery.restart_window_ms);
-        while rt.restarts.front().is_some_and(|t| *t < window_start) {
-            rt.restarts.pop_front();
+        let own = monitor.and_then(|m| g.monitor_recovery.get_key_value(m));
+        let (limit, window_ms, restarts) = match own {
+            Some((name, l)) => {
+                (l.max_restarts, l.restart_window_ms, rt.monitor_restarts.entry(name.clone()).or_default())
+            }
+            None => (g.recovery.max_restarts, g.recovery.restart_window_ms, &mut rt.restarts),
+        };
+        let window_start = now.saturating_sub(window_ms);
+        while restarts.front().is_some_and(|t| *t < window_start) {
+            restarts.pop_front();
         }
-        if (rt.restarts.len() as u64) < u64::from(g.recovery.max_restarts) {
-            rt.restarts.push_back(now);
+        if (restarts.len() as u64) < u64::from(limit) {
+            restarts.push_back(now);
             rt.to_restart.insert(ri);
             rt.to_restart.extend(g.dependents_of(ri));
             return;
@@ -700,6 +715,7 @@ impl Engine {
                     rt.intent.reset_seq = seq;
                 }
                 rt.restarts.clear();
+                rt.monitor_restarts.clear();
                 if rt.goal == Goal::Hold {
                     rt.goal = Goal::Run;
                     for i in 0..rt.res.len() {
@@ -1171,6 +1187,7 @@ impl Engine {
                 rt.free_since = None;
                 self.released.insert(gi);
                 rt.restarts.clear();
+                rt.monitor_restarts.clear();
                 rt.next_attempt_at = now + retry;
                 if matches!(reason, ReleaseReason::Handoff { .. }) {
                     // If the target never takes it, we take it back and do not hand it off
@@ -1284,12 +1301,25 @@ impl Engine {
                     GroupState::Started | GroupState::Starting => None,
                     _ => Some(self.not_running_reason(gi, &note)),
                 };
-                let window_start = self.now.saturating_sub(g.recovery.restart_window_ms);
+                let within = |times: &VecDeque<u64>, window_ms: u64| {
+                    let start = self.now.saturating_sub(window_ms);
+                    times.iter().filter(|t| **t >= start).count() as u32
+                };
+                let monitor_restarts: Vec<(String, u32)> = rt
+                    .monitor_restarts
+                    .iter()
+                    .filter_map(|(m, times)| {
+                        let window = g.monitor_recovery.get(m)?.restart_window_ms;
+                        Some((m.clone(), within(times, window))).filter(|(_, n)| *n > 0)
+                    })
+                    .collect();
                 GroupStatus {
                     id: g.id.clone(),
                     state,
                     location,
-                    restarts: rt.restarts.iter().filter(|t| **t >= window_start).count() as u32,
+                    restarts: within(&rt.restarts, g.recovery.restart_window_ms)
+                        + monitor_restarts.iter().map(|(_, n)| n).sum::<u32>(),
+                    monitor_restarts,
                     failovers: note.failovers,
                     failed_on: note.failed_on.clone(),
                     monitoring_suspended: rt.monitoring_suspended,

@@ -37,7 +37,7 @@ pub use engine::Engine;
 pub use event::{Event, OperatorCommand, StandbyMode};
 pub use model::{
     Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy,
-    RecoveryPolicy, ResourceId, ResourceSpec, Timing,
+    RecoveryPolicy, ResourceId, ResourceSpec, RestartLimit, Timing,
 };
 pub use note::{Desired, LeaseNote, LeaseToken, StopCause};
 pub use status::{

@@ -31,8 +31,12 @@ pub struct GroupStatus {
     pub state: GroupState,
     /// Where it runs (or is being started/stopped), if anywhere known.
     pub location: Option<NodeId>,
-    /// Local restarts within the current restart window (on this node).
+    /// Local restarts within the current restart window (on this node): the group's own
+    /// count plus every monitor's with a limit of its own.
     pub restarts: u32,
+    /// Local restarts counted against a monitor's own limit (`monitor_recovery`), within
+    /// that monitor's window, by monitor name; monitors with none yet are omitted.
+    pub monitor_restarts: Vec<(String, u32)>,
     /// Failovers since the last stable run.
     pub failovers: u32,
     /// Nodes that gave the group up because of failures.

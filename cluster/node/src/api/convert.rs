@@ -195,6 +195,7 @@ mod tests {
             state: engine::GroupState::Blocked,
             location: Some(NodeId(2)),
             restarts: 1,
+            monitor_restarts: Vec::new(),
             failovers: 2,
             failed_on: vec![NodeId(1)],
             monitoring_suspended: true,

@@ -497,16 +497,16 @@ impl Driver {
         // Failures confirmed while monitoring was suspended were ignored by the engine and
         // will not be reported again by their monitors: report them now.
         if let Some(g) = resumed {
-            let failed: Vec<ResourceId> = self
+            let failed: Vec<(ResourceId, Option<String>)> = self
                 .parts
                 .monitors
                 .status()
                 .into_iter()
                 .filter(|m| m.group == g.0 && matches!(m.state, tandem_monitors::scheduler::MonitorState::Failed(_)))
-                .map(|m| ResourceId(m.resource))
+                .map(|m| (ResourceId(m.resource), (!m.builtin).then_some(m.name)))
                 .collect();
-            for resource in failed {
-                self.feed(Event::MonitorFailed { group: g.clone(), resource });
+            for (resource, monitor) in failed {
+                self.feed(Event::MonitorFailed { group: g.clone(), resource, monitor });
             }
         }
     }
@@ -611,7 +611,7 @@ impl Driver {
                     format!("acquired the lease of {group} (token {})", token.0),
                 );
             }
-            Event::MonitorFailed { group, resource } => {
+            Event::MonitorFailed { group, resource, .. } => {
                 let detail = pb::event::Kind::MonitorFailure(pb::MonitorFailure {
                     group: group.0.clone(),
                     resource: resource.0.clone(),
