@@ -100,7 +100,16 @@ impl Net {
         }
     }
 
-    /// Removes every rule [`Net::cut`] added in `node`'s namespace.
+    /// Drops the heartbeats (UDP to the two heartbeat ports) in and out of `node`'s
+    /// namespace on every network, and nothing else: clients still reach it.
+    fn cut_heartbeats(&self, node: &str) {
+        for port in ["5405", "5406"] {
+            iptables(self.of(node), &["-A", "INPUT", "-p", "udp", "--dport", port, "-j", "DROP"]);
+            iptables(self.of(node), &["-A", "OUTPUT", "-p", "udp", "--dport", port, "-j", "DROP"]);
+        }
+    }
+
+    /// Removes every rule [`Net::cut`] or [`Net::cut_heartbeats`] added in `node`'s namespace.
     fn heal(&self, node: &str) {
         iptables(self.of(node), &["-F", "INPUT"]);
         iptables(self.of(node), &["-F", "OUTPUT"]);
@@ -1210,17 +1219,6 @@ fn whole_node_stall_with_postgresql_is_fenced_before_the_peer_takes_over() {
     let nodes: Vec<&str> = owner.values().map(String::as_str).collect();
     assert_eq!(nodes, ["n1", "n2"], "{owner:?}");
     watch.finish_and_check(&lab);
-}
-
-impl Net {
-    /// Drops the heartbeats (UDP to the two heartbeat ports) in and out of `node`'s
-    /// namespace on every network, and nothing else: clients still reach it.
-    fn cut_heartbeats(&self, node: &str) {
-        for port in ["5405", "5406"] {
-            iptables(self.of(node), &["-A", "INPUT", "-p", "udp", "--dport", port, "-j", "DROP"]);
-            iptables(self.of(node), &["-A", "OUTPUT", "-p", "udp", "--dport", port, "-j", "DROP"]);
-        }
-    }
 }
 
 #[test]
