@@ -28,4 +28,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 # The host agent's end-to-end tests run the guest agent binary this build makes.
 export TANDEM_GUEST_BIN="$PWD/target/debug/tandem-guest"
-cargo test --workspace --locked --no-fail-fast
+# The end-to-end tests append their measured failover times here (tandem_testkit::report);
+# cargo hides a passing test's output, so the report is printed at the end.
+report="${CARGO_TARGET_DIR:-$PWD/target}/failover-report.txt"
+rm -f "$report"
+status=0
+cargo test --workspace --locked --no-fail-fast || status=$?
+
+echo "== failover times measured by the end-to-end tests"
+if [ -s "$report" ]; then
+  sort "$report"
+else
+  echo "(none recorded)"
+fi
+exit "$status"

@@ -72,9 +72,11 @@ pub enum GroupVerb {
     Move {
         /// The group.
         group: String,
-        /// The target node.
+        /// The target node. Without it, the agent picks the best other eligible node by the
+        /// group's placement (up, not in standby, room for it, nodes that failed it last, then
+        /// the group's node order), and refuses, saying why, when there is none.
         #[arg(long, value_name = "NODE")]
-        to: String,
+        to: Option<String>,
     },
     /// Clear the group's restart and failover counters and failure marks.
     Reset {
@@ -493,8 +495,11 @@ async fn run_async(conn: &Connection, verb: Verb) -> Result<u8, Failure> {
                     (format!("stop of group {group}"), agent.call(c.stop_group(pb::GroupRequest { group })).await?)
                 }
                 GroupVerb::Move { group, to } => (
-                    format!("move of group {group} to {to}"),
-                    agent.call(c.move_group(pb::MoveGroupRequest { group, to })).await?,
+                    match &to {
+                        Some(to) => format!("move of group {group} to {to}"),
+                        None => format!("move of group {group} to its best other node"),
+                    },
+                    agent.call(c.move_group(pb::MoveGroupRequest { group, to: to.unwrap_or_default() })).await?,
                 ),
                 GroupVerb::Reset { group } => (
                     format!("reset of group {group}'s counters"),

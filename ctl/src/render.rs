@@ -114,6 +114,7 @@ pub fn status_json(s: &pb::GuestStatus) -> Value {
                 "last_result": m.last_result.as_ref().map(probe_json),
                 "consecutive_failures": m.consecutive_failures,
                 "last_probe_ms_ago": m.last_probe_ms_ago,
+                "restarts": m.restarts,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -78,6 +78,7 @@ fn status() -> pb::GuestStatus {
                     }),
                     consecutive_failures: 0,
                     last_probe_ms_ago: 1_200,
+                    restarts: 1,
                 }],
                 ..Default::default()
             },
@@ -107,6 +108,14 @@ impl Control for Fake {
         Box::pin(async move {
             if !["pg", "web"].contains(&request.group.as_str()) {
                 return Err(ControlError::UnknownGroup(request.group));
+            }
+            if request.group == "web" && request.action == (OperatorAction::Move { to: None }) {
+                // What the runtime answers when no other node can take the group.
+                return Err(ControlError::NotPossible(
+                    "cannot move group `web`: no other eligible node can take it now (alpha runs it now; beta is in \
+                     standby); bring one back (`tandemctl status` shows the nodes) or name a target with --to"
+                        .into(),
+                ));
             }
             let mut log = self.accepted.lock().unwrap();
             log.push(request);
@@ -243,6 +252,7 @@ fn status_human_and_json() {
     assert_eq!(v["groups"][0]["state"], "started");
     assert_eq!(v["groups"][0]["monitors"][0]["last_result"]["status"], "OK");
     assert_eq!(v["groups"][0]["monitors"][0]["last_result"]["latency_ms"], 2.5);
+    assert_eq!(v["groups"][0]["monitors"][0]["restarts"], 1);
     assert_eq!(v["groups"][1]["location"], serde_json::Value::Null);
     assert_eq!(v["groups"][1]["not_running"], serde_json::json!({ "reason": "waiting-for-fence", "node": "beta" }));
     assert_eq!(v["lease"]["valid_for_ms"], 7500);
@@ -255,6 +265,13 @@ fn group_and_monitor_commands() {
     let (code, out, err) = run(tandemctl(&url).args(["group", "move", "pg", "--to", "beta"]));
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(out.trim(), "accepted: move of group pg to beta (command #101); `tandemctl events` shows it happen");
+    // Without --to the agent picks the node: the request names none.
+    let (code, out, err) = run(tandemctl(&url).args(["group", "move", "pg"]));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        "accepted: move of group pg to its best other node (command #102); `tandemctl events` shows it happen"
+    );
     for args in [["group", "stop", "web"], ["group", "reset", "web"], ["monitor", "suspend", "pg"]] {
         let (code, out, err) = run(tandemctl(&url).args(args));
         assert_eq!(code, Some(0), "{args:?}: {out}{err}");
@@ -264,7 +281,8 @@ fn group_and_monitor_commands() {
     assert_eq!(
         log,
         vec![
-            expect("pg", OperatorAction::Move { to: "beta".into() }),
+            expect("pg", OperatorAction::Move { to: Some("beta".into()) }),
+            expect("pg", OperatorAction::Move { to: None }),
             expect("web", OperatorAction::Stop),
             expect("web", OperatorAction::Reset),
             expect("pg", OperatorAction::SuspendMonitoring),
@@ -275,13 +293,17 @@ fn group_and_monitor_commands() {
     let (code, out, err) = run(tandemctl(&url).args(["group", "start", "nope"]));
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(err.contains("the agent refused (not found): no group named \"nope\""), "{err}");
+    // No other node can take it: exit 1 and the agent's reason.
+    let (code, out, err) = run(tandemctl(&url).args(["group", "move", "web"]));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("no other eligible node can take it now (alpha runs it now; beta is in standby)"), "{err}");
     // Usage errors: exit 64, even with global options first.
-    let (code, _, err) = run(tandemctl(&url).args(["--timeout", "3", "group", "move", "pg"]));
+    let (code, _, err) = run(tandemctl(&url).args(["--timeout", "3", "group", "move"]));
     assert_eq!(code, Some(64), "{err}");
     let (code, _, err) = run(tandemctl(&url).args(["status", "--timeout", "0"]));
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("--timeout must be"), "{err}");
-    assert_eq!(agent.fake.accepted.lock().unwrap().len(), 4);
+    assert_eq!(agent.fake.accepted.lock().unwrap().len(), 5);
 }
 
 #[test]

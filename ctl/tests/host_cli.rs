@@ -273,7 +273,7 @@ fn vm_commands_and_their_exit_codes() {
     assert_eq!(
         *agent.fake.accepted.lock().unwrap(),
         vec![
-            expect("db", OperatorAction::Move { to: "hv2".into() }),
+            expect("db", OperatorAction::Move { to: Some("hv2".into()) }),
             expect("db", OperatorAction::Stop),
             expect("big", OperatorAction::Start),
         ]

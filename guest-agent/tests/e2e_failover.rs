@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tandem_lease::{AreaParams, FileDisk, Lockspace, Timeouts};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::guest_agent_client::GuestAgentClient;
-use tandem_testkit::{ChildGuard, free_port};
+use tandem_testkit::{ChildGuard, free_port, report};
 
 mod common;
 
@@ -234,8 +234,11 @@ fn sigkill_of_the_active_agent_moves_the_group_and_never_two_writers() {
     let killed = Instant::now();
     n1.agent.kill();
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
-    let failover = killed.elapsed();
-    eprintln!("failover after SIGKILL of the agent: {failover:?} (token {t1} -> {t2})");
+    report::failover(
+        "sigkill_of_the_active_agent_moves_the_group_and_never_two_writers",
+        killed.elapsed(),
+        &format!("SIGKILL of n1's agent until n2 writes (token {t1} -> {t2})"),
+    );
     std::thread::sleep(Duration::from_millis(500));
     c.assert_never_two_writers();
 }
@@ -247,7 +250,11 @@ fn crash_of_the_whole_active_node_moves_the_group() {
     let killed = Instant::now();
     n1.crash();
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
-    eprintln!("failover after a crash of the whole node: {:?} (token {t1} -> {t2})", killed.elapsed());
+    report::failover(
+        "crash_of_the_whole_active_node_moves_the_group",
+        killed.elapsed(),
+        &format!("cgroup.kill of the whole n1 until n2 writes (token {t1} -> {t2})"),
+    );
     c.assert_never_two_writers();
 }
 
@@ -256,8 +263,14 @@ fn sigstop_of_the_agent_alone_is_fenced_by_its_guard_and_learns_it_lost_on_resum
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
     let (mut n1, _n2, t1) = c.active_and_standby();
 
+    let stopped = Instant::now();
     n1.agent.signal(libc::SIGSTOP);
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    report::failover(
+        "sigstop_of_the_agent_alone_is_fenced_by_its_guard_and_learns_it_lost_on_resume",
+        stopped.elapsed(),
+        &format!("SIGSTOP of n1's agent until n2 writes (token {t1} -> {t2})"),
+    );
     n1.agent.signal(libc::SIGCONT);
     // The resumed agent finds its lease gone: it stops everything and exits; it never writes again.
     let start = Instant::now();
@@ -284,8 +297,14 @@ fn whole_node_stall_is_fenced_from_outside_before_takeover() {
     let (n1, _n2, t1) = c.active_and_standby();
 
     // Agent, guard and writer all frozen: nothing on n1 can fence itself.
+    let frozen = Instant::now();
     n1.freeze(true);
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    report::failover(
+        "whole_node_stall_is_fenced_from_outside_before_takeover",
+        frozen.elapsed(),
+        &format!("cgroup.freeze of the whole n1 until n2 writes, n1 fenced first (token {t1} -> {t2})"),
+    );
     // n1 was fenced (killed) before n2 started: resuming it changes nothing.
     n1.freeze(false);
     std::thread::sleep(Duration::from_secs(1));
@@ -300,7 +319,7 @@ fn whole_node_stall_is_fenced_from_outside_before_takeover() {
 #[test]
 fn operator_move_hands_the_group_over_and_every_node_agrees() {
     let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
-    let (_n1, _n2, t1) = c.active_and_standby();
+    let (n1, _n2, t1) = c.active_and_standby();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // n1's event feed, watched from before the move.
@@ -317,12 +336,17 @@ fn operator_move_hands_the_group_over_and_every_node_agrees() {
         seen
     });
 
-    // Asked on n2 (not the holder): forwarded to n1, which hands over cleanly.
+    // Asked on n2 (not the holder), without a target: n2 picks the best node other than n1
+    // (itself, the only one) and forwards the move, naming it, to n1, which hands over cleanly.
     let mut api2 = c.client(&rt, "n2");
     let moved = Instant::now();
-    rt.block_on(api2.move_group(pb::MoveGroupRequest { group: "app".into(), to: "n2".into() })).unwrap();
+    rt.block_on(api2.move_group(pb::MoveGroupRequest { group: "app".into(), to: String::new() })).unwrap();
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
-    eprintln!("operator move: {:?} (token {t1} -> {t2})", moved.elapsed());
+    report::failover(
+        "operator_move_hands_the_group_over_and_every_node_agrees",
+        moved.elapsed(),
+        &format!("operator move (no target) until n2 writes (token {t1} -> {t2})"),
+    );
     std::thread::sleep(Duration::from_secs(1));
     c.assert_never_two_writers();
 
@@ -355,6 +379,27 @@ fn operator_move_hands_the_group_over_and_every_node_agrees() {
     // Unknown groups are NotFound.
     let err = rt.block_on(api2.stop_group(pb::GroupRequest { group: "nope".into() })).unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // With n1 gone, no node but the one running it can take it: a move without a target is
+    // refused, saying why, and nothing moves.
+    n1.agent.signal(libc::SIGTERM);
+    assert!(
+        common::wait_until(Duration::from_secs(30), || {
+            let st = rt.block_on(api2.get_status(pb::GetStatusRequest {})).unwrap().into_inner();
+            st.nodes.iter().any(|n| n.name == "n1" && n.state == pb::NodeState::Down as i32)
+        }),
+        "n2 never saw n1 leave:\n{}",
+        c.logs()
+    );
+    let err =
+        rt.block_on(api2.move_group(pb::MoveGroupRequest { group: "app".into(), to: String::new() })).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("no other eligible node can take it now (n1 is down or cannot act; n2 runs it now)"),
+        "{err:?}"
+    );
+    let st = rt.block_on(api2.get_status(pb::GetStatusRequest {})).unwrap().into_inner();
+    assert_eq!(st.groups.iter().find(|g| g.name == "app").unwrap().location, "n2");
 }
 
 #[test]
@@ -433,7 +478,11 @@ fn a_crashed_application_restarts_in_place_then_moves_past_the_restart_limit() {
         assert!(start.elapsed() < Duration::from_secs(40), "the writer was not restarted on n1:\n{}", c.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("restarted in place after {:?}", start.elapsed());
+    report::failover(
+        "a_crashed_application_restarts_in_place_then_moves_past_the_restart_limit",
+        start.elapsed(),
+        "writer SIGKILL #1 until n1 restarted it in place",
+    );
     assert!(c.writes().iter().all(|(_, n)| n == "n1"), "the group must not move on the first crash");
 
     // Second crash: past the limit, the group fails over to n2 under a new token.
@@ -441,7 +490,11 @@ fn a_crashed_application_restarts_in_place_then_moves_past_the_restart_limit() {
     kill_writer(&c, "n1");
     let moved = Instant::now();
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(40));
-    eprintln!("failed over after the second crash in {:?} (token {t1} -> {t2})", moved.elapsed());
+    report::failover(
+        "a_crashed_application_restarts_in_place_then_moves_past_the_restart_limit",
+        moved.elapsed(),
+        &format!("writer SIGKILL #2 past restart_limit until n2 writes (token {t1} -> {t2})"),
+    );
     std::thread::sleep(Duration::from_millis(500));
     c.assert_never_two_writers();
 }
@@ -455,9 +508,15 @@ fn agent_restart_during_a_failover_starts_nothing_twice() {
     // correct and race on the lease disk: n2 judges n1's old host lease dead and takes over,
     // or the restarted n1 (first in the node order) gets its host id back first and restarts
     // the group itself. Either way exactly one node starts it, once, with a new token.
+    let killed = Instant::now();
     n1.agent.kill();
     let n1b = c.start("n1");
     let (t2, winner) = c.wait_any_writer(t1, Duration::from_secs(40));
+    report::failover(
+        "agent_restart_during_a_failover_starts_nothing_twice",
+        killed.elapsed(),
+        &format!("SIGKILL of n1's agent, restarted at once, until {winner} writes (token {t1} -> {t2})"),
+    );
     std::thread::sleep(Duration::from_secs(4));
     c.assert_never_two_writers();
     let w = c.writes();
@@ -611,7 +670,11 @@ fn standby_moves_or_parks_the_group_without_a_failover_and_survives_an_agent_res
     let asked = Instant::now();
     set_standby(&c, &rt, "n1", Some(pb::StandbyMode::Move));
     let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
-    eprintln!("standby (move) handover: {:?} (token {t1} -> {t2})", asked.elapsed());
+    report::failover(
+        "standby_moves_or_parks_the_group_without_a_failover_and_survives_an_agent_restart",
+        asked.elapsed(),
+        &format!("standby (move) of n1 until n2 writes (token {t1} -> {t2})"),
+    );
     let st1 = status_of(&c, &rt, "n1");
     assert!(node(&st1, "n1").standby && node(&st1, "n1").standby_mode() == pb::StandbyMode::Move, "{st1:?}");
     assert!(common::wait_until(Duration::from_secs(10), || node(&status_of(&c, &rt, "n2"), "n1").standby));
@@ -677,4 +740,172 @@ fn standby_moves_or_parks_the_group_without_a_failover_and_survives_an_agent_res
     let g = app(&status_of(&c, &rt, "n1"));
     assert_eq!(g.failovers, 0, "{g:?}");
     c.assert_never_two_writers();
+}
+
+/// The group's application as a forking daemon: `app-start` records each start in
+/// `starts.log` and launches the writer in the background (its pid in `app.pid`),
+/// `app-monitor` says whether that pid runs (OCF codes: 0 running, 7 stopped), `app-stop`
+/// kills it.
+fn forking_writer(c: &Cluster) {
+    let d = c.dir.path();
+    let log = c.path("shared/writer.log");
+    common::script(
+        d,
+        "app-start",
+        &format!(
+            "echo \"$TANDEM_NODE $TANDEM_FENCING_TOKEN\" >> {starts}\n\
+             sh -c 'while :; do echo \"$TANDEM_FENCING_TOKEN $TANDEM_NODE\" >> {log}; sleep 0.05; done' </dev/null >/dev/null 2>&1 &\n\
+             echo $! > {pid}",
+            starts = c.path("starts.log").display(),
+            log = log.display(),
+            pid = c.path("app.pid").display(),
+        ),
+    );
+    common::script(
+        d,
+        "app-monitor",
+        &format!(
+            "pid=$(cat {} 2>/dev/null) || exit 7\nkill -0 \"$pid\" 2>/dev/null || exit 7",
+            c.path("app.pid").display()
+        ),
+    );
+    common::script(
+        d,
+        "app-stop",
+        &format!(
+            "pid=$(cat {p} 2>/dev/null) || exit 0\nkill \"$pid\" 2>/dev/null\n\
+             while kill -0 \"$pid\" 2>/dev/null; do sleep 0.05; done\nrm -f {p}",
+            p = c.path("app.pid").display()
+        ),
+    );
+    let cfg = std::fs::read_to_string(c.path("tandem.toml")).unwrap();
+    let (head, writer) = cfg.split_once("[[group.resource]]\nname = \"writer\"").unwrap();
+    assert!(writer.contains("stop_timeout"), "{writer}");
+    let cfg = format!(
+        "{head}[[group.resource]]\nname = \"writer\"\nkind = \"exec\"\nmode = \"forking\"\n\
+         start = [\"{d}/app-start\"]\nstop = [\"{d}/app-stop\"]\nmonitor = [\"{d}/app-monitor\"]\n\
+         stop_timeout = \"5s\"\n",
+        d = d.display()
+    );
+    std::fs::write(c.path("tandem.toml"), cfg).unwrap();
+}
+
+#[test]
+fn a_resource_already_running_when_the_agent_starts_is_adopted_not_started_again() {
+    let c = Cluster::new(1, "{ kind = \"lease-watchdog-only\" }");
+    forking_writer(&c);
+    // The application runs before the agent does (started by hand, or left by an earlier run).
+    let st =
+        Command::new(c.path("app-start")).env("TANDEM_NODE", "n1").env("TANDEM_FENCING_TOKEN", "0").status().unwrap();
+    assert!(st.success());
+    let pid: i32 = common::read_pid(&c.path("app.pid"));
+    assert!(common::wait_until(Duration::from_secs(5), || !c.writes().is_empty()));
+
+    let _n1 = c.start("n1");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let started = |st: &pb::GuestStatus| {
+        st.groups.iter().any(|g| g.name == "app" && g.state == pb::GroupState::Started as i32 && g.location == "n1")
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(30), || c.client_opt(&rt, "n1").is_some_and(|mut api| rt
+            .block_on(api.get_status(pb::GetStatusRequest {}))
+            .is_ok_and(|s| started(&s.into_inner())))),
+        "the group did not come up:\n{}",
+        c.logs()
+    );
+    // Adopted, not started again: the start script ran once (by hand), the same daemon runs.
+    std::thread::sleep(Duration::from_secs(2));
+    let starts = std::fs::read_to_string(c.path("starts.log")).unwrap();
+    assert_eq!(starts.lines().collect::<Vec<_>>(), ["n1 0"], "the application was started again:\n{}", c.logs());
+    assert!(common::alive(pid), "the adopted daemon {pid} died");
+    assert_eq!(common::read_pid(&c.path("app.pid")), pid);
+    let log = std::fs::read_to_string(c.path("n1.log")).unwrap();
+    assert!(log.contains("adopted running app/writer under token"), "{log}");
+    assert!(!log.contains("starting app/writer"), "{log}");
+
+    // It is the agent's now: an operator stop runs its stop command; a start then really
+    // starts it, under the group's token.
+    let mut api = c.client(&rt, "n1");
+    rt.block_on(api.stop_group(pb::GroupRequest { group: "app".into() })).unwrap();
+    assert!(common::wait_until(Duration::from_secs(30), || !common::alive(pid)), "not stopped:\n{}", c.logs());
+    rt.block_on(api.start_group(pb::GroupRequest { group: "app".into() })).unwrap();
+    let t = c.wait_writer("n1", 0, Duration::from_secs(30));
+    let starts = std::fs::read_to_string(c.path("starts.log")).unwrap();
+    assert_eq!(starts.lines().collect::<Vec<_>>(), ["n1 0".to_string(), format!("n1 {t}")], "{}", c.logs());
+    c.assert_never_two_writers();
+    let _ = Command::new(c.path("app-stop")).status();
+}
+
+#[test]
+fn a_monitor_with_its_own_restart_limit_restarts_in_place_then_fails_the_group_over() {
+    let c = Cluster::new(2, "{ kind = \"lease-watchdog-only\" }");
+    // The group allows no restart; its `flag` monitor allows two of its own. The writer
+    // creates the flag when it starts; the test removes it to fail the monitor.
+    let flag = c.path("shared/flag");
+    let cfg = std::fs::read_to_string(c.path("tandem.toml")).unwrap();
+    let cfg = cfg.replace("restart_limit = 1\n", "restart_limit = 0\n").replacen(
+        "start = [\"/bin/sh\", \"-c\", \"while :;",
+        &format!("start = [\"/bin/sh\", \"-c\", \"touch {}; while :;", flag.display()),
+        1,
+    );
+    assert!(cfg.contains("restart_limit = 0") && cfg.contains("touch "), "{cfg}");
+    let cfg = format!(
+        "{cfg}\n[[group.monitor]]\nname = \"flag\"\ntarget = \"exec\"\n\
+         command = [\"/bin/sh\", \"-c\", \"test -e {} || exit 2\"]\n\
+         interval = \"200ms\"\ntimeout = \"2s\"\nretries = 1\nrestart_limit = 2\nrestart_window = \"10m\"\nresource = \"writer\"\n",
+        flag.display()
+    );
+    std::fs::write(c.path("tandem.toml"), cfg).unwrap();
+    let (_n1, _n2, t1) = c.active_and_standby();
+    let writer_starts = |node: &str| {
+        std::fs::read_to_string(c.path(&format!("{node}.log")))
+            .unwrap_or_default()
+            .matches("starting app/writer")
+            .count()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let group = |node: &str| {
+        let mut api = c.client(&rt, node);
+        let st = rt.block_on(api.get_status(pb::GetStatusRequest {})).unwrap().into_inner();
+        st.groups.into_iter().find(|g| g.name == "app").unwrap()
+    };
+
+    // Two failures of `flag`: restarted in place each time (same node, same token), though
+    // the group's own limit is zero.
+    for n in 1..=2 {
+        assert!(common::wait_until(Duration::from_secs(10), || flag.exists()));
+        std::fs::remove_file(&flag).unwrap();
+        let removed = Instant::now();
+        assert!(
+            common::wait_until(Duration::from_secs(30), || writer_starts("n1") == n + 1 && flag.exists()),
+            "restart #{n} in place did not happen:\n{}",
+            c.logs()
+        );
+        report::failover(
+            "a_monitor_with_its_own_restart_limit_restarts_in_place_then_fails_the_group_over",
+            removed.elapsed(),
+            &format!("monitor `flag` failure #{n} until the writer was restarted in place on n1"),
+        );
+        let g = group("n1");
+        assert_eq!((g.location.as_str(), g.restarts), ("n1", n as u32), "{g:?}");
+        let m = g.monitors.iter().find(|m| m.name == "flag").unwrap();
+        assert_eq!(m.restarts, n as u32, "{m:?}");
+        assert!(c.writes().iter().all(|(t, node)| *t == t1 && node == "n1"), "{}", c.logs());
+    }
+
+    // The third: past the monitor's limit, the group fails over to n2 under a new token.
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::remove_file(&flag).unwrap();
+    let removed = Instant::now();
+    let t2 = c.wait_writer("n2", t1, Duration::from_secs(30));
+    report::failover(
+        "a_monitor_with_its_own_restart_limit_restarts_in_place_then_fails_the_group_over",
+        removed.elapsed(),
+        &format!("monitor `flag` failure #3, past its restart_limit, until n2 writes (token {t1} -> {t2})"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    c.assert_never_two_writers();
+    assert_eq!(writer_starts("n1"), 3);
+    let g = group("n2");
+    assert_eq!((g.location.as_str(), g.failovers), ("n2", 1), "{g:?}");
 }

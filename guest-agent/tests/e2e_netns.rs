@@ -26,14 +26,14 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::NetnsPair;
 use tandem_lease::{AreaParams, FileDisk, Lockspace, Timeouts};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::guest_agent_client::GuestAgentClient;
 use tandem_testkit::netns::{self, ip, iptables};
-use tandem_testkit::{ChildGuard, require_program, run_ok};
+use tandem_testkit::{ChildGuard, report, require_program, run_ok};
 
 const RENEWAL_MS: u64 = 300;
 const API_PORT: u16 = 7701;
@@ -100,7 +100,16 @@ impl Net {
         }
     }
 
-    /// Removes every rule [`Net::cut`] added in `node`'s namespace.
+    /// Drops the heartbeats (UDP to the two heartbeat ports) in and out of `node`'s
+    /// namespace on every network, and nothing else: clients still reach it.
+    fn cut_heartbeats(&self, node: &str) {
+        for port in ["5405", "5406"] {
+            iptables(self.of(node), &["-A", "INPUT", "-p", "udp", "--dport", port, "-j", "DROP"]);
+            iptables(self.of(node), &["-A", "OUTPUT", "-p", "udp", "--dport", port, "-j", "DROP"]);
+        }
+    }
+
+    /// Removes every rule [`Net::cut`] or [`Net::cut_heartbeats`] added in `node`'s namespace.
     fn heal(&self, node: &str) {
         iptables(self.of(node), &["-F", "INPUT"]);
         iptables(self.of(node), &["-F", "OUTPUT"]);
@@ -129,10 +138,65 @@ struct Lab {
     cg_root: PathBuf,
 }
 
+/// How the lab's nodes are fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fence {
+    /// `lease-watchdog-only`: the lease is the fence (groups do not require outside fencing).
+    LeaseOnly,
+    /// A fence command that powers the node off: it kills every process in the node's
+    /// network namespace, waits until they are gone, takes its interfaces down and logs
+    /// `<node> <start ns> <end ns>` (wall clock) to `fenced.log`.
+    KillNamespace,
+}
+
+/// The fence command of [`Fence::KillNamespace`]; `$1` is the namespace, `$2` the node name
+/// (appended by the agent). It waits until the killed processes are reaped, not only dead: a
+/// killed postmaster's zombie keeps its pid "running" (all nodes share this machine's pid
+/// space), and PostgreSQL on the peer refuses to start over its lock file. So it kills
+/// everything but the node's init (`tini`, the process whose parent is outside the
+/// namespace) first, then resumes the init, which reaps them all and exits: orphans never go
+/// to this machine's PID 1, which reaps only every few seconds here.
+const FENCE_SCRIPT: &str = "ns=\"$1\"; node=\"$2\"\n\
+    start=$(date +%s%N)\n\
+    all=$(echo $(ip netns pids \"$ns\"))\n\
+    init=\"\"\n\
+    for p in $all; do\n\
+      pp=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status 2>/dev/null)\n\
+      case \" $all \" in *\" $pp \"*) ;; *) init=\"$init $p\";; esac\n\
+    done\n\
+    seen=\"\"; rest=\"\"\n\
+    for i in $(seq 1 100); do\n\
+      rest=\"\"\n\
+      for p in $(ip netns pids \"$ns\"); do case \" $init \" in *\" $p \"*) ;; *) rest=\"$rest $p\";; esac; done\n\
+      [ -z \"$rest\" ] && break\n\
+      seen=\"$seen $rest\"\n\
+      kill -9 $rest 2>/dev/null\n\
+      sleep 0.05\n\
+    done\n\
+    [ -z \"$rest\" ] || { echo \"processes survive in $ns:$rest\" >&2; exit 1; }\n\
+    # The init (stalled too) reaps what was killed, then exits with its main child.\n\
+    [ -n \"$init\" ] && kill -CONT $init 2>/dev/null\n\
+    for i in $(seq 1 40); do [ -z \"$(ip netns pids \"$ns\")\" ] && break; sleep 0.05; done\n\
+    left=$(ip netns pids \"$ns\"); [ -n \"$left\" ] && kill -9 $left 2>/dev/null\n\
+    for i in $(seq 1 100); do\n\
+      left=\"\"; for p in $seen; do [ -e /proc/$p ] && left=\"$left $p\"; done\n\
+      [ -z \"$left\" ] && [ -z \"$(ip netns pids \"$ns\")\" ] && break\n\
+      sleep 0.05\n\
+    done\n\
+    [ -z \"$left\" ] || { echo \"not reaped:$left\" >&2; exit 1; }\n\
+    # Powered off: the node no longer answers on the network either (its floating IP).\n\
+    ip -n \"$ns\" link set eth0 down && ip -n \"$ns\" link set hb0 down || exit 1\n\
+    echo \"$node $start $(date +%s%N)\" >> \"$(dirname \"$0\")/fenced.log\"";
+
 impl Lab {
     /// `groups` is the TOML of the `[[group]]`s; `{dir}` in it is replaced by the test's
     /// directory. Both nodes are `lease-watchdog-only`: the lease is the fence.
     fn new(groups: &str) -> Lab {
+        Lab::with_fence(groups, Fence::LeaseOnly)
+    }
+
+    /// Like [`Lab::new`], with the nodes fenced as `fence` says.
+    fn with_fence(groups: &str, fence: Fence) -> Lab {
         let dir = tempfile::tempdir().unwrap();
         let cg_root = tandem_lease::cgroup::cgroup2_mount()
             .expect("a cgroup2 mount (the e2e tests put each node in a cgroup)")
@@ -165,10 +229,21 @@ impl Lab {
             key = d.join("key").display(),
             lease = lease.display(),
         );
+        if fence == Fence::KillNamespace {
+            script(d, "fence-node", FENCE_SCRIPT);
+        }
         for i in 1..=2 {
+            let fence = match fence {
+                Fence::LeaseOnly => "{ kind = \"lease-watchdog-only\" }".to_string(),
+                Fence::KillNamespace => format!(
+                    "{{ kind = \"command\", command = [\"{}\", \"{}\"], timeout = \"20s\" }}",
+                    d.join("fence-node").display(),
+                    lab.net.of(&format!("n{i}"))
+                ),
+            };
             toml += &format!(
                 "[[node]]\nname = \"n{i}\"\nid = {i}\nlinks = {{ lan = \"10.77.1.{i}\", hb = \"10.77.2.{i}\" }}\n\
-                 api = \"10.77.1.{i}:{API_PORT}\"\nfence = {{ kind = \"lease-watchdog-only\" }}\n\n"
+                 api = \"10.77.1.{i}:{API_PORT}\"\nfence = {fence}\n\n"
             );
         }
         toml += &groups.replace("{dir}", &d.display().to_string());
@@ -421,9 +496,10 @@ fn full_partition_of_the_active_node_without_the_tie_break_moves_the_group_once(
     let cut = Instant::now();
     lab.net.cut("n2", &["eth0", "hb0"]);
     let t3 = lab.wait_writer("n1", t2, Duration::from_secs(30));
-    eprintln!(
-        "full partition of the active node: group ran again on n1 after {:?} (token {t2} -> {t3})",
-        cut.elapsed()
+    report::failover(
+        "full_partition_of_the_active_node_without_the_tie_break_moves_the_group_once",
+        cut.elapsed(),
+        &format!("both links of the active n2 cut until n1 writes (token {t2} -> {t3})"),
     );
     let s2 = lab.status("n2");
     assert!(!s2.quorum, "n2 must be without quorum: {s2:?}");
@@ -508,7 +584,8 @@ fn setup_postgres(lab: &Lab) -> String {
         INSERT INTO epoch VALUES (0, 'none');\n\
         CREATE FUNCTION epoch_token() RETURNS bigint LANGUAGE sql STABLE AS 'SELECT token FROM epoch';\n\
         CREATE FUNCTION epoch_node() RETURNS text LANGUAGE sql STABLE AS 'SELECT node FROM epoch';\n\
-        CREATE TABLE w (id bigserial PRIMARY KEY, token bigint NOT NULL DEFAULT epoch_token(), node text NOT NULL DEFAULT epoch_node());\n";
+        CREATE TABLE w (id bigserial PRIMARY KEY, token bigint NOT NULL DEFAULT epoch_token(), node text NOT NULL DEFAULT epoch_node(), \
+        at timestamptz NOT NULL DEFAULT clock_timestamp());\n";
     let mut single = Command::new(format!("{PG_BIN}/postgres"));
     as_pg(&mut single);
     single
@@ -535,18 +612,23 @@ fn setup_postgres(lab: &Lab) -> String {
         "pg-start",
         &format!(
             "set -e\n\
+             # Every start, for the tests' count of starts: node, token, wall clock (ns).\n\
+             echo \"$TANDEM_NODE $TANDEM_FENCING_TOKEN $(date +%s%N)\" >> {starts}\n\
              # Record the epoch before any client can connect (single-user mode also runs crash recovery).\n\
              if ! out=$(echo \"UPDATE epoch SET token = $TANDEM_FENCING_TOKEN, node = '$TANDEM_NODE';\" | {PG_BIN}/postgres --single -D {data} postgres 2>&1); then echo \"$out\" >&2; exit 1; fi\n\
              case \"$out\" in *ERROR*|*FATAL*) echo \"$out\" >&2; exit 1;; esac\n\
              exec {PG_BIN}/pg_ctl -w -t 30 -D {data} -l {log} start",
             data = data.display(),
-            log = log.display()
+            log = log.display(),
+            starts = d.join("starts.log").display(),
         ),
     );
     script(d, "pg-stop", &format!("exec {PG_BIN}/pg_ctl -w -t 20 -D {} -m fast stop", data.display()));
-    // The log is written by the postgres user.
-    std::fs::write(&log, "").unwrap();
-    std::os::unix::fs::chown(&log, Some(uid), Some(gid)).unwrap();
+    // The logs are written by the postgres user.
+    for f in [log, d.join("starts.log")] {
+        std::fs::write(&f, "").unwrap();
+        std::os::unix::fs::chown(&f, Some(uid), Some(gid)).unwrap();
+    }
     password
 }
 
@@ -568,7 +650,11 @@ struct Row {
     node: String,
     /// The postmaster's start time: which server run accepted the row.
     server: String,
+    /// When the client saw the acknowledgement.
     at: Instant,
+    /// When the server inserted the row (`clock_timestamp()`), in µs since the Unix epoch:
+    /// the same clock as the fence log's and the test's wall-clock readings.
+    inserted_us: i64,
 }
 
 /// A client in the `cl` namespace that inserts a row every 20 ms through the floating IP,
@@ -612,7 +698,11 @@ impl SqlWriter {
                             client = pg_connect(&pw).await.ok();
                         }
                         if let Some(c) = &client {
-                            let insert = c.query_one("INSERT INTO w DEFAULT VALUES RETURNING id, token, node, pg_postmaster_start_time()::text", &[]);
+                            let insert = c.query_one(
+                                "INSERT INTO w DEFAULT VALUES RETURNING id, token, node, pg_postmaster_start_time()::text, \
+                                 (extract(epoch FROM at) * 1000000)::bigint",
+                                &[],
+                            );
                             match tokio::time::timeout(Duration::from_secs(2), insert).await {
                                 Ok(Ok(row)) => r.lock().unwrap().push(Row {
                                     id: row.get(0),
@@ -620,6 +710,7 @@ impl SqlWriter {
                                     node: row.get(2),
                                     server: row.get(3),
                                     at: Instant::now(),
+                                    inserted_us: row.get(4),
                                 }),
                                 _ => client = None,
                             }
@@ -681,7 +772,11 @@ fn postgresql_behind_a_floating_ip_restarts_in_place_then_fails_over_with_its_da
     let after = lab.wait("inserts resume after the first kill", Duration::from_secs(60), || {
         writer.rows().into_iter().find(|r| r.server != first.server)
     });
-    eprintln!("postmaster SIGKILL #1: inserts resumed after {:?} (restart in place)", after.at - killed);
+    report::failover(
+        "postgresql_behind_a_floating_ip_restarts_in_place_then_fails_over_with_its_data",
+        after.at - killed,
+        "postmaster SIGKILL #1 until inserts resumed, restarted in place on n1",
+    );
     assert_eq!(
         (after.token, after.node.as_str()),
         (t1, "n1"),
@@ -700,7 +795,11 @@ fn postgresql_behind_a_floating_ip_restarts_in_place_then_fails_over_with_its_da
     let moved = lab.wait("inserts resume on n2", Duration::from_secs(60), || {
         writer.rows().into_iter().find(|r| r.server != first.server && r.server != after.server)
     });
-    eprintln!("postmaster SIGKILL #2: inserts resumed on {} after {:?} (failover)", moved.node, moved.at - killed);
+    report::failover(
+        "postgresql_behind_a_floating_ip_restarts_in_place_then_fails_over_with_its_data",
+        moved.at - killed,
+        "postmaster SIGKILL #2 past restart_limit until the first insert on the peer",
+    );
     assert_eq!(moved.node, "n2", "{moved:?}\n{}", lab.logs());
     assert!(moved.token > t1, "a new holder must have a newer token: {moved:?}");
     assert!(lab.net.addrs("n2").contains(VIP) && !lab.net.addrs("n1").contains(VIP));
@@ -708,13 +807,20 @@ fn postgresql_behind_a_floating_ip_restarts_in_place_then_fails_over_with_its_da
     std::thread::sleep(Duration::from_millis(500));
     writer.finish();
 
-    // Every acknowledged insert is in the table; in insertion (id) order tokens never go
-    // backwards and each token belongs to one node.
-    let acked = writer.rows();
-    let pw = password.clone();
+    let owner = check_table(&lab, &password, &writer.rows());
+    assert_eq!(owner.len(), 2, "one epoch per holder: {owner:?}");
+}
+
+// ------------------------------------------------------------------ PostgreSQL under faults
+
+/// Every acknowledged insert is in the table; in insertion (id) order tokens never go
+/// backwards (a row with a stale token after a newer one means two servers accepted writes);
+/// each token belongs to one node. Returns the node of each token.
+fn check_table(lab: &Lab, password: &str, acked: &[Row]) -> std::collections::BTreeMap<i64, String> {
+    let pw = password.to_string();
     let table: Vec<(i64, i64, String)> = NetnsPair::run_in(&lab.net.cl, move || {
         Box::pin(async move {
-            let c = pg_connect(&pw).await.expect("connect after the failover");
+            let c = pg_connect(&pw).await.expect("connect to check the table");
             c.query("SELECT id, token, node FROM w ORDER BY id", &[])
                 .await
                 .unwrap()
@@ -733,7 +839,492 @@ fn postgresql_behind_a_floating_ip_restarts_in_place_then_fails_over_with_its_da
     for (_, t, n) in &table {
         assert_eq!(owner.entry(*t).or_insert_with(|| n.clone()), n, "token {t} on two nodes");
     }
-    let tokens: Vec<i64> = owner.keys().copied().collect();
-    assert_eq!(tokens.len(), 2, "one epoch per holder: {owner:?}");
     eprintln!("{} rows acknowledged, {} in the table, tokens {owner:?}", acked.len(), table.len());
+    owner
+}
+
+/// One start of PostgreSQL, as its start script logged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Start {
+    node: String,
+    token: u64,
+    /// Wall clock, ns since the Unix epoch.
+    at_ns: u128,
+}
+
+/// A process seen in a node's namespace.
+#[derive(Debug, Clone)]
+struct Proc {
+    pid: i32,
+    comm: String,
+    cmdline: String,
+    /// The state letter of /proc/PID/stat (`T`: stopped).
+    state: char,
+}
+
+/// Live processes whose network namespace has inode `ino` (zombies have none, so they are
+/// not listed).
+fn procs_in(ino: u64) -> Vec<Proc> {
+    let want = format!("net:[{ino}]");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if std::fs::read_link(e.path().join("ns/net")).ok().and_then(|l| l.to_str().map(|l| l == want)) != Some(true) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_string();
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()).unwrap_or('?');
+        out.push(Proc { pid, comm, cmdline, state });
+    }
+    out
+}
+
+/// Whether the floating IP is on `ns`'s bridge interface while that interface is up (a node
+/// whose interface is down, e.g. after a fence, does not answer for it).
+fn vip_up_in(ns: &str) -> bool {
+    let out = Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0", "up"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("{VIP}/"))).unwrap_or(false)
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok()
+}
+
+fn unix_ns(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+impl Lab {
+    fn ns_inode(&self, node: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", self.net.of(node))).expect("the node's namespace").ino()
+    }
+
+    fn procs(&self, node: &str) -> Vec<Proc> {
+        procs_in(self.ns_inode(node))
+    }
+
+    /// The pid of `node`'s agent (not its guard, which runs the same binary).
+    fn agent_pid(&self, node: &str) -> i32 {
+        let p = self.procs(node);
+        p.iter()
+            .find(|p| p.comm == "tandem-guest" && !p.cmdline.trim_end().ends_with(" guard"))
+            .unwrap_or_else(|| panic!("no agent runs on {node}: {p:?}"))
+            .pid
+    }
+
+    /// Starts `node`'s agent like [`Lab::start`], under a shell that restarts it at once
+    /// whenever it exits (a supervisor's `Restart=always`). The node's init (`tini -s`)
+    /// outlives the agent, so it still reaps the orphans of what the agent ran.
+    fn start_restarting(&self, node: &str) -> ChildGuard {
+        let cgroup = self.cg_root.join(node);
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{node}.log"))).unwrap();
+        let mut cmd = netns::node_command(self.net.of(node), "/bin/sh");
+        cmd.arg("-c")
+            .arg("while :; do \"$@\"; echo \"tandem-guest exited with status $?; restarting it\" >&2; sleep 0.1; done")
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_tandem-guest"))
+            .arg("--config")
+            .arg(self.path("tandem.toml"))
+            .arg("--cgroup-root")
+            .arg(cgroup.join("groups"))
+            .env("TANDEM_NODE", node)
+            .env("TANDEM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let procs = cgroup.join("cgroup.procs");
+        // SAFETY: only open/write/close between fork and exec (as in `start`).
+        unsafe {
+            cmd.pre_exec(move || {
+                std::fs::write(&procs, b"0\n")?;
+                Ok(())
+            });
+        }
+        ChildGuard::spawn(&format!("tandem-guest {node} (restarted on exit)"), cmd)
+    }
+
+    /// SIGSTOPs every process in `node`'s namespace (agent, guard, init, PostgreSQL): the
+    /// whole node stalls, as a paused VM does. Repeats until every process is stopped (one
+    /// may have forked meanwhile). Returns the stopped pids.
+    fn stall(&self, node: &str) -> Vec<i32> {
+        use nix::sys::signal::Signal;
+        let mut stopped = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let running: Vec<Proc> = self.procs(node).into_iter().filter(|p| !matches!(p.state, 'T' | 't')).collect();
+            if running.is_empty() && !stopped.is_empty() {
+                return stopped.into_iter().collect();
+            }
+            for p in running {
+                signal(p.pid, Signal::SIGSTOP);
+                stopped.insert(p.pid);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("could not stop every process of {node}: {:?}", self.procs(node));
+    }
+
+    /// The starts of PostgreSQL so far, from its start script's log.
+    fn starts(&self) -> Vec<Start> {
+        std::fs::read_to_string(self.path("starts.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some(Start { node: f.next()?.into(), token: f.next()?.parse().ok()?, at_ns: f.next()?.parse().ok()? })
+            })
+            .collect()
+    }
+
+    /// The fences logged by the fence command: (node, start ns, end ns).
+    fn fences(&self) -> Vec<(String, u128, u128)> {
+        std::fs::read_to_string(self.path("fenced.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((f.next()?.into(), f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+/// What a [`Watch`] saw at one instant: per node (n1, n2), whether PostgreSQL processes run
+/// there and whether the floating IP is up there.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: SystemTime,
+    pg: [bool; 2],
+    vip: [bool; 2],
+}
+
+/// Samples every 50 ms which node runs PostgreSQL and which holds the floating IP: evidence
+/// from outside the agents, in wall-clock time (the clock of the fence log and of the rows'
+/// insertion times).
+struct Watch {
+    samples: std::sync::Arc<std::sync::Mutex<Vec<Sample>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start(lab: &Lab) -> Watch {
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ns = [lab.net.n1.clone(), lab.net.n2.clone()];
+        let ino = [lab.ns_inode("n1"), lab.ns_inode("n2")];
+        let (s, st) = (samples.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let at = SystemTime::now();
+                let pg = ino.map(|i| procs_in(i).iter().any(|p| p.comm == "postgres"));
+                let vip = [vip_up_in(&ns[0]), vip_up_in(&ns[1])];
+                s.lock().unwrap().push(Sample { at, pg, vip });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Watch { samples, stop, thread: Some(thread) }
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap().clone()
+    }
+
+    /// The first sample after `after` for which `f` holds.
+    fn first_after(&self, after: SystemTime, f: impl Fn(&Sample) -> bool) -> Option<SystemTime> {
+        self.samples().into_iter().find(|s| s.at > after && f(s)).map(|s| s.at)
+    }
+
+    /// The safety invariant as seen from outside: never PostgreSQL on both nodes, never the
+    /// floating IP up on both.
+    fn finish_and_check(&mut self, lab: &Lab) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        let samples = self.samples();
+        assert!(samples.len() > 20, "the watch took too few samples: {}", samples.len());
+        for s in &samples {
+            assert!(!(s.pg[0] && s.pg[1]), "PostgreSQL ran on both nodes at {:?}; logs:\n{}", s.at, lab.logs());
+            assert!(
+                !(s.vip[0] && s.vip[1]),
+                "the floating IP was up on both nodes at {:?}; logs:\n{}",
+                s.at,
+                lab.logs()
+            );
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts n1 with PostgreSQL, the SQL writer in the client namespace and n2 as the standby;
+/// returns n1's agent, n2's agent, the writer and n1's first row.
+fn pg_cluster(lab: &Lab, password: &str, n1_restarting: bool) -> (ChildGuard, ChildGuard, SqlWriter, Row) {
+    let n1 = if n1_restarting { lab.start_restarting("n1") } else { lab.start("n1") };
+    let writer = SqlWriter::start(&lab.net.cl, password);
+    let first =
+        lab.wait("rows inserted through the floating IP", Duration::from_secs(60), || writer.rows().first().cloned());
+    assert_eq!(first.node, "n1");
+    assert!(first.token > 0, "the epoch was not stamped: {first:?}");
+    let n2 = lab.start("n2");
+    assert_eq!(lab.converged("pg", Duration::from_secs(30)), "n1");
+    (n1, n2, writer, first)
+}
+
+#[test]
+fn postgresql_moves_when_the_agent_and_its_processes_are_killed_and_the_guard_stops_it_when_the_agent_stalls() {
+    use nix::sys::signal::Signal;
+    const TEST: &str =
+        "postgresql_moves_when_the_agent_and_its_processes_are_killed_and_the_guard_stops_it_when_the_agent_stalls";
+    let lab = Lab::new(PG_GROUP);
+    let password = setup_postgres(&lab);
+    let (n1, mut n2, mut writer, first) = pg_cluster(&lab, &password, false);
+    let t1 = first.token;
+    let mut watch = Watch::start(&lab);
+
+    // 1. SIGKILL of n1's agent and of every PostgreSQL process. The guard is a process of
+    //    its own and survives: it sees the agent gone and removes the floating IP; n2 takes
+    //    over once n1's host lease is dead. PostgreSQL goes first so that the node's init,
+    //    which exits with the agent, still reaps it (else its zombie's pid would hold the
+    //    data directory's lock file until this machine's PID 1 reaps it).
+    let pg: Vec<i32> = lab.procs("n1").iter().filter(|p| p.comm == "postgres").map(|p| p.pid).collect();
+    let agent = lab.agent_pid("n1");
+    let killed = Instant::now();
+    for p in &pg {
+        signal(*p, Signal::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(signal(agent, Signal::SIGKILL));
+    let moved =
+        lab.wait("inserts resume on n2", Duration::from_secs(60), || writer.rows().into_iter().find(|r| r.token > t1));
+    report::failover(TEST, moved.at - killed, "SIGKILL of n1's agent and postgres until the first insert on n2");
+    assert_eq!(moved.node, "n2", "{moved:?}\n{}", lab.logs());
+    let t2 = moved.token;
+    assert!(!lab.net.addrs("n1").contains(VIP), "the guard left the floating IP on n1:\n{}", lab.logs());
+    drop(n1);
+
+    // n1's agent comes back (its supervisor would restart it): it joins as the standby.
+    let _n1 = lab.start("n1");
+    assert_eq!(lab.converged("pg", Duration::from_secs(30)), "n2");
+
+    // 2. SIGSTOP of n2's agent alone: its guard kills PostgreSQL and removes the floating IP
+    //    at the kill deadline, n1 takes over once n2's host lease is dead (no outside fence
+    //    exists here), and n2's agent, resumed, finds its lease lost and exits 76.
+    let agent = lab.agent_pid("n2");
+    let stalled_at = SystemTime::now();
+    let stalled = Instant::now();
+    assert!(signal(agent, Signal::SIGSTOP));
+    let back =
+        lab.wait("inserts resume on n1", Duration::from_secs(60), || writer.rows().into_iter().find(|r| r.token > t2));
+    report::failover(TEST, back.at - stalled, "SIGSTOP of n2's agent alone until the first insert on n1");
+    assert_eq!(back.node, "n1", "{back:?}\n{}", lab.logs());
+    let pg_gone = watch.first_after(stalled_at, |s| !s.pg[1]).expect("PostgreSQL on n2 was never stopped");
+    let vip_gone = watch.first_after(stalled_at, |s| !s.vip[1]).expect("the floating IP stayed on n2");
+    let n1_vip = watch.first_after(stalled_at, |s| s.vip[0]).expect("n1 never brought the floating IP up");
+    let first_write_us = back.inserted_us as u128;
+    eprintln!(
+        "agent SIGSTOP: the guard killed PostgreSQL after {:?} and removed the address after {:?}; n1 had the \
+         address after {:?} and inserted its first row after {} ms",
+        pg_gone.duration_since(stalled_at).unwrap(),
+        vip_gone.duration_since(stalled_at).unwrap(),
+        n1_vip.duration_since(stalled_at).unwrap(),
+        (first_write_us - unix_ns(stalled_at) / 1000) / 1000,
+    );
+    assert!(unix_ns(pg_gone) / 1000 < first_write_us, "n1 wrote before n2's PostgreSQL was stopped");
+    assert!(vip_gone <= n1_vip, "n1 brought the floating IP up before n2's guard removed it");
+    assert!(lab.fences().is_empty());
+    assert!(signal(agent, Signal::SIGCONT));
+    let mut exit = None;
+    assert!(
+        common::wait_until(Duration::from_secs(20), || {
+            exit = n2.try_wait();
+            exit.is_some()
+        }),
+        "n2's agent did not exit after resuming:\n{}",
+        lab.logs()
+    );
+    assert_eq!(exit.unwrap().code(), Some(76), "exit status of an agent that lost its host lease:\n{}", lab.logs());
+    assert!(lab.procs("n2").iter().all(|p| p.comm != "tandem-guest" || p.cmdline.contains(" guard")));
+
+    std::thread::sleep(Duration::from_secs(1));
+    writer.finish();
+    let owner = check_table(&lab, &password, &writer.rows());
+    let nodes: Vec<&str> = owner.values().map(String::as_str).collect();
+    assert_eq!(nodes, ["n1", "n2", "n1"], "one epoch per holder: {owner:?}");
+    watch.finish_and_check(&lab);
+    let log2 = lab.log_of("n2");
+    assert!(log2.contains("kill deadline passed"), "the guard did not act on n2:\n{log2}");
+}
+
+#[test]
+fn whole_node_stall_with_postgresql_is_fenced_before_the_peer_takes_over() {
+    use nix::sys::signal::Signal;
+    let lab = Lab::with_fence(PG_GROUP, Fence::KillNamespace);
+    let password = setup_postgres(&lab);
+    let (_n1, _n2, mut writer, first) = pg_cluster(&lab, &password, false);
+    let t1 = first.token;
+    let mut watch = Watch::start(&lab);
+
+    // Every process of n1 stops at once (agent, guard, init, PostgreSQL): nothing on n1 can
+    // fence itself. n2 must power n1 off (the fence command) before it takes over.
+    let stalled_at = SystemTime::now();
+    let stalled = Instant::now();
+    let frozen = lab.stall("n1");
+    assert!(frozen.len() >= 4, "{frozen:?}");
+    let moved =
+        lab.wait("inserts resume on n2", Duration::from_secs(60), || writer.rows().into_iter().find(|r| r.token > t1));
+    report::failover(
+        "whole_node_stall_with_postgresql_is_fenced_before_the_peer_takes_over",
+        moved.at - stalled,
+        "SIGSTOP of every process of n1 until the first insert on n2, n1 fenced first",
+    );
+    assert_eq!(moved.node, "n2", "{moved:?}\n{}", lab.logs());
+
+    // The stalled node resumes: nothing of it is left to resume.
+    for p in &frozen {
+        signal(*p, Signal::SIGCONT);
+    }
+    assert!(lab.procs("n1").is_empty(), "n1 survived its fence: {:?}", lab.procs("n1"));
+
+    // The fence ran once, after the stall, and had completed before n2 started PostgreSQL
+    // and before n2's first row.
+    let fences = lab.fences();
+    assert_eq!(fences.len(), 1, "{fences:?}\n{}", lab.logs());
+    let (node, start_ns, end_ns) = fences[0].clone();
+    assert_eq!(node, "n1");
+    assert!(start_ns > unix_ns(stalled_at));
+    let start2 = lab.starts().into_iter().find(|s| s.node == "n2").expect("n2 started PostgreSQL");
+    assert!(end_ns < start2.at_ns, "n2 started PostgreSQL before the fence completed: {start2:?}, fence {fences:?}");
+    assert!(end_ns < moved.inserted_us as u128 * 1000, "n2 wrote before the fence completed");
+    eprintln!(
+        "whole-node stall: fence started after {} ms, completed after {} ms; n2 started PostgreSQL after {} ms",
+        (start_ns - unix_ns(stalled_at)) / 1_000_000,
+        (end_ns - unix_ns(stalled_at)) / 1_000_000,
+        (start2.at_ns - unix_ns(stalled_at)) / 1_000_000,
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    writer.finish();
+    // No write with a stale token: in insertion order the tokens never go back.
+    let owner = check_table(&lab, &password, &writer.rows());
+    let nodes: Vec<&str> = owner.values().map(String::as_str).collect();
+    assert_eq!(nodes, ["n1", "n2"], "{owner:?}");
+    watch.finish_and_check(&lab);
+}
+
+#[test]
+fn operator_move_then_a_heartbeat_partition_leave_postgresql_running_on_one_side_only() {
+    const TEST: &str = "operator_move_then_a_heartbeat_partition_leave_postgresql_running_on_one_side_only";
+    let lab = Lab::new(PG_GROUP);
+    let password = setup_postgres(&lab);
+    let (_n1, _n2, mut writer, first) = pg_cluster(&lab, &password, false);
+    let t1 = first.token;
+    let mut watch = Watch::start(&lab);
+
+    // Operator move, asked on n1: a clean handover, PostgreSQL started once on n2.
+    let asked = Instant::now();
+    lab.move_group("n1", "pg", "n2");
+    let moved =
+        lab.wait("inserts resume on n2", Duration::from_secs(60), || writer.rows().into_iter().find(|r| r.token > t1));
+    report::failover(TEST, moved.at - asked, "operator move n1 -> n2 until the first insert on n2");
+    assert_eq!(moved.node, "n2");
+    let t2 = moved.token;
+    assert_eq!(lab.converged("pg", Duration::from_secs(30)), "n2");
+
+    // Every heartbeat of n2 cut (both networks), storage and clients still reachable. n1
+    // took the quorum tie-break first, so n2 is the minority: it stops PostgreSQL and
+    // releases the lease, and n1 takes over.
+    let cut = Instant::now();
+    lab.net.cut_heartbeats("n2");
+    let back =
+        lab.wait("inserts resume on n1", Duration::from_secs(60), || writer.rows().into_iter().find(|r| r.token > t2));
+    report::failover(TEST, back.at - cut, "heartbeats of the active n2 cut until the first insert on n1");
+    assert_eq!(back.node, "n1");
+    assert!(!lab.status("n2").quorum);
+    // However long the partition lasts, n2 runs nothing and writes nothing.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(lab.procs("n2").iter().all(|p| p.comm != "postgres"), "{:?}", lab.procs("n2"));
+    assert!(writer.rows().iter().skip_while(|r| r.id != back.id).all(|r| r.node == "n1"));
+
+    lab.net.heal("n2");
+    // failback = manual: the group stays on n1.
+    assert_eq!(lab.converged("pg", Duration::from_secs(30)), "n1");
+    std::thread::sleep(Duration::from_secs(1));
+    writer.finish();
+
+    // Nothing was started twice: one start per holder, in order.
+    let starts: Vec<(String, u64)> = lab.starts().into_iter().map(|s| (s.node, s.token)).collect();
+    let want = [("n1", t1), ("n2", t2), ("n1", back.token)];
+    assert_eq!(
+        starts,
+        want.map(|(n, t)| (n.to_string(), t as u64)),
+        "PostgreSQL starts (node, token):\n{}",
+        lab.logs()
+    );
+    let owner = check_table(&lab, &password, &writer.rows());
+    assert_eq!(owner.len(), 3, "{owner:?}");
+    watch.finish_and_check(&lab);
+}
+
+#[test]
+fn agent_restart_during_a_postgresql_failover_starts_it_exactly_once() {
+    use nix::sys::signal::Signal;
+    let lab = Lab::new(PG_GROUP);
+    let password = setup_postgres(&lab);
+    // n1's agent runs under a supervisor loop that restarts it at once.
+    let (_n1, _n2, mut writer, first) = pg_cluster(&lab, &password, true);
+    let t1 = first.token;
+    let mut watch = Watch::start(&lab);
+
+    // n1's agent dies (its guard kills PostgreSQL and removes the floating IP) and comes
+    // back at once, while n2 waits for n1's host lease to die. Two outcomes are correct and
+    // race on the lease disk: n2 takes over, or the restarted n1 reclaims the group first.
+    // Either way exactly one node starts PostgreSQL, once, under a new token.
+    let agent = lab.agent_pid("n1");
+    let killed = Instant::now();
+    assert!(signal(agent, Signal::SIGKILL));
+    let moved = lab.wait("inserts resume under a new token", Duration::from_secs(60), || {
+        writer.rows().into_iter().find(|r| r.token > t1)
+    });
+    report::failover(
+        "agent_restart_during_a_postgresql_failover_starts_it_exactly_once",
+        moved.at - killed,
+        &format!(
+            "SIGKILL of n1's agent, restarted at once, until the first insert under a new token on {}",
+            moved.node
+        ),
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(30), || lab
+            .procs("n1")
+            .iter()
+            .any(|p| p.comm == "tandem-guest" && p.pid != agent && !p.cmdline.contains(" guard"))),
+        "n1's agent was not restarted:\n{}",
+        lab.logs()
+    );
+    // Past another host-dead time: whoever lost the race has given up, nothing else starts.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(lab.converged("pg", Duration::from_secs(30)), moved.node);
+    writer.finish();
+
+    let starts: Vec<(String, u64)> = lab.starts().into_iter().map(|s| (s.node, s.token)).collect();
+    assert_eq!(
+        starts,
+        [("n1".to_string(), t1 as u64), (moved.node.clone(), moved.token as u64)],
+        "PostgreSQL starts (node, token):\n{}",
+        lab.logs()
+    );
+    let owner = check_table(&lab, &password, &writer.rows());
+    assert_eq!(owner.len(), 2, "{owner:?}");
+    watch.finish_and_check(&lab);
+    eprintln!("the group went to {} (token {t1} -> {})", moved.node, moved.token);
 }

@@ -1,6 +1,6 @@
-//! The ocf resource with Debian's real resource agents: Dummy, anything (a
-//! daemon that leaves its process group, contained by the cgroup) and, in a
-//! network namespace, IPaddr2.
+//! The ocf resource with Debian's real resource agents: Dummy (also its
+//! meta-data), anything (a daemon that leaves its process group, contained by
+//! the cgroup) and, in a network namespace, IPaddr2.
 
 mod common;
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{NetnsPair, TestCgroup, alive, ctx, read_pid, reaped, wait_until};
 use tandem_config::{OcfResource as OcfConfig, ResourceKind};
+use tandem_guest::resources::ocf::OcfResource;
 use tandem_guest::resources::{Health, Resource, ResourceEnv, ResourceError, build};
 
 fn cfg(agent: &str, params: &[(&str, &str)]) -> OcfConfig {
@@ -17,9 +18,9 @@ fn cfg(agent: &str, params: &[(&str, &str)]) -> OcfConfig {
         provider: "heartbeat".into(),
         agent: agent.into(),
         params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-        start_timeout: Duration::from_secs(30),
-        stop_timeout: Duration::from_secs(30),
-        monitor_timeout: Duration::from_secs(20),
+        start_timeout: Some(Duration::from_secs(30)),
+        stop_timeout: Some(Duration::from_secs(30)),
+        monitor_timeout: Some(Duration::from_secs(20)),
     }
 }
 
@@ -58,6 +59,65 @@ async fn validate_all_failure_refuses_the_start() {
     let msg = err.to_string();
     assert!(matches!(err, ResourceError::Config { .. }), "{msg}");
     assert!(msg.contains("validate-all") && msg.contains("OCF_ERR_INSTALLED"), "{msg}");
+}
+
+/// The timeout the installed agent's own meta-data advertises for `action`, read here
+/// without the resource's parser (`<action name="start" timeout="20s" />` → 20 s).
+fn advertised(agent: &str, action: &str) -> Duration {
+    let out = std::process::Command::new(format!("/usr/lib/ocf/resource.d/heartbeat/{agent}"))
+        .arg("meta-data")
+        .env("OCF_ROOT", "/usr/lib/ocf")
+        .output()
+        .unwrap();
+    let xml = String::from_utf8(out.stdout).unwrap();
+    let line = xml
+        .lines()
+        .find(|l| l.contains("<action") && l.contains(&format!("name=\"{action}\"")))
+        .unwrap_or_else(|| panic!("{agent} advertises no {action}:\n{xml}"));
+    let t = line.split("timeout=\"").nth(1).unwrap().split('"').next().unwrap();
+    Duration::from_secs(t.strip_suffix('s').unwrap_or(t).parse().unwrap())
+}
+
+#[test]
+fn meta_data_gives_the_timeouts_the_configuration_leaves_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("dummy.state");
+    let mut c = cfg("Dummy", &[("state", state.to_str().unwrap())]);
+    c.start_timeout = None;
+    c.monitor_timeout = None;
+    let r = OcfResource::build("g1", "d", &c, &ResourceEnv::new("node-a")).unwrap();
+    let [start, stop, monitor] = r.timeouts();
+    assert_eq!(start, advertised("Dummy", "start"));
+    assert_eq!(monitor, advertised("Dummy", "monitor"));
+    // Given in the configuration: kept, even when it differs from the advice.
+    assert_eq!(stop, Duration::from_secs(30));
+    assert_ne!(start, OcfConfig::DEFAULT_TIMEOUTS[0], "the test needs an advice that differs from the default");
+}
+
+#[test]
+fn meta_data_refuses_what_is_not_an_ocf_agent_and_missing_required_parameters() {
+    // A real program that is not an OCF agent: `true` prints no meta-data.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("resource.d/local");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink("/bin/true", dir.join("notanagent")).unwrap();
+    let mut c = cfg("Dummy", &[]);
+    c.provider = "local".into();
+    c.agent = "notanagent".into();
+    let mut env = ResourceEnv::new("node-a");
+    env.ocf_root = root.path().to_path_buf();
+    let spec = tandem_config::Resource { name: "x".into(), depends_on: Vec::new(), kind: ResourceKind::Ocf(c) };
+    let err = build("g1", &spec, &env).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ResourceError::Config { .. }), "{msg}");
+    assert!(msg.contains("local:notanagent") && msg.contains("not a usable OCF resource agent"), "{msg}");
+    assert!(msg.contains("not XML"), "{msg}");
+
+    // IPaddr2 requires `ip`.
+    let err = make("vip", cfg("IPaddr2", &[("nic", "eth0")]), None).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ResourceError::Config { .. }), "{msg}");
+    assert!(msg.contains("requires the parameter(s) ip"), "{msg}");
 }
 
 #[test]

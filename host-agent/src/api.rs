@@ -712,7 +712,7 @@ impl HostAgent for HostAgentService {
         if !self.hosts.iter().any(|h| h.name == to_host) {
             return Err(HostApiError::UnknownHost(to_host).into());
         }
-        self.operator(OperatorRequest { group, action: OperatorAction::Move { to: to_host } }).await
+        self.operator(OperatorRequest { group, action: OperatorAction::Move { to: Some(to_host) } }).await
     }
 
     async fn dump_vm(&self, req: Request<pb::DumpVmRequest>) -> Result<Response<pb::DumpVmReply>, Status> {

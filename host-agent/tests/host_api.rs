@@ -342,7 +342,7 @@ async fn vm_commands_reach_the_node_as_group_commands() {
         vec![
             expect("cold", OperatorAction::Start),
             expect("web", OperatorAction::Stop),
-            expect("db", OperatorAction::Move { to: "hv2".into() }),
+            expect("db", OperatorAction::Move { to: Some("hv2".into()) }),
         ]
     );
 

@@ -1417,6 +1417,15 @@ impl<'s> Checker<'s> {
                             );
                         }
                     }
+                    for (k, v) in [
+                        ("start_timeout", o.start_timeout),
+                        ("stop_timeout", o.stop_timeout),
+                        ("monitor_timeout", o.monitor_timeout),
+                    ] {
+                        if let Some(v) = v {
+                            self.check_positive(&rp(k), v);
+                        }
+                    }
                     for k in o.params.keys() {
                         if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                             self.error_at_key(
@@ -1530,6 +1539,9 @@ impl<'s> Checker<'s> {
             }
             self.check_positive(&mp("interval"), m.interval);
             self.check_positive(&mp("timeout"), m.timeout);
+            if let Some(w) = m.restart_window {
+                self.check_positive(&mp("restart_window"), w);
+            }
             if m.password_file.is_some() && m.password_env.is_some() {
                 self.error(
                     ProblemKind::InvalidValue,

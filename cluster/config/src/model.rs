@@ -950,18 +950,26 @@ pub struct OcfResource {
     /// Parameters, passed as `OCF_RESKEY_<name>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, String>,
-    /// Limit for `start`.
-    #[serde(default = "default_start_timeout", with = "duration")]
-    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
-    pub start_timeout: Duration,
-    /// Limit for `stop`.
-    #[serde(default = "default_stop_timeout", with = "duration")]
-    #[schemars(with = "DurationSchema", default = "default_op_timeout_text")]
-    pub stop_timeout: Duration,
-    /// Limit for `monitor`.
-    #[serde(default = "default_monitor_timeout", with = "duration")]
-    #[schemars(with = "DurationSchema", default = "default_monitor_timeout_text")]
-    pub monitor_timeout: Duration,
+    /// Limit for `start`; absent: the timeout the agent advertises in its meta-data, else
+    /// 60 s.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub start_timeout: Option<Duration>,
+    /// Limit for `stop`; absent: the agent's advertised timeout, else 60 s.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub stop_timeout: Option<Duration>,
+    /// Limit for `monitor`; absent: the agent's advertised timeout, else 20 s.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub monitor_timeout: Option<Duration>,
+}
+
+impl OcfResource {
+    /// The limits used when neither the configuration nor the agent's meta-data gives one:
+    /// start, stop, monitor.
+    pub const DEFAULT_TIMEOUTS: [Duration; 3] =
+        [Duration::from_secs(60), Duration::from_secs(60), Duration::from_secs(20)];
 }
 
 /// `kind = "vm"`: an HA virtual machine. The cluster keeps its domain XML so that any
@@ -1129,6 +1137,16 @@ pub struct Monitor {
     #[serde(default = "default_retries")]
     #[schemars(default = "default_retries")]
     pub retries: u32,
+    /// Restarts in place allowed for the failures this monitor confirms, within
+    /// `restart_window`, counted apart from the group's; one more fails the group over.
+    /// Absent (and `restart_window` absent): this monitor's failures count against the
+    /// group's `restart_limit`. With only `restart_window` given: the group's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_limit: Option<u32>,
+    /// Window for this monitor's `restart_limit`; absent: the group's `restart_window`.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DurationSchema>")]
+    pub restart_window: Option<Duration>,
     /// Read the probe's password from the first line of this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,

@@ -395,6 +395,21 @@ fn monitor_specs_are_built_by_the_monitors_crate() {
 }
 
 #[test]
+fn a_monitor_may_have_a_restart_limit_of_its_own() {
+    let ok = format!("{BASE}{GROUP}{MONITOR}").replace("resource = \"app\"", "resource = \"app\"\n  restart_limit = 5");
+    let c = tandem_config::load(write(&ok).path()).unwrap();
+    let m = &c.groups[0].monitors[0];
+    assert_eq!((m.restart_limit, m.restart_window), (Some(5), None));
+    let src = ok.replace("restart_limit = 5", "restart_limit = 5\n  restart_window = \"0s\"");
+    let (line, _, field, kind, msg) = only(&src);
+    assert_eq!(
+        (line, field.as_str(), kind),
+        (44, "group \"g\".monitor \"web\".restart_window", ProblemKind::InvalidValue)
+    );
+    assert!(msg.contains("greater than zero"), "{msg}");
+}
+
+#[test]
 fn inline_monitor_password_is_refused_without_echoing_it() {
     let src = format!("{BASE}{GROUP}{MONITOR}").replace("http://10.0.0.50/", "http://u:hunter2@10.0.0.50/");
     let e = errors_of(&src);

@@ -6,7 +6,10 @@ use crate::command::{Command, Handover, Notice, ReleaseReason};
 use crate::event::{Event, OperatorCommand, StandbyMode};
 use crate::model::{Capacity, ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
 use crate::note::{Desired, LeaseNote, LeaseToken, Migrated, StopCause};
-use crate::status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};
+use crate::status::{
+    ClusterStatus, GroupState, GroupStatus, NoMoveTarget, NotRunningReason, ResourceState, ResourceStatus, Unavailable,
+    Unfit,
+};
 
 /// A rule the simulation can break on purpose, to show that its checker catches it.
 #[cfg(test)]
@@ -76,7 +79,10 @@ struct GroupRuntime {
     /// Resources found running by the probe wait for the lease answer before anything else.
     adopting: bool,
     to_restart: BTreeSet<usize>,
+    /// Restart times counted against the group's own limit.
     restarts: VecDeque<u64>,
+    /// Restart times counted against a monitor's own limit, by monitor.
+    monitor_restarts: BTreeMap<String, VecDeque<u64>>,
     running_since: Option<u64>,
     held_note: LeaseNote,
     observed_holder: Option<NodeId>,
@@ -203,6 +209,7 @@ impl Engine {
                     adopting: false,
                     to_restart: BTreeSet::new(),
                     restarts: VecDeque::new(),
+                    monitor_restarts: BTreeMap::new(),
                     running_since: None,
                     intent: Intent { desired: initial.desired, preferred: None, desired_seq: 0, reset_seq: 0 },
                     held_note: initial,
@@ -338,7 +345,7 @@ impl Engine {
                 let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
                 if self.groups[gi].res[ri] == ResourceState::Starting {
                     self.groups[gi].res[ri] = ResourceState::Failed;
-                    self.on_resource_failure(gi, ri);
+                    self.on_resource_failure(gi, ri, None);
                 }
             }
             Event::ResourceStopped { group, resource } => {
@@ -390,12 +397,12 @@ impl Engine {
                     });
                 }
             }
-            Event::MonitorFailed { group, resource } => {
+            Event::MonitorFailed { group, resource, monitor } => {
                 let Some((gi, ri)) = self.locate(&group, Some(&resource)) else { return };
                 let rt = &mut self.groups[gi];
                 if rt.res[ri] == ResourceState::Started && !rt.monitoring_suspended {
                     rt.res[ri] = ResourceState::Failed;
-                    self.on_resource_failure(gi, ri);
+                    self.on_resource_failure(gi, ri, monitor.as_deref());
                 }
             }
             Event::LeaseAcquired { group, token, note } => {
@@ -610,6 +617,7 @@ impl Engine {
                 rt.check_fit = !rt.adopting;
                 rt.to_restart.clear();
                 rt.restarts.clear();
+                rt.monitor_restarts.clear();
                 rt.running_since = None;
                 if rt.adopting {
                     rt.adopting = false;
@@ -654,7 +662,10 @@ impl Engine {
         }
     }
 
-    fn on_resource_failure(&mut self, gi: usize, ri: usize) {
+    /// A resource failed (its start, its built-in check, or `monitor`): restart it in place
+    /// while the restart limit that applies allows (the monitor's own, else the group's),
+    /// else fail the group over, or take the final action past the failover limit.
+    fn on_resource_failure(&mut self, gi: usize, ri: usize, monitor: Option<&str>) {
         let now = self.now;
         let me = self.me;
         let g = &self.model.groups[gi];
@@ -666,12 +677,19 @@ impl Engine {
             // Already leaving or not ours: the stop path cleans it up.
             return;
         }
-        let window_start = now.saturating_sub(g.recovery.restart_window_ms);
-        while rt.restarts.front().is_some_and(|t| *t < window_start) {
-            rt.restarts.pop_front();
+        let own = monitor.and_then(|m| g.monitor_recovery.get_key_value(m));
+        let (limit, window_ms, restarts) = match own {
+            Some((name, l)) => {
+                (l.max_restarts, l.restart_window_ms, rt.monitor_restarts.entry(name.clone()).or_default())
+            }
+            None => (g.recovery.max_restarts, g.recovery.restart_window_ms, &mut rt.restarts),
+        };
+        let window_start = now.saturating_sub(window_ms);
+        while restarts.front().is_some_and(|t| *t < window_start) {
+            restarts.pop_front();
         }
-        if (rt.restarts.len() as u64) < u64::from(g.recovery.max_restarts) {
-            rt.restarts.push_back(now);
+        if (restarts.len() as u64) < u64::from(limit) {
+            restarts.push_back(now);
             rt.to_restart.insert(ri);
             rt.to_restart.extend(g.dependents_of(ri));
             return;
@@ -740,6 +758,7 @@ impl Engine {
                     rt.intent.reset_seq = seq;
                 }
                 rt.restarts.clear();
+                rt.monitor_restarts.clear();
                 if rt.goal == Goal::Hold {
                     rt.goal = Goal::Run;
                     for i in 0..rt.res.len() {
@@ -1237,6 +1256,7 @@ impl Engine {
                 rt.free_since = None;
                 self.released.insert(gi);
                 rt.restarts.clear();
+                rt.monitor_restarts.clear();
                 rt.next_attempt_at = now + retry;
                 if matches!(reason, ReleaseReason::Handoff { .. }) {
                     // If the target never takes it, we take it back and do not hand it off
@@ -1267,6 +1287,51 @@ impl Engine {
             },
             Goal::Hold => {}
         }
+    }
+
+    /// Where an operator move without a target should send `group`: the best node, by the
+    /// group's own placement (`candidates`: healthy, eligible, fits; the pinned node first,
+    /// nodes that failed it last, then policy order), other than the node running it now. A
+    /// query on this node's view: changes nothing. `None` for an unknown group.
+    ///
+    /// The runtime turns the answer into an ordinary `MoveGroup { to }`, so every node
+    /// applies the same target whatever its own view.
+    pub fn move_target(&self, group: &GroupId) -> Option<Result<NodeId, NoMoveTarget>> {
+        let gi = *self.index.get(group)?;
+        let rt = &self.groups[gi];
+        let location = match rt.lease {
+            Lease::Held(_) | Lease::Acquiring => Some(self.me),
+            Lease::NotHeld if self.occupies_here(gi) => Some(self.me),
+            Lease::NotHeld => rt.observed_holder,
+        };
+        let note = self.effective_note(gi);
+        let (fit, unfit) = self.placement(gi, &note);
+        if let Some((_, best)) = fit.iter().find(|(_, n)| Some(*n) != location) {
+            return Some(Ok(*best));
+        }
+        let nodes = self.model.groups[gi]
+            .placement
+            .eligible
+            .iter()
+            .map(|&n| {
+                let why = if Some(n) == location {
+                    Unavailable::RunsIt
+                } else if let Some((_, u)) = unfit.iter().find(|(m, _)| *m == n) {
+                    Unavailable::Unfit(u.clone())
+                } else if self.healthy_but_standby(n) {
+                    Unavailable::Standby
+                } else if n == self.me
+                    && self.node_healthy(n)
+                    && let Some(v) = &rt.veto
+                {
+                    Unavailable::Vetoed(v.clone())
+                } else {
+                    Unavailable::Down
+                };
+                (n, why)
+            })
+            .collect();
+        Some(Err(NoMoveTarget { location, nodes }))
     }
 
     /// What this node knows of every group, and why groups that should run do not.
@@ -1306,12 +1371,25 @@ impl Engine {
                     GroupState::Started | GroupState::Starting => None,
                     _ => Some(self.not_running_reason(gi, &note)),
                 };
-                let window_start = self.now.saturating_sub(g.recovery.restart_window_ms);
+                let within = |times: &VecDeque<u64>, window_ms: u64| {
+                    let start = self.now.saturating_sub(window_ms);
+                    times.iter().filter(|t| **t >= start).count() as u32
+                };
+                let monitor_restarts: Vec<(String, u32)> = rt
+                    .monitor_restarts
+                    .iter()
+                    .filter_map(|(m, times)| {
+                        let window = g.monitor_recovery.get(m)?.restart_window_ms;
+                        Some((m.clone(), within(times, window))).filter(|(_, n)| *n > 0)
+                    })
+                    .collect();
                 GroupStatus {
                     id: g.id.clone(),
                     state,
                     location,
-                    restarts: rt.restarts.iter().filter(|t| **t >= window_start).count() as u32,
+                    restarts: within(&rt.restarts, g.recovery.restart_window_ms)
+                        + monitor_restarts.iter().map(|(_, n)| n).sum::<u32>(),
+                    monitor_restarts,
                     failovers: note.failovers,
                     failed_on: note.failed_on.clone(),
                     monitoring_suspended: rt.monitoring_suspended,

@@ -66,6 +66,10 @@ pub enum Event {
         group: GroupId,
         /// The failed resource.
         resource: ResourceId,
+        /// The monitor that confirmed it; `None` for the resource's built-in check. A monitor
+        /// listed in the group's `monitor_recovery` counts its restarts against its own limit,
+        /// every other failure against the group's.
+        monitor: Option<String>,
     },
     /// Answer to `AcquireLease`: this node now holds the group's lease.
     LeaseAcquired {

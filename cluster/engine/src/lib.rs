@@ -37,7 +37,10 @@ pub use engine::Engine;
 pub use event::{Event, OperatorCommand, StandbyMode};
 pub use model::{
     Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, ModelError, NodeId, PlacementPolicy,
-    RecoveryPolicy, ResourceId, ResourceSpec, Timing,
+    RecoveryPolicy, ResourceId, ResourceSpec, RestartLimit, Timing,
 };
 pub use note::{Desired, LeaseNote, LeaseToken, Migrated, StopCause};
-pub use status::{ClusterStatus, GroupState, GroupStatus, NotRunningReason, ResourceState, ResourceStatus, Unfit};
+pub use status::{
+    ClusterStatus, GroupState, GroupStatus, NoMoveTarget, NotRunningReason, ResourceState, ResourceStatus, Unavailable,
+    Unfit,
+};

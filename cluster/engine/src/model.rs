@@ -105,6 +105,19 @@ pub enum FinalAction {
     DoNothing,
 }
 
+/// A monitor's own restart limit ([`FailoverGroup::monitor_recovery`]): the failures that
+/// monitor confirms are restarted in place up to `max_restarts` times within
+/// `restart_window_ms`, counted apart from the group's other failures; one more fails the
+/// group over, as the group's own limit does. Failover limit and final action stay the
+/// group's: they are about the group moving, whatever failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartLimit {
+    /// Local restarts allowed within `restart_window_ms`.
+    pub max_restarts: u32,
+    /// The sliding window over which they are counted.
+    pub restart_window_ms: u64,
+}
+
 /// How failures of a group's resources are recovered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveryPolicy {
@@ -221,6 +234,9 @@ pub struct FailoverGroup {
     /// Anti-affinity sets: the group never becomes active on a node where another group of
     /// one of these sets is active. A hard rule, like capacity.
     pub anti_affinity: Vec<String>,
+    /// Monitors (by name, as `Event::MonitorFailed` names them) whose failures are counted
+    /// against a restart limit of their own instead of the group's `recovery`.
+    pub monitor_recovery: BTreeMap<String, RestartLimit>,
 }
 
 impl FailoverGroup {
@@ -240,6 +256,7 @@ impl FailoverGroup {
             priority: 0,
             affinity: Vec::new(),
             anti_affinity: Vec::new(),
+            monitor_recovery: BTreeMap::new(),
         }
     }
 }

@@ -14,6 +14,7 @@ fn two_group_model() -> ClusterModel {
     web.recovery.final_action = FinalAction::DoNothing;
     let mut db = db_group(&[1, 2]);
     db.placement.require_fencing = true;
+    db.monitor_recovery.insert("sql".into(), RestartLimit { max_restarts: 2, restart_window_ms: 5_000 });
     ClusterModel::new(vec![n(1), n(2), n(3)], vec![db, web], Timing::default())
 }
 
@@ -71,7 +72,7 @@ fn arbitrary_event(kind: u8, a: u8, b: u8) -> Event {
         2 => Event::ResourceStartFailed { group, resource },
         3 => Event::ResourceStopped { group, resource },
         4 => Event::ResourceStopFailed { group, resource },
-        5 => Event::MonitorFailed { group, resource },
+        5 => Event::MonitorFailed { group, resource, monitor: (b % 2 == 0).then(|| "sql".into()) },
         6 => Event::LeaseAcquired { group, token: LeaseToken(u64::from(b)), note },
         7 => Event::LeaseAcquireFailed { group, holder: (b % 3 != 0).then_some(node) },
         8 => Event::LeaseLost { group },
@@ -182,7 +183,11 @@ proptest! {
                 match kind % 11 {
                     0 | 1 => {
                         let g = &rt.model.groups[usize::from(a) % 2];
-                        Event::MonitorFailed { group: g.id.clone(), resource: g.resources[usize::from(b) % g.resources.len()].id.clone() }
+                        Event::MonitorFailed {
+                            group: g.id.clone(),
+                            resource: g.resources[usize::from(b) % g.resources.len()].id.clone(),
+                            monitor: (b % 2 == 0).then(|| "sql".into()),
+                        }
                     }
                     2 if rt.held.contains_key(&group) => {
                         rt.held.remove(&group);

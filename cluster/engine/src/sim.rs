@@ -253,6 +253,13 @@ fn sim_model(rng: &mut Rng) -> ClusterModel {
         ],
         timing,
     );
+    // Half the runs give db's `sql` monitor a restart limit of its own (a monitor's failures
+    // are then restarted in place up to twice, apart from the group's one restart).
+    if rng.chance(50) {
+        model.groups[0]
+            .monitor_recovery
+            .insert("sql".into(), RestartLimit { max_restarts: 2, restart_window_ms: 8_000 });
+    }
     // Half the runs place by capacity and (anti-)affinity. Capped nodes hold any two of the
     // three groups but never all three, and one pair is anti-affine, so a placement always
     // exists once every node is up, and a greedy one always finds it (no preemption needed).
@@ -1034,7 +1041,8 @@ impl Sim {
                     let group = self.model.groups[gi].id.clone();
                     let resource = self.model.groups[gi].resources[ri].id.clone();
                     let d = self.rng.range(0, 100);
-                    self.deliver(ni, d, Event::MonitorFailed { group, resource });
+                    let monitor = self.rng.chance(50).then(|| "sql".to_string());
+                    self.deliver(ni, d, Event::MonitorFailed { group, resource, monitor });
                 }
             }
             _ => {
@@ -1060,7 +1068,8 @@ impl Sim {
                     if let Some(ri) = self.nodes[ni].running[gi].iter().position(|r| r.is_some()) {
                         let group = self.model.groups[gi].id.clone();
                         let resource = self.model.groups[gi].resources[ri].id.clone();
-                        self.deliver(ni, 50, Event::MonitorFailed { group, resource });
+                        let monitor = (ri % 2 == 0).then(|| "sql".to_string());
+                        self.deliver(ni, 50, Event::MonitorFailed { group, resource, monitor });
                     }
                 }
             }

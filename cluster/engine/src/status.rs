@@ -31,8 +31,12 @@ pub struct GroupStatus {
     pub state: GroupState,
     /// Where it runs (or is being started/stopped), if anywhere known.
     pub location: Option<NodeId>,
-    /// Local restarts within the current restart window (on this node).
+    /// Local restarts within the current restart window (on this node): the group's own
+    /// count plus every monitor's with a limit of its own.
     pub restarts: u32,
+    /// Local restarts counted against a monitor's own limit (`monitor_recovery`), within
+    /// that monitor's window, by monitor name; monitors with none yet are omitted.
+    pub monitor_restarts: Vec<(String, u32)>,
     /// Failovers since the last stable run.
     pub failovers: u32,
     /// Nodes that gave the group up because of failures.
@@ -169,4 +173,42 @@ impl std::fmt::Display for Unfit {
             Unfit::AntiAffinity { group, set } => write!(f, "anti-affinity set `{set}` with group `{group}`"),
         }
     }
+}
+
+/// Why a node cannot take a group moved without a target ([`crate::Engine::move_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// It runs the group now.
+    RunsIt,
+    /// Not reachable, or its host lease is dead (for this node itself: no quorum, or still
+    /// probing what runs).
+    Down,
+    /// In standby (planned maintenance).
+    Standby,
+    /// A local veto forbids the group there (known for this node only).
+    Vetoed(String),
+    /// The group does not fit there.
+    Unfit(Unfit),
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unavailable::RunsIt => write!(f, "runs it now"),
+            Unavailable::Down => write!(f, "is down or cannot act"),
+            Unavailable::Standby => write!(f, "is in standby"),
+            Unavailable::Vetoed(why) => write!(f, "may not run it ({why})"),
+            Unavailable::Unfit(u) => write!(f, "has no room for it ({u})"),
+        }
+    }
+}
+
+/// No node other than the current one can take a group moved without a target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no other eligible node can take the group now")]
+pub struct NoMoveTarget {
+    /// Where the group runs now, if anywhere known.
+    pub location: Option<NodeId>,
+    /// Each eligible node, in policy order, and why it cannot take the group.
+    pub nodes: Vec<(NodeId, Unavailable)>,
 }

@@ -67,7 +67,7 @@ fn acquired(t: u64, note: Option<LeaseNote>) -> Event {
     Event::LeaseAcquired { group: g("db"), token: LeaseToken(t), note }
 }
 fn failed(res: &str) -> Event {
-    Event::MonitorFailed { group: g("db"), resource: r(res) }
+    Event::MonitorFailed { group: g("db"), resource: r(res), monitor: None }
 }
 fn op(seq: u64, command: OperatorCommand) -> Event {
     Event::Operator { seq, command }
@@ -242,6 +242,70 @@ fn exhausted_restarts_fail_over_and_mark_the_node() {
     // Node 2 is now preferred; node 1 only tries after node 2's turn.
     assert_eq!(a.at(2_500, Event::Tick), vec![]);
     assert_eq!(a.group().failovers, 1);
+}
+
+#[test]
+fn a_monitor_with_its_own_restart_limit_is_counted_apart_from_the_group() {
+    let mut grp = db_group(&[1, 2]);
+    grp.monitor_recovery.insert("sql".into(), RestartLimit { max_restarts: 2, restart_window_ms: 5_000 });
+    let (mut a, _) = Node::booted(1, model(grp));
+    a.run_db(7);
+    let by = |m: &str, res: &str| Event::MonitorFailed { group: g("db"), resource: r(res), monitor: Some(m.into()) };
+    let restart_ip = |a: &mut Node, ev: Event| {
+        assert_eq!(a.ev(ev), vec![stop("ip", false)]);
+        assert_eq!(a.ev(stopped("ip")), vec![start("db", "ip", 7)]);
+        assert_eq!(a.ev(started("ip")), vec![]);
+    };
+    // `sql` may restart twice, apart from the group's one restart (db_group: max_restarts 1).
+    a.now = 1_000;
+    restart_ip(&mut a, by("sql", "ip"));
+    a.now = 1_500;
+    restart_ip(&mut a, by("sql", "ip"));
+    assert_eq!((a.group().restarts, a.group().monitor_restarts.clone()), (2, vec![("sql".to_string(), 2)]));
+    // A failure from another monitor (no limit of its own) still has the group's restart.
+    a.now = 2_000;
+    restart_ip(&mut a, by("other", "ip"));
+    assert_eq!(a.group().restarts, 3);
+    // The window passes for `sql`'s restarts (5 s), not for the group's (10 s): `sql` restarts
+    // again; the next built-in check failure exceeds the group's limit and fails over.
+    a.now = 7_000;
+    restart_ip(&mut a, by("sql", "ip"));
+    assert_eq!(a.group().monitor_restarts, vec![("sql".to_string(), 1)]);
+    assert_eq!(a.at(7_500, failed("ip")), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Failover, .. }]), "{cmds:?}");
+}
+
+#[test]
+fn a_monitor_past_its_own_restart_limit_fails_the_group_over_and_reset_clears_its_count() {
+    let mut grp = db_group(&[1, 2]);
+    grp.recovery.max_restarts = 5;
+    grp.monitor_recovery.insert("sql".into(), RestartLimit { max_restarts: 0, restart_window_ms: 60_000 });
+    let (mut a, _) = Node::booted(1, model(grp.clone()));
+    a.run_db(7);
+    let sql = Event::MonitorFailed { group: g("db"), resource: r("app"), monitor: Some("sql".into()) };
+    // No restart allowed for `sql`: its first failure fails the group over at once, though the
+    // group would allow five restarts.
+    assert_eq!(a.at(1_000, sql.clone()), vec![stop("app", false)]);
+    a.ev(stopped("app"));
+    a.ev(stopped("ip"));
+    let cmds = a.ev(stopped("disk"));
+    assert!(matches!(cmds.as_slice(), [Command::ReleaseLease { reason: ReleaseReason::Failover, .. }]), "{cmds:?}");
+
+    // ResetCounters clears a monitor's count like the group's.
+    grp.monitor_recovery.insert("sql".into(), RestartLimit { max_restarts: 1, restart_window_ms: 60_000 });
+    let (mut b, _) = Node::booted(1, model(grp));
+    b.run_db(7);
+    assert_eq!(b.at(1_000, sql.clone()), vec![stop("app", false)]);
+    assert_eq!(b.ev(stopped("app")), vec![start("db", "app", 7)]);
+    b.ev(started("app"));
+    assert_eq!(b.group().monitor_restarts, vec![("sql".to_string(), 1)]);
+    b.ev(op(3, OperatorCommand::ResetCounters(g("db"))));
+    assert_eq!((b.group().restarts, b.group().monitor_restarts.len()), (0, 0));
+    assert_eq!(b.at(2_000, sql), vec![stop("app", false)]);
+    assert_eq!(b.ev(stopped("app")), vec![start("db", "app", 7)], "restarted in place again after the reset");
 }
 
 #[test]
@@ -471,6 +535,32 @@ fn operator_move_hands_off_to_the_target_which_goes_first() {
         c.at(90, Event::LeaseObserved { group: g("db"), holder: None, note: Some(note.clone()) }),
         vec![acquire()]
     );
+}
+
+#[test]
+fn a_move_without_a_target_picks_the_best_other_node_by_the_groups_placement() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2, 3])));
+    assert_eq!(a.e.move_target(&g("nope")), None);
+    a.run_db(7);
+    // Running here: the next node in policy order.
+    assert_eq!(a.e.move_target(&g("db")), Some(Ok(n(2))));
+    // A node in standby or lost is skipped.
+    a.ev(Event::PeerStandby { node: n(2), standby: true });
+    assert_eq!(a.e.move_target(&g("db")), Some(Ok(n(3))));
+    a.ev(Event::NodeLost(n(3)));
+    let none = a.e.move_target(&g("db")).unwrap().unwrap_err();
+    assert_eq!(none.nodes, vec![(n(1), Unavailable::RunsIt), (n(2), Unavailable::Standby), (n(3), Unavailable::Down)]);
+    assert_eq!(none.location, Some(n(1)));
+    // A node that failed the group ranks after one that did not, as in a failover.
+    let (mut b, _) = Node::booted(2, model(db_group(&[1, 2, 3])));
+    // Running nowhere known: its best node.
+    assert_eq!(b.e.move_target(&g("db")), Some(Ok(n(1))));
+    let mut note = LeaseNote::initial(&db_group(&[1, 2, 3]));
+    note.failed_on = vec![n(1)];
+    b.ev(Event::LeaseObserved { group: g("db"), holder: Some(n(3)), note: Some(note) });
+    assert_eq!(b.e.move_target(&g("db")), Some(Ok(n(2))));
+    // The query changed nothing: no command is pending.
+    assert_eq!(b.ev(Event::Tick), vec![]);
 }
 
 #[test]

@@ -12,6 +12,10 @@
 //!   writes `1` to its `cgroup.kill`, or where the kernel lacks it (before 5.14) freezes it and
 //!   SIGKILLs every pid listed in it and its descendants until they are empty (bounded); see
 //!   [`crate::cgroup`].
+//! * `regaddr <iface> <addr>/<prefix>` / `unregaddr …`: (un)register a floating IP address to
+//!   remove from that interface when fencing (after the kills): the application is gone, so its
+//!   address must go too, or the node's kernel keeps answering for it and the next holder's
+//!   duplicate-address check refuses to bring it up. Removed with `ip addr del`.
 //! * `pet <ms>`: the kill deadline, an absolute time in milliseconds on the lease clock
 //!   ([`crate::clock::monotonic_now`], CLOCK_BOOTTIME: system-wide, counts through suspend). The agent
 //!   computes it from the *start* of its last successful renewal plus the fence deadline, so the
@@ -76,6 +80,17 @@ pub enum GuardError {
         #[source]
         source: io::Error,
     },
+    /// An address the guard cannot remove: a bad interface name or address.
+    #[error(
+        "refusing to guard address {address:?} on interface {interface:?}: give an interface name (1-15 \
+         characters, no `/` or spaces) and an address with its prefix length, e.g. 10.0.0.50/24"
+    )]
+    BadAddress {
+        /// The interface as given.
+        interface: String,
+        /// The address as given.
+        address: String,
+    },
     /// The guard's input could not be polled or read.
     #[error("the fencing guard cannot read its command pipe")]
     Input(#[source] io::Error),
@@ -118,6 +133,35 @@ pub enum GuardError {
     BadCgroup(#[source] CgroupError),
 }
 
+/// A floating IP address the guard removes when fencing: `address` (with its prefix length) on
+/// `interface`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GuardedAddress {
+    /// The interface name.
+    pub interface: String,
+    /// The address and prefix length, e.g. `10.0.0.50/24` or `fd00::50/64`.
+    pub address: String,
+}
+
+impl GuardedAddress {
+    /// Checks the interface name and the address, so that the wire line and the `ip` command
+    /// built from them are well formed.
+    pub fn new(interface: &str, address: &str) -> Result<Self, GuardError> {
+        let bad = || GuardError::BadAddress { interface: interface.to_owned(), address: address.to_owned() };
+        let iface_ok = !interface.is_empty()
+            && interface.len() <= 15
+            && interface.chars().all(|c| !c.is_whitespace() && !c.is_control() && c != '/');
+        let (addr, prefix) = address.split_once('/').ok_or_else(bad)?;
+        let ip: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix_ok = prefix.parse::<u8>().is_ok_and(|p| p <= max) && !prefix.starts_with('+');
+        if !iface_ok || !prefix_ok {
+            return Err(bad());
+        }
+        Ok(GuardedAddress { interface: interface.to_owned(), address: format!("{ip}/{prefix}") })
+    }
+}
+
 /// Now on the clock of kill deadlines, the lease clock (CLOCK_BOOTTIME), in milliseconds.
 fn monotonic_ms() -> u64 {
     monotonic_now().0
@@ -134,6 +178,10 @@ pub enum GuardMessage {
     RegisterCgroup(PathBuf),
     /// Stop guarding this cgroup.
     UnregisterCgroup(PathBuf),
+    /// Remove this address from this interface when fencing.
+    RegisterAddress(GuardedAddress),
+    /// Stop guarding this address.
+    UnregisterAddress(GuardedAddress),
     /// Kill every registered group when the lease clock reaches this many milliseconds.
     Pet(u64),
     /// Orderly shutdown: end of input after this does not fence.
@@ -149,6 +197,9 @@ impl GuardMessage {
             // Paths were checked to be UTF-8 without newlines and short enough (check_path).
             GuardMessage::RegisterCgroup(p) => format!("regcg {}\n", p.display()),
             GuardMessage::UnregisterCgroup(p) => format!("unregcg {}\n", p.display()),
+            // Checked by GuardedAddress::new: no spaces or newlines in either part.
+            GuardMessage::RegisterAddress(a) => format!("regaddr {} {}\n", a.interface, a.address),
+            GuardMessage::UnregisterAddress(a) => format!("unregaddr {} {}\n", a.interface, a.address),
             GuardMessage::Pet(ms) => format!("pet {ms}\n"),
             GuardMessage::Bye => "bye\n".to_owned(),
         }
@@ -164,6 +215,15 @@ impl GuardMessage {
             "unreg" => Ok(GuardMessage::Unregister(arg.parse().map_err(|_| bad())?)),
             "regcg" if arg.starts_with('/') => Ok(GuardMessage::RegisterCgroup(PathBuf::from(arg))),
             "unregcg" if arg.starts_with('/') => Ok(GuardMessage::UnregisterCgroup(PathBuf::from(arg))),
+            "regaddr" | "unregaddr" => {
+                let (iface, addr) = arg.split_once(' ').ok_or_else(bad)?;
+                let a = GuardedAddress::new(iface, addr).map_err(|_| bad())?;
+                Ok(if verb == "regaddr" {
+                    GuardMessage::RegisterAddress(a)
+                } else {
+                    GuardMessage::UnregisterAddress(a)
+                })
+            }
             "pet" => Ok(GuardMessage::Pet(arg.parse().map_err(|_| bad())?)),
             "bye" if arg.is_empty() => Ok(GuardMessage::Bye),
             _ => Err(bad()),
@@ -183,6 +243,8 @@ pub enum GuardExit {
         killed: Vec<i32>,
         /// Cgroups that were registered then and were killed.
         killed_cgroups: Vec<PathBuf>,
+        /// Addresses that were registered then and were removed (or already absent).
+        removed_addresses: Vec<GuardedAddress>,
     },
 }
 
@@ -327,6 +389,83 @@ fn confirm_dead(groups: &BTreeSet<i32>, cgroups: &BTreeSet<PathBuf>, until: u64)
     }
 }
 
+/// Where the guard finds `ip` (iproute2).
+fn ip_program() -> Option<PathBuf> {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+/// How long one `ip addr del` may take before the guard kills it and moves on.
+const ADDRESS_REMOVAL_LIMIT: Duration = Duration::from_secs(2);
+
+/// Removes each address from its interface with `ip addr del` (bounded); an address that is
+/// not there is not an error (the node did not hold it).
+fn remove_addresses(addresses: &BTreeSet<GuardedAddress>, why: &str, log: &mut dyn FnMut(&str)) -> Vec<GuardedAddress> {
+    let mut removed = Vec::new();
+    if addresses.is_empty() {
+        return removed;
+    }
+    let Some(ip) = ip_program() else {
+        log(&format!("{why}: cannot remove floating addresses: `ip` not found (install iproute2)"));
+        return removed;
+    };
+    for a in addresses {
+        let child = Command::new(&ip)
+            .args(["addr", "del", &a.address, "dev", &a.interface])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                log(&format!("{why}: cannot run {}: {e}", ip.display()));
+                continue;
+            }
+        };
+        let until = monotonic_ms() + ADDRESS_REMOVAL_LIMIT.as_millis() as u64;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if monotonic_ms() < until => std::thread::sleep(Duration::from_millis(5)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        match status {
+            Some(s) if s.success() => {
+                log(&format!("{why}: address {} removed from {}", a.address, a.interface));
+                removed.push(a.clone());
+            }
+            // The node did not hold it ("ipv4: Address not found", EADDRNOTAVAIL from older
+            // kernels), or has no such interface.
+            Some(_)
+                if err.contains("ddress not found")
+                    || err.contains("Cannot assign requested address")
+                    || err.contains("Cannot find device") =>
+            {
+                removed.push(a.clone());
+            }
+            Some(s) => {
+                log(&format!("{why}: cannot remove address {} from {} ({s}): {}", a.address, a.interface, err.trim()))
+            }
+            None => log(&format!(
+                "{why}: `ip addr del {} dev {}` did not finish within {} ms; killed",
+                a.address,
+                a.interface,
+                ADDRESS_REMOVAL_LIMIT.as_millis()
+            )),
+        }
+    }
+    removed
+}
+
 /// Runs the guard on `input` until the agent says `bye` or disappears. Blocking.
 ///
 /// The loop only ever blocks in `poll` with a timeout that ends at the current kill deadline, and
@@ -336,6 +475,8 @@ fn confirm_dead(groups: &BTreeSet<i32>, cgroups: &BTreeSet<PathBuf>, until: u64)
 ///
 /// After fencing on a missed deadline the killed groups are forgotten (their ids may be reused
 /// once reaped) and the guard keeps serving the agent, which may register new groups later.
+/// Registered addresses stay registered: they name configuration, not processes, and removing
+/// an address the node does not hold is harmless.
 /// `log` receives one line per event worth an operator's attention.
 pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<GuardExit, GuardError> {
     run_guard_with(input, None, log)
@@ -351,6 +492,7 @@ pub fn run_guard_with(
 ) -> Result<GuardExit, GuardError> {
     let mut groups: BTreeSet<i32> = BTreeSet::new();
     let mut cgroups: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut addresses: BTreeSet<GuardedAddress> = BTreeSet::new();
     let mut deadline: Option<u64> = None;
     let mut said_bye = false;
     let mut pending: Vec<u8> = Vec::with_capacity(256);
@@ -385,12 +527,13 @@ pub fn run_guard_with(
                 let why = "agent gone (pipe closed without bye)";
                 let killed = kill_groups(&groups, why, log);
                 let killed_cgroups = kill_cgroups(&cgroups, why, log);
+                let removed_addresses = remove_addresses(&addresses, why, log);
                 if let Some(w) = watchdog.as_mut() {
                     // No deadline to wait for: confirm within the time the watchdog may wait.
                     let dead_by = deadline.map_or(monotonic_ms() + w.extra_ms, |d| d.max(monotonic_ms()) + w.extra_ms);
                     w.after_kill(&groups, &cgroups, dead_by, log);
                 }
-                return Ok(GuardExit::AgentGone { killed, killed_cgroups });
+                return Ok(GuardExit::AgentGone { killed, killed_cgroups, removed_addresses });
             } else {
                 pending.extend_from_slice(&buf[..n as usize]);
                 while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
@@ -415,6 +558,12 @@ pub fn run_guard_with(
                             let clean: PathBuf = path.components().collect();
                             cgroups.remove(&clean);
                         }
+                        Ok(GuardMessage::RegisterAddress(a)) => {
+                            addresses.insert(a);
+                        }
+                        Ok(GuardMessage::UnregisterAddress(a)) => {
+                            addresses.remove(&a);
+                        }
                         Ok(GuardMessage::Pet(ms)) => {
                             deadline = Some(ms);
                             if let Some(w) = watchdog.as_mut() {
@@ -435,6 +584,7 @@ pub fn run_guard_with(
                             log(&e.to_string());
                             kill_groups(&groups, "protocol error", log);
                             kill_cgroups(&cgroups, "protocol error", log);
+                            remove_addresses(&addresses, "protocol error", log);
                             if let Some(w) = watchdog.as_mut() {
                                 let dead_by = monotonic_ms() + w.extra_ms;
                                 w.after_kill(&groups, &cgroups, dead_by, log);
@@ -449,6 +599,7 @@ pub fn run_guard_with(
                     log("over-long line on the guard pipe; fencing");
                     kill_groups(&groups, "protocol error", log);
                     kill_cgroups(&cgroups, "protocol error", log);
+                    remove_addresses(&addresses, "protocol error", log);
                     groups.clear();
                     cgroups.clear();
                     pending.clear();
@@ -462,6 +613,7 @@ pub fn run_guard_with(
                 let why = format!("kill deadline passed {late} ms ago without a newer pet");
                 kill_groups(&groups, &why, log);
                 kill_cgroups(&cgroups, &why, log);
+                remove_addresses(&addresses, &why, log);
                 if let Some(w) = watchdog.as_mut() {
                     w.after_kill(&groups, &cgroups, d + w.extra_ms, log);
                 }
@@ -719,6 +871,17 @@ impl GuardHandle {
     pub fn unregister_cgroup(&mut self, path: &Path) -> Result<(), GuardError> {
         let clean = check_path(path).map_err(GuardError::BadCgroup)?;
         self.send(GuardMessage::UnregisterCgroup(clean))
+    }
+
+    /// Asks the guard to remove `address` from its interface when fencing (after killing what
+    /// it guards), so that the node stops answering for a floating IP it no longer holds.
+    pub fn register_address(&mut self, address: &GuardedAddress) -> Result<(), GuardError> {
+        self.send(GuardMessage::RegisterAddress(address.clone()))
+    }
+
+    /// Stops guarding `address`.
+    pub fn unregister_address(&mut self, address: &GuardedAddress) -> Result<(), GuardError> {
+        self.send(GuardMessage::UnregisterAddress(address.clone()))
     }
 
     /// Sets the kill deadline to `deadline` on the lease clock ([`monotonic_now`]).
@@ -1025,6 +1188,106 @@ mod tests {
             let e = guard.register_cgroup(&bad).unwrap_err();
             assert!(matches!(e, GuardError::BadCgroup(_)), "{bad:?}: {e}");
         }
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+    }
+
+    #[test]
+    fn address_messages_round_trip_and_bad_addresses_are_refused() {
+        let a = GuardedAddress::new("eth0", "10.0.0.50/24").unwrap();
+        let b = GuardedAddress::new("br-lan.7", "fd00::50/64").unwrap();
+        for m in [GuardMessage::RegisterAddress(a), GuardMessage::UnregisterAddress(b)] {
+            assert_eq!(GuardMessage::parse(m.encode().trim_end().as_bytes()).unwrap(), m);
+        }
+        for (iface, addr) in [
+            ("", "10.0.0.1/24"),
+            ("eth0 x", "10.0.0.1/24"),
+            ("a/b", "10.0.0.1/24"),
+            ("averyveryverylongname", "10.0.0.1/24"),
+            ("eth0", "10.0.0.1"),
+            ("eth0", "10.0.0.1/33"),
+            ("eth0", "fd00::1/129"),
+            ("eth0", "host/24"),
+        ] {
+            assert!(GuardedAddress::new(iface, addr).is_err(), "{iface:?} {addr:?} accepted");
+        }
+        for bad in ["regaddr", "regaddr eth0", "regaddr eth0 10.0.0.1", "unregaddr eth0 x/24"] {
+            assert!(GuardMessage::parse(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// A network namespace with an interface `d0` (one end of a veth pair: the test machines
+    /// cannot load the dummy module) holding `addrs`, removed on drop.
+    struct AddressNs(String);
+
+    impl AddressNs {
+        fn new(tag: &str, addrs: &[&str]) -> Self {
+            let ns = format!("tdg-{tag}-{}", std::process::id());
+            let ip = |args: &[&str]| {
+                let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
+                assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+            ip(&["-n", &ns, "link", "set", "d0", "up"]);
+            ip(&["-n", &ns, "link", "set", "d1", "up"]);
+            for a in addrs {
+                ip(&["-n", &ns, "addr", "add", a, "dev", "d0"]);
+            }
+            AddressNs(ns)
+        }
+
+        fn addrs(&self) -> String {
+            let out = Command::new("ip").args(["-n", &self.0, "-o", "addr", "show", "dev", "d0"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// A guard helper started inside the namespace.
+        fn guard(&self) -> GuardHandle {
+            let mut cmd = Command::new("nsenter");
+            let own = self_command("guard");
+            cmd.arg(format!("--net=/run/netns/{}", self.0)).arg("--").arg(own.get_program()).args(own.get_args());
+            cmd.env(ROLE, "guard");
+            GuardHandle::spawn(cmd).unwrap()
+        }
+    }
+
+    impl Drop for AddressNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+
+    #[test]
+    fn removes_registered_addresses_at_the_deadline_and_when_the_agent_is_gone() {
+        // The floating address is removed, an unregistered one and the node's own stay, and an
+        // address the node does not hold is no obstacle.
+        let ns = AddressNs::new("addr", &["10.88.0.1/24", "10.88.0.50/24", "10.88.0.51/24", "fd88::50/64"]);
+        let mut guard = ns.guard();
+        for (iface, a) in
+            [("d0", "10.88.0.50/24"), ("d0", "10.88.0.60/24"), ("d0", "fd88::50/64"), ("d0", "10.88.0.51/24")]
+        {
+            guard.register_address(&GuardedAddress::new(iface, a).unwrap()).unwrap();
+        }
+        guard.unregister_address(&GuardedAddress::new("d0", "10.88.0.51/24").unwrap()).unwrap();
+        guard.pet(monotonic_now() + 300).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(ns.addrs().contains("10.88.0.50/24"), "removed before the deadline: {}", ns.addrs());
+        let start = Instant::now();
+        while ns.addrs().contains("10.88.0.50/24") || ns.addrs().contains("fd88::50/64") {
+            assert!(start.elapsed() < Duration::from_secs(5), "not removed at the deadline: {}", ns.addrs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = ns.addrs();
+        assert!(left.contains("10.88.0.1/24") && left.contains("10.88.0.51/24"), "{left}");
+
+        // The agent dies (the pipe closes without bye): the address goes at once.
+        let ns2 = AddressNs::new("addr-gone", &["10.89.0.50/24"]);
+        let mut guard2 = ns2.guard();
+        guard2.register_address(&GuardedAddress::new("d0", "10.89.0.50/24").unwrap()).unwrap();
+        guard2.pet(monotonic_now() + 60_000).unwrap();
+        drop(guard2);
+        assert!(!ns2.addrs().contains("10.89.0.50"), "still there after the agent went: {}", ns2.addrs());
         assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
     }
 

@@ -146,6 +146,24 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// The floating addresses of the groups this node may run: the guard removes them when it
+/// fences, since a node that stopped answering for its lease must also stop answering for
+/// the group's address (its kernel would, and the next holder would refuse a duplicate).
+fn guarded_addresses(
+    config: &ClusterConfig,
+    node: &str,
+) -> Result<Vec<tandem_lease::guard::GuardedAddress>, tandem_lease::guard::GuardError> {
+    let mut out = Vec::new();
+    for g in config.groups.iter().filter(|g| g.nodes.iter().any(|n| n == node)) {
+        for r in &g.resources {
+            if let tandem_config::ResourceKind::Ip(ip) = &r.kind {
+                out.push(tandem_lease::guard::GuardedAddress::new(&ip.interface, &ip.address.to_string())?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Starts an agent. Joining the lockspace takes a few seconds (it must prove no other node
 /// uses this node's host id).
 pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, AgentError> {
@@ -222,6 +240,8 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         guard,
         cgroups: cgroups.values().cloned().collect(),
         watchdog: lease_cfg.watchdog.clone(),
+        addresses: guarded_addresses(&config, &opts.node)
+            .map_err(|e| AgentError::Lease(leases::LeaseServiceError::Guard(e)))?,
     };
     let hooks = {
         let (c1, c3) = (ctl.clone(), ctl.clone());

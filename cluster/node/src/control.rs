@@ -72,6 +72,7 @@ fn control_error(e: RequestError) -> ControlError {
         RequestError::UnknownNode(n) => ControlError::UnknownNode(n),
         RequestError::ShuttingDown => ControlError::ShuttingDown,
         RequestError::State(why) => ControlError::Internal(why),
+        RequestError::NoMoveTarget(why) => ControlError::NotPossible(why),
     }
 }
 
@@ -132,6 +133,10 @@ fn status(plan: &Plan, st: &AgentStatus) -> pb::GuestStatus {
     });
     for g in &mut out.groups {
         let suspended = g.monitoring_suspended;
+        let engine_group = st.cluster.groups.iter().find(|e| e.id.0 == g.name);
+        let own_restarts = |name: &str| {
+            engine_group.and_then(|e| e.monitor_restarts.iter().find(|(m, _)| m == name)).map_or(0, |(_, n)| *n)
+        };
         g.monitors = st
             .monitors
             .iter()
@@ -152,6 +157,7 @@ fn status(plan: &Plan, st: &AgentStatus) -> pb::GuestStatus {
                 }),
                 consecutive_failures: m.consecutive_failures,
                 last_probe_ms_ago: 0,
+                restarts: if m.builtin { 0 } else { own_restarts(&m.name) },
             })
             .collect();
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tandem_config::ClusterConfig;
 use tandem_engine::{
     Capacity, ClusterModel, Failback, FailoverGroup, FinalAction, GroupId, NodeId, PlacementPolicy, RecoveryPolicy,
-    ResourceSpec, Timing,
+    ResourceSpec, RestartLimit, Timing,
 };
 use tandem_membership::{MembershipConfig, NodeConfig};
 
@@ -103,6 +103,18 @@ impl Plan {
                     priority: g.priority,
                     affinity: g.affinity.clone(),
                     anti_affinity: g.anti_affinity.clone(),
+                    monitor_recovery: g
+                        .monitors
+                        .iter()
+                        .filter(|m| m.restart_limit.is_some() || m.restart_window.is_some())
+                        .map(|m| {
+                            let limit = RestartLimit {
+                                max_restarts: m.restart_limit.unwrap_or(g.restart_limit),
+                                restart_window_ms: ms(m.restart_window.unwrap_or(g.restart_window)),
+                            };
+                            (m.name.clone(), limit)
+                        })
+                        .collect(),
                 }
             })
             .collect();

@@ -54,7 +54,16 @@ impl Fake {
             "web" => &["a"],
             other => return Err(ControlError::UnknownGroup(other.to_string())),
         };
-        if let OperatorAction::Move { to } = &r.action {
+        if let OperatorAction::Move { to: None } = &r.action
+            && nodes.len() < 2
+        {
+            // What the runtime answers when no other eligible node exists.
+            return Err(ControlError::NotPossible(format!(
+                "cannot move group `{}`: no other eligible node can take it now (a runs it now)",
+                r.group
+            )));
+        }
+        if let OperatorAction::Move { to: Some(to) } = &r.action {
             if !["a", "b"].contains(&to.as_str()) {
                 return Err(ControlError::UnknownNode(to.clone()));
             }
@@ -206,7 +215,7 @@ async fn plaintext_loopback_calls_and_error_codes() {
     assert_eq!(
         actions,
         vec![
-            OperatorAction::Move { to: "b".into() },
+            OperatorAction::Move { to: Some("b".into()) },
             OperatorAction::Stop,
             OperatorAction::Reset,
             OperatorAction::SuspendMonitoring,
@@ -227,8 +236,13 @@ async fn plaintext_loopback_calls_and_error_codes() {
     let e = c.start_group(group(" ")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("`group` is empty"), "{e:?}");
-    let e = c.move_group(pb::MoveGroupRequest { group: "pg".into(), to: String::new() }).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // No target: passed on as such (the runtime picks one), or refused when none exists.
+    let before = fake.accepted.lock().unwrap().len();
+    c.move_group(pb::MoveGroupRequest { group: "pg".into(), to: " ".into() }).await.unwrap();
+    assert_eq!(fake.accepted.lock().unwrap()[before].1.action, OperatorAction::Move { to: None });
+    let e = c.move_group(pb::MoveGroupRequest { group: "web".into(), to: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("no other eligible node can take it now"), "{e:?}");
     let e = c.deliver_operator(pb::DeliverOperatorRequest { seq: 9, command: None }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     fake.quorum.store(false, Ordering::SeqCst);
@@ -240,12 +254,19 @@ async fn plaintext_loopback_calls_and_error_codes() {
     let e = c.start_group(group("pg")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     fake.shutting_down.store(false, Ordering::SeqCst);
-    assert_eq!(fake.accepted.lock().unwrap().len(), 6, "no rejected command reached the runtime's log");
+    assert_eq!(fake.accepted.lock().unwrap().len(), 7, "no rejected command reached the runtime's log");
 
     // A peer's forwarded command keeps the peer's sequence number.
-    let fwd = OperatorRequest { group: "pg".into(), action: OperatorAction::Move { to: "a".into() } };
+    let fwd = OperatorRequest { group: "pg".into(), action: OperatorAction::Move { to: Some("a".into()) } };
     c.deliver_operator(pb::DeliverOperatorRequest { seq: 42, command: Some(fwd.to_proto()) }).await.unwrap();
     assert_eq!(fake.accepted.lock().unwrap().last().unwrap(), &(42, fwd));
+    // Forwarded moves always name their target (the accepting node picked it).
+    let untargeted = OperatorRequest { group: "pg".into(), action: OperatorAction::Move { to: None } };
+    let e = c
+        .deliver_operator(pb::DeliverOperatorRequest { seq: 43, command: Some(untargeted.to_proto()) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     // Planned shutdown: progress, then exactly one final message.
     let mut stream = c.prepare_shutdown(pb::PrepareShutdownRequest {}).await.unwrap().into_inner();

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod nginx;
 pub mod postgres;
 pub mod qemu;
+pub mod report;
 pub mod smtpd;
 pub mod vsftpd;
 

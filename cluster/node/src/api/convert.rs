@@ -165,8 +165,13 @@ pub fn operator_command(
     Ok(match &r.action {
         A::Start => C::StartGroup(g),
         A::Stop => C::StopGroup(g),
-        A::Move { to } => {
+        A::Move { to: Some(to) } => {
             C::MoveGroup { group: g, to: node_id(to).ok_or_else(|| super::ControlError::UnknownNode(to.clone()))? }
+        }
+        A::Move { to: None } => {
+            return Err(super::ControlError::InvalidArgument(
+                "a move without a target node is resolved by the agent that accepts it; name the node".into(),
+            ));
         }
         A::Reset => C::ResetCounters(g),
         A::SuspendMonitoring => C::SuspendMonitoring(g),
@@ -190,6 +195,7 @@ mod tests {
             state: engine::GroupState::Blocked,
             location: Some(NodeId(2)),
             restarts: 1,
+            monitor_restarts: Vec::new(),
             failovers: 2,
             failed_on: vec![NodeId(1)],
             monitoring_suspended: true,
@@ -220,7 +226,7 @@ mod tests {
     fn move_to_an_unknown_node_is_not_found() {
         let r = super::super::OperatorRequest {
             group: "pg".into(),
-            action: super::super::OperatorAction::Move { to: "nowhere".into() },
+            action: super::super::OperatorAction::Move { to: Some("nowhere".into()) },
         };
         let e = operator_command(&r, &|_| None).unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound);

@@ -95,10 +95,12 @@ pub enum OperatorAction {
     Start,
     /// Stop the group everywhere.
     Stop,
-    /// Run the group on the named node and pin it there.
+    /// Run the group on the named node and pin it there; without a name, on the best other
+    /// eligible node by the group's placement (the runtime picks it and forwards the move
+    /// with that node named, so peers always receive a target).
     Move {
-        /// The target node's name.
-        to: String,
+        /// The target node's name, or `None` for the best other node.
+        to: Option<String>,
     },
     /// Clear restart and failover counters and failure marks.
     Reset,

@@ -32,7 +32,9 @@ impl OperatorRequest {
         let command = match &self.action {
             OperatorAction::Start => C::StartGroup(g),
             OperatorAction::Stop => C::StopGroup(g),
-            OperatorAction::Move { to } => C::MoveGroup(pb::MoveGroupRequest { group: g, to: to.clone() }),
+            OperatorAction::Move { to } => {
+                C::MoveGroup(pb::MoveGroupRequest { group: g, to: to.clone().unwrap_or_default() })
+            }
             OperatorAction::Reset => C::ResetGroup(g),
             OperatorAction::SuspendMonitoring => C::SuspendMonitoring(g),
             OperatorAction::ResumeMonitoring => C::ResumeMonitoring(g),
@@ -47,7 +49,7 @@ impl OperatorRequest {
             None => return Err(ControlError::InvalidArgument("the operator command is empty".into())),
             Some(C::StartGroup(g)) => (g, OperatorAction::Start),
             Some(C::StopGroup(g)) => (g, OperatorAction::Stop),
-            Some(C::MoveGroup(m)) => (m.group, OperatorAction::Move { to: m.to }),
+            Some(C::MoveGroup(m)) => (m.group, OperatorAction::Move { to: Some(m.to) }),
             Some(C::ResetGroup(g)) => (g, OperatorAction::Reset),
             Some(C::SuspendMonitoring(g)) => (g, OperatorAction::SuspendMonitoring),
             Some(C::ResumeMonitoring(g)) => (g, OperatorAction::ResumeMonitoring),
@@ -55,10 +57,11 @@ impl OperatorRequest {
         if group.trim().is_empty() {
             return Err(ControlError::InvalidArgument("the operator command names no group".into()));
         }
-        if let OperatorAction::Move { to } = &action {
-            if to.trim().is_empty() {
-                return Err(ControlError::InvalidArgument("the move names no target node".into()));
-            }
+        // The node that accepted a move without a target forwards it with the node it picked.
+        if let OperatorAction::Move { to } = &action
+            && to.as_deref().is_none_or(|t| t.trim().is_empty())
+        {
+            return Err(ControlError::InvalidArgument("the move names no target node".into()));
         }
         Ok(OperatorRequest { group, action })
     }
@@ -106,9 +109,8 @@ impl GuestAgent for GuestAgentService {
         let caller = self.access.authorize(&req, ApiRole::Operator, "MoveGroup")?;
         let pb::MoveGroupRequest { group, to } = req.into_inner();
         let group = group_name("MoveGroup", group)?;
-        if to.trim().is_empty() {
-            return Err(Status::invalid_argument("MoveGroup: `to` is empty; give the name of the target node"));
-        }
+        // An empty `to`: the best other eligible node, picked by the agent that takes the call.
+        let to = Some(to).filter(|t| !t.trim().is_empty());
         self.operator(caller, OperatorRequest { group, action: OperatorAction::Move { to } }).await
     }
 

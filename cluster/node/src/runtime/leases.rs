@@ -36,7 +36,7 @@ pub enum LeaseServiceError {
     /// The timeouts on the disk do not allow a safe self-fencing plan.
     #[error("the lease area's timeouts do not allow safe self-fencing")]
     Plan(#[source] tandem_lease::fence::FenceError),
-    /// The fencing guard could not be started or told about a cgroup.
+    /// The fencing guard could not be started or told about a cgroup or an address.
     #[error("the fencing guard failed")]
     Guard(#[source] tandem_lease::guard::GuardError),
 }
@@ -130,6 +130,8 @@ pub(crate) struct LeaseServiceConfig {
     pub cgroups: Vec<std::path::PathBuf>,
     /// The hardware watchdog the guard keeps alive (`[lease] watchdog`).
     pub watchdog: Option<std::path::PathBuf>,
+    /// Floating addresses the guard removes when the lease expires (after the kills).
+    pub addresses: Vec<tandem_lease::guard::GuardedAddress>,
 }
 
 /// Membership hooks the observer feeds.
@@ -172,6 +174,9 @@ pub(crate) fn start(
     let guard = Arc::new(Mutex::new(guard));
     for cg in &cfg.cgroups {
         guard.lock().unwrap_or_else(|p| p.into_inner()).register_cgroup(cg).map_err(LeaseServiceError::Guard)?;
+    }
+    for a in &cfg.addresses {
+        guard.lock().unwrap_or_else(|p| p.into_inner()).register_address(a).map_err(LeaseServiceError::Guard)?;
     }
     let lease = HostLease::join(cfg.disk.clone(), &cfg.cluster, cfg.me.0)
         .map_err(|source| LeaseServiceError::Join { host_id: cfg.me.0, source })?;

@@ -83,6 +83,9 @@ pub enum RequestError {
     /// This node's standby could not be persisted: nothing was changed.
     #[error("{0}")]
     State(String),
+    /// A move without a target, and no other node can take the group now (says why).
+    #[error("{0}")]
+    NoMoveTarget(String),
 }
 
 /// Inputs to the engine task.
@@ -380,8 +383,11 @@ impl Driver {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Engine(ev) => self.feed(ev),
-            Input::Operator(req, reply) => match self.resolve(&req) {
-                Ok(cmd) => {
+            Input::Operator(req, reply) => match self.pick_move_target(req).and_then(|req| {
+                let cmd = self.resolve(&req)?;
+                Ok((req, cmd))
+            }) {
+                Ok((req, cmd)) => {
                     // Unique cluster-wide: a Lamport counter in the high bits, our node id
                     // (1..=2000 < 2^11) in the low bits.
                     let counter = ((self.seq_seen >> 11) + 1).min(u64::MAX >> 11);
@@ -491,16 +497,39 @@ impl Driver {
         // Failures confirmed while monitoring was suspended were ignored by the engine and
         // will not be reported again by their monitors: report them now.
         if let Some(g) = resumed {
-            let failed: Vec<ResourceId> = self
+            let failed: Vec<(ResourceId, Option<String>)> = self
                 .parts
                 .monitors
                 .status()
                 .into_iter()
                 .filter(|m| m.group == g.0 && matches!(m.state, tandem_monitors::scheduler::MonitorState::Failed(_)))
-                .map(|m| ResourceId(m.resource))
+                .map(|m| (ResourceId(m.resource), (!m.builtin).then_some(m.name)))
                 .collect();
-            for resource in failed {
-                self.feed(Event::MonitorFailed { group: g.clone(), resource });
+            for (resource, monitor) in failed {
+                self.feed(Event::MonitorFailed { group: g.clone(), resource, monitor });
+            }
+        }
+    }
+
+    /// A move without a target gets one here, before the command is numbered and forwarded:
+    /// the best other node by the engine's own placement, as this node sees it. Peers then
+    /// all apply the same, named target.
+    fn pick_move_target(&self, req: OperatorRequest) -> Result<OperatorRequest, RequestError> {
+        let OperatorAction::Move { to: None } = &req.action else { return Ok(req) };
+        let plan = &self.parts.plan;
+        match self.engine.move_target(&GroupId(req.group.clone())) {
+            None => Err(RequestError::UnknownGroup(req.group)),
+            Some(Ok(node)) => {
+                Ok(OperatorRequest { action: OperatorAction::Move { to: Some(plan.name_of(node)) }, ..req })
+            }
+            Some(Err(none)) => {
+                let why: Vec<String> = none.nodes.iter().map(|(n, u)| format!("{} {u}", plan.name_of(*n))).collect();
+                Err(RequestError::NoMoveTarget(format!(
+                    "cannot move group `{}`: no other eligible node can take it now ({}); bring one back \
+                     (`tandemctl status` shows the nodes) or name a target with --to",
+                    req.group,
+                    why.join("; ")
+                )))
             }
         }
     }
@@ -516,10 +545,14 @@ impl Driver {
             OperatorAction::Reset => OperatorCommand::ResetCounters(g),
             OperatorAction::SuspendMonitoring => OperatorCommand::SuspendMonitoring(g),
             OperatorAction::ResumeMonitoring => OperatorCommand::ResumeMonitoring(g),
-            OperatorAction::Move { to } => OperatorCommand::MoveGroup {
+            OperatorAction::Move { to: Some(to) } => OperatorCommand::MoveGroup {
                 group: g,
                 to: self.parts.plan.id_of(to).ok_or_else(|| RequestError::UnknownNode(to.clone()))?,
             },
+            // Given a target by `pick_move_target` before this is reached.
+            OperatorAction::Move { to: None } => {
+                return Err(RequestError::NoMoveTarget(format!("the move of group `{}` names no target", req.group)));
+            }
         })
     }
 
@@ -587,7 +620,7 @@ impl Driver {
                     format!("acquired the lease of {group} (token {})", token.0),
                 );
             }
-            Event::MonitorFailed { group, resource } => {
+            Event::MonitorFailed { group, resource, .. } => {
                 let detail = pb::event::Kind::MonitorFailure(pb::MonitorFailure {
                     group: group.0.clone(),
                     resource: resource.0.clone(),

@@ -36,6 +36,9 @@ pub struct MonitorStatus {
     pub resource: String,
     /// The monitor's name (`check` for the built-in one).
     pub name: String,
+    /// The resource's built-in check (its failures count against the group's restart
+    /// limit), not a configured `[[group.monitor]]`.
+    pub builtin: bool,
     /// The confirmed state.
     pub state: MonitorState,
     /// The latest result's status and reason, if it ran.
@@ -119,6 +122,7 @@ impl MonitorTable {
             };
             defs.push((
                 "check".to_string(),
+                true,
                 Ok::<Box<dyn Probe>, String>(Box::new(probe)),
                 RunLimits { timeout: BUILTIN_TIMEOUT, warning: None },
                 BUILTIN_INTERVAL,
@@ -128,17 +132,18 @@ impl MonitorTable {
         for c in self.configured.get(&key).into_iter().flatten() {
             let spec = c.monitor.probe_spec();
             let probe = tandem_monitors::build_probe(&spec).map_err(|e| e.to_string());
-            defs.push((c.name.clone(), probe, spec.limits, c.monitor.interval, c.monitor.retries));
+            defs.push((c.name.clone(), false, probe, spec.limits, c.monitor.interval, c.monitor.retries));
         }
         let mut shared = self.lock();
         shared.generation += 1;
         let generation = shared.generation;
-        for (name, probe, limits, interval, retries) in defs {
+        for (name, builtin, probe, limits, interval, retries) in defs {
             let id = format!("{group}/{resource}/{name}#{generation}");
             let status = MonitorStatus {
                 group: group.0.clone(),
                 resource: resource.0.clone(),
                 name: name.clone(),
+                builtin,
                 state: MonitorState::Pending,
                 last: None,
                 consecutive_failures: 0,
@@ -212,12 +217,19 @@ async fn forward(
             m.last = Some((ev.result.status, ev.result.reason.clone()));
             m.consecutive_failures = ev.consecutive_failures;
             (ev.changed && matches!(ev.state, MonitorState::Failed(_))).then(|| {
-                (GroupId(m.group.clone()), ResourceId(m.resource.clone()), m.name.clone(), ev.result.reason.clone())
+                let monitor = (!m.builtin).then(|| m.name.clone());
+                (
+                    GroupId(m.group.clone()),
+                    ResourceId(m.resource.clone()),
+                    m.name.clone(),
+                    monitor,
+                    ev.result.reason.clone(),
+                )
             })
         };
-        if let Some((group, resource, name, reason)) = failed {
+        if let Some((group, resource, name, monitor, reason)) = failed {
             tracing::warn!(target: "tandem_node", "monitor {name} of {group}/{resource} failed: {reason}");
-            let _ = tx.send(Input::Engine(Event::MonitorFailed { group, resource }));
+            let _ = tx.send(Input::Engine(Event::MonitorFailed { group, resource, monitor }));
         }
     }
 }
