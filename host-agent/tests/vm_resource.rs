@@ -767,9 +767,11 @@ async fn a_paused_copy_that_is_not_the_handovers_is_destroyed_and_the_vm_boots()
     for (migrated_in, token) in [(false, 7), (true, 9)] {
         let host = TestHost::new();
         let hv = host.connect().await;
+        // Subscribed before the copy is made: the copy's own events (its define and boot) may
+        // arrive late under load, and must not pass for the start's.
+        let mut events = hv.subscribe();
         incoming_copy(&host, &hv, "host-b", 6).await;
         let (vm, _, _) = migrating_vm(&host, hv.clone(), &[]);
-        let mut events = hv.subscribe();
         let mut ctx = StartContext::new("web", "vm", token);
         ctx.migrated_in = migrated_in;
         vm.start(&ctx).await.expect("start");
@@ -778,11 +780,18 @@ async fn a_paused_copy_that_is_not_the_handovers_is_destroyed_and_the_vm_boots()
             DomainState::Running(RunningReason::Booted),
             "migrated_in {migrated_in}, token {token}: booted afresh"
         );
-        let seen = events_until(&mut events, |e| e.kind == EventKind::Started).await;
-        assert!(
-            seen.iter().any(|e| e.kind == EventKind::Stopped && e.reason == EventReason::Destroyed),
-            "the stale copy was destroyed first: {seen:?}"
-        );
+        // The copy's boot, its destruction, then the new boot.
+        let destroyed = std::sync::atomic::AtomicBool::new(false);
+        let seen = events_until(&mut events, |e| {
+            if e.kind == EventKind::Stopped && e.reason == EventReason::Destroyed {
+                destroyed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            e.kind == EventKind::Started && destroyed.load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .await;
+        let copy_boot = seen.iter().position(|e| e.kind == EventKind::Started).expect("the copy booted");
+        let destroy = seen.iter().position(|e| e.kind == EventKind::Stopped && e.reason == EventReason::Destroyed);
+        assert!(destroy.is_some_and(|d| d > copy_boot), "the stale copy was destroyed before the boot: {seen:?}");
         assert_eq!(hv.handover_mark(UUID).await.unwrap(), None, "the booted VM carries no mark");
     }
 }

@@ -350,10 +350,16 @@ impl Guests {
         None
     }
 
-    /// The longest pause between two writer lines after `since_ns` (unix nanoseconds).
+    /// The longest pause between two writer lines from the last line before `since_ns` (unix
+    /// nanoseconds) on.
     pub fn longest_gap_after(&self, since_ns: u128) -> Duration {
         let w = self.writes();
-        let times: Vec<u128> = w.iter().map(|x| x.2).filter(|t| *t >= since_ns).collect();
+        // From the last line before the event: a writer killed by the event writes nothing
+        // after it, so the outage starts at its last line, not at the survivor's first.
+        let last_before = w.iter().map(|x| x.2).filter(|t| *t < since_ns).max();
+        let mut times: Vec<u128> =
+            last_before.into_iter().chain(w.iter().map(|x| x.2).filter(|t| *t >= since_ns)).collect();
+        times.sort_unstable();
         let gap = times.windows(2).map(|p| p[1].saturating_sub(p[0])).max().unwrap_or(0);
         Duration::from_nanos(gap as u64)
     }
