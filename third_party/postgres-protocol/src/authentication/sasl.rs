@@ -13,6 +13,9 @@ use std::iter;
 use std::mem;
 use std::str;
 
+// TANDEM PATCH (see TANDEM-PATCH.md): SaltedPassword cache.
+mod cache;
+
 const NONCE_LENGTH: usize = 24;
 
 /// The maximum SCRAM iteration count the client will accept from the server.
@@ -46,8 +49,11 @@ fn normalize(pass: &[u8]) -> Vec<u8> {
 }
 
 pub(crate) fn hi(str: &[u8], salt: &[u8], i: u32) -> [u8; 32] {
-    let mut hmac =
-        Hmac::<Sha256>::new_from_slice(str).expect("HMAC is able to accept all key sizes");
+    // TANDEM PATCH: key the HMAC once and clone the keyed state (ipad and opad
+    // blocks already absorbed) per iteration, instead of re-keying it in every
+    // iteration: half the SHA-256 compressions.
+    let keyed = Hmac::<Sha256>::new_from_slice(str).expect("HMAC is able to accept all key sizes");
+    let mut hmac = keyed.clone();
     hmac.update(salt);
     hmac.update(&[0, 0, 0, 1]);
     let mut prev = hmac.finalize().into_bytes();
@@ -55,7 +61,7 @@ pub(crate) fn hi(str: &[u8], salt: &[u8], i: u32) -> [u8; 32] {
     let mut hi = prev;
 
     for _ in 1..i {
-        let mut hmac = Hmac::<Sha256>::new_from_slice(str).expect("already checked above");
+        let mut hmac = keyed.clone();
         hmac.update(&prev);
         prev = hmac.finalize().into_bytes();
 
@@ -65,6 +71,25 @@ pub(crate) fn hi(str: &[u8], salt: &[u8], i: u32) -> [u8; 32] {
     }
 
     hi.into()
+}
+
+/// TANDEM PATCH: `hi()` through the process-wide cache. Returns the
+/// SaltedPassword and, on a miss, the key to insert once the server has
+/// proved itself (see `ScramSha256::finish`).
+fn salted_password(password: &[u8], salt: &[u8], i: u32) -> ([u8; 32], Option<cache::Key>) {
+    let key = cache::Key::new(password, salt, i);
+    if let Some(salted_password) = cache::global().get(&key) {
+        return (salted_password, None);
+    }
+    (hi(password, salt, i), Some(key))
+}
+
+/// TANDEM PATCH, for tests: whether the process-wide SCRAM cache holds a
+/// SaltedPassword for this password (before SASLprep, as given to
+/// [`ScramSha256::new`]), salt (decoded) and iteration count.
+#[doc(hidden)]
+pub fn salted_password_is_cached(password: &[u8], salt: &[u8], iterations: u32) -> bool {
+    cache::global().contains(&cache::Key::new(&normalize(password), salt, iterations))
 }
 
 enum ChannelBindingInner {
@@ -118,6 +143,8 @@ enum State {
     Finish {
         salted_password: [u8; 32],
         auth_message: String,
+        // TANDEM PATCH: set on a cache miss, inserted once the server is verified.
+        cache_key: Option<cache::Key>,
     },
     Done,
 }
@@ -214,7 +241,9 @@ impl ScramSha256 {
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidInput, e)),
         };
 
-        let salted_password = hi(&password, &salt, parsed.iteration_count);
+        // TANDEM PATCH: was `hi(&password, &salt, parsed.iteration_count)`.
+        let (salted_password, cache_key) =
+            salted_password(&password, &salt, parsed.iteration_count);
 
         let mut hmac = Hmac::<Sha256>::new_from_slice(&salted_password)
             .expect("HMAC is able to accept all key sizes");
@@ -255,6 +284,7 @@ impl ScramSha256 {
         self.state = State::Finish {
             salted_password,
             auth_message,
+            cache_key,
         };
         Ok(())
     }
@@ -264,13 +294,15 @@ impl ScramSha256 {
     /// This should be called when the backend sends an `AuthenticationSASLFinal` message.
     /// Authentication has only succeeded if this method returns `Ok(())`.
     pub fn finish(&mut self, message: &[u8]) -> io::Result<()> {
-        let (salted_password, auth_message) = match mem::replace(&mut self.state, State::Done) {
-            State::Finish {
-                salted_password,
-                auth_message,
-            } => (salted_password, auth_message),
-            _ => return Err(io::Error::other("invalid SCRAM state")),
-        };
+        let (salted_password, auth_message, cache_key) =
+            match mem::replace(&mut self.state, State::Done) {
+                State::Finish {
+                    salted_password,
+                    auth_message,
+                    cache_key,
+                } => (salted_password, auth_message, cache_key),
+                _ => return Err(io::Error::other("invalid SCRAM state")),
+            };
 
         let message =
             str::from_utf8(message).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -298,7 +330,14 @@ impl ScramSha256 {
             .expect("HMAC is able to accept all key sizes");
         hmac.update(auth_message.as_bytes());
         hmac.verify_slice(&verifier)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "SCRAM verification error"))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "SCRAM verification error"))?;
+
+        // TANDEM PATCH: the server knows the verifier derived from this
+        // SaltedPassword, so it is the right one: keep it for the next login.
+        if let Some(key) = cache_key {
+            cache::global().insert(key, salted_password);
+        }
+        Ok(())
     }
 }
 
@@ -513,5 +552,197 @@ mod test {
         let mut scram =
             ScramSha256::new_inner(b"foobar", ChannelBinding::unsupported(), nonce.to_string());
         assert!(scram.update(server_first.as_bytes()).is_err());
+    }
+}
+
+// TANDEM PATCH: tests of the keyed-once `hi()` and the SaltedPassword cache.
+#[cfg(test)]
+mod tandem_patch_test {
+    use super::*;
+
+    /// `hi()` as published in 0.6.12: re-keys the HMAC in every iteration.
+    fn hi_rekeying(str: &[u8], salt: &[u8], i: u32) -> [u8; 32] {
+        let mut hmac = Hmac::<Sha256>::new_from_slice(str).unwrap();
+        hmac.update(salt);
+        hmac.update(&[0, 0, 0, 1]);
+        let mut prev = hmac.finalize().into_bytes();
+        let mut hi = prev;
+        for _ in 1..i {
+            let mut hmac = Hmac::<Sha256>::new_from_slice(str).unwrap();
+            hmac.update(&prev);
+            prev = hmac.finalize().into_bytes();
+            for (hi, prev) in hi.iter_mut().zip(prev) {
+                *hi ^= prev;
+            }
+        }
+        hi.into()
+    }
+
+    /// ClientProof and ServerSignature from a SaltedPassword (RFC 5802, section 3).
+    fn proof_and_signature(salted_password: &[u8; 32], auth_message: &str) -> (String, String) {
+        let mac = |key: &[u8], data: &[u8]| {
+            let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
+            m.update(data);
+            m.finalize().into_bytes()
+        };
+        let client_key = mac(salted_password, b"Client Key");
+        let stored_key = Sha256::digest(client_key);
+        let client_signature = mac(&stored_key, auth_message.as_bytes());
+        let mut proof = client_key;
+        for (p, s) in proof.iter_mut().zip(client_signature) {
+            *p ^= s;
+        }
+        let server_key = mac(salted_password, b"Server Key");
+        let server_signature = mac(&server_key, auth_message.as_bytes());
+        (STANDARD.encode(proof), STANDARD.encode(server_signature))
+    }
+
+    #[test]
+    fn keyed_once_hi_matches_the_rekeying_original() {
+        // Keys shorter and longer than the SHA-256 block (the latter are hashed first).
+        let long_key = [0x5a_u8; 100];
+        for (password, salt) in [
+            (&b"pencil"[..], &b"salt"[..]),
+            (b"", b"\x00\x01"),
+            (&long_key[..], b"a longer salt of 24 bytes"),
+        ] {
+            for i in [1, 2, 3, 4096] {
+                assert_eq!(
+                    hi(password, salt, i),
+                    hi_rekeying(password, salt, i),
+                    "i={i}"
+                );
+            }
+        }
+    }
+
+    /// RFC 7677, section 3 (user "user", password "pencil"). PostgreSQL sends
+    /// an empty user name, so the exchange itself cannot go through
+    /// `ScramSha256`; the proof and signature are computed from the
+    /// SaltedPassword the cache path returns, uncached and then cached.
+    #[test]
+    fn rfc7677_vector_uncached_and_cached() {
+        let client_first_bare = "n=user,r=rOprNGfwEbeRWgbNEkqO";
+        let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
+                            s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+        let client_final_without_proof =
+            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
+        let auth_message =
+            format!("{client_first_bare},{server_first},{client_final_without_proof}");
+        let expected = (
+            "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=".to_string(),
+            "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=".to_string(),
+        );
+
+        let password = normalize(b"pencil");
+        let salt = STANDARD.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        // No other test uses this password: the first lookup misses.
+        let (uncached, key) = salted_password(&password, &salt, 4096);
+        let key = key.expect("a miss returns the key to insert");
+        assert_eq!(uncached, hi_rekeying(&password, &salt, 4096));
+        assert_eq!(proof_and_signature(&uncached, &auth_message), expected);
+
+        cache::global().insert(key, uncached);
+        assert!(salted_password_is_cached(b"pencil", &salt, 4096));
+        let (cached, key) = salted_password(&password, &salt, 4096);
+        assert!(key.is_none(), "a hit");
+        assert_eq!(proof_and_signature(&cached, &auth_message), expected);
+
+        // Another password, salt or iteration count is a miss.
+        let (_, key) = salted_password(&normalize(b"pencil2"), &salt, 4096);
+        assert!(key.is_some());
+        let (_, key) = salted_password(&password, b"other salt", 4096);
+        assert!(key.is_some());
+        let (_, key) = salted_password(&password, &salt, 4097);
+        assert!(key.is_some());
+    }
+
+    /// A recorded psql exchange (empty user name, as PostgreSQL sends it):
+    /// done twice, the second time from the cache; then a wrong password
+    /// against the same salt fails and is not cached.
+    #[test]
+    fn exchange_is_cached_only_after_the_server_is_verified() {
+        let nonce = "9IZ2O01zb9IgiIZ1WJ/zgpJB";
+        let server_first = "r=9IZ2O01zb9IgiIZ1WJ/zgpJBjx/oIRLs02gGSHcw1KEty3eY,s=fs3IXBy7U7+IvVjZ,i\
+             =4096";
+        let client_final = "c=biws,r=9IZ2O01zb9IgiIZ1WJ/zgpJBjx/oIRLs02gGSHcw1KEty3eY,p=AmNKosjJzS3\
+             1NTlQYNs5BTeQjdHdk7lOflDo5re2an8=";
+        let server_final = "v=U+ppxD5XUKtradnv8e2MkeupiA8FU87Sg8CXzXHDAzw=";
+        let salt = STANDARD.decode("fs3IXBy7U7+IvVjZ").unwrap();
+        let scram = |password: &[u8]| {
+            ScramSha256::new_inner(password, ChannelBinding::unsupported(), nonce.to_string())
+        };
+
+        // (The upstream `exchange` test may cache the same login concurrently,
+        // so the first login here may already be a hit.)
+        let mut s = scram(b"foobar");
+        s.update(server_first.as_bytes()).unwrap();
+        assert_eq!(str::from_utf8(s.message()).unwrap(), client_final);
+        s.finish(server_final.as_bytes()).unwrap();
+        assert!(salted_password_is_cached(b"foobar", &salt, 4096));
+
+        let mut s = scram(b"foobar");
+        s.update(server_first.as_bytes()).unwrap();
+        assert!(
+            matches!(
+                s.state,
+                State::Finish {
+                    cache_key: None,
+                    ..
+                }
+            ),
+            "a cache hit"
+        );
+        assert_eq!(str::from_utf8(s.message()).unwrap(), client_final);
+        s.finish(server_final.as_bytes()).unwrap();
+
+        let mut s = scram(b"foobaz");
+        s.update(server_first.as_bytes()).unwrap();
+        assert_ne!(str::from_utf8(s.message()).unwrap(), client_final);
+        let e = s.finish(server_final.as_bytes()).unwrap_err();
+        assert_eq!(e.to_string(), "SCRAM verification error");
+        assert!(!salted_password_is_cached(b"foobaz", &salt, 4096));
+    }
+
+    /// A password no other test uses, with the server's answers computed here.
+    #[test]
+    fn inserted_when_finish_verifies_the_server_not_before() {
+        let nonce = "Zq8rT2vX5yB7dF1hJ4lN6pR9";
+        let server_first = format!("r={nonce}srv,s=dGFuZGVtLXNhbHQ=,i=4096");
+        let salt = b"tandem-salt";
+        let mut s = ScramSha256::new_inner(
+            b"only-here",
+            ChannelBinding::unsupported(),
+            nonce.to_string(),
+        );
+        s.update(server_first.as_bytes()).unwrap();
+        assert!(!salted_password_is_cached(b"only-here", salt, 4096));
+
+        let client_final = str::from_utf8(s.message()).unwrap().to_string();
+        let without_proof = &client_final[..client_final.find(",p=").unwrap()];
+        let auth_message = format!("n=,r={nonce},{server_first},{without_proof}");
+        let salted = hi(&normalize(b"only-here"), salt, 4096);
+        let (proof, signature) = proof_and_signature(&salted, &auth_message);
+        assert_eq!(client_final, format!("{without_proof},p={proof}"));
+        s.finish(format!("v={signature}").as_bytes()).unwrap();
+        assert!(salted_password_is_cached(b"only-here", salt, 4096));
+    }
+
+    #[test]
+    fn a_server_error_caches_nothing() {
+        let nonce = "Ab3dE6gH9jK2mN5pQ8sT1vW4";
+        let server_first = format!("r={nonce}srv,s=c2FsdC1mb3ItZXJyb3I=,i=4096");
+        let mut s = ScramSha256::new_inner(
+            b"rejected",
+            ChannelBinding::unsupported(),
+            nonce.to_string(),
+        );
+        s.update(server_first.as_bytes()).unwrap();
+        assert!(s.finish(b"e=invalid-proof").is_err());
+        assert!(!salted_password_is_cached(
+            b"rejected",
+            b"salt-for-error",
+            4096
+        ));
     }
 }
