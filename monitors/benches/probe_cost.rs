@@ -172,6 +172,7 @@ fn main() {
         cases.retain(|c| c.name.to_lowercase().contains(&o.to_lowercase()));
     }
     let rows = per_probe_costs(&plan, &cases);
+    let scram = rows.iter().any(|r| r.name.starts_with("PostgreSQL")).then(|| scram_derivation(&plan));
     let sched = if only.as_deref().is_none_or(|o| o == "scheduler") {
         eprintln!("part 2: scheduler at {} probes/s in a child process ...", plan.sched_http + plan.sched_tcp);
         Some(run_scheduler_child(&plan, nginx.http_port()))
@@ -180,7 +181,7 @@ fn main() {
     };
     let load_after = loadavg();
 
-    let text = render(&plan, &rows, sched.as_ref(), &machine_before, &load_before, &load_after);
+    let text = render(&plan, &rows, scram, sched.as_ref(), &machine_before, &load_before, &load_after);
     println!("{text}");
     let experiment = ["TANDEM_BENCH_N", "TANDEM_BENCH_WORKERS"].iter().any(|v| std::env::var_os(v).is_some());
     if plan.quick || only.is_some() || experiment {
@@ -292,6 +293,25 @@ fn per_probe_costs(plan: &Plan, cases: &[Case]) -> Vec<Row> {
             plugin_wall: Stat::of(f),
         })
         .collect()
+}
+
+/// CPU of one fresh SCRAM-SHA-256 derivation (PBKDF2, 4096 iterations), in
+/// µs: what a PostgreSQL login costs on top of the native figure when the
+/// SaltedPassword is not cached yet (the first login of a process or after a
+/// password change). `password::scram_sha_256` runs the same `hi()` as the
+/// client, plus a few HMACs.
+fn scram_derivation(plan: &Plan) -> Stat {
+    let n = (plan.n / 10).max(10);
+    let per_repeat = (0..plan.repeats.max(3))
+        .map(|_| {
+            let cpu0 = cpu_time(libc::RUSAGE_SELF);
+            for _ in 0..n {
+                std::hint::black_box(postgres_protocol::password::scram_sha_256(std::hint::black_box(b"bench-pw")));
+            }
+            (cpu_time(libc::RUSAGE_SELF) - cpu0).as_secs_f64() * 1e6 / n as f64
+        })
+        .collect();
+    Stat::of(per_repeat)
 }
 
 fn plugin_path(name: &str) -> PathBuf {
@@ -523,7 +543,15 @@ fn now_utc() -> String {
         .unwrap_or_default()
 }
 
-fn render(plan: &Plan, rows: &[Row], sched: Option<&SchedResult>, machine: &str, load0: &str, load1: &str) -> String {
+fn render(
+    plan: &Plan,
+    rows: &[Row],
+    scram: Option<Stat>,
+    sched: Option<&SchedResult>,
+    machine: &str,
+    load0: &str,
+    load1: &str,
+) -> String {
     use std::fmt::Write as _;
     let mut t = String::new();
     let quick = if plan.quick { " -- --quick (QUICK MODE: a smoke test, not a measurement)" } else { "" };
@@ -564,6 +592,20 @@ fn render(plan: &Plan, rows: &[Row], sched: Option<&SchedResult>, machine: &str,
             f(r.plugin_cpu),
             r.parent_cpu.median,
             r.plugin_wall.median,
+        );
+    }
+    if let (Some(d), Some(r)) = (scram, rows.iter().find(|r| r.name.starts_with("PostgreSQL"))) {
+        let first = r.native_cpu.median + d.median;
+        let _ = writeln!(
+            t,
+            "\nPostgreSQL: after the warm-up the native probe reuses the SCRAM-SHA-256 SaltedPassword derived at \
+             its first login (a monitor's steady state; third_party/postgres-protocol/TANDEM-PATCH.md), while \
+             check_pgsql (libpq) derives it in every run. A fresh derivation (PBKDF2, 4096 iterations, \
+             `postgres_protocol::password::scram_sha_256`) costs {} µs of CPU: a login that has to derive (the \
+             first of a process, or the first after a password change) costs about {first:.0} µs, a ratio of \
+             {:.1}×.",
+            f(d),
+            (r.plugin_cpu.median + r.parent_cpu.median) / first
         );
     }
     let Some(s) = sched else { return t };

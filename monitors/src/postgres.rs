@@ -12,6 +12,12 @@
 //! (`default_transaction_read_only=on`, SQLSTATE 25006). TLS follows
 //! `sslmode` (`disable`, `require`, `verify-full`). The password comes only
 //! from the spec's password source.
+//!
+//! SCRAM-SHA-256's PBKDF2 was most of a login's CPU; the workspace's patched
+//! postgres-protocol (third_party/postgres-protocol/TANDEM-PATCH.md) derives
+//! the SaltedPassword once per (password, salt, iterations) and reuses it, as
+//! this probe logs in with the same password again and again. tokio-postgres
+//! has no hook for it, so nothing here changes.
 
 use std::error::Error as _;
 use std::io;

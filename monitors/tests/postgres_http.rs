@@ -199,9 +199,36 @@ async fn postgres_garbage_peer_is_a_protocol_failure() {
     assert_fail(&r, FailureClass::Tls, "does not support TLS");
 }
 
+/// The salt (decoded) and iteration count of a role's SCRAM verifier
+/// (`SCRAM-SHA-256$ITERATIONS:SALT$STOREDKEY:SERVERKEY` in pg_authid).
+fn scram_salt(pg: &PgServer, role: &str) -> (Vec<u8>, u32) {
+    let out = psql(
+        pg,
+        &format!(
+            "SELECT split_part(v, ':', 1), encode(decode(split_part(v, ':', 2), 'base64'), 'hex') \
+             FROM (SELECT split_part(rolpassword, '$', 2) AS v FROM pg_authid WHERE rolname = '{role}') s"
+        ),
+    );
+    let (iterations, hex) = out.trim().split_once('|').unwrap_or_else(|| panic!("verifier of {role}: {out:?}"));
+    let salt = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    (salt, iterations.parse().unwrap())
+}
+
+/// Whether the patched postgres-protocol's process-wide SCRAM cache holds
+/// the SaltedPassword of this password for the role's current verifier.
+fn scram_cached(pg: &PgServer, role: &str, password: &str) -> bool {
+    let (salt, iterations) = scram_salt(pg, role);
+    postgres_protocol::authentication::sasl::salted_password_is_cached(password.as_bytes(), &salt, iterations)
+}
+
 #[tokio::test]
 async fn postgres_wrong_password_is_authentication_and_never_printed() {
     let pg = PgServer::start();
+    // The right password first: its SaltedPassword is then cached, and must
+    // not let a wrong password in (see third_party/postgres-protocol).
+    let right = write_password(pg.dir(), "right", pg.password());
+    assert_ok(&run(&pg_spec(pg.port(), Some(&right), &[])).await, "SELECT 1");
+    assert!(scram_cached(&pg, USER, pg.password()));
     let wrong = format!("{}-but-wrong", pg.password());
     let pw = write_password(pg.dir(), "wrong", &wrong);
     let spec = pg_spec(pg.port(), Some(&pw), &[]);
@@ -221,6 +248,45 @@ async fn postgres_wrong_password_is_authentication_and_never_printed() {
     let r = run(&pg_spec(pg.port(), None, &[])).await;
     assert_eq!(r.status, Status::Critical, "{r:?}");
     assert_eq!(r.class, Some(FailureClass::Config), "{r:?}");
+    // A rejected login caches nothing; the right password still works.
+    assert!(!scram_cached(&pg, USER, &wrong));
+    assert_ok(&run(&pg_spec(pg.port(), Some(&right), &[])).await, "SELECT 1");
+}
+
+#[tokio::test]
+async fn postgres_password_changed_on_the_server() {
+    // The probe caches the SCRAM SaltedPassword per (password, salt,
+    // iterations); a password change on the server (new salt) must be seen
+    // at the next login, whichever side changes first.
+    let pg = PgServer::start();
+    psql(&pg, "CREATE ROLE rotating LOGIN PASSWORD 'first-pw'");
+    let first = write_password(pg.dir(), "first", "first-pw");
+    let second = write_password(pg.dir(), "second", "second-pw");
+    let spec = |pw: &Path| {
+        let mut s = pg_spec(pg.port(), Some(pw), &[]);
+        s.target = format!("postgresql://rotating@127.0.0.1:{}/{DATABASE}", pg.port());
+        s
+    };
+    for _ in 0..2 {
+        assert_ok(&run(&spec(&first)).await, "SELECT 1");
+    }
+    assert!(scram_cached(&pg, "rotating", "first-pw"));
+    let (old_salt, _) = scram_salt(&pg, "rotating");
+
+    psql(&pg, "ALTER ROLE rotating PASSWORD 'second-pw'");
+    assert_ne!(scram_salt(&pg, "rotating").0, old_salt, "a new verifier has a new salt");
+    assert_fail(&run(&spec(&first)).await, FailureClass::Authentication, "28P01");
+    assert!(!scram_cached(&pg, "rotating", "first-pw"));
+    assert_ok(&run(&spec(&second)).await, "SELECT 1");
+    assert!(scram_cached(&pg, "rotating", "second-pw"));
+
+    // Back to the first password (a new salt again): the entry from its
+    // first verifier is not what the login uses, and it works.
+    psql(&pg, "ALTER ROLE rotating PASSWORD 'first-pw'");
+    assert!(!scram_cached(&pg, "rotating", "first-pw"));
+    assert_fail(&run(&spec(&second)).await, FailureClass::Authentication, "28P01");
+    assert_ok(&run(&spec(&first)).await, "SELECT 1");
+    assert!(scram_cached(&pg, "rotating", "first-pw"));
 }
 
 #[tokio::test]
