@@ -100,8 +100,9 @@ pub enum Command {
 pub struct Handover {
     /// The node that should take the group next.
     pub to: NodeId,
-    /// Why the group leaves: `ReleaseReason::Handoff` (operator move, failback) or
-    /// `ReleaseReason::Standby` (this node entered standby in move mode).
+    /// Why the group leaves: `ReleaseReason::Handoff` (operator move, failback),
+    /// `ReleaseReason::Standby` (this node entered standby in move mode) or
+    /// `ReleaseReason::Vetoed` (a local veto, e.g. a failed network here).
     pub reason: ReleaseReason,
 }
 

@@ -1181,8 +1181,8 @@ impl Engine {
 
     /// Where a planned stop of group `gi` hands it to, if it is a handover to one known node:
     /// the target of a handoff (operator move, failback), or, for a standby release in move
-    /// mode, the best other node by this node's placement (the one that will take the lease
-    /// first). `None` for every other stop (failures, quorum loss, parking, operator stop…).
+    /// mode or a veto release, the best other node by this node's placement (the one that
+    /// will take the lease first). `None` for every other stop (failures, quorum loss, parking, operator stop…).
     fn handover_of(&self, gi: usize) -> Option<Handover> {
         let rt = &self.groups[gi];
         if !matches!(rt.lease, Lease::Held(_)) {
@@ -1193,6 +1193,12 @@ impl Engine {
             Goal::Release(reason @ ReleaseReason::Standby)
                 if self.standby == Some(StandbyMode::Move) && rt.held_note.desired == Desired::Started =>
             {
+                let (fit, _) = self.placement(gi, &rt.held_note);
+                fit.into_iter().map(|(_, n)| n).find(|n| *n != self.me).map(|to| Handover { to, reason })
+            }
+            // A local veto (a failed network here): the group is healthy and leaves for the
+            // best other node, like a standby move.
+            Goal::Release(reason @ ReleaseReason::Vetoed) if rt.held_note.desired == Desired::Started => {
                 let (fit, _) = self.placement(gi, &rt.held_note);
                 fit.into_iter().map(|(_, n)| n).find(|n| *n != self.me).map(|to| Handover { to, reason })
             }

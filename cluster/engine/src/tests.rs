@@ -1315,7 +1315,12 @@ fn a_local_veto_releases_the_group_as_failed_here_and_keeps_it_away() {
     let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
     a.run_db(7);
     let veto = |reason: Option<&str>| Event::LocalVeto { group: g("db"), reason: reason.map(str::to_owned) };
-    assert_eq!(a.at(1_000, veto(Some("bridge br0 is down"))), vec![stop("app", false)]);
+    // A healthy group leaving a veto is handed to the best other node (live where possible).
+    let handover = Some(Handover { to: n(2), reason: ReleaseReason::Vetoed });
+    assert_eq!(
+        a.at(1_000, veto(Some("bridge br0 is down"))),
+        vec![Command::StopResource { group: g("db"), resource: r("app"), force: false, handover }]
+    );
     let (note, reason, rest) = released(&a.stop_db());
     assert_eq!(reason, ReleaseReason::Vetoed);
     assert_eq!((note.failovers, note.failed_on.clone(), note.desired), (0, vec![n(1)], Desired::Started));

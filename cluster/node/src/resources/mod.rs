@@ -120,6 +120,8 @@ pub enum HandoverReason {
     /// This node entered standby (planned maintenance, move mode): the group goes to the
     /// best other node.
     Standby,
+    /// A local veto forbids the group here (a failed network): it goes to the best other node.
+    Veto,
 }
 
 /// The node a planned stop hands the group to.

@@ -766,6 +766,7 @@ impl Driver {
                     let handover = handover.map(|h| {
                         let reason = match h.reason {
                             tandem_engine::ReleaseReason::Standby => crate::resources::HandoverReason::Standby,
+                            tandem_engine::ReleaseReason::Vetoed => crate::resources::HandoverReason::Veto,
                             _ => crate::resources::HandoverReason::Move,
                         };
                         (crate::resources::HandoverTarget { node: self.parts.plan.name_of(h.to), reason }, h.to)
