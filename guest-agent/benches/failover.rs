@@ -18,7 +18,6 @@
 //! tables and leaves BENCHMARKS.md alone.
 
 use std::fmt::Write as _;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -138,14 +137,7 @@ impl Cluster {
             .env("TANDEM_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        let procs = cgroup.join("cgroup.procs");
-        // SAFETY: only async-signal-safe work between fork and exec: open/write/close.
-        unsafe {
-            cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0\n")?;
-                Ok(())
-            });
-        }
+        tandem_testkit::in_cgroup(&mut cmd, &cgroup);
         Node { agent: ChildGuard::spawn(&format!("tandem-guest {name}"), cmd), cgroup }
     }
 

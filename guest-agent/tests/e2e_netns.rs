@@ -273,14 +273,7 @@ impl Lab {
             .env("TANDEM_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        let procs = cgroup.join("cgroup.procs");
-        // SAFETY: only open/write/close between fork and exec (as in e2e_failover.rs).
-        unsafe {
-            cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0\n")?;
-                Ok(())
-            });
-        }
+        tandem_testkit::in_cgroup(&mut cmd, &cgroup);
         ChildGuard::spawn(&format!("tandem-guest {node}"), cmd)
     }
 
@@ -937,14 +930,7 @@ impl Lab {
             .env("TANDEM_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        let procs = cgroup.join("cgroup.procs");
-        // SAFETY: only open/write/close between fork and exec (as in `start`).
-        unsafe {
-            cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0\n")?;
-                Ok(())
-            });
-        }
+        tandem_testkit::in_cgroup(&mut cmd, &cgroup);
         ChildGuard::spawn(&format!("tandem-guest {node} (restarted on exit)"), cmd)
     }
 

@@ -7,7 +7,6 @@
 //! The guest binary is built here with `cargo build -p tandem-guest` (a no-op when it is
 //! fresh): Cargo gives a test only its own package's binaries.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,14 +105,7 @@ impl Guest {
             .env("TANDEM_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        let procs = self.cgroup.join("cgroup.procs");
-        // SAFETY: only async-signal-safe work between fork and exec: open/write/close.
-        unsafe {
-            cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0\n")?;
-                Ok(())
-            });
-        }
+        tandem_testkit::in_cgroup(&mut cmd, &self.cgroup);
         self.agent = Some(ChildGuard::spawn("tandem-guest n1", cmd));
     }
 

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
@@ -147,18 +146,8 @@ impl Drop for HostNet {
     }
 }
 
-/// Makes `cmd`'s process join `cgroup` before it executes (so that one write to
-/// `cgroup.kill` ends it and everything it starts).
-pub fn in_cgroup(cmd: &mut Command, cgroup: &std::path::Path) {
-    let procs = cgroup.join("cgroup.procs");
-    // SAFETY: only async-signal-safe work between fork and exec: open/write/close.
-    unsafe {
-        cmd.pre_exec(move || {
-            std::fs::write(&procs, b"0\n")?;
-            Ok(())
-        });
-    }
-}
+/// Makes `cmd`'s process join `cgroup` before it executes (see [`tandem_testkit::in_cgroup`]).
+pub use tandem_testkit::in_cgroup;
 
 /// The UUID of the `i`-th VM (from 0) of a [`Cluster`].
 pub fn vm_uuid(i: usize) -> String {

@@ -21,6 +21,21 @@ pub mod report;
 pub mod smtpd;
 pub mod vsftpd;
 
+/// Makes `cmd`'s process join `cgroup` (a cgroup v2 directory) before it executes, so that
+/// one write to `cgroup.kill` ends it and everything it starts: the tests' way to crash a
+/// whole node.
+pub fn in_cgroup(cmd: &mut Command, cgroup: &Path) {
+    use std::os::unix::process::CommandExt;
+    let procs = cgroup.join("cgroup.procs");
+    // SAFETY: only async-signal-safe work between fork and exec: open/write/close.
+    unsafe {
+        cmd.pre_exec(move || {
+            std::fs::write(&procs, b"0\n")?;
+            Ok(())
+        });
+    }
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
