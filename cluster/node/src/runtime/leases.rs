@@ -151,6 +151,35 @@ fn publish(tx: &mpsc::UnboundedSender<Input>, group: Option<&GroupId>, message: 
     }));
 }
 
+/// How many times a join that failed on slow lease I/O is tried before the agent gives up.
+const JOIN_ATTEMPTS: u32 = 4;
+
+/// Joins the lockspace, trying again when the lease disk was too slow or failed an I/O
+/// (storage that is slow for a moment at boot should not need a supervisor's restart).
+/// Safe: nothing runs under a lease before the join, and a new attempt treats the slot the
+/// failed one wrote as a possibly live owner, so it waits `T` before writing again.
+fn join(
+    disk: &Arc<dyn LeaseDisk>,
+    cluster: &str,
+    me: NodeId,
+    tx: &mpsc::UnboundedSender<Input>,
+) -> Result<HostLease, LeaseServiceError> {
+    let mut attempt = 1;
+    loop {
+        match HostLease::join(disk.clone(), cluster, me.0) {
+            Ok(lease) => return Ok(lease),
+            Err(LeaseError::Op(e @ OpError::Io { .. })) if attempt < JOIN_ATTEMPTS => {
+                let text = format!("joining the lockspace failed ({e}); trying again ({attempt} of {JOIN_ATTEMPTS})");
+                tracing::warn!("{text}");
+                publish(tx, None, text);
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+            }
+            Err(source) => return Err(LeaseServiceError::Join { host_id: me.0, source }),
+        }
+    }
+}
+
 /// Joins the lockspace (blocking: call from `spawn_blocking`), starts the guard and the
 /// service threads.
 pub(crate) fn start(
@@ -178,8 +207,7 @@ pub(crate) fn start(
     for a in &cfg.addresses {
         guard.lock().unwrap_or_else(|p| p.into_inner()).register_address(a).map_err(LeaseServiceError::Guard)?;
     }
-    let lease = HostLease::join(cfg.disk.clone(), &cfg.cluster, cfg.me.0)
-        .map_err(|source| LeaseServiceError::Join { host_id: cfg.me.0, source })?;
+    let lease = join(&cfg.disk, &cfg.cluster, cfg.me, &tx)?;
     let lease = Arc::new(lease);
     let stop = Arc::new(AtomicBool::new(false));
     let tie_break = Arc::new(AtomicBool::new(true));
