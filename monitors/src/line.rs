@@ -97,8 +97,12 @@ impl LineConn {
     /// read error is a classified failure naming `stage`.
     pub async fn read_line(&mut self, deadline: Deadline, stage: &str) -> Result<String, ProbeFailure> {
         let mut buf = Vec::new();
-        deadline.run(&format!("waiting for {stage}"), read_bounded_line(&mut self.io, &mut buf)).await?.map_err(
-            |e| match e {
+        // The stage text is formatted only on a timeout: this runs several
+        // times per probe.
+        tokio::time::timeout_at(deadline.instant(), read_bounded_line(&mut self.io, &mut buf))
+            .await
+            .map_err(|_| ProbeFailure::critical(FailureClass::Timeout, format!("timeout waiting for {stage}")))?
+            .map_err(|e| match e {
                 LineError::Eof => {
                     ProbeFailure::critical(FailureClass::Protocol, format!("connection closed waiting for {stage}"))
                 }
@@ -107,8 +111,7 @@ impl LineConn {
                     format!("line longer than {MAX_LINE} bytes waiting for {stage}"),
                 ),
                 LineError::Io(e) => io_failure(e, stage),
-            },
-        )?;
+            })?;
         while matches!(buf.last(), Some(b'\n' | b'\r')) {
             buf.pop();
         }
@@ -118,17 +121,26 @@ impl LineConn {
     /// Sends `line` followed by CRLF. The line is never logged, since it
     /// may carry credentials.
     pub async fn send(&mut self, line: &str, deadline: Deadline, stage: &str) -> Result<(), ProbeFailure> {
-        let mut data = Vec::with_capacity(line.len() + 2);
-        data.extend_from_slice(line.as_bytes());
-        data.extend_from_slice(b"\r\n");
+        self.send_lines(&[line], deadline, stage).await
+    }
+
+    /// Sends `lines`, each followed by CRLF, in one write: one segment for
+    /// a pipelined group (RFC 2920) instead of one per command. Never
+    /// logged, like [`LineConn::send`].
+    pub async fn send_lines(&mut self, lines: &[&str], deadline: Deadline, stage: &str) -> Result<(), ProbeFailure> {
+        let mut data = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
+        for line in lines {
+            data.extend_from_slice(line.as_bytes());
+            data.extend_from_slice(b"\r\n");
+        }
         let io = self.io.get_mut();
-        deadline
-            .run(&format!("sending {stage}"), async {
-                io.write_all(&data).await?;
-                io.flush().await
-            })
-            .await?
-            .map_err(|e| io_failure(e, stage))
+        tokio::time::timeout_at(deadline.instant(), async {
+            io.write_all(&data).await?;
+            io.flush().await
+        })
+        .await
+        .map_err(|_| ProbeFailure::critical(FailureClass::Timeout, format!("timeout sending {stage}")))?
+        .map_err(|e| io_failure(e, stage))
     }
 
     /// Upgrades a plain connection to TLS after the server agreed to
@@ -156,8 +168,13 @@ impl LineConn {
     }
 
     /// Best-effort close; errors are ignored because the verdict is known.
+    /// TLS sends its close_notify first. Plain TCP is just closed: the
+    /// kernel sends the FIN on close(2) as a shutdown(2) would, one syscall
+    /// less, and nothing waits for the server's FIN.
     pub async fn close(mut self) {
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), self.io.get_mut().shutdown()).await;
+        if let Stream::Tls(tls) = self.io.get_mut() {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(200), tls.shutdown()).await;
+        }
     }
 }
 

@@ -434,6 +434,70 @@ async fn canned_dialogues() {
     }
 }
 
+/// SMTP with PIPELINING: NOOP and QUIT go out in one write. The NOOP reply
+/// is judged as when sent alone, a missing or odd QUIT reply does not
+/// change the verdict, and nothing waits past the deadline or hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_pipelined_noop_and_quit() {
+    let ehlo = ["220 x", "250-x", "250-PIPELINING", "250 8BITMIME"];
+    let with = |tail: &[&'static str]| ehlo.iter().chain(tail).copied().collect::<Vec<&str>>();
+    let cases: Vec<(&str, Behaviour, Status, Option<FailureClass>, &str)> = vec![
+        ("both replies", Behaviour::greeting(&with(&["250 2.0.0 ok", "221 bye"])), Status::Ok, None, "NOOP ok"),
+        (
+            "NOOP refused",
+            Behaviour::greeting(&with(&["502 5.5.1 no NOOP here", "221 bye"])),
+            Status::Critical,
+            Some(FailureClass::UnexpectedAnswer),
+            "NOOP refused: 502",
+        ),
+        (
+            "NOOP answered with garbage",
+            Behaviour::greeting(&with(&["2x0 what", "221 bye"])),
+            Status::Critical,
+            Some(FailureClass::Protocol),
+            "malformed",
+        ),
+        (
+            "NOOP reply changes code mid-reply",
+            Behaviour::greeting(&with(&["250-ok", "221 bye"])),
+            Status::Critical,
+            Some(FailureClass::Protocol),
+            "code changed",
+        ),
+        (
+            "closed before the NOOP reply",
+            Behaviour::SendThenClose(with(&[]).iter().flat_map(|l| [l.as_bytes(), b"\r\n"].concat()).collect()),
+            Status::Critical,
+            Some(FailureClass::Protocol),
+            "connection closed waiting for the reply to NOOP",
+        ),
+        // The verdict is known after the NOOP reply; the goodbye is polite only.
+        ("no QUIT reply, silent", Behaviour::greeting(&with(&["250 ok"])), Status::Ok, None, "NOOP ok"),
+        (
+            "garbage instead of the QUIT reply",
+            Behaviour::greeting(&with(&["250 ok", "\x07?"])),
+            Status::Ok,
+            None,
+            "NOOP ok",
+        ),
+    ];
+    for (name, behaviour, status, class, text) in cases {
+        let srv = HostileServer::start(behaviour);
+        let mut s = spec(format!("smtp://127.0.0.1:{}", srv.port()), &[], None);
+        s.limits.timeout = Duration::from_secs(3);
+        let t = Instant::now();
+        let r = run(&s).await;
+        assert_eq!((r.status, r.class), (status, class), "{name}: {r:?}");
+        assert!(r.reason.contains(text), "{name}: reason {:?} lacks {text:?}", r.reason);
+        // A silent peer costs at most the 1 s goodbye wait, never the deadline.
+        assert!(t.elapsed() < Duration::from_millis(2500), "{name} took {:?}", t.elapsed());
+    }
+    // Without PIPELINING, NOOP goes alone and a refusal is classified the same.
+    let srv = HostileServer::start(Behaviour::greeting(&["220 x", "250 x", "500 no"]));
+    let r = run(&spec(format!("smtp://127.0.0.1:{}", srv.port()), &[], None)).await;
+    assert_eq!((r.status, r.class), (Status::Critical, Some(FailureClass::UnexpectedAnswer)), "{r:?}");
+}
+
 // ---------------------------------------------------------------- differential
 
 fn plugin(name: &str) -> PathBuf {
