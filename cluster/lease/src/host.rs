@@ -20,7 +20,7 @@ use crate::engine::{
     AcquireOp, Acquired, HostObservation, HostState, Input, IoCompletion, IoRequest, JoinOp, LeaveOp, Liveness,
     ObserveHostsOp, OpError, Operation, ReleaseOp, RenewOp, SetValueOp, Step, Token,
 };
-use crate::format::{Header, HostId, LeaderState};
+use crate::format::{Header, HostId, LeaderRecord, LeaderState};
 use crate::lockspace::{Lockspace, LockspaceError};
 
 /// Errors of a host's lease operations.
@@ -370,44 +370,12 @@ impl HostLease {
     ) -> Result<ResourceObservation, LeaseError> {
         let cluster_id = self.header().cluster_id;
         let dump = Lockspace::inspect(&*self.disk, &cluster_id, name)?;
-        let Some(dump) = dump else {
-            return Ok(ResourceObservation { name: name.to_string(), last_token: None, holder: None, value: Ok(None) });
-        };
-        let value = dump
-            .value
-            .clone()
-            .map(|v| v.map(|r| ObservedValue { data: r.data, token: Token(r.lver), writer: r.owner, seq: r.seq }));
-        let leader = match &dump.leader {
-            Ok(l) => l,
-            Err(e) => {
-                return Err(LeaseError::Op(OpError::Io {
-                    what: format!("leader record of resource {name:?}"),
-                    detail: format!("unreadable ({e}); an acquisition in progress repairs it, observe again"),
-                }));
-            }
-        };
-        let last_token = (leader.lver > 0).then_some(Token(leader.lver));
-        let holder = (leader.state == LeaderState::Held).then(|| {
-            let owner = leader.value.owner;
-            let seen = hosts.iter().find(|o| o.host_id == owner);
-            // A new generation or a cleanly left slot means the holder's incarnation is gone.
-            let gone =
-                seen.is_some_and(|o| o.liveness == Liveness::Free || o.generation != Some(leader.value.generation));
-            let liveness = match seen {
-                _ if gone => Liveness::Dead,
-                Some(o) => o.liveness,
-                None => Liveness::Alive,
-            };
-            HolderObservation {
-                host_id: owner,
-                token: Token(leader.lver),
-                generation: leader.value.generation,
-                liveness,
-                last_change: seen.map_or(Millis(0), |o| o.last_change),
-                dead_at: seen.map_or(Millis(0), |o| o.dead_at),
-            }
-        });
-        Ok(ResourceObservation { name: name.to_string(), last_token, holder, value })
+        observation_from_dump(name, dump.as_ref(), hosts)
+    }
+
+    /// The lease disk (for the batched reader of [`crate::observe`]).
+    pub(crate) fn disk(&self) -> &dyn LeaseDisk {
+        &*self.disk
     }
 
     /// Leaves the lockspace: forgets all resource leases and frees the host
@@ -463,6 +431,64 @@ impl HostLease {
     pub fn lost_reason(&self) -> Option<String> {
         lock(&self.state).lost_reason().map(str::to_string)
     }
+}
+
+/// [`HostLease::observe_resource_with`]'s answer for the slot `Lockspace::inspect` found
+/// bound to `name` (`None`: never acquired).
+pub(crate) fn observation_from_dump(
+    name: &str,
+    dump: Option<&crate::lockspace::ResourceDump>,
+    hosts: &[HostObservation],
+) -> Result<ResourceObservation, LeaseError> {
+    let Some(dump) = dump else {
+        return Ok(ResourceObservation { name: name.to_string(), last_token: None, holder: None, value: Ok(None) });
+    };
+    let value = dump
+        .value
+        .clone()
+        .map(|v| v.map(|r| ObservedValue { data: r.data, token: Token(r.lver), writer: r.owner, seq: r.seq }));
+    let leader = match &dump.leader {
+        Ok(l) => l,
+        Err(e) => {
+            return Err(LeaseError::Op(OpError::Io {
+                what: format!("leader record of resource {name:?}"),
+                detail: format!("unreadable ({e}); an acquisition in progress repairs it, observe again"),
+            }));
+        }
+    };
+    Ok(resource_observation(name, leader, value, hosts))
+}
+
+/// What a leader record and value block say about resource `name`, with the holder's
+/// liveness judged from this round's host observations (shared by the single-lease read and
+/// the batched [`crate::observe::ResourceReader`], so both judge exactly alike).
+pub(crate) fn resource_observation(
+    name: &str,
+    leader: &LeaderRecord,
+    value: Result<Option<ObservedValue>, String>,
+    hosts: &[HostObservation],
+) -> ResourceObservation {
+    let last_token = (leader.lver > 0).then_some(Token(leader.lver));
+    let holder = (leader.state == LeaderState::Held).then(|| {
+        let owner = leader.value.owner;
+        let seen = hosts.iter().find(|o| o.host_id == owner);
+        // A new generation or a cleanly left slot means the holder's incarnation is gone.
+        let gone = seen.is_some_and(|o| o.liveness == Liveness::Free || o.generation != Some(leader.value.generation));
+        let liveness = match seen {
+            _ if gone => Liveness::Dead,
+            Some(o) => o.liveness,
+            None => Liveness::Alive,
+        };
+        HolderObservation {
+            host_id: owner,
+            token: Token(leader.lver),
+            generation: leader.value.generation,
+            liveness,
+            last_change: seen.map_or(Millis(0), |o| o.last_change),
+            dead_at: seen.map_or(Millis(0), |o| o.dead_at),
+        }
+    });
+    ResourceObservation { name: name.to_string(), last_token, holder, value }
 }
 
 #[cfg(test)]

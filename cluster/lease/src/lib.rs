@@ -8,7 +8,8 @@
 //!   finishes before takeover.
 //! * [`engine`]: the protocol as sans-I/O state machines (no clock, no I/O).
 //! * [`lockspace`]: init / open / dump / inspect of an area.
-//! * [`host`]: the blocking API, [`HostLease`].
+//! * [`host`]: the blocking API, [`HostLease`]; [`observe`]: reading many resource
+//!   leases in few large reads.
 //! * [`fence`], [`guard`], [`cgroup`]: self-fencing (escalation plan, the
 //!   guard process, cgroup v2 helpers).
 //!
@@ -24,6 +25,7 @@ pub mod format;
 pub mod guard;
 pub mod host;
 pub mod lockspace;
+pub mod observe;
 #[cfg(test)]
 mod sim;
 pub mod watchdog;

@@ -57,6 +57,8 @@ pub struct LeaseClient {
     tie_break: Arc<AtomicBool>,
     /// The last fencing token the observer read for each group's lease, for status.
     tokens: Arc<std::sync::Mutex<BTreeMap<GroupId, u64>>>,
+    /// Leases the observer should read every round for a while.
+    hints: Arc<Mutex<Hints>>,
 }
 
 impl std::fmt::Debug for Op {
@@ -109,6 +111,24 @@ impl LeaseClient {
     /// How long the host lease stays valid, in ms; `None` once lost.
     pub(crate) fn valid_for_ms(&self) -> Option<u64> {
         self.lease.valid_until().map(|v| v.since(monotonic_now()))
+    }
+
+    /// Tells the observer which leases are about to change, from an event the engine is
+    /// fed: an operator command names its group; a peer lost or entering standby hands its
+    /// groups on. Those leases are read every round for a while (see `HOT_FOR`), so that a
+    /// planned move is seen at once however many leases the sweep covers.
+    pub(crate) fn hint(&self, event: &Event) {
+        let until = std::time::Instant::now() + HOT_FOR;
+        let mut h = self.hints.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            Event::Operator { command, .. } => {
+                h.groups.insert(command.group().clone(), until);
+            }
+            Event::NodeLost(n) | Event::PeerStandby { node: n, standby: true } => {
+                h.nodes.insert(*n, until);
+            }
+            _ => {}
+        }
     }
 
     /// The last fencing token observed on each group's lease (the holder's, while held).
@@ -273,19 +293,21 @@ pub(crate) fn start(
 
     // Observation.
     let tokens = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let hints = Arc::new(Mutex::new(Hints::default()));
     {
         let (lease, stop, tx, contend) = (lease.clone(), stop.clone(), tx.clone(), tie_break.clone());
         let (groups, nodes, me, tokens) = (cfg.groups.clone(), cfg.nodes.clone(), cfg.me, tokens.clone());
+        let hints = hints.clone();
         std::thread::Builder::new()
             .name("lease-observer".into())
             .spawn(move || {
-                let seen = Observed { groups: &groups, nodes: &nodes, me, tokens: &tokens };
+                let seen = Observed { groups: &groups, nodes: &nodes, me, tokens: &tokens, hints: &hints };
                 observe(&lease, &stop, &contend, &seen, &hooks, &tx)
             })
             .expect("spawning a thread");
     }
 
-    Ok(LeaseClient { ops: ops_tx, lease, stop, tie_break, tokens })
+    Ok(LeaseClient { ops: ops_tx, lease, stop, tie_break, tokens, hints })
 }
 
 fn decode_note(tx: &mpsc::UnboundedSender<Input>, group: &GroupId, value: Option<Vec<u8>>) -> Option<LeaseNote> {
@@ -367,21 +389,90 @@ struct Observed<'a> {
     nodes: &'a [NodeId],
     me: NodeId,
     tokens: &'a std::sync::Mutex<BTreeMap<GroupId, u64>>,
+    hints: &'a Mutex<Hints>,
+}
+
+/// Bytes of resource leases the observer reads per round (at least one lease). With the
+/// default area (16 host slots, 512-byte sectors: 9.5 KiB per lease) that is 53 leases: a
+/// cluster of up to 53 groups has every lease read every round, as if there were no budget;
+/// a larger one reads its hot leases every round and sweeps the others within the budget
+/// (1,000 groups: a sweep of 19 rounds). Reading every lease every round would cost an agent
+/// about two cores at 1,000 groups; the lease itself, not this observation, is what keeps a
+/// group from running twice, so a slower sweep costs only reaction time.
+const ROUND_BUDGET_BYTES: u64 = 512 * 1024;
+
+/// How long a lease stays hot (read every round) after a change was seen on it or a hint
+/// named it: a change is usually followed by more (a release by the next acquisition).
+const HOT_FOR: Duration = Duration::from_secs(5);
+
+/// What the runtime knows that makes some leases worth reading every round for a while.
+#[derive(Debug, Default)]
+pub(crate) struct Hints {
+    /// Groups an operator command named.
+    groups: BTreeMap<GroupId, std::time::Instant>,
+    /// Nodes that were lost or went to standby: the leases they hold are about to move.
+    nodes: BTreeMap<NodeId, std::time::Instant>,
+}
+
+/// The observer's memory of one group's lease.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    /// Read successfully at least once.
+    read: bool,
+    holder: Option<NodeId>,
+    token: Option<u64>,
+    value: Option<Vec<u8>>,
+    /// Round of the last read (for fairness among hot leases).
+    round: u64,
+    hot_until: Option<std::time::Instant>,
+}
+
+/// Which groups to read this round: the hot ones first (least recently read first), then
+/// the next ones of the sweep, within `budget` leases (at least one).
+fn pick(hot: &[bool], seen: &[Seen], cursor: &mut usize, budget: usize) -> Vec<usize> {
+    let n = hot.len();
+    let budget = budget.max(1);
+    let mut hot_ones: Vec<usize> = (0..n).filter(|&i| hot[i]).collect();
+    hot_ones.sort_by_key(|&i| (seen[i].round, i));
+    hot_ones.truncate(budget);
+    let mut chosen = vec![false; n];
+    for &i in &hot_ones {
+        chosen[i] = true;
+    }
+    let mut picked = hot_ones;
+    let mut visited = 0;
+    while picked.len() < budget && visited < n {
+        let i = *cursor % n;
+        *cursor = (*cursor + 1) % n;
+        visited += 1;
+        if !chosen[i] {
+            chosen[i] = true;
+            picked.push(i);
+        }
+    }
+    picked
 }
 
 fn observe(
     lease: &HostLease,
     stop: &AtomicBool,
     contend: &AtomicBool,
-    seen: &Observed<'_>,
+    seen_by: &Observed<'_>,
     hooks: &MembershipHooks,
     tx: &mpsc::UnboundedSender<Input>,
 ) {
-    let Observed { groups, nodes, me, tokens } = *seen;
+    let Observed { groups, nodes, me, tokens, hints } = *seen_by;
     let period = Duration::from_millis(lease.timeouts().poll_interval_ms().max(100));
     let mut dead: BTreeSet<NodeId> = BTreeSet::new();
     let mut last_alive: BTreeMap<NodeId, bool> = BTreeMap::new();
+    let mut reader = tandem_lease::observe::ResourceReader::new(lease);
+    let budget = usize::try_from(ROUND_BUDGET_BYTES / reader.slot_len().max(1)).unwrap_or(usize::MAX);
+    let names: Vec<String> = groups.iter().map(group_lease).collect();
+    let mut seen: Vec<Seen> = vec![Seen::default(); groups.len()];
+    let mut cursor = 0usize;
+    let mut round = 0u64;
     while !stop.load(Ordering::SeqCst) {
+        round += 1;
         // Peers' host leases, judged on our own clock.
         let observed = lease.observe_hosts();
         match &observed {
@@ -407,23 +498,57 @@ fn observe(
             }
             Err(e) => tracing::warn!(target: "tandem_node", "cannot read the host leases: {e}"),
         }
-        // Every group's lease: holder and note.
-        for group in groups {
-            // The holders' liveness comes from this round's host observations.
-            let obs = match &observed {
-                Ok(hosts) => lease.observe_resource_with(&group_lease(group), hosts),
-                Err(_) => lease.observe_resource(&group_lease(group)),
-            };
+        // Which leases are hot: never read, free, held by a node whose host lease is not
+        // alive (its groups are being taken over: every node must see who got them), changed
+        // lately, or named by a hint.
+        let now = std::time::Instant::now();
+        let hot: Vec<bool> = {
+            let mut h = hints.lock().unwrap_or_else(|p| p.into_inner());
+            h.groups.retain(|_, until| *until > now);
+            h.nodes.retain(|_, until| *until > now);
+            groups
+                .iter()
+                .zip(&seen)
+                .map(|(g, s)| {
+                    !s.read
+                        || s.holder.is_none()
+                        || s.holder.is_some_and(|n| dead.contains(&n) || h.nodes.contains_key(&n))
+                        || s.hot_until.is_some_and(|t| t > now)
+                        || h.groups.contains_key(g)
+                })
+                .collect()
+        };
+        let picked = pick(&hot, &seen, &mut cursor, budget);
+        let batch: Vec<&str> = picked.iter().map(|&i| names[i].as_str()).collect();
+        // Without this round's host observations, holders are judged alive (never dead
+        // without having been watched for the host-dead time).
+        let hosts = observed.as_deref().unwrap_or(&[]);
+        for (&i, obs) in picked.iter().zip(reader.observe(lease, &batch, hosts)) {
+            let group = &groups[i];
             match obs {
                 Ok(obs) => {
-                    let note = decode_note(tx, group, obs.value_bytes().map(<[u8]>::to_vec));
+                    let value = obs.value_bytes().map(<[u8]>::to_vec);
                     let holder = obs.holder.as_ref().map(|h| NodeId(h.host_id));
-                    if let Some(t) = obs.last_token {
-                        tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(group.clone(), t.0);
+                    let token = obs.last_token.map(|t| t.0);
+                    let s = &mut seen[i];
+                    if s.read && (s.holder != holder || s.token != token || s.value != value) {
+                        s.hot_until = Some(now + HOT_FOR);
+                    }
+                    s.read = true;
+                    s.round = round;
+                    s.holder = holder;
+                    s.token = token;
+                    s.value.clone_from(&value);
+                    let note = decode_note(tx, group, value);
+                    if let Some(t) = token {
+                        tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(group.clone(), t);
                     }
                     let _ = tx.send(Input::Engine(Event::LeaseObserved { group: group.clone(), holder, note }));
                 }
-                Err(e) => tracing::warn!(target: "tandem_node", "cannot read the lease of {group}: {e}"),
+                Err(e) => {
+                    seen[i].round = round;
+                    tracing::warn!(target: "tandem_node", "cannot read the lease of {group}: {e}")
+                }
             }
         }
         // The quorum tie-break (two-node clusters). The lease is held continuously by
@@ -440,5 +565,69 @@ fn observe(
         }
         (hooks.tie_break)(lease.holds(QUORUM_LEASE).is_some());
         std::thread::sleep(period);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(n: usize) -> Vec<Seen> {
+        vec![Seen::default(); n]
+    }
+
+    /// Within the budget every lease is read every round, as without one.
+    #[test]
+    fn everything_fits_in_the_budget() {
+        let (hot, s) = (vec![false; 10], seen(10));
+        let mut cursor = 0;
+        for _ in 0..3 {
+            let mut p = pick(&hot, &s, &mut cursor, 53);
+            p.sort_unstable();
+            assert_eq!(p, (0..10).collect::<Vec<_>>());
+        }
+    }
+
+    /// Over the budget: the hot leases first, then a sweep that reaches every other lease
+    /// within ceil(cold / (budget - hot)) rounds.
+    #[test]
+    fn hot_leases_first_then_a_sweep_of_the_rest() {
+        let n = 100;
+        let mut hot = vec![false; n];
+        hot[7] = true;
+        hot[93] = true;
+        let s = seen(n);
+        let mut cursor = 0;
+        let mut covered = BTreeSet::new();
+        for round in 0..10 {
+            let p = pick(&hot, &s, &mut cursor, 12);
+            assert_eq!(p.len(), 12);
+            assert!(p[..2].contains(&7) && p[..2].contains(&93), "round {round}: {p:?}");
+            covered.extend(p);
+        }
+        assert_eq!(covered.len(), n, "98 cold leases, 10 per round: all read in 10 rounds");
+    }
+
+    /// More hot leases than the budget: the least recently read first, so none starves.
+    #[test]
+    fn hot_leases_over_the_budget_take_turns() {
+        let hot = vec![true; 6];
+        let mut s = seen(6);
+        let mut cursor = 0;
+        let mut counts = [0; 6];
+        for round in 1..=6 {
+            for i in pick(&hot, &s, &mut cursor, 2) {
+                counts[i] += 1;
+                s[i].round = round;
+            }
+        }
+        assert_eq!(counts, [2; 6]);
+    }
+
+    /// A budget of zero still reads one lease per round.
+    #[test]
+    fn at_least_one_lease_per_round() {
+        let mut cursor = 0;
+        assert_eq!(pick(&[false, false], &seen(2), &mut cursor, 0).len(), 1);
     }
 }
