@@ -392,14 +392,25 @@ struct Observed<'a> {
     hints: &'a Mutex<Hints>,
 }
 
-/// Bytes of resource leases the observer reads per round (at least one lease). With the
-/// default area (16 host slots, 512-byte sectors: 9.5 KiB per lease) that is 53 leases: a
-/// cluster of up to 53 groups has every lease read every round, as if there were no budget;
-/// a larger one reads its hot leases every round and sweeps the others within the budget
-/// (1,000 groups: a sweep of 19 rounds). Reading every lease every round would cost an agent
-/// about two cores at 1,000 groups; the lease itself, not this observation, is what keeps a
-/// group from running twice, so a slower sweep costs only reaction time.
+/// Bytes of resource leases the observer reads per round at least. With the default area
+/// (16 host slots, 512-byte sectors: 9.5 KiB per lease) that is 53 leases: a cluster of up to
+/// 53 groups has every lease read every round.
 const ROUND_BUDGET_BYTES: u64 = 512 * 1024;
+
+/// A larger cluster reads its hot leases every round and sweeps the others so that each is
+/// read at least once every this many rounds (poll interval `R/4`: within `0.75 R`). That
+/// keeps the engine's assumption that a freed lease is seen by every node within the
+/// takeover stagger (`R`). At 1,000 groups on the default area that is 334 leases, 3.2 MB,
+/// per round: about 13 MB/s of lease reads per host at `R = 1 s`, in reads of up to 1 MiB,
+/// and a few milliseconds of CPU per second (one lease per read and a full decode of every
+/// ballot block, as before, cost an agent most of a core at 100 groups).
+const SWEEP_ROUNDS: usize = 3;
+
+/// An observation that did not change is handed to the engine again after this many
+/// rounds anyway (`2 R`): the engine's own view of a lease it does not hold can change
+/// without the lease changing (after a release or a refused acquisition), and it must not
+/// wait for the next change on disk to be corrected.
+const REFRESH_ROUNDS: u64 = 8;
 
 /// How long a lease stays hot (read every round) after a change was seen on it or a hint
 /// named it: a change is usually followed by more (a release by the next acquisition).
@@ -424,12 +435,14 @@ struct Seen {
     value: Option<Vec<u8>>,
     /// Round of the last read (for fairness among hot leases).
     round: u64,
+    /// Round in which the engine was last handed this lease's observation.
+    sent_round: u64,
     hot_until: Option<std::time::Instant>,
 }
 
-/// Which groups to read this round: the hot ones first (least recently read first), then
-/// the next ones of the sweep, within `budget` leases (at least one).
-fn pick(hot: &[bool], seen: &[Seen], cursor: &mut usize, budget: usize) -> Vec<usize> {
+/// Which groups to read this round: the hot ones first (least recently read first, at most
+/// `budget`), then at least `sweep` others in turn, and more while under `budget`.
+fn pick(hot: &[bool], seen: &[Seen], cursor: &mut usize, budget: usize, sweep: usize) -> Vec<usize> {
     let n = hot.len();
     let budget = budget.max(1);
     let mut hot_ones: Vec<usize> = (0..n).filter(|&i| hot[i]).collect();
@@ -439,9 +452,10 @@ fn pick(hot: &[bool], seen: &[Seen], cursor: &mut usize, budget: usize) -> Vec<u
     for &i in &hot_ones {
         chosen[i] = true;
     }
+    let target = (hot_ones.len() + sweep).max(budget);
     let mut picked = hot_ones;
     let mut visited = 0;
-    while picked.len() < budget && visited < n {
+    while picked.len() < target && visited < n {
         let i = *cursor % n;
         *cursor = (*cursor + 1) % n;
         visited += 1;
@@ -467,6 +481,7 @@ fn observe(
     let mut last_alive: BTreeMap<NodeId, bool> = BTreeMap::new();
     let mut reader = tandem_lease::observe::ResourceReader::new(lease);
     let budget = usize::try_from(ROUND_BUDGET_BYTES / reader.slot_len().max(1)).unwrap_or(usize::MAX);
+    let sweep = groups.len().div_ceil(SWEEP_ROUNDS);
     let names: Vec<String> = groups.iter().map(group_lease).collect();
     let mut seen: Vec<Seen> = vec![Seen::default(); groups.len()];
     let mut cursor = 0usize;
@@ -518,7 +533,7 @@ fn observe(
                 })
                 .collect()
         };
-        let picked = pick(&hot, &seen, &mut cursor, budget);
+        let picked = pick(&hot, &seen, &mut cursor, budget, sweep);
         let batch: Vec<&str> = picked.iter().map(|&i| names[i].as_str()).collect();
         // Without this round's host observations, holders are judged alive (never dead
         // without having been watched for the host-dead time).
@@ -531,11 +546,16 @@ fn observe(
                     let holder = obs.holder.as_ref().map(|h| NodeId(h.host_id));
                     let token = obs.last_token.map(|t| t.0);
                     let s = &mut seen[i];
-                    if s.read && (s.holder != holder || s.token != token || s.value != value) {
+                    let changed = !s.read || s.holder != holder || s.token != token || s.value != value;
+                    if changed && s.read {
                         s.hot_until = Some(now + HOT_FOR);
                     }
                     s.read = true;
                     s.round = round;
+                    if !changed && round < s.sent_round + REFRESH_ROUNDS {
+                        continue;
+                    }
+                    s.sent_round = round;
                     s.holder = holder;
                     s.token = token;
                     s.value.clone_from(&value);
@@ -582,7 +602,7 @@ mod tests {
         let (hot, s) = (vec![false; 10], seen(10));
         let mut cursor = 0;
         for _ in 0..3 {
-            let mut p = pick(&hot, &s, &mut cursor, 53);
+            let mut p = pick(&hot, &s, &mut cursor, 53, 4);
             p.sort_unstable();
             assert_eq!(p, (0..10).collect::<Vec<_>>());
         }
@@ -600,7 +620,7 @@ mod tests {
         let mut cursor = 0;
         let mut covered = BTreeSet::new();
         for round in 0..10 {
-            let p = pick(&hot, &s, &mut cursor, 12);
+            let p = pick(&hot, &s, &mut cursor, 12, 5);
             assert_eq!(p.len(), 12);
             assert!(p[..2].contains(&7) && p[..2].contains(&93), "round {round}: {p:?}");
             covered.extend(p);
@@ -616,7 +636,7 @@ mod tests {
         let mut cursor = 0;
         let mut counts = [0; 6];
         for round in 1..=6 {
-            for i in pick(&hot, &s, &mut cursor, 2) {
+            for i in pick(&hot, &s, &mut cursor, 2, 0) {
                 counts[i] += 1;
                 s[i].round = round;
             }
@@ -624,10 +644,25 @@ mod tests {
         assert_eq!(counts, [2; 6]);
     }
 
+    /// Beyond the budget, the sweep still reads its share every round: with 1,000 leases,
+    /// 40 of them hot and a budget of 53, every lease is read within 3 rounds.
+    #[test]
+    fn the_sweep_reaches_every_lease_within_its_rounds() {
+        let n = 1000;
+        let hot: Vec<bool> = (0..n).map(|i| i % 25 == 0).collect();
+        let s = seen(n);
+        let mut cursor = 0;
+        let mut covered = BTreeSet::new();
+        for _ in 0..SWEEP_ROUNDS {
+            covered.extend(pick(&hot, &s, &mut cursor, 53, n.div_ceil(SWEEP_ROUNDS)));
+        }
+        assert_eq!(covered.len(), n);
+    }
+
     /// A budget of zero still reads one lease per round.
     #[test]
     fn at_least_one_lease_per_round() {
         let mut cursor = 0;
-        assert_eq!(pick(&[false, false], &seen(2), &mut cursor, 0).len(), 1);
+        assert_eq!(pick(&[false, false], &seen(2), &mut cursor, 0, 0).len(), 1);
     }
 }
