@@ -318,7 +318,8 @@ impl Cluster {
         Lockspace::init(
             &disk,
             &AreaParams {
-                host_slots: 8,
+                // One host id per host (the 10-host benchmark needs more than 8).
+                host_slots: (hosts as u32).max(8),
                 // Every VM's lease plus the quorum tie-break, with room to spare.
                 resource_slots: (vms.len() as u32 + 1).max(64),
                 timeouts: Timeouts::from_renewal_ms(RENEWAL_MS),
