@@ -137,6 +137,22 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Starts a defined domain that is off.
     fn start<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
 
+    /// Starts a defined domain that is off with its vCPUs paused (it reports `Paused`):
+    /// what a start does when it must register the emulator process with the fencing
+    /// guard before the guest runs, then [`Hypervisor::resume`]s it.
+    ///
+    /// The default implementation reports [`HypervisorError::Unsupported`].
+    fn start_paused<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let _ = domain;
+        Box::pin(async move {
+            Err(HypervisorError::Unsupported {
+                op: "start paused",
+                uri: self.uri().to_string(),
+                source: "this hypervisor backend cannot start a domain paused".into(),
+            })
+        })
+    }
+
     /// Asks the guest to power off (ACPI power button); returns once requested.
     fn shutdown<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
 
