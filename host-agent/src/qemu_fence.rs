@@ -289,13 +289,14 @@ impl QemuGuard {
     }
 
     /// Finds the QEMU process of domain `uuid` and registers it (and its cgroup, if it has
-    /// one of its own) with the guard, replacing an earlier registration. Idempotent.
-    pub fn register(&self, uuid: &str) -> Result<QemuProcess, String> {
+    /// one of its own) with the guard, replacing an earlier registration. Idempotent: the
+    /// flag says whether this call registered it (false: it was registered already).
+    pub fn register(&self, uuid: &str) -> Result<(QemuProcess, bool), String> {
         let daemon = daemon_pid(&self.socket).map_err(|e| crate::error_chain(&e))?;
         let found = find_qemu(uuid, Some(daemon)).map_err(|e| crate::error_chain(&e))?;
         let mut slot = self.slot();
         if slot.as_ref() == Some(&found) {
-            return Ok(found);
+            return Ok((found, false));
         }
         if let Some(old) = slot.take() {
             self.forget(&old);
@@ -311,7 +312,7 @@ impl QemuGuard {
                 "cannot register the QEMU cgroup with the fencing guard: {}", crate::error_chain(&e));
         }
         *slot = Some(found.clone());
-        Ok(found)
+        Ok((found, true))
     }
 
     /// Stops guarding the registered QEMU (the VM stopped or left this host).

@@ -625,9 +625,11 @@ impl VmResource {
     fn guard_qemu(&self) -> Result<(), Fault> {
         let Some(qemu) = &self.qemu else { return Ok(()) };
         match qemu.register(&self.key) {
-            Ok(q) => {
-                tracing::info!(resource = %self.id, domain = %self.def.name, pid = q.pid,
-                    cgroup = ?q.cgroup, "QEMU registered with the fencing guard");
+            Ok((q, new)) => {
+                if new {
+                    tracing::info!(resource = %self.id, domain = %self.def.name, pid = q.pid,
+                        cgroup = ?q.cgroup, "QEMU registered with the fencing guard");
+                }
                 Ok(())
             }
             Err(why) => Err(Fault::Ended {
