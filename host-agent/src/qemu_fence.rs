@@ -25,7 +25,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use tandem_lease::cgroup::{Cgroup, cgroup2_mount, check_path, own_cgroup};
@@ -238,26 +237,6 @@ pub fn same_process(pid: i32, start: u64) -> bool {
     process_start_time(pid) == Some(start)
 }
 
-/// The command line of `pid` for messages (arguments joined by spaces, shortened).
-pub fn describe(pid: i32) -> String {
-    let raw = std::fs::read(format!("{PROC}/{pid}/cmdline")).unwrap_or_default();
-    let text: Vec<String> = raw
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| std::ffi::OsStr::from_bytes(a).to_string_lossy().into_owned())
-        .collect();
-    let mut s = text.join(" ");
-    if s.len() > 120 {
-        let mut cut = 120;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
-}
-
 /// One VM's QEMU as registered with the node's fencing guard.
 #[derive(Debug)]
 pub struct QemuGuard {
@@ -396,7 +375,6 @@ mod tests {
         assert!(!same_process(found.pid, found.start + 1));
         // In this test's own cgroup (shared with the test and everything else): none of its own.
         assert_eq!(found.cgroup, None);
-        assert!(describe(found.pid).contains(&u), "{}", describe(found.pid));
         let other = "7f000000-0000-4000-8000-ffffffffffff";
         assert!(matches!(find_qemu(other, None), Err(QemuFindError::NotFound { .. })));
         // Two with the same UUID: refused, never a guess.

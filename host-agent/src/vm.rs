@@ -580,6 +580,8 @@ pub struct VmResource {
     /// The registration of the VM's QEMU process with the fencing guard (local QEMU
     /// hypervisors only; the test driver's domains live inside the agent).
     qemu: Option<crate::qemu_fence::QemuGuard>,
+    /// Whether this host's lease is valid now: checked before a start lets the guest run.
+    lease: tandem_node::resources::LeaseCheck,
 }
 
 impl VmResource {
@@ -610,7 +612,23 @@ impl VmResource {
             running_since: std::sync::Mutex::new(None),
             migration: None,
             qemu: None,
+            lease: tandem_node::resources::LeaseCheck::default(),
         }
+    }
+
+    /// Checks `lease` right before letting the guest run (the start's steps may be far apart
+    /// if this process was paused between them).
+    pub fn with_lease(mut self, lease: tandem_node::resources::LeaseCheck) -> VmResource {
+        self.lease = lease;
+        self
+    }
+
+    /// Refuses to let the guest run once this host's lease has ended.
+    fn lease_still_valid(&self, step: &str) -> Result<(), Fault> {
+        if self.lease.valid_now() {
+            return Ok(());
+        }
+        Err(Fault::Ended { why: format!("was not {step}: this host's lease is no longer valid") })
     }
 
     /// Registers the VM's QEMU process with the fencing guard whenever it runs here (see
@@ -924,6 +942,7 @@ impl VmResource {
         }
         // Guarded before its vCPUs run here.
         self.guard_qemu()?;
+        self.lease_still_valid("resumed")?;
         self.bounded("resume", until, limit, self.hv.resume(&self.key)).await?;
         self.wait_for(&mut events, "resume", until, limit, |state| match state {
             Some(s) if s.is_running() => Ok(true),
@@ -977,6 +996,9 @@ impl VmResource {
         // With a local QEMU the guest starts paused and runs only once its QEMU process is
         // registered with the fencing guard: no guest code runs unguarded.
         let paused_first = self.qemu.is_some();
+        if !paused_first {
+            self.lease_still_valid("started")?;
+        }
         let call = if paused_first { self.hv.start_paused(&self.key) } else { self.hv.start(&self.key) };
         match self.bounded("start", until, limit, call).await {
             // Already running (someone was quicker): the wait below sees it.
@@ -994,6 +1016,7 @@ impl VmResource {
             })
             .await?;
             self.guard_qemu()?;
+            self.lease_still_valid("resumed")?;
             match self.bounded("resume", until, limit, self.hv.resume(&self.key)).await {
                 // Running already: the wait below sees it.
                 Err(fault) if !fault.is_state() => return Err(fault),
@@ -1412,7 +1435,8 @@ impl HostResources {
                     .with_guests(self.guests.clone(), Some(self.activity.clone()))
                     .with_stop_gate(self.gate.clone())
                     .with_migration(self.migration.clone())
-                    .with_qemu_guard(crate::qemu_fence::QemuGuard::for_uri(self.hypervisor.uri(), env.guard.clone()));
+                    .with_qemu_guard(crate::qemu_fence::QemuGuard::for_uri(self.hypervisor.uri(), env.guard.clone()))
+                    .with_lease(env.lease.clone());
                 let vm = match &self.fence_marks {
                     Some(m) => vm.with_fence_marks(m.clone()),
                     None => vm,

@@ -192,10 +192,12 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     }
 
     let guard_access = resources::GuardAccess::default();
+    let lease_check = resources::LeaseCheck::default();
     let mut built: Vec<(GroupId, ResourceId, Arc<dyn Resource>)> = Vec::new();
     for g in &config.groups {
         let gid = GroupId(g.name.clone());
-        let mut env = ResourceEnv::new(opts.node.clone()).with_guard(guard_access.clone());
+        let mut env =
+            ResourceEnv::new(opts.node.clone()).with_guard(guard_access.clone()).with_lease(lease_check.clone());
         if let Some(cg) = cgroups.get(&gid) {
             env = env.with_cgroup(cg.clone());
         }
@@ -331,6 +333,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     let monitors = MonitorTable::new(&config, builtin, tx.clone());
     let valid = leases.clone();
     let lease_valid: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || valid.is_valid_now());
+    lease_check.attach(lease_valid.clone());
     let resources = ResourceTable::new(built, cgroups, lease_valid.clone());
 
     let quorum_view = ctl.clone();

@@ -28,6 +28,40 @@ impl std::fmt::Debug for GuardAccess {
     }
 }
 
+/// Whether this node's host lease is valid right now, for resources whose start takes
+/// several steps: a process paused between them (SIGSTOP, a stalled VM) must not take the
+/// next step (resuming a guest, say) after its lease ended. Answers true until the lease
+/// service attached itself (resources built outside an agent, in tests and tools).
+#[derive(Clone, Default)]
+pub struct LeaseCheck {
+    valid: Arc<std::sync::OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for LeaseCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseCheck").field("attached", &self.valid.get().is_some()).finish()
+    }
+}
+
+impl LeaseCheck {
+    /// A check that answers from `valid` (for resources built outside an agent).
+    pub fn new(valid: Arc<dyn Fn() -> bool + Send + Sync>) -> LeaseCheck {
+        let check = LeaseCheck::default();
+        check.attach(valid);
+        check
+    }
+
+    /// Answers from `valid` from now on (the agent does this once the lease service runs).
+    pub(crate) fn attach(&self, valid: Arc<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.valid.set(valid);
+    }
+
+    /// Whether the host lease is valid now, on a fresh clock reading.
+    pub fn valid_now(&self) -> bool {
+        self.valid.get().is_none_or(|f| f())
+    }
+}
+
 /// Why a resource could not (un)register something with the guard.
 #[derive(Debug, thiserror::Error)]
 pub enum GuardAccessError {
@@ -106,6 +140,8 @@ pub struct ResourceEnv {
     pub systemd_marker: PathBuf,
     /// The node's fencing guard, for processes a resource runs outside its cgroup.
     pub guard: GuardAccess,
+    /// Whether the node's host lease is valid now (between the steps of a start).
+    pub lease: LeaseCheck,
 }
 
 impl ResourceEnv {
@@ -121,12 +157,19 @@ impl ResourceEnv {
             ip_timeout: Duration::from_secs(10),
             systemd_marker: PathBuf::from("/run/systemd/system"),
             guard: GuardAccess::default(),
+            lease: LeaseCheck::default(),
         }
     }
 
     /// Sets the fencing guard resources may register processes with.
     pub fn with_guard(mut self, guard: GuardAccess) -> Self {
         self.guard = guard;
+        self
+    }
+
+    /// Sets the check of the node's host lease.
+    pub fn with_lease(mut self, lease: LeaseCheck) -> Self {
+        self.lease = lease;
         self
     }
 
