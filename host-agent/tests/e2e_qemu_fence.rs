@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, RENEWAL_MS, vm};
+use common::{Cluster, RENEWAL_MS, qemu_pids, vm, wait_registered};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tandem_host::hypervisor::libvirt::LibvirtHypervisor;
@@ -26,20 +26,6 @@ use tandem_lease::fence::FencePlan;
 use tandem_testkit::qemu::qemu_or_skip;
 
 const BOUND: Duration = Duration::from_secs(60);
-
-/// The processes (pids in this namespace) with `-uuid UUID` on their command line.
-fn qemu_pids(uuid: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.windows(2).any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes()) {
-            out.push(pid);
-        }
-    }
-    out
-}
 
 /// The `tandem-host` process of a host: the agent runs under `tini -s` in its namespace.
 fn agent_pid(tini: u32) -> i32 {
@@ -144,35 +130,6 @@ impl Drop for Sampler {
 
 fn running(s: &Option<DomainState>) -> bool {
     s.as_ref().is_some_and(DomainState::is_running)
-}
-
-/// `text` without terminal colour sequences (the agents log in colour).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte (a letter).
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Waits until `host`'s log says its guard holds QEMU `pid`.
-fn wait_registered(c: &Cluster, host: &str, pid: i32) {
-    c.wait(&format!("{host} to register QEMU {pid}"), BOUND, || {
-        let log = strip_ansi(&c.log_of(host));
-        log.lines()
-            .any(|l| l.contains("QEMU registered with the fencing guard") && l.contains(&format!("pid={pid} ")))
-            .then_some(())
-    });
 }
 
 #[test]
