@@ -211,3 +211,36 @@ fn the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_sta
     drop(h1);
     drop(h2);
 }
+
+#[test]
+fn a_vm_found_running_when_the_agent_starts_is_adopted_and_its_qemu_guarded() {
+    if !qemu_or_skip("a_vm_found_running_when_the_agent_starts_is_adopted_and_its_qemu_guarded") {
+        return;
+    }
+    let c = Cluster::in_netns_qemu(2, &[vm("qa", 32, 1, &["h1", "h2"])]);
+    let uuid = c.uuid_of("qa");
+    // Running on h1 before any agent: started by hand with the cluster's own definition.
+    let xml = c.path("qa.xml");
+    c.qemu[0].virsh(&["define", &xml.display().to_string()]);
+    c.qemu[0].virsh(&["start", "qa"]);
+    let pids = qemu_pids(&uuid);
+    assert_eq!(pids.len(), 1, "one QEMU with the VM's UUID: {pids:?}");
+    let qemu = pids[0];
+    let qemu_fd = pidfd(qemu);
+
+    let h1 = c.start("h1");
+    let _h2 = c.start("h2");
+    // The same process is registered: adopted, not restarted.
+    wait_registered(&c, "h1", qemu);
+    let log1 = common::strip_ansi(&c.log_of("h1"));
+    assert!(!log1.contains("starting the VM"), "h1 restarted the VM instead of adopting it:\n{log1}");
+    assert!(wait_exit(&qemu_fd, Duration::ZERO).is_none(), "the adopted QEMU still runs");
+
+    let agent1 = agent_pid(h1.agent.pid());
+    let killed = Instant::now();
+    kill(Pid::from_raw(agent1), Signal::SIGKILL).unwrap();
+    let died = wait_exit(&qemu_fd, BOUND).unwrap_or_else(|| panic!("QEMU {qemu} still runs; logs:\n{}", c.logs()));
+    eprintln!("h1's agent killed; the adopted QEMU {qemu} died {} ms later", (died - killed).as_millis());
+    assert!(died - killed < Duration::from_secs(1), "the guard kills the adopted QEMU at once when its agent dies");
+    drop(h1);
+}
