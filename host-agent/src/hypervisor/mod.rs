@@ -286,10 +286,12 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
 /// * `test://…` (the libvirt test driver): the domains live inside the agent's own
 ///   process, so a host whose lease is dead (agent killed by its fencing guard, or never
 ///   running again before it destroys them) runs none of them: **true**.
-/// * anything else (`qemu:///system`, remote URIs…): the self-fence guard kills the
-///   agent's process groups and cgroups, but not the QEMU processes, which libvirt runs in
-///   machine scopes of their own (docs/host-agent.md, "Limits"): a dead agent may leave
-///   its VMs running, so **false** until that gap is closed.
+/// * anything else: **false**. Remote URIs run QEMU on another machine, out of the
+///   guard's reach. With a local QEMU (`qemu:///system`) the guard does kill each VM's
+///   registered QEMU process ([`crate::qemu_fence`]), but a VM whose registration failed
+///   (adopted at start-up, retried by checks) or a guard that died before its agent would
+///   leave one running, and "off" is an answer a guest acts on: the rule stays the safe
+///   one until those cases are closed too (docs/host-agent.md, "Limits").
 pub fn self_fence_stops_vms(uri: &str) -> bool {
     uri.starts_with("test://")
 }
