@@ -20,6 +20,7 @@ pub mod hypervisor;
 pub mod link;
 pub mod maintenance;
 pub mod nic;
+pub mod qemu_fence;
 pub mod vm;
 
 /// An error with its sources, `: `-separated (for messages that must say everything).

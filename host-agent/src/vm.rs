@@ -577,6 +577,11 @@ pub struct VmResource {
     running_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// Live migration on planned handovers (none: always shut down).
     migration: Option<Migration>,
+    /// The registration of the VM's QEMU process with the fencing guard (local QEMU
+    /// hypervisors only; the test driver's domains live inside the agent).
+    qemu: Option<crate::qemu_fence::QemuGuard>,
+    /// Whether this host's lease is valid now: checked before a start lets the guest run.
+    lease: tandem_node::resources::LeaseCheck,
 }
 
 impl VmResource {
@@ -606,6 +611,71 @@ impl VmResource {
             guest_watch: None,
             running_since: std::sync::Mutex::new(None),
             migration: None,
+            qemu: None,
+            lease: tandem_node::resources::LeaseCheck::default(),
+        }
+    }
+
+    /// Checks `lease` right before letting the guest run (the start's steps may be far apart
+    /// if this process was paused between them).
+    pub fn with_lease(mut self, lease: tandem_node::resources::LeaseCheck) -> VmResource {
+        self.lease = lease;
+        self
+    }
+
+    /// Refuses to let the guest run once this host's lease has ended.
+    fn lease_still_valid(&self, step: &str) -> Result<(), Fault> {
+        if self.lease.valid_now() {
+            return Ok(());
+        }
+        Err(Fault::Ended { why: format!("was not {step}: this host's lease is no longer valid") })
+    }
+
+    /// Registers the VM's QEMU process with the fencing guard whenever it runs here (see
+    /// [`crate::qemu_fence`]); `None`: nothing to register (no local QEMU).
+    pub fn with_qemu_guard(mut self, qemu: Option<crate::qemu_fence::QemuGuard>) -> VmResource {
+        self.qemu = qemu;
+        self
+    }
+
+    /// Registers the domain's QEMU process with the fencing guard (no-op without a local
+    /// QEMU, or when the same process is registered already).
+    fn guard_qemu(&self) -> Result<(), Fault> {
+        let Some(qemu) = &self.qemu else { return Ok(()) };
+        match qemu.register(&self.key) {
+            Ok((q, new)) => {
+                if new {
+                    tracing::info!(resource = %self.id, domain = %self.def.name, pid = q.pid,
+                        cgroup = ?q.cgroup, "QEMU registered with the fencing guard");
+                }
+                Ok(())
+            }
+            Err(why) => Err(Fault::Ended {
+                why: format!("its QEMU process cannot be registered with the fencing guard ({why}), so it may not run"),
+            }),
+        }
+    }
+
+    /// While the VM runs here, its QEMU process must be the one registered: registers it
+    /// again if a registration failed earlier or the process changed.
+    fn keep_qemu_guarded(&self) {
+        let Some(qemu) = &self.qemu else { return };
+        if self.expected_off.load(Ordering::SeqCst) || qemu.holds_live_process() {
+            return;
+        }
+        if let Err(fault) = self.guard_qemu() {
+            tracing::error!(resource = %self.id, domain = %self.def.name, "{}", self.describe(&fault));
+        }
+    }
+
+    /// Stops guarding the QEMU process: the VM is off here or left this host.
+    fn unguard_qemu(&self) {
+        if let Some(qemu) = &self.qemu
+            && let Some(q) = qemu.registered()
+        {
+            qemu.unregister();
+            tracing::info!(resource = %self.id, domain = %self.def.name, pid = q.pid,
+                "QEMU unregistered from the fencing guard");
         }
     }
 
@@ -870,6 +940,9 @@ impl VmResource {
                 return Ok(false);
             }
         }
+        // Guarded before its vCPUs run here.
+        self.guard_qemu()?;
+        self.lease_still_valid("resumed")?;
         self.bounded("resume", until, limit, self.hv.resume(&self.key)).await?;
         self.wait_for(&mut events, "resume", until, limit, |state| match state {
             Some(s) if s.is_running() => Ok(true),
@@ -920,10 +993,35 @@ impl VmResource {
         }
         // Redefined on every start: every host runs the cluster's current definition.
         self.bounded("define", until, limit, self.hv.define(&self.def.xml)).await?;
-        match self.bounded("start", until, limit, self.hv.start(&self.key)).await {
+        // With a local QEMU the guest starts paused and runs only once its QEMU process is
+        // registered with the fencing guard: no guest code runs unguarded.
+        let paused_first = self.qemu.is_some();
+        if !paused_first {
+            self.lease_still_valid("started")?;
+        }
+        let call = if paused_first { self.hv.start_paused(&self.key) } else { self.hv.start(&self.key) };
+        match self.bounded("start", until, limit, call).await {
             // Already running (someone was quicker): the wait below sees it.
             Err(fault) if !fault.is_state() => return Err(fault),
             _ => {}
+        }
+        if paused_first {
+            self.wait_for(&mut events, "start", until, limit, |state| match state {
+                Some(s) if s.is_running() => Ok(true),
+                Some(DomainState::Paused(_)) => Ok(true),
+                Some(DomainState::Shutoff(reason)) => Err(format!("stopped while starting ({reason:?})")),
+                Some(DomainState::Crashed(_)) => Err("crashed while starting".to_string()),
+                None => Err("disappeared while starting".to_string()),
+                Some(_) => Ok(false),
+            })
+            .await?;
+            self.guard_qemu()?;
+            self.lease_still_valid("resumed")?;
+            match self.bounded("resume", until, limit, self.hv.resume(&self.key)).await {
+                // Running already: the wait below sees it.
+                Err(fault) if !fault.is_state() => return Err(fault),
+                _ => {}
+            }
         }
         self.wait_for(&mut events, "start", until, limit, |state| match state {
             Some(s) if s.is_running() => Ok(true),
@@ -992,7 +1090,10 @@ impl VmResource {
         let mut events = self.hv.subscribe();
         let state = self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await?;
         match state {
-            None => return Ok(()),
+            None => {
+                self.unguard_qemu();
+                return Ok(());
+            }
             Some(state) if state.is_off() => {}
             Some(_) if force => {
                 self.destroy_domain(&mut events).await?;
@@ -1024,6 +1125,7 @@ impl VmResource {
             tracing::warn!(resource = %self.id, domain = %self.def.name, uri = %self.hv.uri(),
                 "the VM is off but its definition could not be removed: {}", self.describe(&fault));
         }
+        self.unguard_qemu();
         self.report(VmStep::Stopped, "off");
         Ok(())
     }
@@ -1067,6 +1169,8 @@ impl VmResource {
         match self.bounded("live migration", started + limit, limit, call).await {
             Ok(()) => {
                 let took = started.elapsed();
+                // Its QEMU here has ended (the copy there is that host's to guard).
+                self.unguard_qemu();
                 // The migration undefined it here; a transient leftover would be a bug of the
                 // driver, but must not stay defined where the VM does not run.
                 if let Ok(Some(_)) = self.read_state(Instant::now() + self.call_timeout, self.call_timeout).await {
@@ -1119,6 +1223,8 @@ impl Resource for VmResource {
                 },
                 false => self.start_domain().await,
             };
+            // Whichever way it came to run (also "already runs here"), its QEMU is guarded.
+            let started = started.and_then(|()| self.guard_qemu());
             match started {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
@@ -1201,6 +1307,11 @@ impl Resource for VmResource {
         // later power-off from outside or a migration away is not mistaken for our own stop.
         self.expected_off.store(false, Ordering::SeqCst);
         *self.running_since.lock().expect("not poisoned") = Some(std::time::Instant::now());
+        // It ran unguarded since the previous agent ended: guard it now (the next check
+        // tries again if this fails).
+        if let Err(fault) = self.guard_qemu() {
+            tracing::error!(resource = %self.id, domain = %self.def.name, "{}", self.describe(&fault));
+        }
     }
 
     fn check(&self) -> BoxFuture<'_, Health> {
@@ -1219,7 +1330,10 @@ impl Resource for VmResource {
                     let fenced = self.fence_marks.as_ref().and_then(|m| m.get(&self.def.uuid));
                     match health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
                     {
-                        Health::Running => self.guest_silence().map_or(Health::Running, Health::Failed),
+                        Health::Running => {
+                            self.keep_qemu_guarded();
+                            self.guest_silence().map_or(Health::Running, Health::Failed)
+                        }
                         other => other,
                     }
                 }
@@ -1307,15 +1421,22 @@ impl HostResources {
         &self,
         group: &str,
         spec: &tandem_config::Resource,
-        _env: &ResourceEnv,
+        env: &ResourceEnv,
     ) -> Result<VmResource, ResourceError> {
         check_name(group, spec)?;
         match &spec.kind {
             ResourceKind::Vm(config) => {
+                let uri = self.hypervisor.uri();
+                if crate::qemu_fence::local_daemon_socket(uri).is_none() && !uri.starts_with("test:") {
+                    tracing::warn!(%uri, group, "this hypervisor's guests are not local QEMU processes: the fencing \
+                        guard cannot stop them if this agent stalls or dies");
+                }
                 let vm = VmResource::build(group, &spec.name, config, self.hypervisor.clone())?
                     .with_guests(self.guests.clone(), Some(self.activity.clone()))
                     .with_stop_gate(self.gate.clone())
-                    .with_migration(self.migration.clone());
+                    .with_migration(self.migration.clone())
+                    .with_qemu_guard(crate::qemu_fence::QemuGuard::for_uri(self.hypervisor.uri(), env.guard.clone()))
+                    .with_lease(env.lease.clone());
                 let vm = match &self.fence_marks {
                     Some(m) => vm.with_fence_marks(m.clone()),
                     None => vm,

@@ -229,6 +229,14 @@ fn a_moved_vm_is_live_migrated_and_never_runs_on_two_hosts() {
         .unwrap_or_else(|| panic!("h1 does not say it live-migrated m1; log:\n{h1_log}"))
         .to_string();
     assert!(c.log_of("h2").contains("resuming the VM migrated here"), "h2 does not say it resumed m1");
+    // The fencing guards follow the VM: h2's guards the one QEMU left (its own), h1's let go.
+    let pid = c.wait("h1's QEMU of m1 to end", BOUND, || match common::qemu_pids(&uuid).as_slice() {
+        &[pid] => Some(pid),
+        _ => None,
+    });
+    common::wait_registered(&c, "h2", pid);
+    let h1_plain = common::strip_ansi(&h1_log);
+    assert!(h1_plain.contains("QEMU unregistered from the fencing guard"), "h1 still guards m1's old QEMU");
     eprintln!(
         "MEASURED move h1 -> h2: migration {took} ms (h1's agent); running on h2 {} ms after the request; \
          downtime (h1 paused -> h2 resumed, libvirt events) {} ms; tokens {token_before:?} -> {token_after:?}",

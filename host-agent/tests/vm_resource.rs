@@ -222,6 +222,31 @@ async fn start_replaces_a_stale_definition_with_the_clusters() {
 }
 
 #[tokio::test]
+async fn a_start_after_the_lease_ended_does_not_let_the_guest_run() {
+    // The lease ends while the start is under way (the agent was paused after the runtime's
+    // own check): the step that would let the guest run is refused and nothing is left.
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    let file = host.domain_file("web.xml", &domain_xml("web", "<memory unit='MiB'>512</memory>"));
+    let spec = spec("vm", ResourceKind::Vm(vm_config(file, BOUND)));
+    let valid = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lease = {
+        let valid = valid.clone();
+        tandem_node::resources::LeaseCheck::new(Arc::new(move || valid.load(Ordering::SeqCst)))
+    };
+    let env = ResourceEnv::new("host-a").with_lease(lease);
+    let vm = HostResources::new(hv.clone()).build_vm("web", &spec, &env).expect("build the VM resource");
+    let err = vm.start(&ctx()).await.unwrap_err();
+    assert!(format!("{err:?}").contains("lease is no longer valid"), "{err:?}");
+    assert!(is_missing(hv.domain_info(UUID).await), "nothing is left defined or running");
+    // With the lease valid, the same resource starts.
+    valid.store(true, Ordering::SeqCst);
+    vm.start(&ctx()).await.expect("start under a valid lease");
+    assert!(hv.state(UUID).await.unwrap().is_running());
+    vm.stop(true).await.expect("stop");
+}
+
+#[tokio::test]
 async fn force_stop_destroys_at_once_and_undefines() {
     let host = TestHost::new();
     let hv = host.connect().await;

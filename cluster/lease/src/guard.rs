@@ -12,6 +12,13 @@
 //!   writes `1` to its `cgroup.kill`, or where the kernel lacks it (before 5.14) freezes it and
 //!   SIGKILLs every pid listed in it and its descendants until they are empty (bounded); see
 //!   [`crate::cgroup`].
+//! * `regpid <pid> <start>` / `unregpid <pid>`: (un)register one process to kill when fencing,
+//!   named by its pid and its start time (field 22 of `/proc/<pid>/stat`, clock ticks since
+//!   boot). The guard opens a pidfd for it at once and keeps it: the kill goes through the
+//!   pidfd, so it can never hit another process that reused the pid later. A pid whose start
+//!   time does not match (the process ended and the pid was reused before the guard opened it)
+//!   is refused and logged. For processes the agent does not start itself and that have no
+//!   cgroup of their own (a QEMU started by libvirtd, see the host agent).
 //! * `regaddr <iface> <addr>/<prefix>` / `unregaddr …`: (un)register a floating IP address to
 //!   remove from that interface when fencing (after the kills): the application is gone, so its
 //!   address must go too, or the node's kernel keeps answering for it and the next holder's
@@ -29,7 +36,7 @@
 //! [`run_guard`] is the guard's side (blocking, called by the process that is the guard, e.g.
 //! `tandemctl lease guard`); [`GuardHandle`] is the agent's side.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -97,7 +104,8 @@ pub enum GuardError {
     /// A line on the guard's input was not a valid message.
     #[error(
         "the fencing guard received an invalid message {line:?}; expected `reg PGID`, `unreg PGID`, \
-         `regcg PATH`, `unregcg PATH`, `pet MS` or `bye`"
+         `regcg PATH`, `unregcg PATH`, `regpid PID START`, `unregpid PID`, `regaddr IFACE ADDR`, \
+         `unregaddr IFACE ADDR`, `pet MS` or `bye`"
     )]
     Protocol {
         /// The offending line (lossily decoded).
@@ -131,6 +139,15 @@ pub enum GuardError {
     /// containing the guard itself).
     #[error("refusing to guard this cgroup")]
     BadCgroup(#[source] CgroupError),
+    /// A process that cannot be guarded: pid 0 or 1, this process or the guard, or a process
+    /// that is gone (or whose pid now names another process: its start time differs).
+    #[error("refusing to guard process {pid}: {why}")]
+    BadProcess {
+        /// The pid as given.
+        pid: i32,
+        /// Why.
+        why: String,
+    },
 }
 
 /// A floating IP address the guard removes when fencing: `address` (with its prefix length) on
@@ -178,6 +195,15 @@ pub enum GuardMessage {
     RegisterCgroup(PathBuf),
     /// Stop guarding this cgroup.
     UnregisterCgroup(PathBuf),
+    /// Kill this process (pid and start time, see [`process_start_time`]) when fencing.
+    RegisterProcess {
+        /// Its pid.
+        pid: i32,
+        /// Its start time in clock ticks since boot.
+        start: u64,
+    },
+    /// Stop guarding this process.
+    UnregisterProcess(i32),
     /// Remove this address from this interface when fencing.
     RegisterAddress(GuardedAddress),
     /// Stop guarding this address.
@@ -197,6 +223,8 @@ impl GuardMessage {
             // Paths were checked to be UTF-8 without newlines and short enough (check_path).
             GuardMessage::RegisterCgroup(p) => format!("regcg {}\n", p.display()),
             GuardMessage::UnregisterCgroup(p) => format!("unregcg {}\n", p.display()),
+            GuardMessage::RegisterProcess { pid, start } => format!("regpid {pid} {start}\n"),
+            GuardMessage::UnregisterProcess(pid) => format!("unregpid {pid}\n"),
             // Checked by GuardedAddress::new: no spaces or newlines in either part.
             GuardMessage::RegisterAddress(a) => format!("regaddr {} {}\n", a.interface, a.address),
             GuardMessage::UnregisterAddress(a) => format!("unregaddr {} {}\n", a.interface, a.address),
@@ -215,6 +243,14 @@ impl GuardMessage {
             "unreg" => Ok(GuardMessage::Unregister(arg.parse().map_err(|_| bad())?)),
             "regcg" if arg.starts_with('/') => Ok(GuardMessage::RegisterCgroup(PathBuf::from(arg))),
             "unregcg" if arg.starts_with('/') => Ok(GuardMessage::UnregisterCgroup(PathBuf::from(arg))),
+            "regpid" => {
+                let (pid, start) = arg.split_once(' ').ok_or_else(bad)?;
+                Ok(GuardMessage::RegisterProcess {
+                    pid: pid.parse().map_err(|_| bad())?,
+                    start: start.parse().map_err(|_| bad())?,
+                })
+            }
+            "unregpid" => Ok(GuardMessage::UnregisterProcess(arg.parse().map_err(|_| bad())?)),
             "regaddr" | "unregaddr" => {
                 let (iface, addr) = arg.split_once(' ').ok_or_else(bad)?;
                 let a = GuardedAddress::new(iface, addr).map_err(|_| bad())?;
@@ -243,6 +279,8 @@ pub enum GuardExit {
         killed: Vec<i32>,
         /// Cgroups that were registered then and were killed.
         killed_cgroups: Vec<PathBuf>,
+        /// Single processes (`regpid`) that were registered then and were sent SIGKILL.
+        killed_processes: Vec<i32>,
         /// Addresses that were registered then and were removed (or already absent).
         removed_addresses: Vec<GuardedAddress>,
     },
@@ -292,6 +330,89 @@ fn kill_groups(groups: &BTreeSet<i32>, why: &str, log: &mut dyn FnMut(&str)) -> 
     killed
 }
 
+/// The start time of process `pid` in clock ticks since boot (field 22 of `/proc/<pid>/stat`):
+/// with the pid, it names one process for good (a reused pid has a later start time).
+/// `None` when there is no such process.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid …: comm may hold spaces and parentheses; field 22 is the 20th after it.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A pidfd of a registered process: signals sent through it reach that process or nothing,
+/// never a later process with the same pid.
+#[derive(Debug)]
+struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    /// Opens a pidfd for `pid` and checks that it names the process that started at `start`.
+    fn open(pid: i32, start: u64) -> Result<PidFd, GuardError> {
+        let bad = |why: String| GuardError::BadProcess { pid, why };
+        if pid <= 1 || pid as u32 == std::process::id() {
+            return Err(bad("only a process other than init and the guard can be guarded".into()));
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(bad(format!("pidfd_open: {}", io::Error::last_os_error())));
+        }
+        // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+        let fd = PidFd(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
+        // The pidfd names whatever held `pid` when it was opened. If that process is still alive
+        // after the start time was read, the start time was its own: a pid has one holder at a time.
+        let now = process_start_time(pid);
+        if now != Some(start) {
+            return Err(bad(format!("its start time is {now:?}, not {start}: the process is gone")));
+        }
+        if !fd.alive() {
+            return Err(bad("the process is gone".into()));
+        }
+        Ok(fd)
+    }
+
+    /// Sends `signal` (0: only checks) through the pidfd.
+    fn signal(&self, signal: i32) -> Result<(), Errno> {
+        // SAFETY: the fd is a pidfd we own; a null siginfo is allowed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(Errno::last()) }
+    }
+
+    /// Whether the process has not exited (a pidfd turns readable when it exits).
+    fn alive(&self) -> bool {
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(_) => self.signal(0).is_ok(),
+        }
+    }
+}
+
+/// SIGKILLs each registered process through its pidfd; one that has exited is not an error.
+fn kill_processes(processes: &BTreeMap<i32, PidFd>, why: &str, log: &mut dyn FnMut(&str)) -> Vec<i32> {
+    let mut killed = Vec::new();
+    for (&pid, fd) in processes {
+        match fd.signal(libc::SIGKILL) {
+            Ok(()) => {
+                log(&format!("{why}: SIGKILL sent to process {pid}"));
+                killed.push(pid);
+            }
+            Err(Errno::ESRCH) => log(&format!("{why}: process {pid} had already exited")),
+            Err(e) => log(&format!("{why}: cannot kill process {pid}: {e}")),
+        }
+    }
+    killed
+}
+
 /// Kills everything in each cgroup; a cgroup that no longer exists is not an error.
 fn kill_cgroups(cgroups: &BTreeSet<PathBuf>, why: &str, log: &mut dyn FnMut(&str)) -> Vec<PathBuf> {
     let mut killed = Vec::new();
@@ -334,17 +455,11 @@ impl GuardWatchdog {
 
     /// After fencing: disarms the watchdog if everything guarded is confirmed dead by
     /// `dead_by − 500 ms`, else leaves it to reset the machine.
-    fn after_kill(
-        &mut self,
-        groups: &BTreeSet<i32>,
-        cgroups: &BTreeSet<PathBuf>,
-        dead_by: u64,
-        log: &mut dyn FnMut(&str),
-    ) {
+    fn after_kill(&mut self, guarded: Guarded<'_>, dead_by: u64, log: &mut dyn FnMut(&str)) {
         if !self.device.armed() {
             return;
         }
-        if confirm_dead(groups, cgroups, dead_by.saturating_sub(500)) {
+        if confirm_dead(guarded, dead_by.saturating_sub(500)) {
             match self.device.disarm() {
                 Ok(()) => log("everything guarded is dead: watchdog disarmed (no reset)"),
                 Err(e) => log(&format!("everything guarded is dead, but the watchdog cannot be disarmed: {e}")),
@@ -376,10 +491,21 @@ fn cgroup_alive(path: &Path) -> bool {
     }
 }
 
-/// Waits until nothing of `groups` and `cgroups` runs any more, or `until` passes.
-fn confirm_dead(groups: &BTreeSet<i32>, cgroups: &BTreeSet<PathBuf>, until: u64) -> bool {
+/// What a guard kills: process groups, cgroups and single processes.
+#[derive(Clone, Copy)]
+struct Guarded<'a> {
+    groups: &'a BTreeSet<i32>,
+    cgroups: &'a BTreeSet<PathBuf>,
+    processes: &'a BTreeMap<i32, PidFd>,
+}
+
+/// Waits until nothing guarded runs any more, or `until` passes.
+fn confirm_dead(g: Guarded<'_>, until: u64) -> bool {
     loop {
-        if !groups.iter().any(|&g| group_alive(g)) && !cgroups.iter().any(|c| cgroup_alive(c)) {
+        if !g.groups.iter().any(|&p| group_alive(p))
+            && !g.cgroups.iter().any(|c| cgroup_alive(c))
+            && !g.processes.values().any(PidFd::alive)
+        {
             return true;
         }
         if monotonic_ms() >= until {
@@ -492,6 +618,7 @@ pub fn run_guard_with(
 ) -> Result<GuardExit, GuardError> {
     let mut groups: BTreeSet<i32> = BTreeSet::new();
     let mut cgroups: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut processes: BTreeMap<i32, PidFd> = BTreeMap::new();
     let mut addresses: BTreeSet<GuardedAddress> = BTreeSet::new();
     let mut deadline: Option<u64> = None;
     let mut said_bye = false;
@@ -527,13 +654,14 @@ pub fn run_guard_with(
                 let why = "agent gone (pipe closed without bye)";
                 let killed = kill_groups(&groups, why, log);
                 let killed_cgroups = kill_cgroups(&cgroups, why, log);
+                let killed_processes = kill_processes(&processes, why, log);
                 let removed_addresses = remove_addresses(&addresses, why, log);
                 if let Some(w) = watchdog.as_mut() {
                     // No deadline to wait for: confirm within the time the watchdog may wait.
                     let dead_by = deadline.map_or(monotonic_ms() + w.extra_ms, |d| d.max(monotonic_ms()) + w.extra_ms);
-                    w.after_kill(&groups, &cgroups, dead_by, log);
+                    w.after_kill(Guarded { groups: &groups, cgroups: &cgroups, processes: &processes }, dead_by, log);
                 }
-                return Ok(GuardExit::AgentGone { killed, killed_cgroups, removed_addresses });
+                return Ok(GuardExit::AgentGone { killed, killed_cgroups, killed_processes, removed_addresses });
             } else {
                 pending.extend_from_slice(&buf[..n as usize]);
                 while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
@@ -557,6 +685,16 @@ pub fn run_guard_with(
                         Ok(GuardMessage::UnregisterCgroup(path)) => {
                             let clean: PathBuf = path.components().collect();
                             cgroups.remove(&clean);
+                        }
+                        Ok(GuardMessage::RegisterProcess { pid, start }) => match PidFd::open(pid, start) {
+                            Ok(fd) => {
+                                processes.insert(pid, fd);
+                            }
+                            // Refused, not fenced: the process is gone, so there is nothing to kill.
+                            Err(e) => log(&e.to_string()),
+                        },
+                        Ok(GuardMessage::UnregisterProcess(pid)) => {
+                            processes.remove(&pid);
                         }
                         Ok(GuardMessage::RegisterAddress(a)) => {
                             addresses.insert(a);
@@ -584,13 +722,16 @@ pub fn run_guard_with(
                             log(&e.to_string());
                             kill_groups(&groups, "protocol error", log);
                             kill_cgroups(&cgroups, "protocol error", log);
+                            kill_processes(&processes, "protocol error", log);
                             remove_addresses(&addresses, "protocol error", log);
                             if let Some(w) = watchdog.as_mut() {
                                 let dead_by = monotonic_ms() + w.extra_ms;
-                                w.after_kill(&groups, &cgroups, dead_by, log);
+                                let guarded = Guarded { groups: &groups, cgroups: &cgroups, processes: &processes };
+                                w.after_kill(guarded, dead_by, log);
                             }
                             groups.clear();
                             cgroups.clear();
+                            processes.clear();
                             deadline = None;
                         }
                     }
@@ -599,9 +740,11 @@ pub fn run_guard_with(
                     log("over-long line on the guard pipe; fencing");
                     kill_groups(&groups, "protocol error", log);
                     kill_cgroups(&cgroups, "protocol error", log);
+                    kill_processes(&processes, "protocol error", log);
                     remove_addresses(&addresses, "protocol error", log);
                     groups.clear();
                     cgroups.clear();
+                    processes.clear();
                     pending.clear();
                 }
             }
@@ -613,12 +756,15 @@ pub fn run_guard_with(
                 let why = format!("kill deadline passed {late} ms ago without a newer pet");
                 kill_groups(&groups, &why, log);
                 kill_cgroups(&cgroups, &why, log);
+                kill_processes(&processes, &why, log);
                 remove_addresses(&addresses, &why, log);
                 if let Some(w) = watchdog.as_mut() {
-                    w.after_kill(&groups, &cgroups, d + w.extra_ms, log);
+                    let guarded = Guarded { groups: &groups, cgroups: &cgroups, processes: &processes };
+                    w.after_kill(guarded, d + w.extra_ms, log);
                 }
                 groups.clear();
                 cgroups.clear();
+                processes.clear();
                 deadline = None;
             }
         }
@@ -873,6 +1019,22 @@ impl GuardHandle {
         self.send(GuardMessage::UnregisterCgroup(clean))
     }
 
+    /// Asks the guard to kill process `pid` when fencing, through a pidfd the guard opens now:
+    /// `start` is the process's start time ([`process_start_time`]), read when the caller
+    /// identified the process, so that a pid reused meanwhile is refused instead of guarded.
+    /// For a process the caller did not start and that has no cgroup of its own.
+    pub fn register_process(&mut self, pid: i32, start: u64) -> Result<(), GuardError> {
+        if pid <= 1 || pid as u32 == self.child.id() || pid as u32 == std::process::id() {
+            return Err(GuardError::BadProcess { pid, why: "init, the guard and its agent cannot be guarded".into() });
+        }
+        self.send(GuardMessage::RegisterProcess { pid, start })
+    }
+
+    /// Stops guarding process `pid` (the guard closes its pidfd).
+    pub fn unregister_process(&mut self, pid: i32) -> Result<(), GuardError> {
+        self.send(GuardMessage::UnregisterProcess(pid))
+    }
+
     /// Asks the guard to remove `address` from its interface when fencing (after killing what
     /// it guards), so that the node stops answering for a floating IP it no longer holds.
     pub fn register_address(&mut self, address: &GuardedAddress) -> Result<(), GuardError> {
@@ -1031,7 +1193,15 @@ mod tests {
         // Disarming waits for the victim to be gone; the reaping here is what makes it gone
         // (a zombie does not count as alive), so both happen close together.
         assert!(disarmed_at + 1000 >= reaped, "disarmed at {disarmed_at}, victim reaped at {reaped}");
-        let text = std::fs::read_to_string(&log).unwrap();
+        // The guard logs the disarm after closing the device, which is what ended the reader.
+        let logged = Instant::now();
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap();
+            if text.contains("watchdog disarmed (no reset)") || logged.elapsed() > Duration::from_secs(5) {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert!(text.contains("watchdog disarmed (no reset)"), "{text}");
         guard.bye(Duration::from_secs(5)).unwrap();
     }
@@ -1381,6 +1551,58 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         // The guard stays up after fencing and still exits cleanly on bye.
         assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+    }
+
+    #[test]
+    fn process_messages_round_trip() {
+        for m in [GuardMessage::RegisterProcess { pid: 4242, start: 987654321 }, GuardMessage::UnregisterProcess(4242)]
+        {
+            assert_eq!(GuardMessage::parse(m.encode().trim_end().as_bytes()).unwrap(), m);
+        }
+        for bad in ["regpid", "regpid 5", "regpid x 5", "regpid 5 -1", "unregpid", "unregpid x"] {
+            assert!(GuardMessage::parse(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn kills_a_registered_process_through_its_pidfd_and_refuses_a_stale_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("guard.log");
+        let mut cmd = self_command("guard");
+        cmd.stderr(std::fs::File::create(&log).unwrap());
+        let mut guard = GuardHandle::spawn(cmd).unwrap();
+        // Plain children in this test's own process group: only the per-process kill reaches them.
+        let sleep = || Command::new("sleep").arg("600").spawn().unwrap();
+        let (mut doomed, mut stale, mut unregistered) = (sleep(), sleep(), sleep());
+        let start_of = |c: &Child| process_start_time(c.id() as i32).expect("a running child has a start time");
+        guard.register_process(doomed.id() as i32, start_of(&doomed)).unwrap();
+        // A start time that is not the process's: what the guard sees when the pid was reused.
+        guard.register_process(stale.id() as i32, start_of(&stale) + 1).unwrap();
+        guard.register_process(unregistered.id() as i32, start_of(&unregistered)).unwrap();
+        guard.unregister_process(unregistered.id() as i32).unwrap();
+        assert!(matches!(guard.register_process(1, 1), Err(GuardError::BadProcess { .. })));
+        let own = std::process::id() as i32;
+        assert!(matches!(
+            guard.register_process(own, process_start_time(own).unwrap()),
+            Err(GuardError::BadProcess { .. })
+        ));
+        let deadline = monotonic_now() + 300;
+        guard.pet(deadline).unwrap();
+        let status = reap_within(&mut doomed, Duration::from_secs(10)).expect("registered process not killed");
+        assert!(monotonic_now() >= deadline, "killed before the deadline");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(stale.try_wait().unwrap().is_none(), "a process registered with another start time was killed");
+        assert!(unregistered.try_wait().unwrap().is_none(), "an unregistered process was killed");
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(&format!("refusing to guard process {}", stale.id())), "{text}");
+        assert!(text.contains(&format!("SIGKILL sent to process {}", doomed.id())), "{text}");
+        for mut c in [stale, unregistered] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
     }
 
     #[test]

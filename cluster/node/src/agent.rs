@@ -191,10 +191,13 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         tracing::warn!(target: "tandem_node", "no cgroup2 mount: self-fencing kills process groups only");
     }
 
+    let guard_access = resources::GuardAccess::default();
+    let lease_check = resources::LeaseCheck::default();
     let mut built: Vec<(GroupId, ResourceId, Arc<dyn Resource>)> = Vec::new();
     for g in &config.groups {
         let gid = GroupId(g.name.clone());
-        let mut env = ResourceEnv::new(opts.node.clone());
+        let mut env =
+            ResourceEnv::new(opts.node.clone()).with_guard(guard_access.clone()).with_lease(lease_check.clone());
         if let Some(cg) = cgroups.get(&gid) {
             env = env.with_cgroup(cg.clone());
         }
@@ -239,6 +242,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
         nodes: plan.model.nodes.clone(),
         guard,
         cgroups: cgroups.values().cloned().collect(),
+        guard_access,
         watchdog: lease_cfg.watchdog.clone(),
         addresses: guarded_addresses(&config, &opts.node)
             .map_err(|e| AgentError::Lease(leases::LeaseServiceError::Guard(e)))?,
@@ -329,6 +333,7 @@ pub async fn start(config: ClusterConfig, opts: AgentOptions) -> Result<Agent, A
     let monitors = MonitorTable::new(&config, builtin, tx.clone());
     let valid = leases.clone();
     let lease_valid: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || valid.is_valid_now());
+    lease_check.attach(lease_valid.clone());
     let resources = ResourceTable::new(built, cgroups, lease_valid.clone());
 
     let quorum_view = ctl.clone();

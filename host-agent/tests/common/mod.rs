@@ -767,3 +767,46 @@ impl Drop for Watcher {
         }
     }
 }
+
+/// The processes (pids in this namespace) with `-uuid UUID` on their command line.
+pub fn qemu_pids(uuid: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.windows(2).any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// `text` without terminal colour sequences (the agents log in colour).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Waits until `host`'s log says its guard holds QEMU `pid`.
+pub fn wait_registered(c: &Cluster, host: &str, pid: i32) {
+    c.wait(&format!("{host} to register QEMU {pid}"), Duration::from_secs(60), || {
+        let log = strip_ansi(&c.log_of(host));
+        log.lines()
+            .any(|l| l.contains("QEMU registered with the fencing guard") && l.contains(&format!("pid={pid} ")))
+            .then_some(())
+    });
+}

@@ -6,9 +6,111 @@
 //! implementations enforce them: a hung program is killed, never waited for forever).
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tandem_lease::guard::{GuardError, GuardHandle};
+
+/// The node's fencing guard as resources reach it: for what a resource runs outside its
+/// group's cgroup (a VM's QEMU process, started by libvirtd), which the guard must kill too
+/// when this node's lease is about to end. Empty until the lease service started the guard;
+/// the engine starts no resource before that.
+#[derive(Clone, Default)]
+pub struct GuardAccess {
+    guard: Arc<Mutex<Option<Arc<Mutex<GuardHandle>>>>>,
+}
+
+impl std::fmt::Debug for GuardAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardAccess").field("attached", &self.attached()).finish()
+    }
+}
+
+/// Whether this node's host lease is valid right now, for resources whose start takes
+/// several steps: a process paused between them (SIGSTOP, a stalled VM) must not take the
+/// next step (resuming a guest, say) after its lease ended. Answers true until the lease
+/// service attached itself (resources built outside an agent, in tests and tools).
+#[derive(Clone, Default)]
+pub struct LeaseCheck {
+    valid: Arc<std::sync::OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for LeaseCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseCheck").field("attached", &self.valid.get().is_some()).finish()
+    }
+}
+
+impl LeaseCheck {
+    /// A check that answers from `valid` (for resources built outside an agent).
+    pub fn new(valid: Arc<dyn Fn() -> bool + Send + Sync>) -> LeaseCheck {
+        let check = LeaseCheck::default();
+        check.attach(valid);
+        check
+    }
+
+    /// Answers from `valid` from now on (the agent does this once the lease service runs).
+    pub(crate) fn attach(&self, valid: Arc<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.valid.set(valid);
+    }
+
+    /// Whether the host lease is valid now, on a fresh clock reading.
+    pub fn valid_now(&self) -> bool {
+        self.valid.get().is_none_or(|f| f())
+    }
+}
+
+/// Why a resource could not (un)register something with the guard.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardAccessError {
+    /// The lease service has not started the guard (or this agent runs without one).
+    #[error("the fencing guard is not running")]
+    NotStarted,
+    /// The guard refused or could not be told.
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+}
+
+impl GuardAccess {
+    /// Connects to the running guard (the lease service does this once it started it).
+    pub(crate) fn attach(&self, guard: Arc<Mutex<GuardHandle>>) {
+        *self.guard.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+
+    /// Whether the guard runs.
+    pub fn attached(&self) -> bool {
+        self.guard.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut GuardHandle) -> Result<T, GuardError>) -> Result<T, GuardAccessError> {
+        let guard = self.guard.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(GuardAccessError::NotStarted)?;
+        let mut handle = guard.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&mut handle)?)
+    }
+
+    /// Has the guard kill process `pid` (started at `start`, see
+    /// [`tandem_lease::guard::process_start_time`]) when fencing.
+    pub fn register_process(&self, pid: i32, start: u64) -> Result<(), GuardAccessError> {
+        self.with(|g| g.register_process(pid, start))
+    }
+
+    /// Stops guarding process `pid`.
+    pub fn unregister_process(&self, pid: i32) -> Result<(), GuardAccessError> {
+        self.with(|g| g.unregister_process(pid))
+    }
+
+    /// Has the guard kill everything in cgroup `path` when fencing.
+    pub fn register_cgroup(&self, path: &Path) -> Result<(), GuardAccessError> {
+        self.with(|g| g.register_cgroup(path))
+    }
+
+    /// Stops guarding cgroup `path`.
+    pub fn unregister_cgroup(&self, path: &Path) -> Result<(), GuardAccessError> {
+        self.with(|g| g.unregister_cgroup(path))
+    }
+}
 
 /// What the resources of this node share: who we are, where processes go, and
 /// the limits of operations the configuration has no field for.
@@ -36,6 +138,10 @@ pub struct ResourceEnv {
     /// The directory whose existence says systemd is the init system
     /// (`/run/systemd/system`, as `sd_booted(3)` checks).
     pub systemd_marker: PathBuf,
+    /// The node's fencing guard, for processes a resource runs outside its cgroup.
+    pub guard: GuardAccess,
+    /// Whether the node's host lease is valid now (between the steps of a start).
+    pub lease: LeaseCheck,
 }
 
 impl ResourceEnv {
@@ -50,7 +156,21 @@ impl ResourceEnv {
             mount_timeout: Duration::from_secs(120),
             ip_timeout: Duration::from_secs(10),
             systemd_marker: PathBuf::from("/run/systemd/system"),
+            guard: GuardAccess::default(),
+            lease: LeaseCheck::default(),
         }
+    }
+
+    /// Sets the fencing guard resources may register processes with.
+    pub fn with_guard(mut self, guard: GuardAccess) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Sets the check of the node's host lease.
+    pub fn with_lease(mut self, lease: LeaseCheck) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// Sets the group's cgroup directory.

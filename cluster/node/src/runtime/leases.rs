@@ -148,6 +148,8 @@ pub(crate) struct LeaseServiceConfig {
     pub guard: std::process::Command,
     /// Cgroups the guard kills when the lease expires.
     pub cgroups: Vec<std::path::PathBuf>,
+    /// How resources reach the guard once it runs.
+    pub guard_access: crate::resources::GuardAccess,
     /// The hardware watchdog the guard keeps alive (`[lease] watchdog`).
     pub watchdog: Option<std::path::PathBuf>,
     /// Floating addresses the guard removes when the lease expires (after the kills).
@@ -227,6 +229,7 @@ pub(crate) fn start(
     for a in &cfg.addresses {
         guard.lock().unwrap_or_else(|p| p.into_inner()).register_address(a).map_err(LeaseServiceError::Guard)?;
     }
+    cfg.guard_access.attach(guard.clone());
     let lease = join(&cfg.disk, &cfg.cluster, cfg.me, &tx)?;
     let lease = Arc::new(lease);
     let stop = Arc::new(AtomicBool::new(false));

@@ -295,6 +295,16 @@ impl Hypervisor for LibvirtHypervisor {
         }))
     }
 
+    fn start_paused<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        Box::pin(self.on_domain("start paused", domain, |dom| {
+            if dom.is_active()? {
+                return Err(Failure::State("the domain is already running"));
+            }
+            dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)?;
+            Ok(())
+        }))
+    }
+
     fn shutdown<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
         Box::pin(self.on_domain("shutdown", domain, |dom| {
             if !dom.is_active()? {
