@@ -136,4 +136,16 @@ fn main() {
             el.as_secs_f64() * 1e6 / round.len() as f64
         );
     }
+    for r in 0..rounds {
+        let now = 4_000 + r as u64 * 500;
+        let t = Instant::now();
+        let cmds = e.handle_batch(now, round.clone()).len();
+        let el = t.elapsed();
+        println!(
+            "handle_batch round {r}: {} events in {:>9.3} ms = {:>9.1} us/event ({cmds} commands)",
+            round.len(),
+            el.as_secs_f64() * 1e3,
+            el.as_secs_f64() * 1e6 / round.len() as f64
+        );
+    }
 }

@@ -1111,15 +1111,16 @@ impl Engine {
         if self.occupies_here(gi) {
             return None;
         }
-        let note = self.effective_note(gi);
-        if note.desired != Desired::Started {
-            return None;
-        }
+        // Before the note: the common case at scale, and no note to copy for it.
         if let Some(h) = self.groups[gi].observed_holder
             && h != self.me
             && (self.node_healthy(h) || self.healthy_but_standby(h))
         {
             // It runs there (a standby holder is still stopping it): not blocked yet.
+            return None;
+        }
+        let note = self.effective_note(gi);
+        if note.desired != Desired::Started {
             return None;
         }
         let (fit, unfit) = self.placement(gi, &note);
@@ -1273,6 +1274,15 @@ impl Engine {
             return;
         }
         if note.desired != Desired::Started {
+            self.groups[gi].free_since = None;
+            return;
+        }
+        if let Some(h) = holder
+            && h != me
+            && self.peers.get(&h).is_some_and(|p| p.up && !p.lease_dead)
+        {
+            // A reachable holder with a live lease: not free, whatever the candidates (the
+            // common case at scale, so placement is not computed for it).
             self.groups[gi].free_since = None;
             return;
         }
