@@ -93,19 +93,14 @@ fn observations(m: &ClusterModel, nodes: usize, note: &LeaseNote) -> Vec<Event> 
         .collect()
 }
 
-fn main() {
-    let groups = env("SCALE_GROUPS", 1_000);
-    let nodes = env("SCALE_NODES", 10);
-    let rounds = env("SCALE_ROUNDS", 3);
-    let m = model(groups, nodes);
-    let note = LeaseNote::initial(&m.groups[0]);
+/// An engine for node 1 in the steady state: every group held by its preferred node.
+fn steady(m: &ClusterModel, nodes: usize, note: &LeaseNote) -> Engine {
     let mut e = Engine::new(NodeId(1), m.clone()).expect("valid model");
     let mut token = 0;
-    let t0 = Instant::now();
     // Peers' groups are seen held before the probes finish (cheap: nothing is evaluated
     // while probing); this node's own groups are free and taken.
     let now = 1_000;
-    for ev in observations(&m, nodes, &note) {
+    for ev in observations(m, nodes, note) {
         if let Event::LeaseObserved { holder: Some(NodeId(1)), .. } = ev {
             continue;
         }
@@ -114,38 +109,60 @@ fn main() {
     let cmds = e.startup(now);
     settle(&mut e, now, cmds, &mut token);
     let mine = e.status().groups.iter().filter(|g| g.location == Some(NodeId(1))).count();
-    eprintln!(
-        "setup: {groups} groups, {nodes} nodes, {mine} groups run on node-1, {:.1} s",
+    assert_eq!(mine, m.groups.len().div_ceil(nodes), "the steady state was not reached");
+    e
+}
+
+/// Feeds `events` one by one or in one batch; prints and returns the time per event.
+fn feed(e: &mut Engine, now: u64, events: &[Event], batch: bool, label: &str) -> f64 {
+    let t = Instant::now();
+    let cmds = if batch {
+        e.handle_batch(now, events.to_vec()).len()
+    } else {
+        events.iter().map(|ev| e.handle(now, ev.clone()).len()).sum()
+    };
+    let el = t.elapsed().as_secs_f64();
+    let per = el * 1e6 / events.len() as f64;
+    let how = if batch { "handle_batch" } else { "handle" };
+    println!(
+        "{label:<28} {how:<12} {:>5} events in {:>10.3} ms = {per:>10.1} us/event ({cmds} commands)",
+        events.len(),
+        el * 1e3
+    );
+    per
+}
+
+fn main() {
+    let groups = env("SCALE_GROUPS", 1_000);
+    let nodes = env("SCALE_NODES", 10);
+    let rounds = env("SCALE_ROUNDS", 3);
+    let m = model(groups, nodes);
+    let note = LeaseNote::initial(&m.groups[0]);
+    let t0 = Instant::now();
+    let mut e = steady(&m, nodes, &note);
+    println!(
+        "setup: {groups} groups, {nodes} nodes, {} groups on node-1, {:.2} s",
+        groups.div_ceil(nodes),
         t0.elapsed().as_secs_f64()
     );
-    assert_eq!(mine, groups.div_ceil(nodes), "the steady state was not reached");
-
     let round = observations(&m, nodes, &note);
-    for r in 0..rounds {
-        let now = 2_000 + r as u64 * 500;
-        let t = Instant::now();
-        let mut cmds = 0;
-        for ev in round.clone() {
-            cmds += e.handle(now, ev).len();
+    for batch in [false, true] {
+        for r in 0..rounds {
+            feed(&mut e, 2_000 + r as u64 * 500, &round, batch, &format!("steady round {r}"));
         }
-        let el = t.elapsed();
-        println!(
-            "handle       round {r}: {} events in {:>9.3} ms = {:>9.1} us/event ({cmds} commands)",
-            round.len(),
-            el.as_secs_f64() * 1e3,
-            el.as_secs_f64() * 1e6 / round.len() as f64
-        );
     }
-    for r in 0..rounds {
-        let now = 4_000 + r as u64 * 500;
-        let t = Instant::now();
-        let cmds = e.handle_batch(now, round.clone()).len();
-        let el = t.elapsed();
-        println!(
-            "handle_batch round {r}: {} events in {:>9.3} ms = {:>9.1} us/event ({cmds} commands)",
-            round.len(),
-            el.as_secs_f64() * 1e3,
-            el.as_secs_f64() * 1e6 / round.len() as f64
-        );
+    let t = Instant::now();
+    let status = e.status();
+    println!("status(): {:.3} ms for {} groups", t.elapsed().as_secs_f64() * 1e3, status.groups.len());
+
+    // Node 2 is lost and its host lease dead: its groups are free, and every event
+    // evaluates where they go (node 1 ranks last for them: it only watches).
+    for batch in [false, true] {
+        let mut e = steady(&m, nodes, &note);
+        let lost = [Event::NodeLost(NodeId(2)), Event::PeerFenced(NodeId(2))];
+        feed(&mut e, 10_000, &lost, batch, "node-2 lost");
+        for r in 0..rounds {
+            feed(&mut e, 10_100 + r as u64 * 500, &round, batch, &format!("node-2 lost, round {r}"));
+        }
     }
 }
