@@ -907,12 +907,11 @@ impl Driver {
         // process (addresses, mounts); the agent exits once they are done, or after a bound.
         self.parts.resources.kill_all();
         self.lost = Some((why, Instant::now()));
-        let groups: Vec<GroupId> = self.parts.plan.model.groups.iter().map(|g| g.id.clone()).collect();
-        for group in groups {
-            self.feed(Event::LeaseLost { group });
-        }
-        // Nothing may be acquired again under this host lease.
-        self.feed(Event::QuorumLost);
+        // One decision for all of them (nothing is started or kept in between), and nothing
+        // may be acquired again under this host lease.
+        let lost = self.parts.plan.model.groups.iter().map(|g| Event::LeaseLost { group: g.id.clone() });
+        let events: Vec<Event> = lost.chain([Event::QuorumLost]).collect();
+        self.feed_batch(events);
     }
 }
 
