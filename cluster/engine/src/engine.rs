@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::command::{Command, Handover, Notice, ReleaseReason};
 use crate::event::{Event, OperatorCommand, StandbyMode};
-use crate::model::{Capacity, ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
+use crate::loads::Loads;
+use crate::model::{ClusterModel, Failback, FinalAction, GroupId, ModelError, NodeId};
 use crate::note::{Desired, LeaseNote, LeaseToken, Migrated, StopCause};
 use crate::status::{
     ClusterStatus, GroupState, GroupStatus, NoMoveTarget, NotRunningReason, ResourceState, ResourceStatus, Unavailable,
@@ -154,6 +155,10 @@ pub struct Engine {
     /// Groups whose lease was released during the current evaluation: the others are
     /// evaluated once more, so that the capacity freed is used at once.
     released: BTreeSet<usize>,
+    /// What is active on each node, kept up to date after every change of a group's lease,
+    /// resources or observed holder (see `refresh`): placement reads it instead of scanning
+    /// every group for every node of every group.
+    loads: Loads,
     now: u64,
     out: Vec<Command>,
     #[cfg(test)]
@@ -232,6 +237,7 @@ impl Engine {
         let mut order: Vec<usize> = (0..model.groups.len()).collect();
         // Stable: equal priorities keep model order.
         order.sort_by_key(|gi| std::cmp::Reverse(model.groups[*gi].priority));
+        let loads = Loads::new(&model, me);
         Ok(Engine {
             me,
             model,
@@ -245,6 +251,7 @@ impl Engine {
             groups,
             order,
             released: BTreeSet::new(),
+            loads,
             now: 0,
             out: Vec::new(),
             #[cfg(test)]
@@ -288,6 +295,7 @@ impl Engine {
             }
             self.evaluate();
         }
+        self.check_loads();
         std::mem::take(&mut self.out)
     }
 
@@ -298,11 +306,109 @@ impl Engine {
         if self.self_fenced {
             return Vec::new();
         }
-        self.apply(event);
+        self.apply_tracked(event);
         if self.started_up && !self.self_fenced {
             self.evaluate();
         }
+        self.check_loads();
         std::mem::take(&mut self.out)
+    }
+
+    /// Feeds several events observed at `now`, in order, and decides once, after the last:
+    /// what the runtime calls with everything that queued up while it was busy (a round of
+    /// lease observations is one event per group). Costs one evaluation instead of one per
+    /// event.
+    ///
+    /// Same as [`Engine::handle`] for each event in turn, except that the evaluations
+    /// between the events are skipped: the result is identical whenever those evaluations
+    /// would have issued no command and changed nothing (e.g. observations that confirm
+    /// what the engine knows, results of operations that leave nothing new to do).
+    /// Otherwise the engine decides on the state after the last event, as if all of them had
+    /// arrived at the same instant: a decision a later event makes moot is not issued (an
+    /// `AcquireLease` for a group the batch then shows held elsewhere), and timers count from
+    /// `now`. Delivery order and timing of events is never a safety assumption of the engine
+    /// (the lease is), so the guarantees are those of `handle`. Events after one that makes
+    /// this node self-fence are ignored, as `handle` ignores them.
+    pub fn handle_batch(&mut self, now: u64, events: Vec<Event>) -> Vec<Command> {
+        self.now = self.now.max(now);
+        if self.self_fenced {
+            return Vec::new();
+        }
+        for event in events {
+            self.apply_tracked(event);
+            if self.self_fenced {
+                break;
+            }
+        }
+        if self.started_up && !self.self_fenced {
+            self.evaluate();
+        }
+        self.check_loads();
+        std::mem::take(&mut self.out)
+    }
+
+    /// Applies one event and brings the loads of the groups it may have changed up to date.
+    fn apply_tracked(&mut self, event: Event) {
+        let group = match &event {
+            Event::ProbeResult { group, .. }
+            | Event::ResourceStarted { group, .. }
+            | Event::ResourceStartFailed { group, .. }
+            | Event::ResourceStopped { group, .. }
+            | Event::ResourceMigrated { group, .. }
+            | Event::ResourceStopFailed { group, .. }
+            | Event::MonitorFailed { group, .. }
+            | Event::LeaseAcquired { group, .. }
+            | Event::LeaseAcquireFailed { group, .. }
+            | Event::LeaseLost { group }
+            | Event::LeaseObserved { group, .. }
+            | Event::LocalVeto { group, .. } => self.index.get(group).copied(),
+            Event::Operator { command, .. } => self.index.get(command.group()).copied(),
+            _ => None,
+        };
+        let probes_pending = self.probes_pending;
+        self.apply(event);
+        // The last probe answer adopts running resources of every group.
+        let adopted = probes_pending > 0 && self.probes_pending == 0;
+        match group {
+            Some(gi) if !adopted => self.refresh(gi),
+            _ => self.refresh_all(),
+        }
+    }
+
+    /// Where group `gi` counts as active: here (`occupies_here`), and on the peer observed
+    /// holding its lease while this node does not hold or ask for it.
+    fn presence(&self, gi: usize) -> (bool, Option<NodeId>) {
+        let rt = &self.groups[gi];
+        let peer = if rt.lease == Lease::NotHeld { rt.observed_holder.filter(|h| *h != self.me) } else { None };
+        (self.occupies_here(gi), peer)
+    }
+
+    /// Brings group `gi`'s entry in the loads up to date; call after any change of its lease,
+    /// resource states or observed holder.
+    fn refresh(&mut self, gi: usize) {
+        let (here, peer) = self.presence(gi);
+        self.loads.set(gi, here, peer);
+    }
+
+    fn refresh_all(&mut self) {
+        for gi in 0..self.groups.len() {
+            self.refresh(gi);
+        }
+    }
+
+    /// Debug builds: the loads kept incrementally must equal a recomputation from scratch.
+    fn check_loads(&self) {
+        #[cfg(any(test, debug_assertions))]
+        {
+            let mut fresh = Loads::new(&self.model, self.me);
+            for gi in 0..self.groups.len() {
+                let (here, peer) = self.presence(gi);
+                fresh.set(gi, here, peer);
+            }
+            if let Some(diff) = self.loads.diff(&fresh) {
+                panic!("{}: incremental loads out of date: {diff}", self.me);
+            }
+        }
     }
 
     fn probing(&self) -> bool {
@@ -821,8 +927,59 @@ impl Engine {
             || rt.res.iter().any(|s| !matches!(s, ResourceState::Stopped | ResourceState::Unknown))
     }
 
-    /// The groups other than `except` active on node `n`: this node's own state for itself,
-    /// the observed lease holders for peers.
+    /// Why group `gi` cannot become active on node `n`, if it cannot: an anti-affine group
+    /// active there (the lowest-index one, named with the first of `gi`'s sets it is in), or
+    /// not enough capacity left for its demand. "Active on n": this node's own state for
+    /// itself (`occupies_here`), the observed lease holders for peers (see `presence`).
+    fn unfit(&self, gi: usize, n: NodeId) -> Option<Unfit> {
+        let why = self.unfit_by_loads(gi, n);
+        #[cfg(test)]
+        assert_eq!(why, self.unfit_by_scan(gi, n), "{}: loads and scan disagree on group {gi} on {n}", self.me);
+        why
+    }
+
+    fn unfit_by_loads(&self, gi: usize, n: NodeId) -> Option<Unfit> {
+        let g = &self.model.groups[gi];
+        let cap = self.model.capacity.get(&n);
+        if g.anti_affinity.is_empty() && (cap.is_none() || g.demand.is_zero()) {
+            return None;
+        }
+        #[cfg(test)]
+        if self.is_broken(BrokenRule::IgnorePlacement) {
+            return None;
+        }
+        if let Some(gj) = self.loads.anti_affine_on(gi, n) {
+            let other = &self.model.groups[gj];
+            if let Some(set) = g.anti_affinity.iter().find(|s| other.anti_affinity.contains(s)) {
+                return Some(Unfit::AntiAffinity { group: other.id.clone(), set: set.clone() });
+            }
+        }
+        let free = cap?.saturating_sub(self.loads.used_by_others(gi, n));
+        if g.demand.memory_mib > free.memory_mib {
+            Some(Unfit::Memory { needed: g.demand.memory_mib, free: free.memory_mib })
+        } else if g.demand.vcpus > free.vcpus {
+            Some(Unfit::Vcpus { needed: g.demand.vcpus, free: free.vcpus })
+        } else {
+            None
+        }
+    }
+
+    /// Whether node `n` runs a group sharing an affinity set with group `gi`.
+    fn has_partner(&self, gi: usize, n: NodeId) -> bool {
+        let partner = !self.model.groups[gi].affinity.is_empty() && self.loads.partner_on(gi, n);
+        #[cfg(test)]
+        assert_eq!(
+            partner,
+            self.has_partner_by_scan(gi, n),
+            "{}: loads and scan disagree on group {gi} on {n}",
+            self.me
+        );
+        partner
+    }
+
+    /// Tests: the groups other than `except` active on node `n`, by scanning every group
+    /// (what placement did before the loads; every answer of the loads is checked with it).
+    #[cfg(test)]
     fn active_on(&self, n: NodeId, except: usize) -> impl Iterator<Item = usize> + '_ {
         (0..self.groups.len()).filter(move |&gj| {
             gj != except
@@ -834,19 +991,18 @@ impl Engine {
         })
     }
 
-    /// Why group `gi` cannot become active on node `n`, if it cannot: an anti-affine group
-    /// active there, or not enough capacity left for its demand.
-    fn unfit(&self, gi: usize, n: NodeId) -> Option<Unfit> {
+    /// Tests: `unfit` by scanning every group.
+    #[cfg(test)]
+    fn unfit_by_scan(&self, gi: usize, n: NodeId) -> Option<Unfit> {
         let g = &self.model.groups[gi];
         let cap = self.model.capacity.get(&n);
         if g.anti_affinity.is_empty() && (cap.is_none() || g.demand.is_zero()) {
             return None;
         }
-        #[cfg(test)]
         if self.is_broken(BrokenRule::IgnorePlacement) {
             return None;
         }
-        let mut used = Capacity::ZERO;
+        let mut used = crate::model::Capacity::ZERO;
         for gj in self.active_on(n, gi) {
             let other = &self.model.groups[gj];
             if let Some(set) = g.anti_affinity.iter().find(|s| other.anti_affinity.contains(s)) {
@@ -864,8 +1020,9 @@ impl Engine {
         }
     }
 
-    /// Whether node `n` runs a group sharing an affinity set with group `gi`.
-    fn has_partner(&self, gi: usize, n: NodeId) -> bool {
+    /// Tests: `has_partner` by scanning every group.
+    #[cfg(test)]
+    fn has_partner_by_scan(&self, gi: usize, n: NodeId) -> bool {
         let g = &self.model.groups[gi];
         !g.affinity.is_empty()
             && self.active_on(n, gi).any(|gj| self.model.groups[gj].affinity.iter().any(|s| g.affinity.contains(s)))
@@ -954,15 +1111,16 @@ impl Engine {
         if self.occupies_here(gi) {
             return None;
         }
-        let note = self.effective_note(gi);
-        if note.desired != Desired::Started {
-            return None;
-        }
+        // Before the note: the common case at scale, and no note to copy for it.
         if let Some(h) = self.groups[gi].observed_holder
             && h != self.me
             && (self.node_healthy(h) || self.healthy_but_standby(h))
         {
             // It runs there (a standby holder is still stopping it): not blocked yet.
+            return None;
+        }
+        let note = self.effective_note(gi);
+        if note.desired != Desired::Started {
             return None;
         }
         let (fit, unfit) = self.placement(gi, &note);
@@ -989,6 +1147,8 @@ impl Engine {
                 Lease::Acquiring => {}
             }
             self.reconcile(gi);
+            // Later groups of this pass place themselves around this one's new state.
+            self.refresh(gi);
         }
     }
 
@@ -1114,6 +1274,15 @@ impl Engine {
             return;
         }
         if note.desired != Desired::Started {
+            self.groups[gi].free_since = None;
+            return;
+        }
+        if let Some(h) = holder
+            && h != me
+            && self.peers.get(&h).is_some_and(|p| p.up && !p.lease_dead)
+        {
+            // A reachable holder with a live lease: not free, whatever the candidates (the
+            // common case at scale, so placement is not computed for it).
             self.groups[gi].free_since = None;
             return;
         }

@@ -21,6 +21,7 @@
 mod command;
 mod engine;
 mod event;
+mod loads;
 mod model;
 mod note;
 mod status;

@@ -136,6 +136,7 @@ proptest! {
     #[test]
     fn arbitrary_events_never_panic_nor_start_without_the_lease(
         rules in 0u8..4,
+        batched in any::<bool>(),
         steps in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), 0u64..5_000), 0..400)
     ) {
         let mut e = Engine::new(n(1), placed_model(rules)).unwrap();
@@ -144,11 +145,23 @@ proptest! {
         for c in e.startup(0) {
             book.check(&c)?;
         }
-        for (kind, a, b, dt) in steps {
+        // Batched: events queue up and reach the engine in `handle_batch` now and then.
+        let mut queued = Vec::new();
+        let last = steps.len().saturating_sub(1);
+        for (i, (kind, a, b, dt)) in steps.into_iter().enumerate() {
             now += dt;
             let ev = arbitrary_event(kind, a, b);
             book.saw(&ev);
-            for c in e.handle(now, ev) {
+            let cmds = if !batched {
+                e.handle(now, ev)
+            } else {
+                queued.push(ev);
+                if (a ^ b) % 3 != 0 && i < last {
+                    continue;
+                }
+                e.handle_batch(now, std::mem::take(&mut queued))
+            };
+            for c in cmds {
                 book.check(&c)?;
             }
             let _ = e.status();
@@ -158,6 +171,7 @@ proptest! {
     #[test]
     fn with_a_faithful_runtime_order_lease_and_placement_rules_hold(
         rules in 0u8..4,
+        batched in any::<bool>(),
         steps in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), 0u64..3_000), 0..400)
     ) {
         let model = placed_model(rules);
@@ -167,7 +181,11 @@ proptest! {
         rt.accept(cmds)?;
         let mut now = 0;
         let mut seq = 0;
-        for (kind, a, b, dt) in steps {
+        // Batched: events (answers included) queue up and reach the engine in
+        // `handle_batch` now and then.
+        let mut queued = Vec::new();
+        let last = steps.len().saturating_sub(1);
+        for (i, (kind, a, b, dt)) in steps.into_iter().enumerate() {
             now += dt;
             let ev = if kind % 3 != 0 && !rt.pending.is_empty() {
                 // Two steps in three answer a pending command.
@@ -208,8 +226,19 @@ proptest! {
                     _ => Event::Tick,
                 }
             };
-            let cmds = e.handle(now, ev);
+            let cmds = if !batched {
+                e.handle(now, ev)
+            } else {
+                queued.push(ev);
+                if (a ^ b) % 3 != 0 && i < last {
+                    continue;
+                }
+                e.handle_batch(now, std::mem::take(&mut queued))
+            };
             rt.accept(cmds)?;
+        }
+        if !queued.is_empty() {
+            rt.accept(e.handle_batch(now, queued))?;
         }
     }
 }

@@ -88,6 +88,11 @@ struct SimNode {
     veto: Vec<bool>,
     /// Per peer: the standby flag this node's engine was told.
     reported_standby: Vec<bool>,
+    /// `SimOptions::batch`: the runtime is busy; what reaches it meanwhile (deliveries and
+    /// completions, in order) waits here for the pending `Action::Flush`.
+    held: Option<Vec<Action>>,
+    /// During a flush: the events of the held actions, for one `handle_batch`.
+    collecting: Option<Vec<Event>>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,8 +106,22 @@ struct AuthorityLease {
 
 #[derive(Debug, Clone)]
 enum Action {
-    Deliver { node: usize, inc: u64, event: Event },
-    Complete { node: usize, inc: u64, cmd: Command },
+    Deliver {
+        node: usize,
+        inc: u64,
+        event: Event,
+    },
+    Complete {
+        node: usize,
+        inc: u64,
+        cmd: Command,
+    },
+    /// The runtime of `node` is no longer busy: the held actions take effect and their
+    /// events reach the engine in one batch.
+    Flush {
+        node: usize,
+        inc: u64,
+    },
     Heartbeat,
     LeasePoll,
     Fault,
@@ -132,6 +151,10 @@ pub(crate) struct SimOptions {
     pub(crate) broken: Option<BrokenRule>,
     /// Make resources fail constantly (to drive failover limits).
     pub(crate) flappy: bool,
+    /// Now and then a node's runtime is busy for a while: what reaches it meanwhile queues
+    /// up and its events reach the engine in one `Engine::handle_batch`, as the node
+    /// runtime drains its queue.
+    pub(crate) batch: bool,
 }
 
 struct Sim {
@@ -195,6 +218,10 @@ pub(crate) struct SimStats {
     pub(crate) migrations: u64,
     /// Starts that resumed a migrated copy.
     pub(crate) resumes: u64,
+    /// Batches fed with `handle_batch`.
+    pub(crate) batches: u64,
+    /// Events in them.
+    pub(crate) batched_events: u64,
 }
 
 fn sim_model(rng: &mut Rng) -> ClusterModel {
@@ -317,6 +344,8 @@ impl Sim {
                 standby: None,
                 veto: vec![false; model.groups.len()],
                 reported_standby: vec![false; n],
+                held: None,
+                collecting: None,
             })
             .collect();
         let leases = model
@@ -414,6 +443,9 @@ impl Sim {
                     self.nodes[node].deferred.push(Action::Deliver { node, inc, event });
                     return;
                 }
+                if self.hold(Action::Deliver { node, inc, event: event.clone() }) {
+                    return;
+                }
                 self.feed(node, event);
             }
             Action::Complete { node, inc, cmd } => {
@@ -424,7 +456,21 @@ impl Sim {
                     self.nodes[node].deferred.push(Action::Complete { node, inc, cmd });
                     return;
                 }
+                if self.hold(Action::Complete { node, inc, cmd: cmd.clone() }) {
+                    return;
+                }
                 self.complete(node, cmd);
+            }
+            Action::Flush { node, inc } => {
+                if self.nodes[node].inc != inc {
+                    return;
+                }
+                if self.nodes[node].life == Life::Paused {
+                    // Still busy: what arrives meanwhile is held too.
+                    self.nodes[node].deferred.push(Action::Flush { node, inc });
+                    return;
+                }
+                self.flush(node);
             }
             Action::Heartbeat => {
                 self.heartbeat();
@@ -526,6 +572,50 @@ impl Sim {
         }
     }
 
+    /// `SimOptions::batch`: holds a delivery or completion for `node` while its runtime is
+    /// busy, and now and then makes it busy. The completion's effect (a grant, a stop) and
+    /// the engine learning of it stay one step, as they are one step without batching.
+    fn hold(&mut self, action: Action) -> bool {
+        let (Action::Deliver { node, inc, .. } | Action::Complete { node, inc, .. }) = action else { return false };
+        if let Some(held) = self.nodes[node].held.as_mut() {
+            held.push(action);
+            return true;
+        }
+        if !self.opts.batch || !self.rng.chance(25) {
+            return false;
+        }
+        self.nodes[node].held = Some(vec![action]);
+        let busy = self.rng.range(1, 150);
+        self.schedule(busy, Action::Flush { node, inc });
+        true
+    }
+
+    /// The runtime of `ni` gets to its queue: the held actions take effect in order, and
+    /// their events go to the engine in one batch.
+    fn flush(&mut self, ni: usize) {
+        let Some(held) = self.nodes[ni].held.take() else { return };
+        self.nodes[ni].collecting = Some(Vec::new());
+        for action in held {
+            match action {
+                Action::Deliver { node, inc, event } if self.nodes[node].inc == inc => self.feed(node, event),
+                Action::Complete { node, inc, cmd } if self.nodes[node].inc == inc => self.complete(node, cmd),
+                _ => {}
+            }
+        }
+        let Some(events) = self.nodes[ni].collecting.take() else { return };
+        if events.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let id = self.nodes[ni].id;
+        self.log(format!("{id} <- the {} events above, in one batch", events.len()));
+        let Some(engine) = self.nodes[ni].engine.as_mut() else { return };
+        self.stats.batches += 1;
+        self.stats.batched_events += events.len() as u64;
+        let cmds = engine.handle_batch(now, events);
+        self.run_commands(ni, cmds);
+    }
+
     fn feed(&mut self, ni: usize, event: Event) {
         if self.nodes[ni].life != Life::Up {
             return;
@@ -536,7 +626,18 @@ impl Sim {
         }
         if !matches!(event, Event::Tick | Event::LeaseObserved { .. }) {
             let id = self.nodes[ni].id;
-            self.log(format!("{id} <- {event:?}"));
+            let queued = if self.nodes[ni].held.is_some() { " (held)" } else { "" };
+            self.log(format!("{id} <- {event:?}{queued}"));
+        }
+        if let Some(events) = self.nodes[ni].collecting.as_mut() {
+            events.push(event);
+            return;
+        }
+        let inc = self.nodes[ni].inc;
+        if let Some(held) = self.nodes[ni].held.as_mut() {
+            // Heartbeats, ticks, lease lapses: they queue behind what is held.
+            held.push(Action::Deliver { node: ni, inc, event });
+            return;
         }
         let Some(engine) = self.nodes[ni].engine.as_mut() else { return };
         let cmds = engine.handle(now, event);
@@ -745,6 +846,8 @@ impl Sim {
         node.inc += 1;
         node.engine = None;
         node.deferred.clear();
+        node.held = None;
+        node.collecting = None;
         node.renew_stopped_at.get_or_insert(now);
         for g in &mut node.running {
             g.iter_mut().for_each(|r| *r = None);
@@ -772,6 +875,9 @@ impl Sim {
         self.restore_local_state(ni, &mut engine);
         let node = &mut self.nodes[ni];
         node.inc += 1;
+        // What was queued for the old engine is lost with it.
+        node.held = None;
+        node.collecting = None;
         node.reported_standby = vec![false; n];
         node.reported_up = vec![true; n];
         node.reported_quorum = true;
@@ -1248,7 +1354,7 @@ pub(crate) fn run_seed(seed: u64, opts: SimOptions) -> Result<SimStats, String> 
 fn simulation_holds_invariants_over_many_seeds() {
     let mut total = SimStats::default();
     for seed in seeds() {
-        let opts = SimOptions { broken: None, flappy: seed % 4 == 0 };
+        let opts = SimOptions { broken: None, flappy: seed % 4 == 0, batch: seed % 3 == 1 };
         match run_seed(seed, opts) {
             Ok(s) => {
                 total.starts += s.starts;
@@ -1270,6 +1376,8 @@ fn simulation_holds_invariants_over_many_seeds() {
                 total.standby_crashes += s.standby_crashes;
                 total.migrations += s.migrations;
                 total.resumes += s.resumes;
+                total.batches += s.batches;
+                total.batched_events += s.batched_events;
             }
             Err(e) => panic!("simulation failed for seed {seed} (rerun: TANDEM_SIM_SEED={seed}):\n{e}"),
         }
@@ -1283,6 +1391,7 @@ fn simulation_holds_invariants_over_many_seeds() {
         assert!(total.standby_releases > 0 && total.parked > 0 && total.unparks > 0, "{total:?}");
         assert!(total.veto_releases > 0 && total.standby_crashes > 0, "{total:?}");
         assert!(total.migrations > 0 && total.resumes > 0, "{total:?}");
+        assert!(total.batched_events > total.batches, "{total:?}");
     }
 }
 
@@ -1298,8 +1407,14 @@ fn simulation_catches_deliberately_broken_rules() {
         (BrokenRule::StartParked, false),
         (BrokenRule::ResumeAnyMigration, false),
     ] {
-        let caught = (0..300).find_map(|seed| run_seed(seed, SimOptions { broken: Some(rule), flappy }).err());
-        let Some(report) = caught else { panic!("breaking {rule:?} went unnoticed over 300 seeds") };
-        eprintln!("{rule:?} caught: {}", report.lines().next().unwrap_or_default());
+        // With events fed one by one and in batches alike.
+        for batch in [false, true] {
+            let caught =
+                (0..300).find_map(|seed| run_seed(seed, SimOptions { broken: Some(rule), flappy, batch }).err());
+            let Some(report) = caught else {
+                panic!("breaking {rule:?} went unnoticed over 300 seeds (batch: {batch})")
+            };
+            eprintln!("{rule:?} caught (batch: {batch}): {}", report.lines().next().unwrap_or_default());
+        }
     }
 }

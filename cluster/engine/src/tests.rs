@@ -1441,3 +1441,54 @@ fn a_standby_move_hands_over_to_the_best_other_node_and_parking_hands_over_nothi
         vec![standby_notice(Some(StandbyMode::Park)), stop("app", false)]
     );
 }
+
+#[test]
+fn a_batch_whose_events_leave_nothing_to_do_in_between_equals_them_one_by_one() {
+    let observed = |holder: u32| Event::LeaseObserved { group: g("db"), holder: Some(n(holder)), note: None };
+    let probes: Vec<Event> = ["disk", "ip", "app"]
+        .iter()
+        .map(|x| Event::ProbeResult { group: g("db"), resource: r(x), running: false })
+        .collect();
+    let mut one = Engine::new(n(2), model(db_group(&[1, 2]))).unwrap();
+    let mut batched = Engine::new(n(2), model(db_group(&[1, 2]))).unwrap();
+    assert_eq!(one.startup(0), batched.startup(0));
+    let mut cmds = Vec::new();
+    for ev in probes.iter().cloned().chain([observed(1), Event::Tick, observed(1)]) {
+        cmds.extend(one.handle(100, ev));
+    }
+    let events = probes.into_iter().chain([observed(1), Event::Tick, observed(1)]).collect();
+    assert_eq!(batched.handle_batch(100, events), cmds);
+    assert_eq!(format!("{:?}", batched.status()), format!("{:?}", one.status()));
+    assert_eq!(one.status().groups[0].location, Some(n(1)));
+}
+
+#[test]
+fn a_batch_decides_on_the_state_its_last_event_left() {
+    let observed = |holder: u32| Event::LeaseObserved { group: g("db"), holder: Some(n(holder)), note: None };
+    let (mut one, _) = Node::booted(2, model(db_group(&[1, 2])));
+    let (mut batched, _) = Node::booted(2, model(db_group(&[1, 2])));
+    one.at(100, observed(1));
+    batched.at(100, observed(1));
+    // One by one, node 1 lost makes node 2 the first candidate: it asks at once...
+    assert_eq!(one.at(200, Event::NodeLost(n(1))), vec![acquire()]);
+    // ...while a batch in which node 1 is back and still holding the lease asks nothing.
+    let back = vec![Event::NodeLost(n(1)), Event::NodeJoined(n(1)), observed(1)];
+    assert_eq!(batched.e.handle_batch(200, back), vec![]);
+    assert_eq!(batched.group().location, Some(n(1)));
+    assert_eq!(batched.group().state, GroupState::Started);
+}
+
+#[test]
+fn a_batch_ignores_what_follows_a_self_fence() {
+    let (mut a, _) = Node::booted(1, model(db_group(&[1, 2])));
+    a.run_db(7);
+    a.ev(op(1, OperatorCommand::StopGroup(g("db"))));
+    let fail = Event::ResourceStopFailed { group: g("db"), resource: r("app") };
+    let batch = vec![fail.clone(), fail, stopped("app"), op(2, OperatorCommand::StartGroup(g("db")))];
+    assert_eq!(
+        a.e.handle_batch(100, batch),
+        vec![stop("app", false), Command::SelfFence { group: g("db"), resource: r("app") }]
+    );
+    assert!(a.e.status().self_fenced);
+    assert_eq!(a.e.handle_batch(200, vec![stopped("app")]), vec![]);
+}

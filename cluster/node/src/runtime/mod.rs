@@ -31,6 +31,11 @@ pub const LOST_STOP_LIMIT: Duration = Duration::from_secs(30);
 /// How often the engine is ticked.
 pub const TICK: Duration = Duration::from_millis(200);
 
+/// At most this many queued engine events go to the engine in one batch
+/// (`Engine::handle_batch`): one evaluation for a whole round of lease observations, but
+/// never an unbounded wait for the inputs behind them.
+const MAX_BATCH: usize = 256;
+
 /// Something that happened, for the event feed and the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentEvent {
@@ -276,6 +281,9 @@ pub(crate) struct Driver {
     /// Each group's (state, location) as last published.
     group_states: Vec<(tandem_engine::GroupState, Option<NodeId>)>,
     exit: Option<Exit>,
+    /// An input taken from the queue while collecting a batch of engine events, which ends
+    /// the batch: handled next, before anything else is received.
+    next: Option<Input>,
 }
 
 impl Driver {
@@ -293,6 +301,7 @@ impl Driver {
             group_states: Vec::new(),
             lease_dead: Default::default(),
             exit: None,
+            next: None,
         }
     }
 
@@ -363,11 +372,21 @@ impl Driver {
                 }
                 return Exit::Shutdown;
             }
-            let input = tokio::select! {
-                i = rx.recv() => match i { Some(i) => i, None => return Exit::Shutdown },
-                _ = tick.tick() => Input::Engine(Event::Tick),
+            let input = match self.next.take() {
+                Some(i) => i,
+                None => tokio::select! {
+                    i = rx.recv() => match i { Some(i) => i, None => return Exit::Shutdown },
+                    _ = tick.tick() => Input::Engine(Event::Tick),
+                },
             };
-            self.handle(input);
+            match input {
+                Input::Engine(ev) => {
+                    let (batch, next) = collect_batch(ev, &mut rx, MAX_BATCH);
+                    self.next = next;
+                    self.feed_batch(batch);
+                }
+                input => self.handle(input),
+            }
             self.publish_group_changes();
         }
     }
@@ -557,16 +576,53 @@ impl Driver {
     }
 
     fn feed(&mut self, ev: Event) {
+        self.feed_batch(vec![ev]);
+    }
+
+    /// Does each event's bookkeeping (logging, publishing, the operator clock) in order,
+    /// then hands the events to the engine in one `handle_batch`. A peer fenced by its host
+    /// lease expiring is followed by its `FenceConfirmed` in a decision of its own, as when
+    /// events are fed one by one.
+    fn feed_batch(&mut self, events: Vec<Event>) {
+        let mut batch = Vec::with_capacity(events.len());
+        for ev in events {
+            let Some(lease_fenced) = self.note_event(&ev) else { continue };
+            batch.push(ev);
+            if let Some(n) = lease_fenced {
+                self.decide(std::mem::take(&mut batch));
+                let now = self.now();
+                let cmds = self.engine.handle(now, Event::FenceConfirmed(n));
+                self.execute(cmds);
+            }
+        }
+        self.decide(batch);
+    }
+
+    /// Hands already noted events to the engine (one evaluation) and executes its commands.
+    fn decide(&mut self, mut batch: Vec<Event>) {
+        let now = self.now();
+        let cmds = match batch.len() {
+            0 => return,
+            1 => self.engine.handle(now, batch.remove(0)),
+            _ => self.engine.handle_batch(now, batch),
+        };
+        self.execute(cmds);
+    }
+
+    /// The runtime's own part of an event before the engine gets it: `None` if the engine
+    /// must not get it, else whether it is a peer fenced by its host lease expiring (whose
+    /// `FenceConfirmed` follows it).
+    fn note_event(&mut self, ev: &Event) -> Option<Option<NodeId>> {
         // The shutdown path keeps the node out of quorum: nothing may start here again.
         if (self.shutdown.is_some() || self.draining || self.lost.is_some()) && matches!(ev, Event::QuorumRegained) {
-            return;
+            return None;
         }
         self.parts.leases.hint(&ev);
         // Not an arm of the match below: an acquisition with a note must still be published.
-        if let Event::LeaseObserved { note: Some(n), .. } | Event::LeaseAcquired { note: Some(n), .. } = &ev {
+        if let Event::LeaseObserved { note: Some(n), .. } | Event::LeaseAcquired { note: Some(n), .. } = ev {
             self.seq_seen = self.seq_seen.max(n.desired_seq).max(n.reset_seq);
         }
-        match &ev {
+        match ev {
             Event::ResourceStarted { group, resource } => {
                 self.publish_detail(
                     EventKind::Resource,
@@ -680,18 +736,11 @@ impl Driver {
             }
             _ => {}
         }
-        let lease_fenced = match &ev {
+        // A lease-watchdog-only node's fence is its own host lease expiring.
+        Some(match ev {
             Event::PeerFenced(n) if self.parts.fence.confirmed_by_lease_expiry(*n) => Some(*n),
             _ => None,
-        };
-        let now = self.now();
-        let cmds = self.engine.handle(now, ev);
-        self.execute(cmds);
-        // A lease-watchdog-only node's fence is its own host lease expiring.
-        if let Some(n) = lease_fenced {
-            let cmds = self.engine.handle(now, Event::FenceConfirmed(n));
-            self.execute(cmds);
-        }
+        })
     }
 
     /// Publishes the groups whose state or location changed since the last call.
@@ -859,13 +908,28 @@ impl Driver {
         // process (addresses, mounts); the agent exits once they are done, or after a bound.
         self.parts.resources.kill_all();
         self.lost = Some((why, Instant::now()));
-        let groups: Vec<GroupId> = self.parts.plan.model.groups.iter().map(|g| g.id.clone()).collect();
-        for group in groups {
-            self.feed(Event::LeaseLost { group });
-        }
-        // Nothing may be acquired again under this host lease.
-        self.feed(Event::QuorumLost);
+        // One decision for all of them (nothing is started or kept in between), and nothing
+        // may be acquired again under this host lease.
+        let lost = self.parts.plan.model.groups.iter().map(|g| Event::LeaseLost { group: g.id.clone() });
+        let events: Vec<Event> = lost.chain([Event::QuorumLost]).collect();
+        self.feed_batch(events);
     }
+}
+
+/// `first` and the engine events queued right behind it (at most `max` in all, taken without
+/// waiting): at scale a lease-observation round is one event per group, and the engine then
+/// evaluates once for all of them. Returns them with the input that ended the batch, if
+/// another kind of input did: the caller handles it next, so inputs keep their order.
+fn collect_batch(first: Event, rx: &mut mpsc::UnboundedReceiver<Input>, max: usize) -> (Vec<Event>, Option<Input>) {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(Input::Engine(ev)) => batch.push(ev),
+            Ok(other) => return (batch, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (batch, None)
 }
 
 fn res_op(
@@ -882,4 +946,43 @@ fn res_op(
         message: String::new(),
         duration_ms: 0,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_the_engine_events_queued_up_to_the_first_other_input() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for input in [
+            Input::Engine(Event::Tick),
+            Input::Engine(Event::NodeLost(NodeId(2))),
+            Input::Drain,
+            Input::Engine(Event::NodeJoined(NodeId(2))),
+        ] {
+            tx.send(input).unwrap();
+        }
+        let (batch, next) = collect_batch(Event::QuorumLost, &mut rx, MAX_BATCH);
+        assert_eq!(batch, vec![Event::QuorumLost, Event::Tick, Event::NodeLost(NodeId(2))]);
+        assert!(matches!(next, Some(Input::Drain)), "{next:?}");
+        // What follows the input that ended the batch stays queued, in order.
+        let (batch, next) = collect_batch(Event::Tick, &mut rx, MAX_BATCH);
+        assert_eq!(batch, vec![Event::Tick, Event::NodeJoined(NodeId(2))]);
+        assert!(next.is_none());
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_batch_is_bounded() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for _ in 0..300 {
+            tx.send(Input::Engine(Event::Tick)).unwrap();
+        }
+        let (batch, next) = collect_batch(Event::QuorumLost, &mut rx, MAX_BATCH);
+        assert_eq!(batch.len(), MAX_BATCH);
+        assert!(next.is_none());
+        let (rest, _) = collect_batch(Event::QuorumRegained, &mut rx, MAX_BATCH);
+        assert_eq!(rest.len(), 300 - (MAX_BATCH - 1) + 1);
+    }
 }
