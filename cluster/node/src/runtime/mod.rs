@@ -617,7 +617,7 @@ impl Driver {
         if (self.shutdown.is_some() || self.draining || self.lost.is_some()) && matches!(ev, Event::QuorumRegained) {
             return None;
         }
-        self.parts.leases.hint(&ev);
+        self.parts.leases.hint(ev);
         // Not an arm of the match below: an acquisition with a note must still be published.
         if let Event::LeaseObserved { note: Some(n), .. } | Event::LeaseAcquired { note: Some(n), .. } = ev {
             self.seq_seen = self.seq_seen.max(n.desired_seq).max(n.reset_seq);
