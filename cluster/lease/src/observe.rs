@@ -95,12 +95,27 @@ impl ResourceReader {
                         out[i] = self.decode(names[i], slot, bytes, hosts);
                     }
                 }
-                Err(e) => {
-                    for &(_, i) in &known[k..end] {
-                        out[i] = Some(Err(LeaseError::Op(OpError::Io {
-                            what: format!("resource {:?}", names[i]),
-                            detail: format!("read failed: {e}"),
-                        })));
+                Err(e) if end - k == 1 => {
+                    let i = known[k].1;
+                    out[i] = Some(Err(LeaseError::Op(OpError::Io {
+                        what: format!("resource {:?}", names[i]),
+                        detail: format!("read failed: {e}"),
+                    })));
+                }
+                Err(_) => {
+                    // One bad sector must not blind the observer to every lease of the run:
+                    // read them one by one (a failure then names only its own lease).
+                    for &(slot, i) in &known[k..end] {
+                        let mut one = vec![0u8; slot_len as usize];
+                        self.last_reads += 1;
+                        self.last_bytes += slot_len;
+                        out[i] = match lease.disk().read_at(self.header.layout().leader_offset(slot), &mut one) {
+                            Ok(()) => self.decode(names[i], slot, &one, hosts),
+                            Err(e) => Some(Err(LeaseError::Op(OpError::Io {
+                                what: format!("resource {:?}", names[i]),
+                                detail: format!("read failed: {e}"),
+                            }))),
+                        };
                     }
                 }
             }
@@ -239,6 +254,66 @@ mod tests {
         b.release("g1").unwrap();
         let again = reader.observe(&a, &["g1"], &a.observe_hosts().unwrap());
         assert!(again[0].as_ref().unwrap().holder.is_none());
+    }
+
+    /// A disk that fails every read covering one offset (a bad sector), once armed.
+    #[derive(Debug)]
+    struct BadSector {
+        inner: MemDisk,
+        bad: std::sync::atomic::AtomicU64,
+    }
+
+    impl LeaseDisk for BadSector {
+        fn alignment(&self) -> usize {
+            self.inner.alignment()
+        }
+        fn size(&self) -> Result<u64, crate::DiskError> {
+            self.inner.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::DiskError> {
+            let bad = self.bad.load(std::sync::atomic::Ordering::SeqCst);
+            if bad != 0 && (offset..offset + buf.len() as u64).contains(&bad) {
+                return Err(crate::DiskError::Io {
+                    op: "read",
+                    offset,
+                    len: buf.len(),
+                    source: std::io::Error::from_raw_os_error(5),
+                });
+            }
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), crate::DiskError> {
+            self.inner.write_at(offset, data)
+        }
+        fn io_mode(&self) -> crate::IoMode {
+            self.inner.io_mode()
+        }
+    }
+
+    /// A bad sector in one lease fails only that lease, not every lease read with it.
+    #[test]
+    fn a_bad_sector_fails_only_its_own_lease() {
+        let mut p = AreaParams::new("c");
+        p.resource_slots = 16;
+        p.host_slots = 4;
+        p.timeouts = Timeouts::from_renewal_ms(100);
+        let disk = Arc::new(BadSector { inner: MemDisk::new(0, 512), bad: 0.into() });
+        Lockspace::init(&*disk, &p, false).unwrap();
+        let a = HostLease::join(disk.clone(), "c", 1).unwrap();
+        let names: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
+        for n in &names {
+            a.acquire(n, None).unwrap();
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let hosts = a.observe_hosts().unwrap();
+        let mut reader = ResourceReader::new(&a);
+        assert!(reader.observe(&a, &refs, &hosts).iter().all(Result::is_ok));
+        let victim = reader.slots["r3"];
+        disk.bad.store(reader.header.layout().value_offset(victim, 0), std::sync::atomic::Ordering::SeqCst);
+        let seen = reader.observe(&a, &refs, &hosts);
+        for (n, r) in refs.iter().zip(&seen) {
+            assert_eq!(r.is_err(), *n == "r3", "{n}: {r:?}");
+        }
     }
 
     /// A binding that no longer holds (the area was re-initialised with other names) is

@@ -77,6 +77,8 @@ impl LeaseClient {
     }
 
     pub(crate) fn release(&self, group: &GroupId, note: &LeaseNote) {
+        // The engine forgets the holder when it releases: it must be handed the next read.
+        self.hints.lock().unwrap_or_else(|p| p.into_inner()).resend.insert(group.clone());
         let _ = self.ops.send(Op::Release(group.clone(), note::encode(note)));
     }
 
@@ -126,6 +128,14 @@ impl LeaseClient {
             }
             Event::NodeLost(n) | Event::PeerStandby { node: n, standby: true } => {
                 h.nodes.insert(*n, until);
+            }
+            // The engine just changed its own view of the lease without an observation (a
+            // refused acquisition names a holder or none, a lost lease is "free" to it): the
+            // next read must reach it even if the lease did not change on disk since the last
+            // one it was handed, or a lease freed meanwhile stays "held" to it until the
+            // refresh.
+            Event::LeaseAcquireFailed { group, .. } | Event::LeaseLost { group } => {
+                h.resend.insert(group.clone());
             }
             _ => {}
         }
@@ -401,13 +411,21 @@ struct Observed<'a> {
 const ROUND_BUDGET_BYTES: u64 = 512 * 1024;
 
 /// A larger cluster reads its hot leases every round and sweeps the others so that each is
-/// read at least once every this many rounds (poll interval `R/4`: within `0.75 R`). That
+/// read at least once every this many rounds (poll interval `R/4`: within `0.75 R`; fewer
+/// rounds where the poll interval's 100 ms floor makes rounds longer, see `sweep_rounds`). That
 /// keeps the engine's assumption that a freed lease is seen by every node within the
 /// takeover stagger (`R`). At 1,000 groups on the default area that is 334 leases, 3.2 MB,
 /// per round: about 13 MB/s of lease reads per host at `R = 1 s`, in reads of up to 1 MiB,
 /// and a few milliseconds of CPU per second (one lease per read and a full decode of every
 /// ballot block, as before, cost an agent most of a core at 100 groups).
 const SWEEP_ROUNDS: usize = 3;
+
+/// Rounds of `period_ms` a sweep may take so that every lease is read within `0.75 R` (at
+/// most `SWEEP_ROUNDS`, at least 1: every lease every round).
+fn sweep_rounds(renewal_ms: u64, period: Duration) -> usize {
+    let rounds = (renewal_ms * 3 / 4) / (period.as_millis() as u64).max(1);
+    usize::try_from(rounds).unwrap_or(SWEEP_ROUNDS).clamp(1, SWEEP_ROUNDS)
+}
 
 /// An observation that did not change is handed to the engine again after this many
 /// rounds anyway (`2 R`): the engine's own view of a lease it does not hold can change
@@ -426,6 +444,9 @@ pub(crate) struct Hints {
     groups: BTreeMap<GroupId, std::time::Instant>,
     /// Nodes that were lost or went to standby: the leases they hold are about to move.
     nodes: BTreeMap<NodeId, std::time::Instant>,
+    /// Groups whose next observation the engine must be handed even if unchanged (read in
+    /// the next round; removed once handed over).
+    resend: BTreeSet<GroupId>,
 }
 
 /// The observer's memory of one group's lease.
@@ -484,7 +505,7 @@ fn observe(
     let mut last_alive: BTreeMap<NodeId, bool> = BTreeMap::new();
     let mut reader = tandem_lease::observe::ResourceReader::new(lease);
     let budget = usize::try_from(ROUND_BUDGET_BYTES / reader.slot_len().max(1)).unwrap_or(usize::MAX);
-    let sweep = groups.len().div_ceil(SWEEP_ROUNDS);
+    let sweep = groups.len().div_ceil(sweep_rounds(lease.timeouts().renewal_ms, period));
     let names: Vec<String> = groups.iter().map(group_lease).collect();
     let mut seen: Vec<Seen> = vec![Seen::default(); groups.len()];
     let mut cursor = 0usize;
@@ -533,6 +554,7 @@ fn observe(
                         || s.holder.is_some_and(|n| dead.contains(&n) || h.nodes.contains_key(&n))
                         || s.hot_until.is_some_and(|t| t > now)
                         || h.groups.contains_key(g)
+                        || h.resend.contains(g)
                 })
                 .collect()
         };
@@ -555,7 +577,8 @@ fn observe(
                     }
                     s.read = true;
                     s.round = round;
-                    if !changed && round < s.sent_round + REFRESH_ROUNDS {
+                    let resend = hints.lock().unwrap_or_else(|p| p.into_inner()).resend.remove(group);
+                    if !changed && !resend && round < s.sent_round + REFRESH_ROUNDS {
                         continue;
                     }
                     s.sent_round = round;
@@ -660,6 +683,17 @@ mod tests {
             covered.extend(pick(&hot, &s, &mut cursor, 53, n.div_ceil(SWEEP_ROUNDS)));
         }
         assert_eq!(covered.len(), n);
+    }
+
+    /// The sweep fits in `0.75 R` whatever the poll interval's floor does to the rounds.
+    #[test]
+    fn sweep_rounds_fit_in_three_quarters_of_r() {
+        let ms = Duration::from_millis;
+        assert_eq!(sweep_rounds(1000, ms(250)), 3);
+        assert_eq!(sweep_rounds(300, ms(100)), 2);
+        assert_eq!(sweep_rounds(200, ms(100)), 1);
+        assert_eq!(sweep_rounds(100, ms(100)), 1);
+        assert_eq!(sweep_rounds(10_000, ms(2500)), 3);
     }
 
     /// A budget of zero still reads one lease per round.
