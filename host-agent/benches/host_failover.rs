@@ -10,7 +10,8 @@
 //! * each agent's CPU share and RSS while idle.
 //!
 //! `cargo bench -p tandem-host --bench host_failover` (defaults: 4 hosts, 100 VMs);
-//! `-- --hosts H --vms N` to change; `-- --quick` for 3 hosts and 30 VMs.
+//! `-- --hosts H --vms N` to change; `-- --quick` for 3 hosts and 30 VMs; `-- --no-baseline`
+//! skips the 1-VM run; `-- --idle S` makes the idle window S seconds.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -93,10 +94,16 @@ fn main() {
     let hosts = arg("--hosts").unwrap_or(if quick { 3 } else { 4 });
     let n = arg("--vms").unwrap_or(if quick { 30 } else { 100 });
 
-    let (base, _, c1, a1, _) = failover(hosts, 1);
-    drop(a1);
-    drop(c1);
-    println!("baseline: a host with 1 VM killed -> running elsewhere in {base:.2} s (lease takeover alone)");
+    // `--no-baseline`: skip the 1-VM run (when profiling the large one).
+    let base = if std::env::args().any(|a| a == "--no-baseline") {
+        0.0
+    } else {
+        let (base, _, c1, a1, _) = failover(hosts, 1);
+        drop(a1);
+        drop(c1);
+        println!("baseline: a host with 1 VM killed -> running elsewhere in {base:.2} s (lease takeover alone)");
+        base
+    };
 
     let (took, moved, c, survivors, victim) = failover(hosts, n);
     println!(
@@ -128,7 +135,9 @@ fn main() {
     // Idle cost of each surviving agent over 10 s.
     let tick = 100.0; // USER_HZ on Linux
     let before: Vec<(u64, u64)> = survivors.iter().map(|(_, h)| cpu_and_rss(h.agent.pid())).collect();
-    let window = 10.0;
+    // `--idle S`: a longer idle window (e.g. to attach a profiler to the pids printed).
+    let window = arg("--idle").unwrap_or(10) as f64;
+    println!("idle window of {window} s starts (agent pids {:?})", survivors.iter().map(|(_, h)| h.agent.pid()).collect::<Vec<_>>());
     std::thread::sleep(Duration::from_secs_f64(window));
     for ((_, h), (t0, _)) in survivors.iter().zip(before) {
         let (t1, rss) = cpu_and_rss(h.agent.pid());
