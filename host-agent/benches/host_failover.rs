@@ -137,7 +137,10 @@ fn main() {
     let before: Vec<(u64, u64)> = survivors.iter().map(|(_, h)| cpu_and_rss(h.agent.pid())).collect();
     // `--idle S`: a longer idle window (e.g. to attach a profiler to the pids printed).
     let window = arg("--idle").unwrap_or(10) as f64;
-    println!("idle window of {window} s starts (agent pids {:?})", survivors.iter().map(|(_, h)| h.agent.pid()).collect::<Vec<_>>());
+    println!(
+        "idle window of {window} s starts (agent pids {:?})",
+        survivors.iter().map(|(_, h)| h.agent.pid()).collect::<Vec<_>>()
+    );
     std::thread::sleep(Duration::from_secs_f64(window));
     for ((_, h), (t0, _)) in survivors.iter().zip(before) {
         let (t1, rss) = cpu_and_rss(h.agent.pid());

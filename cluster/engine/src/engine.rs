@@ -134,6 +134,17 @@ impl RankKey {
     }
 }
 
+/// Why a group of `demand` does not fit in `free`, if it does not.
+fn misfit(demand: crate::model::Capacity, free: crate::model::Capacity) -> Option<Unfit> {
+    if demand.memory_mib > free.memory_mib {
+        Some(Unfit::Memory { needed: demand.memory_mib, free: free.memory_mib })
+    } else if demand.vcpus > free.vcpus {
+        Some(Unfit::Vcpus { needed: demand.vcpus, free: free.vcpus })
+    } else {
+        None
+    }
+}
+
 /// The failover engine of one node: feed it events with [`Engine::handle`], execute the
 /// commands it returns, feed the results back. It never does I/O, reads no clock and draws
 /// no random numbers: the same events at the same `now` give the same commands.
@@ -954,14 +965,7 @@ impl Engine {
                 return Some(Unfit::AntiAffinity { group: other.id.clone(), set: set.clone() });
             }
         }
-        let free = cap?.saturating_sub(self.loads.used_by_others(gi, n));
-        if g.demand.memory_mib > free.memory_mib {
-            Some(Unfit::Memory { needed: g.demand.memory_mib, free: free.memory_mib })
-        } else if g.demand.vcpus > free.vcpus {
-            Some(Unfit::Vcpus { needed: g.demand.vcpus, free: free.vcpus })
-        } else {
-            None
-        }
+        misfit(g.demand, cap?.saturating_sub(self.loads.used_by_others(gi, n)))
     }
 
     /// Whether node `n` runs a group sharing an affinity set with group `gi`.
@@ -1010,14 +1014,7 @@ impl Engine {
             }
             used += other.demand;
         }
-        let free = cap?.saturating_sub(used);
-        if g.demand.memory_mib > free.memory_mib {
-            Some(Unfit::Memory { needed: g.demand.memory_mib, free: free.memory_mib })
-        } else if g.demand.vcpus > free.vcpus {
-            Some(Unfit::Vcpus { needed: g.demand.vcpus, free: free.vcpus })
-        } else {
-            None
-        }
+        misfit(g.demand, cap?.saturating_sub(used))
     }
 
     /// Tests: `has_partner` by scanning every group.

@@ -130,6 +130,18 @@ impl LeaseBook {
     }
 }
 
+/// Feeds `ev` one by one, or (with a queue) queues it and hands the queue over as one
+/// batch when `flush`; `None` while the event waits in the queue.
+fn feed(e: &mut Engine, now: u64, ev: Event, queue: Option<&mut Vec<Event>>, flush: bool) -> Option<Vec<Command>> {
+    match queue {
+        None => Some(e.handle(now, ev)),
+        Some(q) => {
+            q.push(ev);
+            flush.then(|| e.handle_batch(now, std::mem::take(q)))
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
@@ -152,14 +164,9 @@ proptest! {
             now += dt;
             let ev = arbitrary_event(kind, a, b);
             book.saw(&ev);
-            let cmds = if !batched {
-                e.handle(now, ev)
-            } else {
-                queued.push(ev);
-                if (a ^ b) % 3 != 0 && i < last {
-                    continue;
-                }
-                e.handle_batch(now, std::mem::take(&mut queued))
+            let Some(cmds) = feed(&mut e, now, ev, batched.then_some(&mut queued), (a ^ b) % 3 == 0 || i == last)
+            else {
+                continue;
             };
             for c in cmds {
                 book.check(&c)?;
@@ -226,14 +233,9 @@ proptest! {
                     _ => Event::Tick,
                 }
             };
-            let cmds = if !batched {
-                e.handle(now, ev)
-            } else {
-                queued.push(ev);
-                if (a ^ b) % 3 != 0 && i < last {
-                    continue;
-                }
-                e.handle_batch(now, std::mem::take(&mut queued))
+            let Some(cmds) = feed(&mut e, now, ev, batched.then_some(&mut queued), (a ^ b) % 3 == 0 || i == last)
+            else {
+                continue;
             };
             rt.accept(cmds)?;
         }
