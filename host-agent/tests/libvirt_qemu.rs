@@ -115,8 +115,18 @@ async fn live_migration_between_two_real_daemons() {
     eprintln!("migration to an unreachable host: {err}");
     assert!(a.state(UUID).await.unwrap().is_running(), "the source keeps the guest running");
 
+    // 4. Offline: a domain that is off moves its definition only; defined at the
+    //    destination (off), gone at the source.
     a.destroy(UUID).await.unwrap();
-    a.undefine(UUID).await.unwrap();
+    wait_state(&a, "off on a", |s| s.is_some_and(DomainState::is_off)).await;
+    a.migrate(UUID, &pair.b.migration_uri(), MigrationMode::Offline).await.expect("offline migration a -> b");
+    assert!(matches!(a.state(UUID).await, Err(HypervisorError::NoSuchDomain { .. })), "still defined on a");
+    let info = b.domain_info(UUID).await.expect("defined on b");
+    assert!(info.persistent, "offline migration defines it persistently at the destination");
+    assert!(b.state(UUID).await.unwrap().is_off(), "and leaves it off");
+    let list_b = pair.b.virsh(&["list", "--all", "--name"]);
+    assert!(list_b.lines().any(|l| l.trim() == "mig"), "virsh on b does not list it: {list_b}");
+    b.undefine(UUID).await.unwrap();
 }
 
 /// Polls the guest's keyboard buffer until it holds `want` (the BIOS takes the keys from
