@@ -432,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn the_highest_cgroup_holding_only_qemu_is_its_own() {
+    fn next_to_another_vm_the_vms_own_scope_is_registered() {
         let Ok(mount) = cgroup2_mount() else {
             eprintln!("SKIPPED: no cgroup2 mount");
             return;
