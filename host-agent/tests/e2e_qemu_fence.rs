@@ -27,6 +27,14 @@ use tandem_testkit::qemu::qemu_or_skip;
 
 const BOUND: Duration = Duration::from_secs(60);
 
+/// The clusters' VMs get UUIDs by position, so both tests' VMs have the same UUID, and the
+/// test finds QEMU by UUID machine-wide: one test at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The `tandem-host` process of a host: the agent runs under `tini -s` in its namespace.
 fn agent_pid(tini: u32) -> i32 {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -137,6 +145,7 @@ fn the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_sta
     if !qemu_or_skip("the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_start_the_vm") {
         return;
     }
+    let _serial = one_at_a_time();
     let timeouts = Timeouts::from_renewal_ms(RENEWAL_MS);
     // The guard's kill deadline is at most fence_ms + grace after the start of the agent's last
     // renewal, which began before the agent stopped.
@@ -217,6 +226,7 @@ fn a_vm_found_running_when_the_agent_starts_is_adopted_and_its_qemu_guarded() {
     if !qemu_or_skip("a_vm_found_running_when_the_agent_starts_is_adopted_and_its_qemu_guarded") {
         return;
     }
+    let _serial = one_at_a_time();
     let c = Cluster::in_netns_qemu(2, &[vm("qa", 32, 1, &["h1", "h2"])]);
     let uuid = c.uuid_of("qa");
     // Running on h1 before any agent: started by hand with the cluster's own definition.
