@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, RENEWAL_MS, qemu_pids, vm, wait_registered};
+use common::{Cluster, RENEWAL_MS, qemu_pids, strip_ansi, vm, wait_registered};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tandem_host::hypervisor::libvirt::LibvirtHypervisor;
@@ -167,6 +167,18 @@ fn the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_sta
     assert_eq!(pids.len(), 1, "one QEMU with the VM's UUID: {pids:?}");
     let qemu = pids[0];
     wait_registered(&c, "h1", qemu);
+    // The cgroup registered with it (if any) is this VM's alone: never a slice or libvirt's
+    // `machine` partition, whose later tenants (other VMs) fencing would kill too.
+    let registered = strip_ansi(&c.log_of("h1"))
+        .lines()
+        .find(|l| l.contains("QEMU registered with the fencing guard") && l.contains(&format!("pid={qemu} ")))
+        .map(str::to_owned)
+        .unwrap();
+    eprintln!("h1: {registered}");
+    assert!(
+        !registered.contains(".slice\")") && !registered.contains("/machine\")"),
+        "a shared cgroup was registered: {registered}"
+    );
     let qemu_fd = pidfd(qemu);
 
     // 1. SIGSTOP h1's agent: it cannot act, its guard must.
