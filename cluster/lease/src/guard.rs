@@ -969,7 +969,8 @@ const REPLY_LIMIT: Duration = Duration::from_secs(2);
 
 impl GuardHandle {
     /// Starts `cmd` as the guard: its stdin becomes the command pipe, it gets a process group of
-    /// its own (terminal signals to the agent's group do not reach it), and its stdout carries its ready line and its answers to `regpid`.
+    /// its own (terminal signals to the agent's group do not reach it), and its stdout carries
+    /// its ready line and its answers to `regpid`.
     ///
     /// `cmd` must run [`run_guard_on_stdin`], e.g. `tandemctl lease guard`, and take the
     /// [`GuardHandle::watchdog_args`] of its plan.
