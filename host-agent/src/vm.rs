@@ -644,9 +644,15 @@ impl VmResource {
 
     /// Registers the domain's QEMU process with the fencing guard (no-op without a local
     /// QEMU, or when the same process is registered already).
-    fn guard_qemu(&self) -> Result<(), Fault> {
-        let Some(qemu) = &self.qemu else { return Ok(()) };
-        register_qemu(qemu, &self.key, &self.id, &self.def.name).map_err(|why| Fault::Ended { why })
+    /// Blocking work (a `/proc` scan, a socket connect, the guard's answer) runs on tokio's
+    /// blocking pool, not on the runtime's workers.
+    async fn guard_qemu(&self) -> Result<(), Fault> {
+        let Some(qemu) = self.qemu.clone() else { return Ok(()) };
+        let (key, id, name) = (self.key.clone(), self.id.clone(), self.def.name.clone());
+        tokio::task::spawn_blocking(move || register_qemu(&qemu, &key, &id, &name))
+            .await
+            .unwrap_or_else(|e| Err(format!("its QEMU registration did not finish ({e}), so it may not run")))
+            .map_err(|why| Fault::Ended { why })
     }
 
     /// Waits for the registration an adoption started in the background (see
@@ -660,12 +666,12 @@ impl VmResource {
 
     /// While the VM runs here, its QEMU process must be the one registered: registers it
     /// again if a registration failed earlier or the process changed.
-    fn keep_qemu_guarded(&self) {
+    async fn keep_qemu_guarded(&self) {
         let Some(qemu) = &self.qemu else { return };
         if self.expected_off.load(Ordering::SeqCst) || qemu.holds_live_process() {
             return;
         }
-        if let Err(fault) = self.guard_qemu() {
+        if let Err(fault) = self.guard_qemu().await {
             tracing::error!(resource = %self.id, domain = %self.def.name, "{}", self.describe(&fault));
         }
     }
@@ -943,7 +949,7 @@ impl VmResource {
             }
         }
         // Guarded before its vCPUs run here.
-        self.guard_qemu()?;
+        self.guard_qemu().await?;
         self.lease_still_valid("resumed")?;
         self.bounded("resume", until, limit, self.hv.resume(&self.key)).await?;
         self.wait_for(&mut events, "resume", until, limit, |state| match state {
@@ -987,7 +993,7 @@ impl VmResource {
                 // first, as a fresh start would.
                 tracing::warn!(resource = %self.id, domain = %self.def.name, ?reason,
                     "the VM is paused here although no run of it is ours: resuming it");
-                self.guard_qemu()?;
+                self.guard_qemu().await?;
                 self.lease_still_valid("resumed")?;
                 match self.bounded("resume", until, limit, self.hv.resume(&self.key)).await {
                     // Running already: the wait below sees it.
@@ -1042,7 +1048,7 @@ impl VmResource {
                 Some(_) => Ok(false),
             })
             .await?;
-            self.guard_qemu()?;
+            self.guard_qemu().await?;
             self.lease_still_valid("resumed")?;
             match self.bounded("resume", until, limit, self.hv.resume(&self.key)).await {
                 // Running already: the wait below sees it.
@@ -1252,7 +1258,10 @@ impl Resource for VmResource {
                 false => self.start_domain().await,
             };
             // Whichever way it came to run (also "already runs here"), its QEMU is guarded.
-            let started = started.and_then(|()| self.guard_qemu());
+            let started = match started {
+                Ok(()) => self.guard_qemu().await,
+                Err(fault) => Err(fault),
+            };
             match started {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
@@ -1375,7 +1384,7 @@ impl Resource for VmResource {
                     match health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
                     {
                         Health::Running => {
-                            self.keep_qemu_guarded();
+                            self.keep_qemu_guarded().await;
                             self.guest_silence().map_or(Health::Running, Health::Failed)
                         }
                         other => other,
