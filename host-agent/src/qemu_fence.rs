@@ -15,9 +15,11 @@
 //!   libvirt's pid file would not;
 //! * it is registered as a process (`regpid`): the guard holds a pidfd opened after
 //!   checking the process's start time, so a pid reused after QEMU ended is never killed;
-//! * if QEMU sits in a cgroup of its own (libvirt's machine scope with systemd), the
-//!   highest cgroup above it that holds nothing but QEMU and its children (never this
-//!   agent's, nor libvirtd's) is registered too, so helpers QEMU started die with it.
+//! * if QEMU sits in a cgroup of its own (libvirt's machine scope with systemd), that cgroup
+//!   is registered too, so helpers QEMU started die with it: libvirt's cgroup of this one
+//!   machine, or else the lowest cgroup holding QEMU's process tree; only cgroups holding
+//!   nothing but QEMU and its children, and never a slice or libvirt's `machine` partition
+//!   (later they may hold other VMs or containers), nor this agent's or libvirtd's.
 //!
 //! Registration happens while the guest's vCPUs are paused where the agent controls the
 //! start (a fresh start is made paused, an incoming migration is paused until resumed), so
@@ -73,7 +75,8 @@ pub struct QemuProcess {
     pub pid: i32,
     /// Its start time in clock ticks since boot: with the pid, it names this process only.
     pub start: u64,
-    /// The highest cgroup that holds QEMU and nothing but QEMU and its children, if any.
+    /// The cgroup of this VM alone that holds QEMU's process tree, if any (see
+    /// [`dedicated_cgroup`]).
     pub cgroup: Option<PathBuf>,
 }
 
@@ -172,25 +175,65 @@ fn cgroup_of(pid: i32, mount: &Path) -> Option<PathBuf> {
     check_path(&path).ok()
 }
 
-/// The highest cgroup above (and including) `pid`'s that holds only `pid` and its
-/// descendants and is not an ancestor of this process's own cgroup (the guard lives there).
-/// `None` when `pid` shares its cgroup with others (libvirtd's, or the machine's root).
+/// Whether `name` is libvirt's cgroup of one machine: `machine-qemu…scope` (under systemd)
+/// or `….libvirt-qemu` (libvirt's own cgroup layout). libvirt never puts another machine there.
+fn is_machine_cgroup(name: &str) -> bool {
+    (name.starts_with("machine-qemu") && name.ends_with(".scope")) || name.ends_with(".libvirt-qemu")
+}
+
+/// Whether `name` is a cgroup meant to hold many units or machines (a systemd slice,
+/// libvirt's `machine` partition): never registered, however empty it is now, because what
+/// starts there later (another VM, a container) is not this VM's.
+fn is_shared_cgroup(name: &str) -> bool {
+    name.ends_with(".slice") || name == "machine"
+}
+
+/// `pid` and its descendants.
+fn process_tree(pid: i32) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir(PROC) else { return vec![pid] };
+    let mut tree: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&p| within(p, pid))
+        .collect();
+    if !tree.contains(&pid) {
+        tree.push(pid);
+    }
+    tree
+}
+
+/// The cgroup to register for QEMU process `pid`, so that fencing kills QEMU's helpers too
+/// but nothing that is not this VM's: the lowest cgroup that holds `pid`'s whole process tree,
+/// or, within libvirt's cgroup of this one machine (see [`is_machine_cgroup`]), that machine
+/// cgroup. Only cgroups that hold nothing but `pid` and its descendants qualify; never a slice
+/// or libvirt's `machine` partition (shared between machines even when only one runs now),
+/// nor an ancestor of this process's own cgroup (the guard lives there). `None` when `pid`
+/// shares its cgroup with others (libvirtd's, or the machine's root).
 pub fn dedicated_cgroup(pid: i32) -> Option<PathBuf> {
     let mount = cgroup2_mount().ok()?;
     let own = own_cgroup(&mount).ok()?;
-    let mut best = None;
+    let tree = process_tree(pid);
     let mut at = cgroup_of(pid, &mount)?;
+    // Inside libvirt's machine cgroup, climb to it (it belongs to this machine alone).
+    let in_machine = |at: &Path| {
+        at.strip_prefix(&mount)
+            .is_ok_and(|rel| rel.components().any(|c| c.as_os_str().to_str().is_some_and(is_machine_cgroup)))
+    };
+    let mut best = None;
     while at != mount && at.starts_with(&mount) {
-        if own.starts_with(&at) {
+        let name = at.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if own.starts_with(&at) || is_shared_cgroup(name) {
             break;
         }
-        let only_qemu = Cgroup::open(&at)
-            .and_then(|cg| cg.pids())
-            .is_ok_and(|pids| !pids.is_empty() && pids.iter().all(|&p| within(p, pid)));
-        if !only_qemu {
+        let Ok(pids) = Cgroup::open(&at).and_then(|cg| cg.pids()) else { break };
+        if pids.is_empty() || !pids.iter().all(|&p| within(p, pid)) {
             break;
         }
         best = Some(at.clone());
+        let whole_tree = tree.iter().all(|p| pids.contains(p));
+        if is_machine_cgroup(name) || (whole_tree && !in_machine(&at)) {
+            break;
+        }
         match at.parent() {
             Some(parent) => at = parent.to_path_buf(),
             None => break,
@@ -302,7 +345,7 @@ impl QemuGuard {
     }
 
     fn forget(&self, q: &QemuProcess) {
-        if let Err(e) = self.guard.unregister_process(q.pid) {
+        if let Err(e) = self.guard.unregister_process(q.pid, q.start) {
             tracing::warn!(pid = q.pid, "cannot unregister QEMU from the fencing guard: {}", crate::error_chain(&e));
         }
         if let Some(cg) = &q.cgroup
@@ -389,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn the_highest_cgroup_holding_only_qemu_is_its_own() {
+    fn next_to_another_vm_the_vms_own_scope_is_registered() {
         let Ok(mount) = cgroup2_mount() else {
             eprintln!("SKIPPED: no cgroup2 mount");
             return;
@@ -412,6 +455,47 @@ mod tests {
         end(q);
         for cg in [emulator, libvirt, neighbour_scope, scope, slice] {
             cg.remove(std::time::Duration::from_secs(5)).unwrap();
+        }
+    }
+
+    /// Creates the cgroups of `path` (relative, `/`-separated) below `base`, outermost first.
+    fn cgroup_chain(base: &Path, path: &str) -> Vec<Cgroup> {
+        let mut out: Vec<Cgroup> = Vec::new();
+        for name in path.split('/') {
+            let parent = out.last().map_or(base.to_path_buf(), |c| c.path().to_path_buf());
+            out.push(Cgroup::create(&parent, name).unwrap());
+        }
+        out
+    }
+
+    /// One VM alone in its slice or partition (the common case): its machine cgroup, never the
+    /// slice or partition, which would kill whatever starts there later; and where libvirt's
+    /// naming is unknown, the lowest cgroup holding QEMU's process tree.
+    #[test]
+    fn a_single_vm_gets_its_own_cgroup_never_the_shared_one_above() {
+        let Ok(mount) = cgroup2_mount() else {
+            eprintln!("SKIPPED: no cgroup2 mount");
+            return;
+        };
+        let me = std::process::id();
+        for (n, layout, expect) in [
+            // systemd: machine.slice/machine-qemu\x2d1\x2dvm.scope/libvirt/emulator
+            (2, format!("tandem-qf-{me}-sd.slice/machine-qemu-1-vm.scope/libvirt/emulator"), 1),
+            // libvirt's cgroup layout without systemd: /machine/qemu-1-vm.libvirt-qemu/emulator
+            (3, format!("tandem-qf-{me}-lv/machine/qemu-1-vm.libvirt-qemu/emulator"), 2),
+            // An unknown layout: QEMU's own cgroup holds its whole tree; nothing above it.
+            (4, format!("tandem-qf-{me}-other/vms/vm1"), 2),
+        ] {
+            let chain = cgroup_chain(&mount, &layout);
+            let u = format!("7f000000-0000-4000-800{n}-{me:012}");
+            let q = fake_qemu(&u, chain.last());
+            let found = find_qemu(&u, None).unwrap();
+            assert_eq!(found.pid, q.id() as i32);
+            assert_eq!(found.cgroup.as_deref(), Some(chain[expect].path()), "layout {layout}");
+            end(q);
+            for cg in chain.into_iter().rev() {
+                cg.remove(std::time::Duration::from_secs(5)).unwrap();
+            }
         }
     }
 

@@ -579,7 +579,10 @@ pub struct VmResource {
     migration: Option<Migration>,
     /// The registration of the VM's QEMU process with the fencing guard (local QEMU
     /// hypervisors only; the test driver's domains live inside the agent).
-    qemu: Option<crate::qemu_fence::QemuGuard>,
+    qemu: Option<Arc<crate::qemu_fence::QemuGuard>>,
+    /// The registration [`Resource::adopted`] runs off the engine's task (a `/proc` scan and a
+    /// socket connect); a start or stop waits for it first, so it never lands after them.
+    adopting: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Whether this host's lease is valid now: checked before a start lets the guest run.
     lease: tandem_node::resources::LeaseCheck,
 }
@@ -612,6 +615,7 @@ impl VmResource {
             running_since: std::sync::Mutex::new(None),
             migration: None,
             qemu: None,
+            adopting: std::sync::Mutex::new(None),
             lease: tandem_node::resources::LeaseCheck::default(),
         }
     }
@@ -634,36 +638,40 @@ impl VmResource {
     /// Registers the VM's QEMU process with the fencing guard whenever it runs here (see
     /// [`crate::qemu_fence`]); `None`: nothing to register (no local QEMU).
     pub fn with_qemu_guard(mut self, qemu: Option<crate::qemu_fence::QemuGuard>) -> VmResource {
-        self.qemu = qemu;
+        self.qemu = qemu.map(Arc::new);
         self
     }
 
     /// Registers the domain's QEMU process with the fencing guard (no-op without a local
     /// QEMU, or when the same process is registered already).
-    fn guard_qemu(&self) -> Result<(), Fault> {
-        let Some(qemu) = &self.qemu else { return Ok(()) };
-        match qemu.register(&self.key) {
-            Ok((q, new)) => {
-                if new {
-                    tracing::info!(resource = %self.id, domain = %self.def.name, pid = q.pid,
-                        cgroup = ?q.cgroup, "QEMU registered with the fencing guard");
-                }
-                Ok(())
-            }
-            Err(why) => Err(Fault::Ended {
-                why: format!("its QEMU process cannot be registered with the fencing guard ({why}), so it may not run"),
-            }),
+    /// Blocking work (a `/proc` scan, a socket connect, the guard's answer) runs on tokio's
+    /// blocking pool, not on the runtime's workers.
+    async fn guard_qemu(&self) -> Result<(), Fault> {
+        let Some(qemu) = self.qemu.clone() else { return Ok(()) };
+        let (key, id, name) = (self.key.clone(), self.id.clone(), self.def.name.clone());
+        tokio::task::spawn_blocking(move || register_qemu(&qemu, &key, &id, &name))
+            .await
+            .unwrap_or_else(|e| Err(format!("its QEMU registration did not finish ({e}), so it may not run")))
+            .map_err(|why| Fault::Ended { why })
+    }
+
+    /// Waits for the registration an adoption started in the background (see
+    /// [`Resource::adopted`]).
+    async fn settle_adoption(&self) {
+        let pending = self.adopting.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = pending {
+            let _ = task.await;
         }
     }
 
     /// While the VM runs here, its QEMU process must be the one registered: registers it
     /// again if a registration failed earlier or the process changed.
-    fn keep_qemu_guarded(&self) {
+    async fn keep_qemu_guarded(&self) {
         let Some(qemu) = &self.qemu else { return };
         if self.expected_off.load(Ordering::SeqCst) || qemu.holds_live_process() {
             return;
         }
-        if let Err(fault) = self.guard_qemu() {
+        if let Err(fault) = self.guard_qemu().await {
             tracing::error!(resource = %self.id, domain = %self.def.name, "{}", self.describe(&fault));
         }
     }
@@ -941,7 +949,7 @@ impl VmResource {
             }
         }
         // Guarded before its vCPUs run here.
-        self.guard_qemu()?;
+        self.guard_qemu().await?;
         self.lease_still_valid("resumed")?;
         self.bounded("resume", until, limit, self.hv.resume(&self.key)).await?;
         self.wait_for(&mut events, "resume", until, limit, |state| match state {
@@ -977,6 +985,31 @@ impl VmResource {
             state = None;
         }
         match state {
+            Some(DomainState::Paused(reason @ (PausedReason::User | PausedReason::StartingUp))) => {
+                // Not a copy another host migrated here (those were thrown away above): a start
+                // of ours that stopped short of resuming it (its registration or resume failed,
+                // and so did the cleanup), or an operator's pause. Counted as running, it would
+                // stay paused for good while reported started: this start lets it run, guarded
+                // first, as a fresh start would.
+                tracing::warn!(resource = %self.id, domain = %self.def.name, ?reason,
+                    "the VM is paused here although no run of it is ours: resuming it");
+                self.guard_qemu().await?;
+                self.lease_still_valid("resumed")?;
+                match self.bounded("resume", until, limit, self.hv.resume(&self.key)).await {
+                    // Running already: the wait below sees it.
+                    Err(fault) if !fault.is_state() => return Err(fault),
+                    _ => {}
+                }
+                return self
+                    .wait_for(&mut events, "resume", until, limit, |state| match state {
+                        Some(s) if s.is_running() => Ok(true),
+                        Some(DomainState::Paused(_)) => Ok(false),
+                        Some(other) => Err(format!("went {other:?} while resuming")),
+                        None => Err("disappeared while resuming".to_string()),
+                    })
+                    .await
+                    .map(|_| ());
+            }
             Some(state) if health_of(Some(&state), false) == Health::Running => {
                 tracing::info!(resource = %self.id, domain = %self.def.name, ?state, "the VM already runs here");
                 return Ok(());
@@ -1015,7 +1048,7 @@ impl VmResource {
                 Some(_) => Ok(false),
             })
             .await?;
-            self.guard_qemu()?;
+            self.guard_qemu().await?;
             self.lease_still_valid("resumed")?;
             match self.bounded("resume", until, limit, self.hv.resume(&self.key)).await {
                 // Running already: the wait below sees it.
@@ -1209,6 +1242,7 @@ impl Resource for VmResource {
 
     fn start<'a>(&'a self, ctx: &'a StartContext) -> BoxFuture<'a, Result<(), ResourceError>> {
         Box::pin(async move {
+            self.settle_adoption().await;
             tracing::info!(resource = %self.id, domain = %self.def.name, uuid = %self.def.uuid,
                 uri = %self.hv.uri(), token = ctx.token, "starting the VM");
             // A fence mark is about the run that was fenced, not about this one.
@@ -1224,7 +1258,10 @@ impl Resource for VmResource {
                 false => self.start_domain().await,
             };
             // Whichever way it came to run (also "already runs here"), its QEMU is guarded.
-            let started = started.and_then(|()| self.guard_qemu());
+            let started = match started {
+                Ok(()) => self.guard_qemu().await,
+                Err(fault) => Err(fault),
+            };
             match started {
                 Ok(()) => {
                     self.expected_off.store(false, Ordering::SeqCst);
@@ -1252,6 +1289,7 @@ impl Resource for VmResource {
         Box::pin(async move {
             // Before anything else: a check running meanwhile must see this power-off as ours.
             self.expected_off.store(true, Ordering::SeqCst);
+            self.settle_adoption().await;
             tracing::info!(resource = %self.id, domain = %self.def.name, uri = %self.hv.uri(), force, "stopping the VM");
             self.stop_domain(force)
                 .await
@@ -1273,6 +1311,7 @@ impl Resource for VmResource {
             };
             // Before anything else: the VM vanishing from here is ours.
             self.expected_off.store(true, Ordering::SeqCst);
+            self.settle_adoption().await;
             tracing::info!(resource = %self.id, domain = %self.def.name, to = %node, %uri, token = ctx.token,
                 "live-migrating the VM (it stays paused there until that host holds its lease)");
             let outcome = {
@@ -1308,9 +1347,23 @@ impl Resource for VmResource {
         self.expected_off.store(false, Ordering::SeqCst);
         *self.running_since.lock().expect("not poisoned") = Some(std::time::Instant::now());
         // It ran unguarded since the previous agent ended: guard it now (the next check
-        // tries again if this fails).
-        if let Err(fault) = self.guard_qemu() {
-            tracing::error!(resource = %self.id, domain = %self.def.name, "{}", self.describe(&fault));
+        // tries again if this fails). Finding QEMU scans /proc and connects to libvirtd's
+        // socket, and the guard's answer is awaited: not on the caller's (the engine's) task.
+        let Some(qemu) = self.qemu.clone() else { return };
+        let (key, id, name) = (self.key.clone(), self.id.clone(), self.def.name.clone());
+        // What `describe` says of a `Fault::Ended`.
+        let what = format!("domain '{name}' ({}) on {}", self.def.uuid, self.hv.uri());
+        let register = move || {
+            if let Err(why) = register_qemu(&qemu, &key, &id, &name) {
+                tracing::error!(resource = %id, domain = %name, "{what} {why}");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let task = rt.spawn_blocking(register);
+                *self.adopting.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+            }
+            Err(_) => register(),
         }
     }
 
@@ -1331,7 +1384,7 @@ impl Resource for VmResource {
                     match health_with_fence(state.as_ref(), self.expected_off.load(Ordering::SeqCst), fenced.as_deref())
                     {
                         Health::Running => {
-                            self.keep_qemu_guarded();
+                            self.keep_qemu_guarded().await;
                             self.guest_silence().map_or(Health::Running, Health::Failed)
                         }
                         other => other,
@@ -1341,6 +1394,23 @@ impl Resource for VmResource {
                 Err(fault) => Health::Failed(format!("cannot tell whether the VM runs: {}", self.describe(&fault))),
             }
         })
+    }
+}
+
+/// Registers the QEMU process of domain `key` (resource `id`, domain `name`) with the fencing
+/// guard; the error says why it cannot, as a `Fault::Ended` reason.
+fn register_qemu(qemu: &crate::qemu_fence::QemuGuard, key: &str, id: &str, name: &str) -> Result<(), String> {
+    match qemu.register(key) {
+        Ok((q, new)) => {
+            if new {
+                tracing::info!(resource = %id, domain = %name, pid = q.pid, cgroup = ?q.cgroup,
+                    "QEMU registered with the fencing guard");
+            }
+            Ok(())
+        }
+        Err(why) => {
+            Err(format!("its QEMU process cannot be registered with the fencing guard ({why}), so it may not run"))
+        }
     }
 }
 

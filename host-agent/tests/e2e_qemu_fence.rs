@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, RENEWAL_MS, qemu_pids, vm, wait_registered};
+use common::{Cluster, RENEWAL_MS, qemu_pids, strip_ansi, vm, wait_registered};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tandem_host::hypervisor::libvirt::LibvirtHypervisor;
@@ -26,6 +26,14 @@ use tandem_lease::fence::FencePlan;
 use tandem_testkit::qemu::qemu_or_skip;
 
 const BOUND: Duration = Duration::from_secs(60);
+
+/// The clusters' VMs get UUIDs by position, so both tests' VMs have the same UUID, and the
+/// test finds QEMU by UUID machine-wide: one test at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The `tandem-host` process of a host: the agent runs under `tini -s` in its namespace.
 fn agent_pid(tini: u32) -> i32 {
@@ -137,6 +145,7 @@ fn the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_sta
     if !qemu_or_skip("the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_start_the_vm") {
         return;
     }
+    let _serial = one_at_a_time();
     let timeouts = Timeouts::from_renewal_ms(RENEWAL_MS);
     // The guard's kill deadline is at most fence_ms + grace after the start of the agent's last
     // renewal, which began before the agent stopped.
@@ -158,6 +167,18 @@ fn the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_sta
     assert_eq!(pids.len(), 1, "one QEMU with the VM's UUID: {pids:?}");
     let qemu = pids[0];
     wait_registered(&c, "h1", qemu);
+    // The cgroup registered with it (if any) is this VM's alone: never a slice or libvirt's
+    // `machine` partition, whose later tenants (other VMs) fencing would kill too.
+    let registered = strip_ansi(&c.log_of("h1"))
+        .lines()
+        .find(|l| l.contains("QEMU registered with the fencing guard") && l.contains(&format!("pid={qemu} ")))
+        .map(str::to_owned)
+        .unwrap();
+    eprintln!("h1: {registered}");
+    assert!(
+        !registered.contains(".slice\")") && !registered.contains("/machine\")"),
+        "a shared cgroup was registered: {registered}"
+    );
     let qemu_fd = pidfd(qemu);
 
     // 1. SIGSTOP h1's agent: it cannot act, its guard must.
@@ -217,6 +238,7 @@ fn a_vm_found_running_when_the_agent_starts_is_adopted_and_its_qemu_guarded() {
     if !qemu_or_skip("a_vm_found_running_when_the_agent_starts_is_adopted_and_its_qemu_guarded") {
         return;
     }
+    let _serial = one_at_a_time();
     let c = Cluster::in_netns_qemu(2, &[vm("qa", 32, 1, &["h1", "h2"])]);
     let uuid = c.uuid_of("qa");
     // Running on h1 before any agent: started by hand with the cluster's own definition.

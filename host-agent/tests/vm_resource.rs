@@ -20,7 +20,7 @@ use tandem_config::{DiskResource, ResourceKind, VmResource as VmConfig};
 use tandem_host::hypervisor::libvirt::{LibvirtHypervisor, LibvirtOptions};
 use tandem_host::hypervisor::{
     BoxFuture, ConnectionState, DomainEvent, DomainInfo, DomainState, EventKind, EventReason, HandoverMark,
-    HostCapacity, Hypervisor, HypervisorError, MigrationMode, RunningReason, ShutoffReason,
+    HostCapacity, Hypervisor, HypervisorError, MigrationMode, PausedReason, RunningReason, ShutoffReason,
 };
 use tandem_host::vm::{
     GuestPrepared, GuestShutdown, HostResources, Migration, VmActivity, VmDefinition, VmResource, VmStep,
@@ -784,6 +784,27 @@ async fn the_handover_start_resumes_the_paused_copy_instead_of_booting() {
     assert_eq!(vm.check().await, Health::Running);
     // An operator's pause afterwards is a pause, not an incoming copy.
     hv.suspend(UUID).await.unwrap();
+    assert_eq!(vm.check().await, Health::Running);
+}
+
+/// A domain left paused here without a handover mark (a start of ours that failed between
+/// its paused boot and the resume, and whose cleanup failed too; or an operator's pause while
+/// the group was stopped) is resumed by the next start, never reported started while paused.
+#[tokio::test]
+async fn a_start_resumes_a_domain_left_paused_here() {
+    let host = TestHost::new();
+    let hv = host.connect().await;
+    hv.define(&domain_xml("web", "<memory unit='MiB'>512</memory>")).await.unwrap();
+    hv.start(UUID).await.unwrap();
+    hv.suspend(UUID).await.unwrap();
+    assert!(matches!(hv.state(UUID).await.unwrap(), DomainState::Paused(PausedReason::User)));
+    let vm = web_vm(&host, hv.clone(), BOUND);
+    vm.start(&ctx()).await.expect("start");
+    assert_eq!(
+        hv.state(UUID).await.unwrap(),
+        DomainState::Running(RunningReason::Unpaused),
+        "resumed, not left paused"
+    );
     assert_eq!(vm.check().await, Health::Running);
 }
 

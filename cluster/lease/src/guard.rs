@@ -12,13 +12,19 @@
 //!   writes `1` to its `cgroup.kill`, or where the kernel lacks it (before 5.14) freezes it and
 //!   SIGKILLs every pid listed in it and its descendants until they are empty (bounded); see
 //!   [`crate::cgroup`].
-//! * `regpid <pid> <start>` / `unregpid <pid>`: (un)register one process to kill when fencing,
-//!   named by its pid and its start time (field 22 of `/proc/<pid>/stat`, clock ticks since
-//!   boot). The guard opens a pidfd for it at once and keeps it: the kill goes through the
+//! * `regpid <pid> <start>` / `unregpid <pid> <start>`: (un)register one process to kill when
+//!   fencing, named by its pid and its start time (field 22 of `/proc/<pid>/stat`, clock ticks
+//!   since boot). The guard opens a pidfd for it at once and keeps it: the kill goes through the
 //!   pidfd, so it can never hit another process that reused the pid later. A pid whose start
-//!   time does not match (the process ended and the pid was reused before the guard opened it)
-//!   is refused and logged. For processes the agent does not start itself and that have no
-//!   cgroup of their own (a QEMU started by libvirtd, see the host agent).
+//!   time does not match (the process ended and the pid was reused before the guard opened it),
+//!   or for which no pidfd can be opened (no `pidfd_open`, out of file descriptors), is refused
+//!   and logged. The guard answers every `regpid` on its stdout with `regpid <pid> <start> ok`
+//!   or `regpid <pid> <start> refused <why>`, and [`GuardHandle::register_process`] waits for
+//!   that answer: a refused process is the caller's error, never silently unguarded.
+//!   `unregpid` removes only the registration with that same start time, so a late
+//!   unregistration of an ended process cannot remove a newer process that reused its pid.
+//!   For processes the agent does not start itself and that have no cgroup of their own (a
+//!   QEMU started by libvirtd, see the host agent).
 //! * `regaddr <iface> <addr>/<prefix>` / `unregaddr …`: (un)register a floating IP address to
 //!   remove from that interface when fencing (after the kills): the application is gone, so its
 //!   address must go too, or the node's kernel keeps answering for it and the next holder's
@@ -104,7 +110,7 @@ pub enum GuardError {
     /// A line on the guard's input was not a valid message.
     #[error(
         "the fencing guard received an invalid message {line:?}; expected `reg PGID`, `unreg PGID`, \
-         `regcg PATH`, `unregcg PATH`, `regpid PID START`, `unregpid PID`, `regaddr IFACE ADDR`, \
+         `regcg PATH`, `unregcg PATH`, `regpid PID START`, `unregpid PID START`, `regaddr IFACE ADDR`, \
          `unregaddr IFACE ADDR`, `pet MS` or `bye`"
     )]
     Protocol {
@@ -147,6 +153,15 @@ pub enum GuardError {
         pid: i32,
         /// Why.
         why: String,
+    },
+    /// The guard did not confirm a `regpid` in time (stalled or gone): the process may be
+    /// unguarded.
+    #[error("the fencing guard did not confirm guarding process {pid}: {detail}")]
+    Unconfirmed {
+        /// The pid.
+        pid: i32,
+        /// What happened instead.
+        detail: String,
     },
 }
 
@@ -202,8 +217,13 @@ pub enum GuardMessage {
         /// Its start time in clock ticks since boot.
         start: u64,
     },
-    /// Stop guarding this process.
-    UnregisterProcess(i32),
+    /// Stop guarding this process (only if it is the one that started at `start`).
+    UnregisterProcess {
+        /// Its pid.
+        pid: i32,
+        /// Its start time, as registered.
+        start: u64,
+    },
     /// Remove this address from this interface when fencing.
     RegisterAddress(GuardedAddress),
     /// Stop guarding this address.
@@ -224,7 +244,7 @@ impl GuardMessage {
             GuardMessage::RegisterCgroup(p) => format!("regcg {}\n", p.display()),
             GuardMessage::UnregisterCgroup(p) => format!("unregcg {}\n", p.display()),
             GuardMessage::RegisterProcess { pid, start } => format!("regpid {pid} {start}\n"),
-            GuardMessage::UnregisterProcess(pid) => format!("unregpid {pid}\n"),
+            GuardMessage::UnregisterProcess { pid, start } => format!("unregpid {pid} {start}\n"),
             // Checked by GuardedAddress::new: no spaces or newlines in either part.
             GuardMessage::RegisterAddress(a) => format!("regaddr {} {}\n", a.interface, a.address),
             GuardMessage::UnregisterAddress(a) => format!("unregaddr {} {}\n", a.interface, a.address),
@@ -243,14 +263,15 @@ impl GuardMessage {
             "unreg" => Ok(GuardMessage::Unregister(arg.parse().map_err(|_| bad())?)),
             "regcg" if arg.starts_with('/') => Ok(GuardMessage::RegisterCgroup(PathBuf::from(arg))),
             "unregcg" if arg.starts_with('/') => Ok(GuardMessage::UnregisterCgroup(PathBuf::from(arg))),
-            "regpid" => {
+            "regpid" | "unregpid" => {
                 let (pid, start) = arg.split_once(' ').ok_or_else(bad)?;
-                Ok(GuardMessage::RegisterProcess {
-                    pid: pid.parse().map_err(|_| bad())?,
-                    start: start.parse().map_err(|_| bad())?,
+                let (pid, start) = (pid.parse().map_err(|_| bad())?, start.parse().map_err(|_| bad())?);
+                Ok(if verb == "regpid" {
+                    GuardMessage::RegisterProcess { pid, start }
+                } else {
+                    GuardMessage::UnregisterProcess { pid, start }
                 })
             }
-            "unregpid" => Ok(GuardMessage::UnregisterProcess(arg.parse().map_err(|_| bad())?)),
             "regaddr" | "unregaddr" => {
                 let (iface, addr) = arg.split_once(' ').ok_or_else(bad)?;
                 let a = GuardedAddress::new(iface, addr).map_err(|_| bad())?;
@@ -362,6 +383,12 @@ impl PidFd {
         // The pidfd names whatever held `pid` when it was opened. If that process is still alive
         // after the start time was read, the start time was its own: a pid has one holder at a time.
         let now = process_start_time(pid);
+        if now.is_none()
+            && let Err(e) = std::fs::File::open(format!("/proc/{pid}/stat"))
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(bad(format!("cannot read its start time: {e}")));
+        }
         if now != Some(start) {
             return Err(bad(format!("its start time is {now:?}, not {start}: the process is gone")));
         }
@@ -398,9 +425,9 @@ impl PidFd {
 }
 
 /// SIGKILLs each registered process through its pidfd; one that has exited is not an error.
-fn kill_processes(processes: &BTreeMap<i32, PidFd>, why: &str, log: &mut dyn FnMut(&str)) -> Vec<i32> {
+fn kill_processes(processes: &BTreeMap<(i32, u64), PidFd>, why: &str, log: &mut dyn FnMut(&str)) -> Vec<i32> {
     let mut killed = Vec::new();
-    for (&pid, fd) in processes {
+    for (&(pid, _), fd) in processes {
         match fd.signal(libc::SIGKILL) {
             Ok(()) => {
                 log(&format!("{why}: SIGKILL sent to process {pid}"));
@@ -496,7 +523,7 @@ fn cgroup_alive(path: &Path) -> bool {
 struct Guarded<'a> {
     groups: &'a BTreeSet<i32>,
     cgroups: &'a BTreeSet<PathBuf>,
-    processes: &'a BTreeMap<i32, PidFd>,
+    processes: &'a BTreeMap<(i32, u64), PidFd>,
 }
 
 /// Waits until nothing guarded runs any more, or `until` passes.
@@ -613,12 +640,44 @@ pub fn run_guard(input: BorrowedFd<'_>, log: &mut dyn FnMut(&str)) -> Result<Gua
 /// everything it killed is dead; `bye` disarms it.
 pub fn run_guard_with(
     input: BorrowedFd<'_>,
+    watchdog: Option<GuardWatchdog>,
+    log: &mut dyn FnMut(&str),
+) -> Result<GuardExit, GuardError> {
+    run_guard_replying(input, None, watchdog, log)
+}
+
+/// Writes one answer line to `out` if it can be written without blocking (the guard must
+/// never wait on its agent); an answer that cannot is dropped and logged, and the agent,
+/// which waits for it with a limit, reports the process as unconfirmed.
+fn reply(out: Option<BorrowedFd<'_>>, line: &str, log: &mut dyn FnMut(&str)) {
+    let Some(out) = out else { return };
+    let mut fds = [PollFd::new(out, PollFlags::POLLOUT)];
+    if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        || !fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLOUT))
+    {
+        log(&format!("cannot answer the agent (its reply pipe is full or closed): {}", line.trim_end()));
+        return;
+    }
+    // SAFETY: `out` is an open fd; the buffer is valid for its length. One short line
+    // (below PIPE_BUF) into a pipe with room is written whole.
+    let n = unsafe { libc::write(out.as_raw_fd(), line.as_ptr().cast(), line.len()) };
+    if n != line.len() as isize {
+        log(&format!("cannot answer the agent ({}): {}", io::Error::last_os_error(), line.trim_end()));
+    }
+}
+
+/// [`run_guard_with`] answering each `regpid` on `replies` (the guard's stdout, read by
+/// [`GuardHandle::register_process`]): `regpid PID START ok` or `regpid PID START refused WHY`.
+pub fn run_guard_replying(
+    input: BorrowedFd<'_>,
+    replies: Option<BorrowedFd<'_>>,
     mut watchdog: Option<GuardWatchdog>,
     log: &mut dyn FnMut(&str),
 ) -> Result<GuardExit, GuardError> {
     let mut groups: BTreeSet<i32> = BTreeSet::new();
     let mut cgroups: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut processes: BTreeMap<i32, PidFd> = BTreeMap::new();
+    // Keyed by pid and start time: an unregistration names exactly one process.
+    let mut processes: BTreeMap<(i32, u64), PidFd> = BTreeMap::new();
     let mut addresses: BTreeSet<GuardedAddress> = BTreeSet::new();
     let mut deadline: Option<u64> = None;
     let mut said_bye = false;
@@ -688,13 +747,23 @@ pub fn run_guard_with(
                         }
                         Ok(GuardMessage::RegisterProcess { pid, start }) => match PidFd::open(pid, start) {
                             Ok(fd) => {
-                                processes.insert(pid, fd);
+                                // An earlier holder of this pid has ended (a pid has one holder
+                                // at a time): its pidfd can go.
+                                processes.retain(|&(p, s), _| p != pid || s == start);
+                                processes.insert((pid, start), fd);
+                                reply(replies, &format!("regpid {pid} {start} ok\n"), log);
                             }
-                            // Refused, not fenced: the process is gone, so there is nothing to kill.
-                            Err(e) => log(&e.to_string()),
+                            // Refused, not fenced: the agent learns it from the answer and does
+                            // not run the process unguarded.
+                            Err(e) => {
+                                log(&e.to_string());
+                                let why: String =
+                                    e.to_string().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+                                reply(replies, &format!("regpid {pid} {start} refused {why}\n"), log);
+                            }
                         },
-                        Ok(GuardMessage::UnregisterProcess(pid)) => {
-                            processes.remove(&pid);
+                        Ok(GuardMessage::UnregisterProcess { pid, start }) => {
+                            processes.remove(&(pid, start));
                         }
                         Ok(GuardMessage::RegisterAddress(a)) => {
                             addresses.insert(a);
@@ -800,7 +869,7 @@ pub fn run_guard_on_stdin(options: &GuardOptions) -> Result<GuardExit, GuardErro
     let mut out = io::stdout();
     let _ = out.write_all(READY.as_bytes()).and_then(|()| out.flush());
     let stdin = io::stdin();
-    run_guard_with(stdin.as_fd(), watchdog, &mut log)
+    run_guard_replying(stdin.as_fd(), Some(out.as_fd()), watchdog, &mut log)
 }
 
 /// The line a guard prints on stdout once it serves.
@@ -811,7 +880,7 @@ const READY_LIMIT: Duration = Duration::from_secs(10);
 
 /// Waits for the [`READY`] line on `out` (other lines are skipped: a test harness may print
 /// first), until end of file or `READY_LIMIT`.
-fn wait_ready(out: std::process::ChildStdout) -> Result<(), String> {
+fn wait_ready(out: &std::process::ChildStdout) -> Result<(), String> {
     let until = monotonic_ms() + READY_LIMIT.as_millis() as u64;
     let mut seen: Vec<u8> = Vec::new();
     let mut buf = [0u8; 256];
@@ -888,11 +957,20 @@ impl GuardOptions {
 pub struct GuardHandle {
     child: Child,
     pipe: Option<ChildStdin>,
+    /// The guard's stdout: its answers to `regpid`.
+    replies: std::process::ChildStdout,
+    /// Read from `replies` but not yet a whole line.
+    partial: Vec<u8>,
 }
+
+/// How long [`GuardHandle::register_process`] waits for the guard's answer. The guard answers
+/// as soon as it reads the line; only a stalled guard (which could not fence either) is slower.
+const REPLY_LIMIT: Duration = Duration::from_secs(2);
 
 impl GuardHandle {
     /// Starts `cmd` as the guard: its stdin becomes the command pipe, it gets a process group of
-    /// its own (terminal signals to the agent's group do not reach it), and stdout is discarded.
+    /// its own (terminal signals to the agent's group do not reach it), and its stdout carries
+    /// its ready line and its answers to `regpid`.
     ///
     /// `cmd` must run [`run_guard_on_stdin`], e.g. `tandemctl lease guard`, and take the
     /// [`GuardHandle::watchdog_args`] of its plan.
@@ -902,9 +980,10 @@ impl GuardHandle {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().map_err(|source| GuardError::Spawn { program: program.clone(), source })?;
         let pipe = child.stdin.take().expect("stdin was configured as piped");
-        // Serving (and its watchdog armed) before anything relies on it. Its stdout is closed
-        // here afterwards: the guard ignores SIGPIPE and writes nothing more.
-        if let Err(detail) = wait_ready(child.stdout.take().expect("stdout was configured as piped")) {
+        // Serving (and its watchdog armed) before anything relies on it. Its stdout stays open:
+        // the guard answers `regpid` there.
+        let replies = child.stdout.take().expect("stdout was configured as piped");
+        if let Err(detail) = wait_ready(&replies) {
             drop(pipe);
             let _ = child.kill();
             let status = child.wait().map(|s| format!(" ({s})")).unwrap_or_default();
@@ -917,7 +996,7 @@ impl GuardHandle {
             let flags = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
-        Ok(GuardHandle { child, pipe: Some(pipe) })
+        Ok(GuardHandle { child, pipe: Some(pipe), replies, partial: Vec::new() })
     }
 
     /// Arguments to add to the guard's command so that it keeps the plan's watchdog alive
@@ -1023,16 +1102,76 @@ impl GuardHandle {
     /// `start` is the process's start time ([`process_start_time`]), read when the caller
     /// identified the process, so that a pid reused meanwhile is refused instead of guarded.
     /// For a process the caller did not start and that has no cgroup of its own.
+    ///
+    /// Waits (up to 2 s) for the guard's answer: `Ok` only once the guard holds the pidfd.
+    /// A process the guard refused (gone, start time differs, no pidfd: an old kernel or
+    /// seccomp without `pidfd_open`, out of file descriptors) is [`GuardError::BadProcess`];
+    /// no answer in time is [`GuardError::Unconfirmed`]. Either way the process is not
+    /// known to be guarded, and the caller must not rely on it.
     pub fn register_process(&mut self, pid: i32, start: u64) -> Result<(), GuardError> {
         if pid <= 1 || pid as u32 == self.child.id() || pid as u32 == std::process::id() {
             return Err(GuardError::BadProcess { pid, why: "init, the guard and its agent cannot be guarded".into() });
         }
-        self.send(GuardMessage::RegisterProcess { pid, start })
+        self.send(GuardMessage::RegisterProcess { pid, start })?;
+        self.await_reply(pid, start)
     }
 
-    /// Stops guarding process `pid` (the guard closes its pidfd).
-    pub fn unregister_process(&mut self, pid: i32) -> Result<(), GuardError> {
-        self.send(GuardMessage::UnregisterProcess(pid))
+    /// Waits for the guard's answer to `regpid PID START`. Answers to other registrations (a
+    /// late one whose wait timed out earlier) are skipped.
+    fn await_reply(&mut self, pid: i32, start: u64) -> Result<(), GuardError> {
+        let unconfirmed = |detail: String| GuardError::Unconfirmed { pid, detail };
+        let until = monotonic_ms() + REPLY_LIMIT.as_millis() as u64;
+        let prefix = format!("regpid {pid} {start} ");
+        let mut buf = [0u8; 512];
+        loop {
+            while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.partial.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&line[..nl]);
+                let Some(answer) = line.strip_prefix(&prefix) else { continue };
+                return match answer.split_once(' ').unwrap_or((answer, "")) {
+                    ("ok", _) => Ok(()),
+                    ("refused", why) => {
+                        Err(GuardError::BadProcess { pid, why: format!("the guard refused it: {why}") })
+                    }
+                    _ => Err(unconfirmed(format!("unexpected answer {line:?}"))),
+                };
+            }
+            let left = until.saturating_sub(monotonic_ms());
+            if left == 0 {
+                return Err(unconfirmed(format!("no answer within {} ms", REPLY_LIMIT.as_millis())));
+            }
+            let fd = self.replies.as_fd();
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::try_from(left.min(1000)).unwrap_or(PollTimeout::ZERO)) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(unconfirmed(format!("cannot read its answers: {e}"))),
+            }
+            // SAFETY: `fd` is the open read end of the guard's stdout; `buf` is writable.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            match n {
+                0 => return Err(unconfirmed("the guard closed its answers (it exited)".into())),
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(unconfirmed(format!("cannot read its answers: {e}")));
+                    }
+                }
+                n => {
+                    self.partial.extend_from_slice(&buf[..n as usize]);
+                    if self.partial.len() > 64 * 1024 {
+                        self.partial.clear();
+                        return Err(unconfirmed("its answers make no sense (an over-long line)".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops guarding process `pid` that started at `start` (the guard closes its pidfd). A
+    /// registration of another process with the same pid (a newer one, the pid was reused) stays.
+    pub fn unregister_process(&mut self, pid: i32, start: u64) -> Result<(), GuardError> {
+        self.send(GuardMessage::UnregisterProcess { pid, start })
     }
 
     /// Asks the guard to remove `address` from its interface when fencing (after killing what
@@ -1119,8 +1258,10 @@ mod tests {
                 let device = Watchdog::open(Path::new(&path)).unwrap();
                 let mut log = |m: &str| eprintln!("tandem-guard: {m}");
                 println!("{}", READY.trim_end());
-                let exit =
-                    run_guard_with(io::stdin().as_fd(), Some(GuardWatchdog { device, extra_ms: 1500 }), &mut log);
+                let out = io::stdout();
+                let _ = out.lock().flush();
+                let watchdog = Some(GuardWatchdog { device, extra_ms: 1500 });
+                let exit = run_guard_replying(io::stdin().as_fd(), Some(out.as_fd()), watchdog, &mut log);
                 std::process::exit(if exit.is_ok() { 0 } else { 4 });
             }
             Ok("agent") => agent_main(),
@@ -1555,11 +1696,23 @@ mod tests {
 
     #[test]
     fn process_messages_round_trip() {
-        for m in [GuardMessage::RegisterProcess { pid: 4242, start: 987654321 }, GuardMessage::UnregisterProcess(4242)]
-        {
+        for m in [
+            GuardMessage::RegisterProcess { pid: 4242, start: 987654321 },
+            GuardMessage::UnregisterProcess { pid: 4242, start: 987654321 },
+        ] {
             assert_eq!(GuardMessage::parse(m.encode().trim_end().as_bytes()).unwrap(), m);
         }
-        for bad in ["regpid", "regpid 5", "regpid x 5", "regpid 5 -1", "unregpid", "unregpid x"] {
+        for bad in [
+            "regpid",
+            "regpid 5",
+            "regpid x 5",
+            "regpid 5 -1",
+            "unregpid",
+            "unregpid x",
+            "unregpid 5",
+            "unregpid 5 x",
+            "unregpid 5 6 7",
+        ] {
             assert!(GuardMessage::parse(bad.as_bytes()).is_err(), "{bad:?} accepted");
         }
     }
@@ -1577,9 +1730,19 @@ mod tests {
         let start_of = |c: &Child| process_start_time(c.id() as i32).expect("a running child has a start time");
         guard.register_process(doomed.id() as i32, start_of(&doomed)).unwrap();
         // A start time that is not the process's: what the guard sees when the pid was reused.
-        guard.register_process(stale.id() as i32, start_of(&stale) + 1).unwrap();
+        // The guard refuses it, and says so: the caller learns the process is not guarded.
+        match guard.register_process(stale.id() as i32, start_of(&stale) + 1) {
+            Err(GuardError::BadProcess { pid, why }) => {
+                assert_eq!(pid, stale.id() as i32);
+                assert!(why.contains("the guard refused it") && why.contains("start time"), "{why}");
+            }
+            other => panic!("a stale start time was accepted: {other:?}"),
+        }
         guard.register_process(unregistered.id() as i32, start_of(&unregistered)).unwrap();
-        guard.unregister_process(unregistered.id() as i32).unwrap();
+        // An unregistration of an earlier holder of the same pid (another start time) leaves
+        // this registration alone; only the exact one removes it.
+        guard.unregister_process(doomed.id() as i32, start_of(&doomed) - 1).unwrap();
+        guard.unregister_process(unregistered.id() as i32, start_of(&unregistered)).unwrap();
         assert!(matches!(guard.register_process(1, 1), Err(GuardError::BadProcess { .. })));
         let own = std::process::id() as i32;
         assert!(matches!(
@@ -1603,6 +1766,46 @@ mod tests {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    /// A guard that cannot open a pidfd (here: out of file descriptors; elsewhere an old
+    /// kernel or a seccomp filter without `pidfd_open`) refuses the process, and the caller
+    /// learns it instead of believing the process guarded.
+    #[test]
+    fn a_process_the_guard_cannot_open_a_pidfd_for_is_refused_to_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("guard.log");
+        let mut cmd = self_command("guard");
+        cmd.stderr(std::fs::File::create(&log).unwrap());
+        // Room for stdin, stdout, stderr and the loader's one file at a time: nothing for a
+        // pidfd once the guard runs.
+        let hook = || {
+            let lim = libc::rlimit { rlim_cur: 4, rlim_max: 4 };
+            // SAFETY: setrlimit is async-signal-safe and only changes this child's limit.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: the hook only calls setrlimit.
+        unsafe { cmd.pre_exec(hook) };
+        let mut guard = GuardHandle::spawn(cmd).unwrap();
+        let mut victim = Command::new("sleep").arg("600").spawn().unwrap();
+        let pid = victim.id() as i32;
+        let start = process_start_time(pid).unwrap();
+        // The pidfd takes the one free slot; checking the start time needs another.
+        match guard.register_process(pid, start) {
+            Err(GuardError::BadProcess { pid: p, why }) => {
+                assert_eq!(p, pid);
+                assert!(why.contains("the guard refused it") && why.contains("Too many open files"), "{why}");
+            }
+            other => panic!("registration without room for a pidfd answered {other:?}"),
+        }
+        assert!(guard.bye(Duration::from_secs(5)).unwrap().success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(&format!("refusing to guard process {pid}")), "{text}");
+        victim.kill().unwrap();
+        victim.wait().unwrap();
     }
 
     #[test]

@@ -91,14 +91,17 @@ impl GuardAccess {
     }
 
     /// Has the guard kill process `pid` (started at `start`, see
-    /// [`tandem_lease::guard::process_start_time`]) when fencing.
+    /// [`tandem_lease::guard::process_start_time`]) when fencing. `Ok` only once the guard
+    /// confirmed that it holds the process (see
+    /// [`tandem_lease::guard::GuardHandle::register_process`]; blocks briefly for that).
     pub fn register_process(&self, pid: i32, start: u64) -> Result<(), GuardAccessError> {
         self.with(|g| g.register_process(pid, start))
     }
 
-    /// Stops guarding process `pid`.
-    pub fn unregister_process(&self, pid: i32) -> Result<(), GuardAccessError> {
-        self.with(|g| g.unregister_process(pid))
+    /// Stops guarding process `pid` that started at `start` (a newer process that reused the
+    /// pid stays guarded).
+    pub fn unregister_process(&self, pid: i32, start: u64) -> Result<(), GuardAccessError> {
+        self.with(|g| g.unregister_process(pid, start))
     }
 
     /// Has the guard kill everything in cgroup `path` when fencing.
