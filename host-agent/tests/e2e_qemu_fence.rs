@@ -65,6 +65,19 @@ fn wait_exit(fd: &OwnedFd, limit: Duration) -> Option<Instant> {
     (n == 1).then(Instant::now)
 }
 
+/// SIGKILLs `host`'s agent and waits for its guard to kill QEMU `qemu` (watched through
+/// `qemu_fd`), which must happen within 1 s: the guard kills at once when its agent dies.
+/// Returns when QEMU died.
+fn kill_agent_and_wait_for_qemu(c: &Cluster, host: &str, h: &common::Host, qemu: i32, qemu_fd: &OwnedFd) -> Instant {
+    let agent = agent_pid(h.agent.pid());
+    let killed = Instant::now();
+    kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+    let died = wait_exit(qemu_fd, BOUND).unwrap_or_else(|| panic!("QEMU {qemu} still runs; logs:\n{}", c.logs()));
+    eprintln!("{host}'s agent killed; its QEMU {qemu} died {} ms later", (died - killed).as_millis());
+    assert!(died - killed < Duration::from_secs(1), "the guard kills at once when its agent dies");
+    died
+}
+
 /// One round of the test's own view of both daemons.
 #[derive(Debug, Clone)]
 struct Round {
@@ -212,12 +225,7 @@ fn the_guard_kills_qemu_of_a_stalled_or_killed_agent_before_another_host_may_sta
     let qemu2 = pids[0];
     wait_registered(&c, "h2", qemu2);
     let qemu2_fd = pidfd(qemu2);
-    let agent2 = agent_pid(h2.agent.pid());
-    let killed = Instant::now();
-    kill(Pid::from_raw(agent2), Signal::SIGKILL).unwrap();
-    let died2 = wait_exit(&qemu2_fd, BOUND).unwrap_or_else(|| panic!("QEMU {qemu2} still runs; logs:\n{}", c.logs()));
-    eprintln!("h2's agent killed; its QEMU {qemu2} died {} ms later", (died2 - killed).as_millis());
-    assert!(died2 - killed < Duration::from_secs(1), "the guard kills at once when its agent dies");
+    let died2 = kill_agent_and_wait_for_qemu(&c, "h2", &h2, qemu2, &qemu2_fd);
     // libvirtd learns of QEMU's death a moment later (monitor EOF): rounds sent before it did
     // may still say running.
     let gone = sampler.wait("h2's libvirtd to see qf not running", |r| r.sent > died2 && !running(&r.states[1]));
@@ -260,11 +268,6 @@ fn a_vm_found_running_when_the_agent_starts_is_adopted_and_its_qemu_guarded() {
     assert!(!log1.contains("starting the VM"), "h1 restarted the VM instead of adopting it:\n{log1}");
     assert!(wait_exit(&qemu_fd, Duration::ZERO).is_none(), "the adopted QEMU still runs");
 
-    let agent1 = agent_pid(h1.agent.pid());
-    let killed = Instant::now();
-    kill(Pid::from_raw(agent1), Signal::SIGKILL).unwrap();
-    let died = wait_exit(&qemu_fd, BOUND).unwrap_or_else(|| panic!("QEMU {qemu} still runs; logs:\n{}", c.logs()));
-    eprintln!("h1's agent killed; the adopted QEMU {qemu} died {} ms later", (died - killed).as_millis());
-    assert!(died - killed < Duration::from_secs(1), "the guard kills the adopted QEMU at once when its agent dies");
+    kill_agent_and_wait_for_qemu(&c, "h1", &h1, qemu, &qemu_fd);
     drop(h1);
 }

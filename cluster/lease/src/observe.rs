@@ -23,6 +23,11 @@ use crate::lockspace::Lockspace;
 /// buffer and the time one read can block).
 const MAX_READ_BYTES: u64 = 1 << 20;
 
+/// The error of a failed read of resource `name`'s slot.
+fn read_failed(name: &str, e: &crate::DiskError) -> LeaseError {
+    LeaseError::Op(OpError::Io { what: format!("resource {name:?}"), detail: format!("read failed: {e}") })
+}
+
 /// Reads many resource leases in few large reads (see the module documentation).
 #[derive(Debug)]
 pub struct ResourceReader {
@@ -97,10 +102,7 @@ impl ResourceReader {
                 }
                 Err(e) if end - k == 1 => {
                     let i = known[k].1;
-                    out[i] = Some(Err(LeaseError::Op(OpError::Io {
-                        what: format!("resource {:?}", names[i]),
-                        detail: format!("read failed: {e}"),
-                    })));
+                    out[i] = Some(Err(read_failed(names[i], &e)));
                 }
                 Err(_) => {
                     // One bad sector must not blind the observer to every lease of the run:
@@ -111,10 +113,7 @@ impl ResourceReader {
                         self.last_bytes += slot_len;
                         out[i] = match lease.disk().read_at(self.header.layout().leader_offset(slot), &mut one) {
                             Ok(()) => self.decode(names[i], slot, &one, hosts),
-                            Err(e) => Some(Err(LeaseError::Op(OpError::Io {
-                                what: format!("resource {:?}", names[i]),
-                                detail: format!("read failed: {e}"),
-                            }))),
+                            Err(e) => Some(Err(read_failed(names[i], &e))),
                         };
                     }
                 }

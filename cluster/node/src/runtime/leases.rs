@@ -541,11 +541,13 @@ fn observe(
         // alive (its groups are being taken over: every node must see who got them), changed
         // lately, or named by a hint.
         let now = std::time::Instant::now();
-        let hot: Vec<bool> = {
+        // One lock per round: the resend requests of this round are a snapshot, and only
+        // those handed over are removed afterwards (a request arriving meanwhile stays).
+        let (hot, resend): (Vec<bool>, BTreeSet<GroupId>) = {
             let mut h = hints.lock().unwrap_or_else(|p| p.into_inner());
             h.groups.retain(|_, until| *until > now);
             h.nodes.retain(|_, until| *until > now);
-            groups
+            let hot = groups
                 .iter()
                 .zip(&seen)
                 .map(|(g, s)| {
@@ -556,8 +558,10 @@ fn observe(
                         || h.groups.contains_key(g)
                         || h.resend.contains(g)
                 })
-                .collect()
+                .collect();
+            (hot, h.resend.clone())
         };
+        let mut resent = Vec::new();
         let picked = pick(&hot, &seen, &mut cursor, budget, sweep);
         let batch: Vec<&str> = picked.iter().map(|&i| names[i].as_str()).collect();
         // Without this round's host observations, holders are judged alive (never dead
@@ -577,9 +581,12 @@ fn observe(
                     }
                     s.read = true;
                     s.round = round;
-                    let resend = hints.lock().unwrap_or_else(|p| p.into_inner()).resend.remove(group);
-                    if !changed && !resend && round < s.sent_round + REFRESH_ROUNDS {
+                    let asked = resend.contains(group);
+                    if !changed && !asked && round < s.sent_round + REFRESH_ROUNDS {
                         continue;
+                    }
+                    if asked {
+                        resent.push(group);
                     }
                     s.sent_round = round;
                     s.holder = holder;
@@ -595,6 +602,12 @@ fn observe(
                     seen[i].round = round;
                     tracing::warn!(target: "tandem_node", "cannot read the lease of {group}: {e}")
                 }
+            }
+        }
+        if !resent.is_empty() {
+            let mut h = hints.lock().unwrap_or_else(|p| p.into_inner());
+            for g in resent {
+                h.resend.remove(g);
             }
         }
         // The quorum tie-break (two-node clusters). The lease is held continuously by
